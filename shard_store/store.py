@@ -1,0 +1,269 @@
+"""Typed reads and writes over the store's SQLite database (sqlite-utils, WAL mode).
+
+A store is a directory: `store.db` (records, checkpoints, deletion ledger, live versions) and
+`checkpoints/` (safetensors + JSON). Multi-row changes run in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from shard_store import checkpoints as ckpt
+from shard_store.schema import SCHEMA_VERSION, current_version, migrate
+from sisa.errors import StoreError
+
+DB_NAME = "store.db"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class RecordRow:
+    id: str
+    group_id: str | None
+    digest: str
+    shard: int
+    slice: int
+    order_key: str
+    payload: dict[str, Any] | None  # None once deleted
+    deleted_at: str | None
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    key: str
+    shard: int
+    slice: int
+    path: str  # relative to the store root
+    sha256: str
+    record_count: int
+    created_at: str
+
+
+def _record_row(row: dict[str, Any]) -> RecordRow:
+    return RecordRow(
+        id=row["id"],
+        group_id=row["group_id"],
+        digest=row["digest"],
+        shard=row["shard"],
+        slice=row["slice"],
+        order_key=row["order_key"],
+        payload=json.loads(row["payload"]) if row["payload"] is not None else None,
+        deleted_at=row["deleted_at"],
+    )
+
+
+def _checkpoint_row(row: dict[str, Any]) -> CheckpointRow:
+    return CheckpointRow(**{k: row[k] for k in CheckpointRow.__dataclass_fields__})
+
+
+class ShardStore:
+    """One SISA store on disk. Create with `ShardStore.create`, reopen with `ShardStore.open`."""
+
+    def __init__(self, root: Path, db: Database) -> None:
+        self.root = root
+        self.db = db
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | Path) -> ShardStore:
+        root = Path(root)
+        if (root / DB_NAME).exists():
+            raise StoreError(f"a store already exists at {str(root)!r}; use another --store or delete it")
+        root.mkdir(parents=True, exist_ok=True)
+        return cls._connect(root)
+
+    @classmethod
+    def open(cls, root: str | Path) -> ShardStore:
+        root = Path(root)
+        if not (root / DB_NAME).is_file():
+            raise StoreError(f"no store at {str(root)!r}: create one with `sisa train --store ...`")
+        return cls._connect(root)
+
+    @classmethod
+    def _connect(cls, root: Path) -> ShardStore:
+        try:
+            db = Database(root / DB_NAME)
+            version = current_version(db)
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {str(root)!r} has schema version {version}, newer than this sisa "
+                    f"({SCHEMA_VERSION}); upgrade sisa"
+                )
+            db.enable_wal()
+            db.execute("PRAGMA synchronous = FULL")  # an acknowledged deletion survives power loss
+            db.execute("PRAGMA foreign_keys = ON")
+            migrate(db)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{str(root / DB_NAME)!r} is not a readable SQLite store: {exc}") from exc
+        (root / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        return cls(root, db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    # -- meta ------------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db["meta"].upsert({"key": key, "value": json.dumps(value, sort_keys=True)}, pk="key")
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def insert_records(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert placed records (all or nothing)."""
+        now = utcnow()
+        prepared = [
+            {**r, "payload": json.dumps(r["payload"]), "added_at": now, "deleted_at": None,
+             "deletion_request": None}
+            for r in rows
+        ]
+        with self.db.atomic():
+            self.db["records"].insert_all(prepared, batch_size=2000)
+
+    def find_records(self, ids: Iterable[str]) -> dict[str, RecordRow]:
+        """The stored rows (live or deleted) of the given ids that exist."""
+        found: dict[str, RecordRow] = {}
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.query(f"SELECT * FROM records WHERE id IN ({marks})", chunk):
+                found[row["id"]] = _record_row(row)
+        return found
+
+    def group_record_ids(self, group_id: str) -> list[str]:
+        return [r["id"] for r in self.db.query(
+            "SELECT id FROM records WHERE group_id = ? ORDER BY id", [group_id])]
+
+    def live_records(self, shard: int | None = None) -> Iterator[RecordRow]:
+        """Live records in training order: by shard, slice, then order key."""
+        where, params = ("AND shard = ?", [shard]) if shard is not None else ("", [])
+        sql = (f"SELECT * FROM records WHERE deleted_at IS NULL {where} "
+               "ORDER BY shard, slice, order_key")
+        for row in self.db.query(sql, params):
+            yield _record_row(row)
+
+    def record_counts(self) -> dict[int, dict[str, int]]:
+        """Per shard: live and deleted record counts."""
+        counts: dict[int, dict[str, int]] = {}
+        sql = ("SELECT shard, SUM(deleted_at IS NULL) AS live, SUM(deleted_at IS NOT NULL) AS deleted "
+               "FROM records GROUP BY shard")
+        for row in self.db.query(sql):
+            counts[row["shard"]] = {"live": row["live"], "deleted": row["deleted"]}
+        return counts
+
+    def deleted_ids(self) -> set[str]:
+        return {r["id"] for r in self.db.query("SELECT id FROM records WHERE deleted_at IS NOT NULL")}
+
+    # -- deletion ledger -------------------------------------------------------------------------
+
+    def record_deletion(self, request_id: str, record_ids: Sequence[str], shards: Sequence[int]) -> None:
+        """The acknowledgement point: in one transaction, write the ledger entry, tombstone the
+        records and purge their content. After this returns, the deletion survives any crash."""
+        now = utcnow()
+        with self.db.atomic():
+            self.db["deletions"].insert({
+                "request_id": request_id,
+                "record_ids": json.dumps(list(record_ids)),
+                "shards": json.dumps(sorted(set(shards))),
+                "status": "pending",
+                "requested_at": now,
+                "applied_at": None,
+                "receipt": None,
+            })
+            for start in range(0, len(record_ids), 500):
+                chunk = list(record_ids[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                self.db.execute(
+                    f"UPDATE records SET deleted_at = ?, deletion_request = ?, payload = NULL "
+                    f"WHERE id IN ({marks}) AND deleted_at IS NULL",
+                    [now, request_id, *chunk],
+                )
+
+    def pending_deletions(self) -> list[dict[str, Any]]:
+        rows = self.db.query(
+            "SELECT * FROM deletions WHERE status = 'pending' ORDER BY requested_at, request_id")
+        return [{**r, "record_ids": json.loads(r["record_ids"]), "shards": json.loads(r["shards"])}
+                for r in rows]
+
+    def pending_shards(self) -> set[int]:
+        """Shards whose live model may still hold a deleted record: never serve from them."""
+        return {s for d in self.pending_deletions() for s in d["shards"]}
+
+    def deletions(self) -> list[dict[str, Any]]:
+        rows = self.db.query("SELECT * FROM deletions ORDER BY requested_at, request_id")
+        return [{**r, "record_ids": json.loads(r["record_ids"]), "shards": json.loads(r["shards"]),
+                 "receipt": json.loads(r["receipt"]) if r["receipt"] else None} for r in rows]
+
+    # -- checkpoints and live versions -----------------------------------------------------------
+
+    def add_checkpoint(self, payload: ckpt.CheckpointPayload, record_count: int) -> CheckpointRow:
+        """Write a checkpoint's files atomically, then record them (idempotent by key)."""
+        relative, sha = ckpt.write_checkpoint(self.checkpoint_root, payload)
+        relative = f"{CHECKPOINT_DIR}/{relative}"  # paths in the database are relative to the root
+        row = {"key": payload.key, "shard": payload.shard, "slice": payload.slice, "path": relative,
+               "sha256": sha, "record_count": record_count, "created_at": utcnow()}
+        self.db["checkpoints"].upsert(row, pk="key")
+        return _checkpoint_row(row)
+
+    def checkpoint(self, key: str) -> CheckpointRow | None:
+        rows = list(self.db.query("SELECT * FROM checkpoints WHERE key = ?", [key]))
+        return _checkpoint_row(rows[0]) if rows else None
+
+    def checkpoints(self, shard: int | None = None) -> list[CheckpointRow]:
+        where, params = ("WHERE shard = ?", [shard]) if shard is not None else ("", [])
+        return [_checkpoint_row(r) for r in self.db.query(
+            f"SELECT * FROM checkpoints {where} ORDER BY shard, slice, key", params)]
+
+    def read_payload(self, row: CheckpointRow) -> ckpt.CheckpointPayload:
+        return ckpt.read_checkpoint(self.root / row.path, row.sha256)
+
+    def live(self) -> dict[int, CheckpointRow]:
+        """The live checkpoint of every shard that has one."""
+        sql = ("SELECT c.* FROM live l JOIN checkpoints c ON c.key = l.key ORDER BY l.shard")
+        return {r["shard"]: _checkpoint_row(r) for r in self.db.query(sql)}
+
+    def swap_live(self, keys: dict[int, str], applied: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
+        """In one transaction: point shards at new live checkpoints and mark deletions applied."""
+        now = utcnow()
+        with self.db.atomic():
+            for shard, key in keys.items():
+                self.db["live"].upsert({"shard": shard, "key": key, "updated_at": now}, pk="shard")
+            for request_id, receipt in applied:
+                self.db.execute(
+                    "UPDATE deletions SET status = 'applied', applied_at = ?, receipt = ? "
+                    "WHERE request_id = ?", [now, json.dumps(receipt, sort_keys=True), request_id])
+
+    def drop_checkpoints(self, keys: Iterable[str]) -> int:
+        """Forget checkpoints that no longer match the live records (their rows, then files)."""
+        rows = [r for r in (self.checkpoint(k) for k in keys) if r is not None]
+        if not rows:
+            return 0
+        live_keys = {r.key for r in self.live().values()}
+        doomed = [r for r in rows if r.key not in live_keys]
+        with self.db.atomic():
+            for r in doomed:
+                self.db.execute("DELETE FROM checkpoints WHERE key = ?", [r.key])
+        for r in doomed:
+            ckpt.remove_checkpoint_dir(self.root, r.path)
+        return len(doomed)

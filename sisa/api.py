@@ -1,0 +1,298 @@
+"""The library's front door: `Sisa` trains a store, serves it, forgets, adds, audits and reports.
+
+The CLI (and later the HTTP service) are thin shells over these methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shard_store.checkpoints import read_checkpoint_bytes
+from shard_store.store import ShardStore
+from sisa import builtin
+from sisa.config import DataSpec, ExecutionConfig, SisaConfig
+from sisa.ensemble import Ensemble
+from sisa.errors import CheckpointError, RecordError, StoreError
+from sisa.partition import place
+from sisa.records import Record, load_rows, records_from_rows
+from sisa.training import get_backend
+from sisa.training.protocol import ModelSpec
+from sisa.unlearning import DeletionManager, DeletionReceipt, Progress, SyncReport
+
+
+def resolve_source(source: Any, spec: DataSpec | None) -> tuple[list[dict[str, Any]], DataSpec]:
+    """Rows and column spec of a data source; built-ins bring their own spec."""
+    if builtin.is_builtin(source):
+        rows, builtin_spec = builtin.load_builtin(str(source))
+        return rows, spec or builtin_spec
+    if spec is None:
+        raise RecordError(
+            "name the columns (--id-column, --label-column, --text-column or --feature-columns)"
+        )
+    return load_rows(source, spec), spec
+
+
+def _sort_classes(labels: set[str]) -> list[str]:
+    try:
+        return sorted(labels, key=lambda x: (float(x), x))
+    except ValueError:
+        return sorted(labels)
+
+
+def _placed_rows(records: Sequence[Record], config: SisaConfig) -> list[dict[str, Any]]:
+    p = config.partition
+    rows = []
+    for r in records:
+        where = place(r.id, r.group, seed=p.seed, shards=p.shards, slices=p.slices)
+        rows.append({"id": r.id, "group_id": r.group, "digest": r.digest, "shard": where.shard,
+                     "slice": where.slice, "order_key": where.order, "payload": r.payload()})
+    return rows
+
+
+class Sisa:
+    """A SISA store on disk: create it with `Sisa.train`, reopen it with `Sisa.open`."""
+
+    def __init__(self, store: ShardStore, config: SisaConfig, progress: Progress | None = None):
+        self.store = store
+        self.config = config
+        meta_spec = store.get_meta("data_spec")
+        if meta_spec is None:
+            raise StoreError(f"store {str(store.root)!r} has no data spec; it was never trained")
+        self.data_spec = DataSpec(**meta_spec)
+        self.classes: list[str] = store.get_meta("classes")
+        self.model_spec = ModelSpec(**store.get_meta("model_spec"))
+        self.manager = DeletionManager(store, config, self.model_spec, self.classes, progress)
+        self._ensemble: Ensemble | None = None
+        self.recovered: list[DeletionReceipt] = []  # receipts of deletions finished on open
+
+    # -- creation and opening --------------------------------------------------------------------
+
+    @classmethod
+    def train(
+        cls,
+        store_dir: str | Path,
+        source: Any,
+        config: SisaConfig,
+        spec: DataSpec | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[Sisa, SyncReport]:
+        """Validate the data, create the store, and train every shard from scratch."""
+        rows, spec = resolve_source(source, spec)
+        records = records_from_rows(rows, spec)
+        classes = _sort_classes({r.label for r in records})
+        if len(classes) < 2:
+            raise RecordError(f"need at least two classes to train, found {classes}")
+        model_spec = ModelSpec(
+            num_classes=len(classes),
+            input_dim=len(spec.feature_columns) if spec.kind == "features" else None,
+        )
+        get_backend(config.training.backend)(config.training, model_spec)  # fail before writing
+        store = ShardStore.create(store_dir)
+        with store.db.atomic():
+            store.set_meta("config", config.to_dict())
+            store.set_meta("data_spec", dataclasses.asdict(spec))
+            store.set_meta("classes", classes)
+            store.set_meta("model_spec", dataclasses.asdict(model_spec))
+        store.insert_records(_placed_rows(records, config))
+        sisa = cls(store, config, progress)
+        report = sisa.manager.sync(range(config.partition.shards), description="training shards")
+        return sisa, report
+
+    @classmethod
+    def open(
+        cls,
+        store_dir: str | Path,
+        execution: ExecutionConfig | None = None,
+        progress: Progress | None = None,
+        recover: bool = True,
+    ) -> Sisa:
+        """Open a store; with `recover`, finish any deletion or addition a crash interrupted."""
+        store = ShardStore.open(store_dir)
+        config = SisaConfig.from_dict(store.get_meta("config"))
+        if execution is not None:
+            config = config.replace(execution=execution)
+        sisa = cls(store, config, progress)
+        if recover:
+            sisa.recovered = sisa.manager.recover()
+        return sisa
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Sisa:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- changes ---------------------------------------------------------------------------------
+
+    def forget(self, record_ids: Sequence[str]) -> DeletionReceipt:
+        self._ensemble = None
+        return self.manager.forget(record_ids)
+
+    def forget_group(self, group_id: str) -> DeletionReceipt:
+        self._ensemble = None
+        return self.manager.forget_group(group_id)
+
+    def add(self, source: Any) -> SyncReport:
+        """Add new records; each affected shard retrains from its earliest affected slice."""
+        rows, _ = resolve_source(source, self.data_spec)
+        records = records_from_rows(rows, self.data_spec)
+        existing = self.store.find_records([r.id for r in records])
+        problems = []
+        if existing:
+            clash = sorted(existing)[:10]
+            problems.append(f"ids already in the store (live or deleted): {clash}")
+        unknown_labels = sorted({r.label for r in records} - set(self.classes))
+        if unknown_labels:
+            problems.append(f"labels {unknown_labels} are not among the store's classes {self.classes}")
+        if problems:
+            raise RecordError("cannot add records (nothing was written): " + "; ".join(problems))
+        placed = _placed_rows(records, self.config)
+        self.store.insert_records(placed)
+        self._ensemble = None
+        return self.manager.sync(sorted({r["shard"] for r in placed}), description="retraining shards")
+
+    def recover(self) -> list[DeletionReceipt]:
+        self._ensemble = None
+        return self.manager.recover()
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def servable_shards(self) -> dict[int, Any]:
+        """Live checkpoints that may serve: non-empty, and with no deletion pending."""
+        pending = self.store.pending_shards()
+        return {s: row for s, row in self.store.live().items()
+                if s not in pending and row.record_count > 0}
+
+    def ensemble(self) -> Ensemble:
+        if self._ensemble is None:
+            payloads = {s: self.store.read_payload(row) for s, row in self.servable_shards().items()}
+            self._ensemble = Ensemble(self.config, self.model_spec, payloads)
+        return self._ensemble
+
+    def load_inputs(self, source: Any) -> tuple[list[str], list[Any], list[str | None]]:
+        """Ids, model inputs and (where present) labels of records to predict on."""
+        rows, _ = resolve_source(source, self.data_spec)
+        spec = self.data_spec
+        if rows and spec.label_column not in rows[0]:
+            rows = [{**r, spec.label_column: "?"} for r in rows]  # labels are optional here
+            records = records_from_rows(rows, spec)
+            return [r.id for r in records], [r.input for r in records], [None] * len(records)
+        records = records_from_rows(rows, spec)
+        return [r.id for r in records], [r.input for r in records], [r.label for r in records]
+
+    def predict_proba(self, inputs: list[Any]) -> np.ndarray:
+        return self.ensemble().predict_proba(inputs)
+
+    def predict(self, inputs: list[Any]) -> list[str]:
+        return [self.classes[i] for i in self.ensemble().predict(inputs)]
+
+    def evaluate(self, source: Any) -> dict[str, Any]:
+        """Accuracy and macro-F1 of the ensemble (soft and hard voting) and of each shard."""
+        from sklearn.metrics import f1_score
+
+        _, inputs, labels = self.load_inputs(source)
+        if any(label is None for label in labels):
+            raise RecordError("evaluation data needs a label column")
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = sorted({str(lbl) for lbl in labels} - set(index))
+        if unknown:
+            raise RecordError(f"labels {unknown} are not among the store's classes {self.classes}")
+        y = np.array([index[str(lbl)] for lbl in labels])
+        ens = self.ensemble()
+        per_shard = ens.shard_proba(inputs)
+
+        def scores(pred: np.ndarray) -> dict[str, float]:
+            return {"accuracy": float((pred == y).mean()),
+                    "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+
+        soft = Ensemble.aggregate(per_shard, "soft")
+        hard = Ensemble.aggregate(per_shard, "hard") + soft / (len(per_shard) + 1)
+        return {
+            "examples": len(y),
+            "voting": self.config.voting,
+            "ensemble": scores((soft if self.config.voting == "soft" else hard).argmax(-1)),
+            "ensemble_soft": scores(soft.argmax(-1)),
+            "ensemble_hard": scores(hard.argmax(-1)),
+            "shards": {str(s): scores(p.argmax(-1)) for s, p in per_shard.items()},
+        }
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        live = self.store.live()
+        counts = self.store.record_counts()
+        pending = self.store.pending_deletions()
+        pending_shards = {s for d in pending for s in d["shards"]}
+        shards = []
+        for s in range(self.config.partition.shards):
+            row = live.get(s)
+            c = counts.get(s, {"live": 0, "deleted": 0})
+            shards.append({
+                "shard": s,
+                "live_slice": row.slice if row else None,
+                "checkpoint_key": row.key if row else None,
+                "weights_path": str(self.store.root / row.path / "weights.safetensors") if row else None,
+                "sha256": row.sha256 if row else None,
+                "live_records": c["live"],
+                "deleted_records": c["deleted"],
+                "deletion_pending": s in pending_shards,
+            })
+        return {
+            "store": str(self.store.root),
+            "config": self.config.to_dict(),
+            "config_digest": self.config.digest(),
+            "classes": self.classes,
+            "live_records": sum(s["live_records"] for s in shards),
+            "deleted_records": sum(s["deleted_records"] for s in shards),
+            "deletion_requests": len(self.store.deletions()),
+            "pending_deletions": [d["request_id"] for d in pending],
+            "checkpoints": len(self.store.checkpoints()),
+            "shards": shards,
+        }
+
+    def audit(self) -> dict[str, Any]:
+        """Verify every checkpoint's sha256; no checkpoint may hold a deleted record, and every
+        live checkpoint must match its shard's current records."""
+        deleted = self.store.deleted_ids()
+        live = self.store.live()
+        live_keys = {row.key: s for s, row in live.items()}
+        expected = {p.shard: p.schedule.keys[-1]
+                    for p in self.manager.plan(range(self.config.partition.shards))}
+        violations: list[dict[str, Any]] = []
+
+        def flag(row: Any, problem: str) -> None:
+            violations.append({"shard": row.shard, "slice": row.slice, "key": row.key,
+                               "path": str(self.store.root / row.path), "problem": problem})
+
+        checked = 0
+        for row in self.store.checkpoints():
+            checked += 1
+            try:
+                _, manifest = read_checkpoint_bytes(self.store.root / row.path, row.sha256)
+            except CheckpointError as exc:
+                flag(row, str(exc))
+                continue
+            held = {rid for rid, _ in manifest.get("records", [])} & deleted
+            if held:
+                flag(row, f"holds {len(held)} deleted record(s), e.g. {sorted(held)[:3]}")
+            if manifest.get("key") != row.key:
+                flag(row, f"manifest key {manifest.get('key')!r} differs from the recorded key")
+            if row.key in live_keys and expected.get(row.shard) != row.key:
+                flag(row, "live checkpoint does not match the shard's current records")
+        for s in range(self.config.partition.shards):
+            if s not in live:
+                violations.append({"shard": s, "slice": None, "key": None, "path": None,
+                                   "problem": "shard has no live checkpoint"})
+        for d in self.store.pending_deletions():
+            violations.append({"shard": None, "slice": None, "key": None, "path": None,
+                               "problem": f"deletion {d['request_id']} is pending on shards "
+                                          f"{d['shards']}; run `sisa recover`"})
+        return {"ok": not violations, "checkpoints_checked": checked, "violations": violations}

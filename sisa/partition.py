@@ -1,0 +1,52 @@
+"""Stage 2 of the pipeline: pure placement of a record into (shard, slice) and its order in the slice.
+
+Placement is a keyed hash (blake2b, keyed by the seed) of the record's own id, or of its group id for
+the shard, so it never depends on any other record: removing or adding a record moves nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import NewType
+
+RecordId = NewType("RecordId", str)
+GroupId = NewType("GroupId", str)
+
+
+def _keyed_hash(seed: int, purpose: bytes, value: str) -> bytes:
+    # `person` separates the purposes, so a record's shard, slice and order are independent draws.
+    return hashlib.blake2b(
+        value.encode("utf-8"), key=seed.to_bytes(8, "big"), person=purpose, digest_size=16
+    ).digest()
+
+
+def shard_of(key: str, seed: int, shards: int) -> int:
+    """Shard of a record, from its group id when it has one, else its record id."""
+    return int.from_bytes(_keyed_hash(seed, b"sisa-shard", key), "big") % shards
+
+
+def slice_of(record_id: str, seed: int, slices: int) -> int:
+    """Slice of a record inside its shard (by record id, so a group spreads over slices)."""
+    return int.from_bytes(_keyed_hash(seed, b"sisa-slice", record_id), "big") % slices
+
+
+def order_key(record_id: str, seed: int) -> str:
+    """Sort key of a record inside its slice: a hash, so input order never matters."""
+    return _keyed_hash(seed, b"sisa-order", record_id).hex()
+
+
+@dataclass(frozen=True)
+class Placement:
+    shard: int
+    slice: int
+    order: str
+
+
+def place(record_id: str, group_id: str | None, *, seed: int, shards: int, slices: int) -> Placement:
+    """Where one record goes. Pure: depends only on its own id/group and the seed."""
+    return Placement(
+        shard=shard_of(group_id if group_id is not None else record_id, seed, shards),
+        slice=slice_of(record_id, seed, slices),
+        order=order_key(record_id, seed),
+    )

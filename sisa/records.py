@@ -1,0 +1,182 @@
+"""Stage 1 of the pipeline: read input records (through `datasets`) and validate them.
+
+Every record gets a stable string id, an optional group id, a label, its input (a text or a tuple of
+floats) and a content digest; invalid input raises `RecordError` naming the offending rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from sisa.config import DataSpec
+from sisa.errors import RecordError
+from sisa.partition import GroupId, RecordId
+
+Input = Union[str, tuple[float, ...]]
+
+_LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_MAX_NAMED = 10  # rows quoted in an error message before "... and N more"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: RecordId
+    group: GroupId | None
+    label: str  # canonical string form; the store maps labels to class indices
+    input: Input
+    digest: str  # digest of (input, label, group): a changed record is a different record
+
+    def payload(self) -> dict[str, Any]:
+        """JSON-serialisable content, as the store keeps it (purged again on deletion)."""
+        return {"input": self.input, "label": self.label}
+
+
+def content_digest(inp: Input, label: str, group: str | None) -> str:
+    text = json.dumps([inp, label, group], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def make_record(record_id: str, group: str | None, label: str, inp: Input) -> Record:
+    return Record(
+        id=RecordId(record_id),
+        group=GroupId(group) if group is not None else None,
+        label=label,
+        input=inp,
+        digest=content_digest(inp, label, group),
+    )
+
+
+def _name_rows(problem: str, rows: Mapping[str, list[int]] | list[int]) -> str:
+    if isinstance(rows, Mapping):
+        items = [f"{key!r} (rows {', '.join(map(str, idx[:5]))})" for key, idx in rows.items()]
+    else:
+        items = [str(r) for r in rows]
+    more = f" ... and {len(items) - _MAX_NAMED} more" if len(items) > _MAX_NAMED else ""
+    return f"{problem}: {', '.join(items[:_MAX_NAMED])}{more}"
+
+
+def _canonical_label(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _canonical_id(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec) -> list[Record]:
+    """Validate rows (dicts of column -> value) into records; all problems are reported at once."""
+    rows = list(rows)
+    if not rows:
+        raise RecordError("no records in the input")
+    wanted = [spec.id_column, spec.label_column, *spec.feature_columns]
+    wanted += [c for c in (spec.text_column, spec.group_column) if c is not None]
+    missing_columns = [c for c in wanted if c not in rows[0]]
+    if missing_columns:
+        raise RecordError(
+            f"input has no column(s) {missing_columns}; it has {sorted(rows[0])}. "
+            "Name the right columns with --id-column, --label-column, --text-column, "
+            "--feature-columns or --group-column."
+        )
+
+    problems: list[str] = []
+    empty_ids: list[int] = []
+    missing_labels: list[int] = []
+    bad_inputs: list[int] = []
+    seen: dict[str, list[int]] = {}
+    records: list[Record] = []
+    for row_number, row in enumerate(rows):
+        record_id = _canonical_id(row[spec.id_column])
+        if not record_id:
+            empty_ids.append(row_number)
+            continue
+        seen.setdefault(record_id, []).append(row_number)
+        label = _canonical_label(row[spec.label_column])
+        if label is None:
+            missing_labels.append(row_number)
+            continue
+        inp: Input
+        if spec.text_column is not None:
+            text = row[spec.text_column]
+            if not isinstance(text, str) or not text.strip():
+                bad_inputs.append(row_number)
+                continue
+            inp = text
+        else:
+            try:
+                inp = tuple(float(row[c]) for c in spec.feature_columns)
+            except (TypeError, ValueError):
+                bad_inputs.append(row_number)
+                continue
+            if not all(math.isfinite(v) for v in inp):
+                bad_inputs.append(row_number)
+                continue
+        group = None
+        if spec.group_column is not None:
+            group = _canonical_id(row[spec.group_column]) or None
+        records.append(make_record(record_id, group, label, inp))
+
+    duplicates = {key: idx for key, idx in seen.items() if len(idx) > 1}
+    if duplicates:
+        problems.append(_name_rows(f"duplicate ids in column {spec.id_column!r}", duplicates))
+    if empty_ids:
+        problems.append(_name_rows(f"empty ids in column {spec.id_column!r} at rows", empty_ids))
+    if missing_labels:
+        problems.append(
+            _name_rows(f"missing labels in column {spec.label_column!r} at rows", missing_labels)
+        )
+    if bad_inputs:
+        what = spec.text_column or ",".join(spec.feature_columns)
+        problems.append(_name_rows(f"missing or non-numeric inputs in {what!r} at rows", bad_inputs))
+    if problems:
+        raise RecordError("invalid records (nothing was written): " + "; ".join(problems))
+    return records
+
+
+def load_rows(source: Any, spec: DataSpec) -> list[dict[str, Any]]:
+    """Rows from a local csv/json(l)/parquet file, a `datasets.Dataset`, or a list of dicts."""
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        return [dict(r) for r in source]
+    if not isinstance(source, (str, Path)):  # a datasets.Dataset (or anything iterable of rows)
+        return [dict(r) for r in source]
+    path = Path(source)
+    if not path.is_file():
+        raise RecordError(f"data file {str(path)!r} does not exist")
+    loader = _LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise RecordError(
+            f"cannot read {str(path)!r}: use a .csv, .json, .jsonl or .parquet file"
+        )
+    import datasets  # heavy import, only when reading files
+
+    kwargs: dict[str, Any] = {}
+    if loader == "csv":
+        # Ids such as "007" must stay strings: never let the CSV reader parse them as numbers.
+        kwargs["converters"] = {c: str for c in (spec.id_column, spec.group_column) if c}
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.load_dataset(
+            loader, data_files=str(path), split="train", keep_in_memory=True, **kwargs
+        )
+    except Exception as exc:  # datasets raises many types for malformed files
+        raise RecordError(f"cannot read {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    return [dict(r) for r in dataset]
+
+
+def load_records(source: Any, spec: DataSpec) -> list[Record]:
+    """Read and validate records from any supported source."""
+    return records_from_rows(load_rows(source, spec), spec)

@@ -1,0 +1,142 @@
+"""Trains one shard slice by slice, cumulatively, returning a checkpoint payload after every slice.
+
+A job carries everything by value (records, config, the checkpoint to resume from), and the result
+carries checkpoints as bytes, so the same function runs in-process or in a Ray task on any node.
+Every random draw is seeded from (seed, shard, slice, epoch); model init from (seed, shard).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from shard_store.checkpoints import CheckpointPayload
+from sisa.config import SisaConfig
+from sisa.errors import CheckpointError
+from sisa.records import Input
+from sisa.schedule import derive_seed
+from sisa.training import get_backend
+from sisa.training.protocol import ModelSpec, ShardModel
+
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Train `shard` from `start_slice` to the last slice (resuming from `resume` if given)."""
+
+    shard: int
+    config: SisaConfig
+    spec: ModelSpec
+    config_digest: str
+    inputs: list[list[Input]]  # per slice, in training order
+    labels: list[list[int]]  # per slice, class indices
+    members: list[list[tuple[str, str]]]  # per slice, (record id, content digest)
+    set_digests: list[str]  # record-set digest of slices 0..k
+    keys: list[str]  # checkpoint key of slice k
+    start_slice: int
+    resume: CheckpointPayload | None = None  # checkpoint of slice start_slice - 1
+
+    @property
+    def samples_to_train(self) -> int:
+        """Examples processed: cumulative slice sizes times epochs, over the slices to train."""
+        epochs = self.config.training.epochs_per_slice
+        sizes = [len(s) for s in self.inputs]
+        return sum(sum(sizes[: k + 1]) * epochs for k in range(self.start_slice, len(sizes)))
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    shard: int
+    checkpoints: list[CheckpointPayload]  # one per trained slice, in slice order
+    samples: int
+    seconds: float
+    attempts: int = 1
+    node: str = field(default="")
+
+
+def init_seed(seed: int, shard: int) -> int:
+    return derive_seed(seed, "init", shard)
+
+
+def load_model(config: SisaConfig, spec: ModelSpec, payload: CheckpointPayload) -> ShardModel:
+    """A shard model restored from a checkpoint payload."""
+    torch.set_num_threads(config.training.torch_threads)
+    backend = get_backend(config.training.backend)(config.training, spec)
+    model = backend.create(init_seed(config.partition.seed, payload.shard))
+    try:
+        tensors = load_safetensors(payload.weights)
+        model.load_state(tensors, payload.manifest["state"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {payload.key} of shard {payload.shard} slice {payload.slice} "
+            f"cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
+    return model
+
+
+def _payload(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int) -> CheckpointPayload:
+    tensors, meta = model.state()
+    members = sorted(m for bucket in job.members[: slice_ + 1] for m in bucket)
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "backend": job.config.training.backend,
+        "config_digest": job.config_digest,
+        "shard": job.shard,
+        "slice": slice_,
+        "key": job.keys[slice_],
+        "record_set_digest": job.set_digests[slice_],
+        "records": [list(m) for m in members],
+        "samples_seen": samples_seen,
+        "state": meta,
+    }
+    # No timestamps: the same inputs give byte-identical files, whoever trains them.
+    weights = save_safetensors(tensors, metadata={"key": job.keys[slice_]})
+    return CheckpointPayload(job.shard, slice_, job.keys[slice_], weights, manifest)
+
+
+def train_shard(job: ShardJob) -> ShardResult:
+    """Run one shard job; pure apart from the seeded RNG it owns."""
+    started = time.perf_counter()
+    training = job.config.training
+    seed = job.config.partition.seed
+    # Thread count changes float summation order: fix it so every executor gets the same bits.
+    torch.set_num_threads(training.torch_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    backend = get_backend(training.backend)(training, job.spec)
+    if job.resume is not None:
+        model = load_model(job.config, job.spec, job.resume)
+        samples_seen = int(job.resume.manifest.get("samples_seen", 0))
+    else:
+        model = backend.create(init_seed(seed, job.shard))
+        samples_seen = 0
+
+    all_inputs = backend.prepare([x for bucket in job.inputs for x in bucket])
+    all_labels = torch.tensor([y for bucket in job.labels for y in bucket], dtype=torch.long)
+    cumulative = 0
+    sizes = []
+    for bucket in job.inputs:
+        cumulative += len(bucket)
+        sizes.append(cumulative)
+
+    checkpoints: list[CheckpointPayload] = []
+    samples = 0
+    for k in range(job.start_slice, len(job.inputs)):
+        n = sizes[k]
+        for epoch in range(training.epochs_per_slice):
+            epoch_seed = derive_seed(seed, job.shard, k, epoch)
+            torch.manual_seed(epoch_seed)  # dropout and any other draw inside the model
+            if n == 0:
+                continue
+            generator = torch.Generator().manual_seed(epoch_seed)
+            order = torch.randperm(n, generator=generator)
+            model.train_epoch(all_inputs, all_labels, order)
+            samples += n
+        samples_seen += n * training.epochs_per_slice
+        checkpoints.append(_payload(job, k, model, samples_seen))
+    return ShardResult(job.shard, checkpoints, samples, time.perf_counter() - started)

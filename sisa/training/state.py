@@ -1,0 +1,51 @@
+"""Flatten a module and its optimizer into safetensors-ready tensors plus JSON, and back.
+
+Optimizer state dicts hold tensors (moments, step counts) and plain values (hyperparameters); the
+tensors go to safetensors and the rest to the JSON manifest, so nothing needs pickle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MODEL = "model."
+OPTIM = "optim."
+RNG = "rng.torch_cpu"
+
+
+def export_state(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {MODEL + k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    opt = optimizer.state_dict()
+    plain: dict[str, dict[str, Any]] = {}
+    for index, entry in opt["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM}{index}.{name}"] = value.detach().contiguous().clone()
+            else:
+                plain.setdefault(str(index), {})[name] = value
+    tensors[RNG] = torch.get_rng_state().clone()
+    meta = {"optimizer": {"param_groups": opt["param_groups"], "plain_state": plain}}
+    return tensors, meta
+
+
+def import_state(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
+    module.load_state_dict({k[len(MODEL):]: v for k, v in tensors.items() if k.startswith(MODEL)})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(OPTIM):
+            index, name = key[len(OPTIM):].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for index, entry in meta["optimizer"].get("plain_state", {}).items():
+        state.setdefault(int(index), {}).update(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    if RNG in tensors:
+        torch.set_rng_state(tensors[RNG])
