@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -94,6 +95,10 @@ def _ray_task(job: ShardJob) -> ShardResult:
     return ShardResult(result.shard, result.checkpoints, result.samples, result.seconds, node=node)
 
 
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours its tracebacks for terminals
+
+
 def _run_ray(
     jobs: Sequence[ShardJob], execution: ExecutionConfig, on_done: OnDone | None
 ) -> list[ShardResult]:
@@ -116,7 +121,8 @@ def _run_ray(
             except ray.exceptions.RayTaskError as exc:
                 for other in pending:
                     ray.cancel(other)
-                raise ShardTrainingError(job.shard, execution.max_retries + 1, str(exc)) from None
+                text = "Traceback (from the Ray task):\n" + _plain(str(exc))
+                raise ShardTrainingError(job.shard, execution.max_retries + 1, text) from None
             by_shard[job.shard] = result
             if on_done is not None:
                 on_done(result)

@@ -1,0 +1,143 @@
+"""The CLI end to end on a small CSV: train, status, forget, audit, predict, evaluate, add."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sisa.cli import app
+
+from .conftest import make_rows, write_csv
+
+runner = CliRunner()
+README = Path(__file__).resolve().parents[1] / "README.md"
+COMMANDS = ["train", "add", "predict", "evaluate", "forget", "status", "audit", "recover", "demo"]
+TRAIN = ["--id-column", "id", "--label-column", "label", "--feature-columns", "f0,f1,f2,f3",
+         "--group-column", "user", "--shards", "3", "--slices", "2", "--epochs", "2", "--seed", "3",
+         "--backend", "mlp", "--executor", "local", "--no-progress"]
+
+
+def run(*args: str, ok: bool = True):
+    result = runner.invoke(app, list(args))
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def as_json(result) -> object:
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_and_is_documented(command):
+    result = run(command, "--help")
+    assert "Usage" in result.output and len(result.output) > 200
+    assert f"sisa {command}" in README.read_text(), f"README does not document `sisa {command}`"
+
+
+@pytest.fixture
+def trained(tmp_path):
+    data = write_csv(tmp_path / "train.csv", make_rows(90))
+    store = tmp_path / "store"
+    result = run("train", "--store", str(store), "--data", str(data), *TRAIN, "--json")
+    assert as_json(result)["records"] == 90
+    return store, tmp_path
+
+
+def test_status_json_names_checkpoints_and_counts(trained):
+    store, _ = trained
+    status = as_json(run("status", "--store", str(store), "--json"))
+    assert len(status["shards"]) == 3 and status["live_records"] == 90
+    for shard in status["shards"]:
+        assert shard["live_slice"] == 1
+        assert Path(shard["weights_path"]).is_file()
+        assert re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])
+        assert shard["deleted_records"] == 0 and shard["live_records"] > 0
+
+
+def test_forget_by_ids_file_and_group_then_audit(trained):
+    store, tmp = trained
+    receipt = as_json(run("forget", "--store", str(store), "r0001", "r0002", "--json", "--no-progress"))
+    assert sorted(receipt["record_ids"]) == ["r0001", "r0002"]
+    assert receipt["affected_shards"] and receipt["samples_retrained"] > 0
+    ids_file = tmp / "ids.txt"
+    ids_file.write_text("r0003\nr0001\n")
+    again = as_json(run("forget", "--store", str(store), "--ids-file", str(ids_file), "--json",
+                        "--no-progress"))
+    assert again["record_ids"] == ["r0003"] and again["already_deleted"] == ["r0001"]
+    group = as_json(run("forget", "--store", str(store), "--group", "u5", "--json", "--no-progress"))
+    assert len(group["record_ids"]) == 10 and len(group["affected_shards"]) == 1
+    status = as_json(run("status", "--store", str(store), "--json"))
+    assert status["deleted_records"] == 13
+    audit = as_json(run("audit", "--store", str(store), "--json"))
+    assert audit["ok"] and audit["checkpoints_checked"] == 6
+
+
+def test_unknown_id_is_a_clean_error(trained):
+    store, _ = trained
+    result = run("forget", "--store", str(store), "r0001", "ghost", ok=False)
+    assert result.exit_code == 1
+    assert "unknown record id" in result.stderr and "'ghost'" in result.stderr
+    assert "Traceback" not in result.output
+    assert as_json(run("status", "--store", str(store), "--json"))["deleted_records"] == 0
+
+
+def test_audit_fails_on_a_corrupt_checkpoint(trained):
+    store, _ = trained
+    status = as_json(run("status", "--store", str(store), "--json"))
+    weights = Path(status["shards"][0]["weights_path"])
+    weights.write_bytes(b"\x00" * 64)
+    result = run("audit", "--store", str(store), "--json", ok=False)
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert not report["ok"] and str(weights) in report["violations"][0]["problem"]
+
+
+def test_predict_evaluate_and_add(trained):
+    store, tmp = trained
+    test_rows = make_rows(30, seed=99, prefix="t")
+    test_csv = write_csv(tmp / "test.csv", test_rows)
+    out = tmp / "pred.jsonl"
+    run("predict", "--store", str(store), "--data", str(test_csv), "--output", str(out))
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["id"] for p in preds] == [r["id"] for r in test_rows]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+    evaluation = as_json(run("evaluate", "--store", str(store), "--data", str(test_csv), "--json"))
+    assert evaluation["examples"] == 30 and set(evaluation["shards"]) == {"0", "1", "2"}
+    new = write_csv(tmp / "new.csv", make_rows(20, seed=5, prefix="n"))
+    added = as_json(run("add", "--store", str(store), "--data", str(new), "--json", "--no-progress"))
+    assert added["shards_retrained"]
+    assert as_json(run("status", "--store", str(store), "--json"))["live_records"] == 110
+
+
+def test_config_file_supplies_options(tmp_path):
+    data = write_csv(tmp_path / "train.csv", make_rows(60))
+    config = tmp_path / "sisa.toml"
+    config.write_text(f'store = "{tmp_path / "store"}"\ndata = "{data}"\nshards = 2\nslices = 1\n'
+                      'feature-columns = "f0,f1,f2,f3"\nepochs = 1\nno-progress = true\n')
+    result = run("--config", str(config), "train", "--json")
+    assert as_json(result)["shards"] == 2
+    status = as_json(run("--config", str(config), "status", "--json"))
+    assert len(status["shards"]) == 2
+
+
+def test_bad_input_file_is_named_and_no_store_is_left(tmp_path):
+    rows = make_rows(20)
+    rows[4]["id"] = rows[3]["id"]
+    data = write_csv(tmp_path / "dup.csv", rows)
+    result = run("train", "--store", str(tmp_path / "s"), "--data", str(data), *TRAIN, ok=False)
+    assert result.exit_code == 1 and "duplicate ids" in result.stderr and "r0003" in result.stderr
+    assert not (tmp_path / "s" / "store.db").exists()
+
+
+def test_demo_json(tmp_path):
+    result = run("demo", "--shards", "2", "--slices", "2", "--epochs", "1", "--forget-count", "2",
+                 "--json", "--no-progress")
+    figures = as_json(result)
+    assert figures["audit_ok"] and len(figures["forgotten"]) == 2
+    assert 0 < figures["forget_samples"] <= figures["sisa_train_samples"]
+    assert 0.5 < figures["sisa_accuracy"] <= 1.0

@@ -1,0 +1,108 @@
+"""Durability: an acknowledged deletion survives a crash, and pending shards are never served."""
+
+from __future__ import annotations
+
+import pytest
+
+from sisa.api import Sisa
+from sisa.errors import ShardTrainingError
+from sisa.training import shard_trainer
+
+from .conftest import SPEC
+from .test_unlearning import assert_same_as_scratch
+
+
+def test_crash_after_acknowledgement_is_recovered_on_open(tmp_path, rows, config, monkeypatch):
+    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    victim_shard = 1
+    victim = next(iter(sisa.store.live_records(victim_shard))).id
+
+    # Crash: the retrain dies after the deletion was recorded (acknowledged).
+    def boom(job):
+        raise RuntimeError("simulated crash during retraining")
+
+    monkeypatch.setattr("sisa.execution.train_shard", boom)
+    with pytest.raises(ShardTrainingError, match="shard 1"):
+        sisa.forget([victim])
+    sisa.close()
+    monkeypatch.undo()
+
+    reopened = Sisa.open(tmp_path / "store", recover=False)
+    assert reopened.store.pending_shards() == {victim_shard}
+    assert victim_shard not in reopened.servable_shards()  # never served while pending
+    assert reopened.ensemble().shards == [0, 2]
+    assert not reopened.audit()["ok"]
+    reopened.close()
+
+    recovered = Sisa.open(tmp_path / "store")  # recovery runs on open
+    assert [r.record_ids for r in recovered.recovered] == [[victim]]
+    assert recovered.recovered[0].recovered
+    assert recovered.store.pending_deletions() == []
+    assert recovered.audit()["ok"]
+    assert_same_as_scratch(recovered, [r for r in rows if r["id"] != victim], config, tmp_path)
+
+
+def test_crash_between_checkpoint_write_and_swap(tmp_path, rows, config, monkeypatch):
+    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    victim = rows[20]["id"]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies just before the live swap
+
+    monkeypatch.setattr(sisa.store, "swap_live", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sisa.forget([victim])
+    (sisa.store.checkpoint_root / ".tmp-leftover").mkdir()  # and a half-written directory
+    sisa.close()
+    recovered = Sisa.open(tmp_path / "store")
+    assert not (recovered.store.checkpoint_root / ".tmp-leftover").exists()
+    assert recovered.audit()["ok"]
+    assert_same_as_scratch(recovered, [r for r in rows if r["id"] != victim], config, tmp_path)
+
+
+def test_interrupted_add_is_completed_by_recovery(tmp_path, rows, config, monkeypatch):
+    sisa, _ = Sisa.train(tmp_path / "store", rows[:120], config, SPEC)
+
+    def boom(job):
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr("sisa.execution.train_shard", boom)
+    with pytest.raises(ShardTrainingError):
+        sisa.add(rows[120:])
+    sisa.close()
+    monkeypatch.undo()
+    recovered = Sisa.open(tmp_path / "store")
+    assert recovered.audit()["ok"]
+    assert_same_as_scratch(recovered, rows, config, tmp_path)
+
+
+def test_transient_failure_is_retried(tmp_path, rows, config, monkeypatch):
+    calls = {"n": 0}
+    real = shard_trainer.train_shard
+
+    def flaky(job):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("transient")
+        return real(job)
+
+    monkeypatch.setattr("sisa.execution.train_shard", flaky)
+    sisa, report = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    assert report.retrained[0].attempts == 2
+    assert all(r.attempts == 1 for r in report.retrained[1:])
+
+
+def test_final_error_names_shard_and_carries_traceback(tmp_path, rows, config, monkeypatch):
+    def boom(job):
+        raise ValueError(f"bad thing in shard {job.shard}")
+
+    monkeypatch.setattr("sisa.execution.train_shard", boom)
+    with pytest.raises(ShardTrainingError) as info:
+        Sisa.train(tmp_path / "store", rows, config, SPEC)
+    err = info.value
+    assert err.shard == 0 and err.attempts == config.execution.max_retries + 1
+    assert "Traceback" in err.traceback_text and "bad thing in shard 0" in str(err)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(err))  # crosses Ray processes intact
+    assert again.shard == 0 and again.traceback_text == err.traceback_text

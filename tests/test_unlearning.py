@@ -1,0 +1,154 @@
+"""Exactness: after forget/add, every live shard equals a store trained from scratch on what remains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sisa.api import Sisa
+from sisa.errors import RecordError, UnknownRecordError
+from sisa.schedule import shard_schedule
+from sisa.unlearning import expected_retrain_fraction, plan_shard
+
+from .conftest import SPEC, make_rows
+
+
+def live_weights(sisa: Sisa) -> dict[int, dict[str, torch.Tensor]]:
+    return {s: load_file(str(sisa.store.root / row.path / "weights.safetensors"))
+            for s, row in sisa.store.live().items()}
+
+
+def assert_same_as_scratch(sisa: Sisa, rows, config, tmp_path: Path) -> None:
+    scratch, _ = Sisa.train(tmp_path / "scratch", rows, config, SPEC)
+    mine, theirs = live_weights(sisa), live_weights(scratch)
+    assert mine.keys() == theirs.keys()
+    for shard in mine:
+        assert mine[shard].keys() == theirs[shard].keys()
+        for name in mine[shard]:
+            assert torch.equal(mine[shard][name], theirs[shard][name]), (shard, name)
+    # Same inputs give byte-identical checkpoint files and keys.
+    assert {s: r.sha256 for s, r in sisa.store.live().items()} == \
+        {s: r.sha256 for s, r in scratch.store.live().items()}
+    scratch.close()
+
+
+def pick_spread(sisa: Sisa, per_shard: int = 1, shards=(0, 1, 2)) -> list[str]:
+    chosen = []
+    for shard in shards:
+        ids = [r.id for r in sisa.store.live_records(shard)]
+        chosen += ids[len(ids) // 2: len(ids) // 2 + per_shard]
+    return chosen
+
+
+def test_forget_equals_scratch_and_leaves_other_shards_alone(tmp_path, rows, config):
+    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    untouched_shard = 2
+    victims = pick_spread(sisa, per_shard=2, shards=(0, 1))
+    before_files = {
+        c.path: (sisa.store.root / c.path / "weights.safetensors").read_bytes()
+        for c in sisa.store.checkpoints(untouched_shard)
+    }
+    placements = sisa.store.find_records(victims)
+    receipt = sisa.forget(victims)
+
+    assert sorted(receipt.record_ids) == sorted(victims)
+    assert [a["shard"] for a in receipt.affected_shards] == [0, 1]
+    for a in receipt.affected_shards:  # restart from the earliest affected slice, not earlier
+        earliest = min(p.slice for p in placements.values() if p.shard == a["shard"])
+        assert a["start_slice"] == earliest
+    assert set(receipt.checkpoints_changed) == {"0", "1"}
+    assert set(receipt.checkpoints_unchanged) == {"2"}
+    after_files = {
+        c.path: (sisa.store.root / c.path / "weights.safetensors").read_bytes()
+        for c in sisa.store.checkpoints(untouched_shard)
+    }
+    assert after_files == before_files  # not retrained, byte-identical
+
+    remaining = [r for r in rows if r["id"] not in set(victims)]
+    assert_same_as_scratch(sisa, remaining, config, tmp_path)
+    assert sisa.audit()["ok"]
+
+
+def test_batch_touching_one_shard_retrains_it_once(tmp_path, rows, config):
+    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    victims = [r.id for r in sisa.store.live_records(1)][:4]
+    receipt = sisa.forget(victims)
+    assert [a["shard"] for a in receipt.affected_shards] == [1]
+    schedule = sisa.manager.plan([1])[0].schedule
+    counts = schedule.cumulative_counts()
+    start = receipt.affected_shards[0]["start_slice"]
+    epochs = config.training.epochs_per_slice
+    assert receipt.samples_retrained == sum(counts[k] * epochs for k in range(start, len(counts)))
+
+
+def test_repeated_id_is_a_noop_and_unknown_id_changes_nothing(tmp_path, rows, config):
+    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    victim = rows[10]["id"]
+    sisa.forget([victim])
+    live_before = {s: r.sha256 for s, r in sisa.store.live().items()}
+    again = sisa.forget([victim])
+    assert again.already_deleted == [victim] and again.record_ids == []
+    assert again.samples_retrained == 0
+    with pytest.raises(UnknownRecordError, match="'nope'"):
+        sisa.forget([rows[11]["id"], "nope"])
+    assert rows[11]["id"] not in sisa.store.deleted_ids()  # the valid id was not deleted either
+    assert {s: r.sha256 for s, r in sisa.store.live().items()} == live_before
+    assert len(sisa.store.deletions()) == 1
+    with pytest.raises(KeyError):  # UnknownRecordError is also a KeyError
+        sisa.forget_group("no-such-user")
+
+
+def test_forget_group_retrains_one_shard(tmp_path, rows, config):
+    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    receipt = sisa.forget_group("u3")
+    assert sorted(receipt.record_ids) == [r["id"] for r in rows if r["user"] == "u3"]
+    assert len(receipt.affected_shards) == 1
+    assert_same_as_scratch(sisa, [r for r in rows if r["user"] != "u3"], config, tmp_path)
+
+
+def test_deleted_content_is_purged_and_stale_checkpoints_removed(tmp_path, rows, config):
+    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    victim = rows[0]["id"]
+    sisa.forget([victim])
+    row = sisa.store.find_records([victim])[victim]
+    assert row.payload is None and row.deleted_at is not None
+    for c in sisa.store.checkpoints():
+        manifest = (sisa.store.root / c.path / "manifest.json").read_text()
+        assert f'"{victim}"' not in manifest
+    # No checkpoint directory on disk is left over from before the deletion.
+    on_disk = {str(p.relative_to(sisa.store.root)) for p in sisa.store.checkpoint_root.glob("*/*")}
+    assert on_disk == {c.path for c in sisa.store.checkpoints()}
+
+
+def test_add_equals_training_on_the_union(tmp_path, rows, config):
+    sisa, _ = Sisa.train(tmp_path / "store", rows[:120], config, SPEC)
+    report = sisa.add(rows[120:])
+    assert report.retrained
+    assert_same_as_scratch(sisa, rows, config, tmp_path)
+    with pytest.raises(RecordError, match="already in the store"):
+        sisa.add(rows[:2])
+    with pytest.raises(RecordError, match="not among the store's classes"):
+        sisa.add([{**make_rows(1, prefix="new")[0], "label": 9}])
+
+
+def test_forget_after_add_then_scratch(tmp_path, rows, config):
+    sisa, _ = Sisa.train(tmp_path / "store", rows[:100], config, SPEC)
+    sisa.add(rows[100:])
+    victims = pick_spread(sisa)
+    sisa.forget(victims)
+    assert_same_as_scratch(sisa, [r for r in rows if r["id"] not in set(victims)], config, tmp_path)
+
+
+def test_plan_resumes_from_newest_matching_checkpoint():
+    from sisa.schedule import Member
+
+    members = [Member(f"r{i}", "d", i % 4, f"{i:04d}") for i in range(20)]
+    sched = shard_schedule("cfg", 0, members, 4)
+    assert plan_shard(sched, set(sched.keys)).start_slice is None
+    assert plan_shard(sched, set(sched.keys[:2])).start_slice == 2
+    plan = plan_shard(sched, set())
+    assert plan.start_slice == 0 and plan.resume_key is None
+    assert expected_retrain_fraction(4, 4) == pytest.approx((9 / 12) / 4)
