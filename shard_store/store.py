@@ -10,7 +10,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class ShardStore:
         return json.loads(row[0]) if row else None
 
     def set_meta(self, key: str, value: Any) -> None:
-        self.db["meta"].upsert({"key": key, "value": json.dumps(value, sort_keys=True)}, pk="key")
+        self.db.table("meta").upsert({"key": key, "value": json.dumps(value, sort_keys=True)}, pk="key")
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class ShardStore:
             for r in rows
         ]
         with self.db.atomic():
-            self.db["records"].insert_all(prepared, batch_size=2000)
+            self.db.table("records").insert_all(prepared, batch_size=2000)
 
     def find_records(self, ids: Iterable[str]) -> dict[str, RecordRow]:
         """The stored rows (live or deleted) of the given ids that exist."""
@@ -182,7 +182,7 @@ class ShardStore:
         records and purge their content. After this returns, the deletion survives any crash."""
         now = utcnow()
         with self.db.atomic():
-            self.db["deletions"].insert({
+            self.db.table("deletions").insert({
                 "request_id": request_id,
                 "record_ids": json.dumps(list(record_ids)),
                 "shards": json.dumps(sorted(set(shards))),
@@ -223,7 +223,7 @@ class ShardStore:
         relative = f"{CHECKPOINT_DIR}/{relative}"  # paths in the database are relative to the root
         row = {"key": payload.key, "shard": payload.shard, "slice": payload.slice, "path": relative,
                "sha256": sha, "record_count": record_count, "created_at": utcnow()}
-        self.db["checkpoints"].upsert(row, pk="key")
+        self.db.table("checkpoints").upsert(row, pk="key")
         return _checkpoint_row(row)
 
     def checkpoint(self, key: str) -> CheckpointRow | None:
@@ -248,7 +248,7 @@ class ShardStore:
         now = utcnow()
         with self.db.atomic():
             for shard, key in keys.items():
-                self.db["live"].upsert({"shard": shard, "key": key, "updated_at": now}, pk="shard")
+                self.db.table("live").upsert({"shard": shard, "key": key, "updated_at": now}, pk="shard")
             for request_id, receipt in applied:
                 self.db.execute(
                     "UPDATE deletions SET status = 'applied', applied_at = ?, receipt = ? "

@@ -31,7 +31,27 @@ _EXPORTS = {
     "DatasetUnavailableError": "sisa.errors",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataSpec",
+    "DatasetUnavailableError",
+    "DeletionReceipt",
+    "Ensemble",
+    "ExecutionConfig",
+    "PartitionConfig",
+    "RecordError",
+    "ShardTrainingError",
+    "Sisa",
+    "SisaConfig",
+    "SisaError",
+    "StoreError",
+    "SyncReport",
+    "TrainingConfig",
+    "UnknownRecordError",
+    "__version__",
+    "place",
+]
 
 if TYPE_CHECKING:
     from sisa.api import Sisa

@@ -33,10 +33,10 @@ def _digits() -> tuple[list[dict[str, Any]], DataSpec]:
     bunch = load_digits()
     columns = [f"px{i}" for i in range(bunch.data.shape[1])]
     rows = []
-    for index, (pixels, target) in enumerate(zip(bunch.data, bunch.target)):
+    for index, (pixels, target) in enumerate(zip(bunch.data, bunch.target, strict=False)):
         row: dict[str, Any] = {"id": f"digits-{index:04d}", "label": int(target)}
         # Pixels are 0..16; scale to [0, 1] so the default learning rate suits them.
-        row.update({c: float(v) / 16.0 for c, v in zip(columns, pixels)})
+        row.update({c: float(v) / 16.0 for c, v in zip(columns, pixels, strict=False)})
         rows.append(row)
     return rows, DataSpec(id_column="id", label_column="label", feature_columns=tuple(columns))
 

@@ -11,13 +11,12 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from sisa.config import (
     DataSpec,
@@ -35,7 +34,7 @@ err = Console(stderr=True)
 class _Group(TyperGroup):
     """Turns every library error into one clean message and exit status 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except SisaError as exc:
@@ -214,8 +213,8 @@ def predict(
         proba = sisa.predict_proba(inputs)
         labels = sisa.predict(inputs)
         rows = [{"id": i, "prediction": p,
-                 "probabilities": {c: round(float(v), 6) for c, v in zip(sisa.classes, pr)}}
-                for i, p, pr in zip(ids, labels, proba)]
+                 "probabilities": {c: round(float(v), 6) for c, v in zip(sisa.classes, pr, strict=False)}}
+                for i, p, pr in zip(ids, labels, proba, strict=False)]
     if output is not None:
         output.write_text("".join(json.dumps(r) + "\n" for r in rows))
         err.print(f"wrote {len(rows)} predictions to {output}")

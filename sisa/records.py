@@ -12,13 +12,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from sisa.config import DataSpec
 from sisa.errors import RecordError
 from sisa.partition import GroupId, RecordId
 
-Input = Union[str, tuple[float, ...]]
+Input = str | tuple[float, ...]
 
 _LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _MAX_NAMED = 10  # rows quoted in an error message before "... and N more"

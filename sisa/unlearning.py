@@ -175,7 +175,7 @@ class DeletionManager:
         def store_result(result: ShardResult) -> None:
             # Persist each shard's checkpoints as soon as it finishes: a crash loses little work.
             for payload in result.checkpoints:
-                count = int(len(payload.manifest["records"]))
+                count = len(payload.manifest["records"])
                 self.store.add_checkpoint(payload, count)
                 report.checkpoints_written += 1
 
@@ -188,7 +188,7 @@ class DeletionManager:
                 tick(result)
 
         results = run_jobs(jobs, self.config.execution, callback)
-        for plan, result in zip(todo, results):
+        for plan, result in zip(todo, results, strict=False):
             report.retrained.append(ShardRetrain(
                 shard=plan.shard, start_slice=plan.start_slice or 0, samples=result.samples,
                 seconds=round(result.seconds, 4), attempts=result.attempts, node=result.node))

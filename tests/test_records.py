@@ -43,13 +43,13 @@ def test_empty_ids_and_missing_labels_are_reported_together(rows):
 
 def test_missing_column_names_the_columns(rows):
     spec = DataSpec(id_column="uid", label_column="label", feature_columns=("f0",))
-    with pytest.raises(RecordError, match="no column.*'uid'"):
+    with pytest.raises(RecordError, match=r"no column.*'uid'"):
         records_from_rows(rows, spec)
 
 
 def test_non_numeric_feature_is_named(rows):
     rows[4]["f1"] = "abc"
-    with pytest.raises(RecordError, match="non-numeric.*rows: 4"):
+    with pytest.raises(RecordError, match=r"non-numeric.*rows: 4"):
         records_from_rows(rows, SPEC)
 
 
@@ -79,7 +79,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_records(tmp_path / "nope.csv", SPEC)
     bad = tmp_path / "data.txt"
     bad.write_text("x")
-    with pytest.raises(RecordError, match="use a .csv"):
+    with pytest.raises(RecordError, match=r"use a \.csv"):
         load_records(bad, SPEC)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"id": "a", "label": 1\nnot json\n')

@@ -87,7 +87,7 @@ def test_transient_failure_is_retried(tmp_path, rows, config, monkeypatch):
         return real(job)
 
     monkeypatch.setattr("sisa.execution.train_shard", flaky)
-    sisa, report = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    _sisa, report = Sisa.train(tmp_path / "store", rows, config, SPEC)
     assert report.retrained[0].attempts == 2
     assert all(r.attempts == 1 for r in report.retrained[1:])
 

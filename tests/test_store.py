@@ -17,9 +17,8 @@ from .conftest import SPEC
 
 
 def payload(key: str = "k" * 32) -> CheckpointPayload:
-    from safetensors.torch import save
-
     import torch
+    from safetensors.torch import save
 
     return CheckpointPayload(0, 1, key, save({"w": torch.arange(4.0)}),
                              {"shard": 0, "slice": 1, "key": key})
@@ -70,7 +69,7 @@ def test_corrupt_weights_are_detected_and_named(tmp_path):
 def test_malformed_manifest_and_missing_file(tmp_path):
     relative, sha = write_checkpoint(tmp_path, payload())
     (tmp_path / relative / "manifest.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="manifest.*malformed"):
+    with pytest.raises(CheckpointError, match=r"manifest.*malformed"):
         read_checkpoint(tmp_path / relative, sha)
     (tmp_path / relative / "weights.safetensors").unlink()
     with pytest.raises(CheckpointError, match="is missing"):

@@ -130,7 +130,9 @@ def train_shard(job: ShardJob) -> ShardResult:
         n = sizes[k]
         for epoch in range(training.epochs_per_slice):
             epoch_seed = derive_seed(seed, job.shard, k, epoch)
-            torch.manual_seed(epoch_seed)  # dropout and any other draw inside the model
+            # Dropout and any other draw inside the model. (The CPU generator only: seeding CUDA
+            # too would be lazily queued with a captured stack trace on every call.)
+            torch.default_generator.manual_seed(epoch_seed)
             if n == 0:
                 continue
             generator = torch.Generator().manual_seed(epoch_seed)
