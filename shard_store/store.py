@@ -6,6 +6,8 @@ A store is a directory: `store.db` (records, checkpoints, deletion ledger, live 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,6 +23,7 @@ from shard_store.schema import SCHEMA_VERSION, current_version, migrate
 from sisa.errors import StoreError
 
 DB_NAME = "store.db"
+LOCK_NAME = "writer.lock"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -113,6 +116,17 @@ class ShardStore:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[None]:
+        """Exclusive lock for work that changes records or checkpoints (train, add, forget,
+        recover): two processes must never retrain the same store at once. Blocks until free."""
+        with open(self.root / LOCK_NAME, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
     def checkpoint_root(self) -> Path:

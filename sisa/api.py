@@ -98,9 +98,10 @@ class Sisa:
             store.set_meta("data_spec", dataclasses.asdict(spec))
             store.set_meta("classes", classes)
             store.set_meta("model_spec", dataclasses.asdict(model_spec))
-        store.insert_records(_placed_rows(records, config))
         sisa = cls(store, config, progress)
-        report = sisa.manager.sync(range(config.partition.shards), description="training shards")
+        with store.writer():
+            store.insert_records(_placed_rows(records, config))
+            report = sisa.manager.sync(range(config.partition.shards), description="training shards")
         return sisa, report
 
     @classmethod
@@ -118,7 +119,7 @@ class Sisa:
             config = config.replace(execution=execution)
         sisa = cls(store, config, progress)
         if recover:
-            sisa.recovered = sisa.manager.recover()
+            sisa.recover()
         return sisa
 
     def close(self) -> None:
@@ -133,12 +134,16 @@ class Sisa:
     # -- changes ---------------------------------------------------------------------------------
 
     def forget(self, record_ids: Sequence[str]) -> DeletionReceipt:
+        """Forget records by id; returns once the affected shards are retrained and swapped."""
         self._ensemble = None
-        return self.manager.forget(record_ids)
+        with self.store.writer():
+            return self.manager.forget(record_ids)
 
     def forget_group(self, group_id: str) -> DeletionReceipt:
+        """Forget every record of a group (e.g. a user)."""
         self._ensemble = None
-        return self.manager.forget_group(group_id)
+        with self.store.writer():
+            return self.manager.forget_group(group_id)
 
     def add(self, source: Any) -> SyncReport:
         """Add new records; each affected shard retrains from its earliest affected slice."""
@@ -155,13 +160,18 @@ class Sisa:
         if problems:
             raise RecordError("cannot add records (nothing was written): " + "; ".join(problems))
         placed = _placed_rows(records, self.config)
-        self.store.insert_records(placed)
         self._ensemble = None
-        return self.manager.sync(sorted({r["shard"] for r in placed}), description="retraining shards")
+        with self.store.writer():
+            self.store.insert_records(placed)
+            shards = sorted({r["shard"] for r in placed})
+            return self.manager.sync(shards, description="retraining shards")
 
     def recover(self) -> list[DeletionReceipt]:
+        """Finish deletions and additions a crash interrupted; returns the deletions' receipts."""
         self._ensemble = None
-        return self.manager.recover()
+        with self.store.writer():
+            self.recovered = self.manager.recover()
+        return self.recovered
 
     # -- serving ---------------------------------------------------------------------------------
 

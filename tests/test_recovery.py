@@ -106,3 +106,34 @@ def test_final_error_names_shard_and_carries_traceback(tmp_path, rows, config, m
 
     again = pickle.loads(pickle.dumps(err))  # crosses Ray processes intact
     assert again.shard == 0 and again.traceback_text == err.traceback_text
+
+
+def test_writers_are_serialised_by_the_store_lock(tmp_path, rows, config):
+    import threading
+
+    Sisa.train(tmp_path / "store", rows, config, SPEC)[0].close()
+    other = Sisa.open(tmp_path / "store")  # a second handle, as another process would have
+    held, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_lock():
+        with other.store.writer():
+            held.set()
+            release.wait(timeout=60)
+
+    def forget():
+        with Sisa.open(tmp_path / "store") as sisa:  # SQLite handles stay in their thread
+            sisa.forget([rows[0]["id"]])
+        finished.set()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(timeout=60)
+    worker = threading.Thread(target=forget)
+    worker.start()
+    worker.join(timeout=1.0)
+    assert not finished.is_set()  # blocked while the other writer holds the lock
+    assert other.store.pending_deletions() == []  # and nothing was recorded yet
+    release.set()
+    holder.join()
+    worker.join(timeout=120)
+    assert finished.is_set()

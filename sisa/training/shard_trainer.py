@@ -94,6 +94,9 @@ def _payload(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int) -
         "records": [list(m) for m in members],
         "samples_seen": samples_seen,
         "state": meta,
+        # The global RNG state is the tensor "rng.torch_cpu" in the weights file; every later draw
+        # is reseeded from (seed, shard, slice, epoch), so resuming needs nothing else.
+        "rng": {"tensor": "rng.torch_cpu", "next_seed_parts": [job.shard, slice_ + 1, 0]},
     }
     # No timestamps: the same inputs give byte-identical files, whoever trains them.
     weights = save_safetensors(tensors, metadata={"key": job.keys[slice_]})
