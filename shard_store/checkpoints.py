@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ class CheckpointPayload:
     slice: int
     key: str
     weights: bytes  # a safetensors file
-    manifest: dict[str, Any]  # JSON-serialisable
+    manifest: dict[str, Any]  # JSON-serialisable; "files" maps extra file names to sha256
+    files: dict[str, bytes] = field(default_factory=dict)  # extra files, e.g. a peft adapter
 
     @property
     def sha256(self) -> str:
@@ -79,6 +80,12 @@ def write_checkpoint(root: Path, payload: CheckpointPayload) -> tuple[str, str]:
     tmp.mkdir(parents=True)
     try:
         _fsync_file(tmp / WEIGHTS, payload.weights)
+        for name, data in payload.files.items():
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise CheckpointError(f"checkpoint file name {name!r} leaves its directory")
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_file(target, data)
         manifest_bytes = json.dumps(payload.manifest, sort_keys=True, indent=1).encode()
         _fsync_file(tmp / MANIFEST, manifest_bytes)
         _fsync_dir(tmp)
@@ -119,6 +126,12 @@ def read_checkpoint_bytes(directory: Path, expected_sha256: str) -> tuple[bytes,
         raise CheckpointError(f"checkpoint manifest {str(manifest_path)!r} is malformed: {exc}") from exc
     if not isinstance(manifest, dict):
         raise CheckpointError(f"checkpoint manifest {str(manifest_path)!r} is not a JSON object")
+    for name, sha in (manifest.get("files") or {}).items():
+        extra = directory / name
+        if not extra.is_file():
+            raise CheckpointError(f"checkpoint file {str(extra)!r} is missing")
+        if sha256_file(extra) != sha:
+            raise CheckpointError(f"checkpoint file {str(extra)!r} is corrupt: sha256 mismatch")
     return weights, manifest
 
 

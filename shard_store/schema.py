@@ -54,6 +54,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX deletions_status ON deletions (status);
     """,
+    # 2: frozen-encoder embeddings, cached per (model fingerprint, input digest).
+    """
+    ALTER TABLE records ADD COLUMN input_digest TEXT;
+    CREATE INDEX records_input_digest ON records (input_digest);
+    CREATE TABLE embeddings (
+        model TEXT NOT NULL,                 -- fingerprint of the encoder (weights and settings)
+        input_digest TEXT NOT NULL,          -- digest of the text
+        dim INTEGER NOT NULL,
+        vector BLOB NOT NULL,                -- little-endian float32, dim values
+        PRIMARY KEY (model, input_digest)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -41,6 +41,7 @@ class RecordRow:
     order_key: str
     payload: dict[str, Any] | None  # None once deleted
     deleted_at: str | None
+    input_digest: str | None
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def _record_row(row: dict[str, Any]) -> RecordRow:
         order_key=row["order_key"],
         payload=json.loads(row["payload"]) if row["payload"] is not None else None,
         deleted_at=row["deleted_at"],
+        input_digest=row.get("input_digest"),
     )
 
 
@@ -213,6 +215,15 @@ class ShardStore:
                     f"WHERE id IN ({marks}) AND deleted_at IS NULL",
                     [now, request_id, *chunk],
                 )
+            # Embeddings are derived from the deleted content: purge them too, unless a live
+            # record has the very same input.
+            self.db.execute(
+                "DELETE FROM embeddings WHERE input_digest IN "
+                "(SELECT input_digest FROM records WHERE deletion_request = ?) "
+                "AND input_digest NOT IN (SELECT input_digest FROM records "
+                "WHERE deleted_at IS NULL AND input_digest IS NOT NULL)",
+                [request_id],
+            )
 
     def pending_deletions(self) -> list[dict[str, Any]]:
         rows = self.db.query(
@@ -228,6 +239,45 @@ class ShardStore:
         rows = self.db.query("SELECT * FROM deletions ORDER BY requested_at, request_id")
         return [{**r, "record_ids": json.loads(r["record_ids"]), "shards": json.loads(r["shards"]),
                  "receipt": json.loads(r["receipt"]) if r["receipt"] else None} for r in rows]
+
+    # -- embedding cache -------------------------------------------------------------------------
+
+    def get_embeddings(self, model: str, digests: Sequence[str]) -> dict[str, bytes]:
+        """Cached vectors (float32 bytes) of these input digests under one encoder fingerprint."""
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(digests))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = (f"SELECT input_digest, vector FROM embeddings "
+                   f"WHERE model = ? AND input_digest IN ({marks})")
+            for row in self.db.query(sql, [model, *chunk]):
+                found[row["input_digest"]] = row["vector"]
+        return found
+
+    def put_embeddings(self, model: str, dim: int, vectors: dict[str, bytes]) -> None:
+        rows = [{"model": model, "input_digest": d, "dim": dim, "vector": v} for d, v in vectors.items()]
+        with self.db.atomic():
+            self.db.table("embeddings").insert_all(rows, pk=("model", "input_digest"), replace=True,
+                                                   batch_size=500)
+
+    def embedding_count(self, model: str | None = None) -> int:
+        where, params = ("WHERE model = ?", [model]) if model else ("", [])
+        return int(self.db.execute(f"SELECT COUNT(*) FROM embeddings {where}", params).fetchone()[0])
+
+    def copy_embeddings_from(self, other: str | Path) -> int:
+        """Seed this store's embedding cache from another store's (same keys, same vectors)."""
+        other_db = Path(other) / DB_NAME
+        if not other_db.is_file():
+            raise StoreError(f"no store at {str(other)!r} to copy embeddings from")
+        before = self.embedding_count()
+        self.db.attach("other", other_db)
+        try:
+            with self.db.atomic():
+                self.db.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM other.embeddings")
+        finally:
+            self.db.execute("DETACH DATABASE other")
+        return self.embedding_count() - before
 
     # -- checkpoints and live versions -----------------------------------------------------------
 

@@ -17,7 +17,8 @@ from shard_store.store import ShardStore
 from sisa import builtin
 from sisa.config import DataSpec, ExecutionConfig, SisaConfig
 from sisa.ensemble import Ensemble
-from sisa.errors import CheckpointError, RecordError, StoreError
+from sisa.features import EmbeddingCache
+from sisa.errors import CheckpointError, ConfigError, RecordError, StoreError
 from sisa.partition import place
 from sisa.records import Record, load_rows, records_from_rows
 from sisa.training import get_backend
@@ -50,7 +51,8 @@ def _placed_rows(records: Sequence[Record], config: SisaConfig) -> list[dict[str
     for r in records:
         where = place(r.id, r.group, seed=p.seed, shards=p.shards, slices=p.slices)
         rows.append({"id": r.id, "group_id": r.group, "digest": r.digest, "shard": where.shard,
-                     "slice": where.slice, "order_key": where.order, "payload": r.payload()})
+                     "slice": where.slice, "order_key": where.order, "payload": r.payload(),
+                     "input_digest": r.input_digest})
     return rows
 
 
@@ -66,7 +68,12 @@ class Sisa:
         self.data_spec = DataSpec(**meta_spec)
         self.classes: list[str] = store.get_meta("classes")
         self.model_spec = ModelSpec(**store.get_meta("model_spec"))
-        self.manager = DeletionManager(store, config, self.model_spec, self.classes, progress)
+        self.backend = get_backend(config.training.backend)(config.training, self.model_spec)
+        encoder = self.backend.encoder()
+        self.features = EmbeddingCache(store, encoder, progress) if encoder is not None else None
+        transform = self.features.vectors if self.features is not None else None
+        self.manager = DeletionManager(store, config, self.model_spec, self.classes, progress,
+                                       transform=transform, fingerprint=self.backend.fingerprint())
         self._ensemble: Ensemble | None = None
         self.recovered: list[DeletionReceipt] = []  # receipts of deletions finished on open
 
@@ -80,8 +87,12 @@ class Sisa:
         config: SisaConfig,
         spec: DataSpec | None = None,
         progress: Progress | None = None,
+        embeddings_from: str | Path | None = None,
     ) -> tuple[Sisa, SyncReport]:
-        """Validate the data, create the store, and train every shard from scratch."""
+        """Validate the data, create the store, and train every shard from scratch.
+
+        `embeddings_from` seeds the embedding cache from another store (same keys, same vectors),
+        so a second store on the same texts never re-encodes them."""
         rows, spec = resolve_source(source, spec)
         records = records_from_rows(rows, spec)
         classes = _sort_classes({r.label for r in records})
@@ -91,8 +102,20 @@ class Sisa:
             num_classes=len(classes),
             input_dim=len(spec.feature_columns) if spec.kind == "features" else None,
         )
-        get_backend(config.training.backend)(config.training, model_spec)  # fail before writing
+        # Build the backend before writing anything: a bad model or config fails here. It also
+        # resolves the input width (an encoder's embedding size for the head backend).
+        backend_cls = get_backend(config.training.backend)
+        if backend_cls.input_kind != spec.kind:
+            need = "a --text-column" if backend_cls.input_kind == "text" else "numeric --feature-columns"
+            raise ConfigError(
+                f"backend {config.training.backend!r} needs {need}; the data has "
+                f"{'a text column' if spec.kind == 'text' else 'feature columns'} (for text use the "
+                "'head' or 'lora' backend, for numeric features the 'mlp' backend)"
+            )
+        model_spec = backend_cls(config.training, model_spec).spec
         store = ShardStore.create(store_dir)
+        if embeddings_from is not None:
+            store.copy_embeddings_from(embeddings_from)
         with store.db.atomic():
             store.set_meta("config", config.to_dict())
             store.set_meta("data_spec", dataclasses.asdict(spec))
@@ -184,7 +207,8 @@ class Sisa:
     def ensemble(self) -> Ensemble:
         if self._ensemble is None:
             payloads = {s: self.store.read_payload(row) for s, row in self.servable_shards().items()}
-            self._ensemble = Ensemble(self.config, self.model_spec, payloads)
+            transform = self.features.vectors if self.features is not None else None
+            self._ensemble = Ensemble(self.config, self.model_spec, payloads, transform=transform)
         return self._ensemble
 
     def load_inputs(self, source: Any) -> tuple[list[str], list[Any], list[str | None]]:
@@ -223,14 +247,12 @@ class Sisa:
             return {"accuracy": float((pred == y).mean()),
                     "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
 
-        soft = Ensemble.aggregate(per_shard, "soft")
-        hard = Ensemble.aggregate(per_shard, "hard") + soft / (len(per_shard) + 1)
         return {
             "examples": len(y),
             "voting": self.config.voting,
-            "ensemble": scores((soft if self.config.voting == "soft" else hard).argmax(-1)),
-            "ensemble_soft": scores(soft.argmax(-1)),
-            "ensemble_hard": scores(hard.argmax(-1)),
+            "ensemble": scores(Ensemble.decide(per_shard, self.config.voting)),
+            "ensemble_soft": scores(Ensemble.decide(per_shard, "soft")),
+            "ensemble_hard": scores(Ensemble.decide(per_shard, "hard")),
             "shards": {str(s): scores(p.argmax(-1)) for s, p in per_shard.items()},
         }
 

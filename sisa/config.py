@@ -49,17 +49,25 @@ class PartitionConfig:
 class TrainingConfig:
     """How each shard model is trained; every field changes the weights, so all enter the digest."""
 
-    backend: str = "mlp"  # name of a registered backend (see sisa.training.BACKENDS)
+    backend: str = "mlp"  # "mlp" (numeric features), "head" (frozen encoder + head), "lora"
     epochs_per_slice: int = 5  # epochs run over slices 1..k after adding slice k
     batch_size: int = 32  # examples per optimizer step
     learning_rate: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    hidden_sizes: tuple[int, ...] = (64,)  # MLP backend: widths of the hidden layers
+    hidden_sizes: tuple[int, ...] = (64,)  # mlp / head: hidden widths; () makes head logistic
     torch_threads: int = 1  # intra-op threads; fixed so every executor computes the same floats
+    model: str = "all-MiniLM-L6-v2"  # head / lora: model directory, cached hub id, or packaged name
+    max_length: int = 128  # head / lora: tokens per text (longer texts are truncated)
+    lora_r: int = 8  # lora: adapter rank
+    lora_alpha: int = 16  # lora: scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.1  # lora: dropout on the adapter input
+    lora_target_modules: tuple[str, ...] = ("query", "value")  # lora: adapted linear layers
+    bf16: bool = False  # lora on CUDA: bf16 autocast
 
     def __post_init__(self) -> None:
         # Tuples survive JSON as lists; normalise so configs round-trip and digest equally.
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
         errors: list[str] = []
         _check(errors, bool(self.backend), "backend must be a non-empty name")
         _check(errors, self.epochs_per_slice >= 1,
@@ -73,6 +81,11 @@ class TrainingConfig:
                f"hidden_sizes must all be >= 1, got {self.hidden_sizes!r}")
         _check(errors, self.torch_threads >= 1,
                f"torch_threads must be >= 1, got {self.torch_threads!r}")
+        _check(errors, self.max_length >= 8, f"max_length must be >= 8, got {self.max_length!r}")
+        _check(errors, self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r!r}")
+        _check(errors, 0 <= self.lora_dropout < 1,
+               f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check(errors, bool(self.lora_target_modules), "lora_target_modules must not be empty")
         _raise_all("training config", errors)
 
 

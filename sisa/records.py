@@ -31,6 +31,7 @@ class Record:
     label: str  # canonical string form; the store maps labels to class indices
     input: Input
     digest: str  # digest of (input, label, group): a changed record is a different record
+    input_digest: str  # digest of the input alone: the key of its cached embedding
 
     def payload(self) -> dict[str, Any]:
         """JSON-serialisable content, as the store keeps it (purged again on deletion)."""
@@ -42,6 +43,11 @@ def content_digest(inp: Input, label: str, group: str | None) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def input_digest(inp: Input) -> str:
+    text = json.dumps(inp, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
 def make_record(record_id: str, group: str | None, label: str, inp: Input) -> Record:
     return Record(
         id=RecordId(record_id),
@@ -49,6 +55,7 @@ def make_record(record_id: str, group: str | None, label: str, inp: Input) -> Re
         label=label,
         input=inp,
         digest=content_digest(inp, label, group),
+        input_digest=input_digest(inp),
     )
 
 

@@ -8,6 +8,7 @@ recorded durably before any training starts, and marked applied in the same tran
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -107,13 +108,18 @@ class DeletionManager:
         spec: ModelSpec,
         classes: Sequence[str],
         progress: Progress | None = None,
+        transform: Callable[[list[Any]], Any] | None = None,
+        fingerprint: str = "",
     ) -> None:
         self.store = store
         self.config = config
         self.spec = spec
         self.class_index = {c: i for i, c in enumerate(classes)}
-        self.digest = config.digest()
+        # Checkpoint keys cover the config and any base model the weights depend on.
+        self.digest = config.digest() if not fingerprint else hashlib.blake2b(
+            f"{config.digest()}/{fingerprint}".encode(), digest_size=16).hexdigest()
         self.progress = progress
+        self.transform = transform  # e.g. texts -> cached frozen-encoder embeddings
 
     # -- planning --------------------------------------------------------------------------------
 
@@ -133,7 +139,16 @@ class DeletionManager:
         existing = {c.key for c in self.store.checkpoints()}
         return [plan_shard(sched, existing) for sched in self.schedules(shards).values()]
 
-    def _job(self, plan: ShardPlan) -> ShardJob:
+    def _model_inputs(self, plans: Sequence[ShardPlan]) -> dict[str, Any]:
+        """Model inputs of every record the plans train on (through `transform` if set)."""
+        ids = [m.id for p in plans for bucket in p.schedule.slices for m in bucket]
+        raw = [_as_input(self._payloads[i]["input"]) for i in ids]
+        if self.transform is None:
+            return dict(zip(ids, raw, strict=True))
+        vectors = self.transform(raw)
+        return {i: vectors[n] for n, i in enumerate(ids)}
+
+    def _job(self, plan: ShardPlan, inputs: dict[str, Any]) -> ShardJob:
         sched = plan.schedule
         resume = None
         if plan.resume_key is not None:
@@ -147,7 +162,7 @@ class DeletionManager:
             config=self.config,
             spec=self.spec,
             config_digest=self.digest,
-            inputs=[[_as_input(payloads[m.id]["input"]) for m in b] for b in sched.slices],
+            inputs=[[inputs[m.id] for m in b] for b in sched.slices],
             labels=[[self.class_index[payloads[m.id]["label"]] for m in b] for b in sched.slices],
             members=[[(m.id, m.digest) for m in b] for b in sched.slices],
             set_digests=sched.set_digests,
@@ -169,7 +184,8 @@ class DeletionManager:
         started = time.perf_counter()
         plans = self.plan(shards)
         todo = [p for p in plans if p.start_slice is not None]
-        jobs = [self._job(p) for p in todo]
+        inputs = self._model_inputs(todo) if todo else {}
+        jobs = [self._job(p, inputs) for p in todo]
         report = SyncReport()
 
         def store_result(result: ShardResult) -> None:

@@ -54,3 +54,45 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+TEXT_SPEC = DataSpec(id_column="id", label_column="label", text_column="text", group_column="user")
+_WORDS = ["good", "great", "fun", "bad", "dull", "awful", "movie", "plot", "the", "a", "very", "not"]
+
+
+def make_text_rows(n: int = 60, seed: int = 3, prefix: str = "t") -> list[dict[str, Any]]:
+    """Short texts whose label follows their words (positive vs negative), for tiny models."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        mood = _WORDS[:3] if label else _WORDS[3:6]
+        words = [rng.choice(mood), rng.choice(_WORDS[6:]), rng.choice(mood)]
+        words += [rng.choice(_WORDS) for _ in range(rng.randint(0, 6))]  # varied lengths: padding
+        rows.append({"id": f"{prefix}{i:03d}", "label": "pos" if label else "neg",
+                     "text": " ".join(words), "user": f"u{i // 6}"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A BERT with random weights from a tiny config, with a WordPiece tokenizer: no download."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS, *letters,
+             *[f"##{c}" for c in letters]]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(root)
+    return str(root)
+
+
+@pytest.fixture
+def text_rows() -> list[dict[str, Any]]:
+    return make_text_rows()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from sisa.errors import ConfigError
+from sisa.training.head import HeadBackend
+from sisa.training.lora import LoraBackend
 from sisa.training.mlp import MLPBackend
 from sisa.training.protocol import Backend, ModelSpec, ShardModel
 
-BACKENDS: dict[str, type] = {"mlp": MLPBackend}
+BACKENDS: dict[str, type] = {"mlp": MLPBackend, "head": HeadBackend, "lora": LoraBackend}
 
 
 def get_backend(name: str) -> type[Backend]:

@@ -7,6 +7,8 @@ Every random draw is seeded from (seed, shard, slice, epoch); model init from (s
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,6 @@ from safetensors.torch import save as save_safetensors
 from shard_store.checkpoints import CheckpointPayload
 from sisa.config import SisaConfig
 from sisa.errors import CheckpointError
-from sisa.records import Input
 from sisa.schedule import derive_seed
 from sisa.training import get_backend
 from sisa.training.protocol import ModelSpec, ShardModel
@@ -34,7 +35,7 @@ class ShardJob:
     config: SisaConfig
     spec: ModelSpec
     config_digest: str
-    inputs: list[list[Input]]  # per slice, in training order
+    inputs: list[list[Any]]  # per slice, in training order (texts, features or embeddings)
     labels: list[list[int]]  # per slice, class indices
     members: list[list[tuple[str, str]]]  # per slice, (record id, content digest)
     set_digests: list[str]  # record-set digest of slices 0..k
@@ -64,18 +65,36 @@ def init_seed(seed: int, shard: int) -> int:
     return derive_seed(seed, "init", shard)
 
 
-def load_model(config: SisaConfig, spec: ModelSpec, payload: CheckpointPayload) -> ShardModel:
-    """A shard model restored from a checkpoint payload."""
-    torch.set_num_threads(config.training.torch_threads)
-    backend = get_backend(config.training.backend)(config.training, spec)
-    model = backend.create(init_seed(config.partition.seed, payload.shard))
+def device_for(config: SisaConfig) -> str:
+    """CUDA when the shard asked Ray for a GPU and one is visible; else the CPU."""
+    if config.execution.gpus_per_shard > 0 and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def payload_state(payload: CheckpointPayload) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and JSON state a checkpoint payload holds; a named error when unreadable."""
     try:
-        tensors = load_safetensors(payload.weights)
-        model.load_state(tensors, payload.manifest["state"])
+        return load_safetensors(payload.weights), payload.manifest["state"]
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"checkpoint {payload.key} of shard {payload.shard} slice {payload.slice} "
             f"cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_model(config: SisaConfig, spec: ModelSpec, payload: CheckpointPayload,
+               device: str = "cpu") -> ShardModel:
+    """A shard model restored from a checkpoint payload (to resume training)."""
+    backend = get_backend(config.training.backend)(config.training, spec)
+    model = backend.create(init_seed(config.partition.seed, payload.shard), device)
+    tensors, state = payload_state(payload)
+    try:
+        model.load_state(tensors, state)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {payload.key} of shard {payload.shard} slice {payload.slice} "
+            f"does not fit this model: {type(exc).__name__}: {exc}"
         ) from exc
     return model
 
@@ -98,9 +117,11 @@ def _payload(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int) -
         # is reseeded from (seed, shard, slice, epoch), so resuming needs nothing else.
         "rng": {"tensor": "rng.torch_cpu", "next_seed_parts": [job.shard, slice_ + 1, 0]},
     }
+    files = model.export_files()
+    manifest["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     # No timestamps: the same inputs give byte-identical files, whoever trains them.
     weights = save_safetensors(tensors, metadata={"key": job.keys[slice_]})
-    return CheckpointPayload(job.shard, slice_, job.keys[slice_], weights, manifest)
+    return CheckpointPayload(job.shard, slice_, job.keys[slice_], weights, manifest, files)
 
 
 def train_shard(job: ShardJob) -> ShardResult:
@@ -110,13 +131,16 @@ def train_shard(job: ShardJob) -> ShardResult:
     seed = job.config.partition.seed
     # Thread count changes float summation order: fix it so every executor gets the same bits.
     torch.set_num_threads(training.torch_threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = device_for(job.config)
+    if device == "cuda":  # deterministic cuBLAS needs this before the first CUDA call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=device == "cpu")
     backend = get_backend(training.backend)(training, job.spec)
     if job.resume is not None:
-        model = load_model(job.config, job.spec, job.resume)
+        model = load_model(job.config, job.spec, job.resume, device)
         samples_seen = int(job.resume.manifest.get("samples_seen", 0))
     else:
-        model = backend.create(init_seed(seed, job.shard))
+        model = backend.create(init_seed(seed, job.shard), device)
         samples_seen = 0
 
     all_inputs = backend.prepare([x for bucket in job.inputs for x in bucket])
@@ -133,9 +157,12 @@ def train_shard(job: ShardJob) -> ShardResult:
         n = sizes[k]
         for epoch in range(training.epochs_per_slice):
             epoch_seed = derive_seed(seed, job.shard, k, epoch)
-            # Dropout and any other draw inside the model. (The CPU generator only: seeding CUDA
-            # too would be lazily queued with a captured stack trace on every call.)
-            torch.default_generator.manual_seed(epoch_seed)
+            # Dropout and any other draw inside the model. (The CPU generator only, unless the
+            # model is on a GPU: seeding CUDA is queued with a captured stack trace every call.)
+            if device == "cuda":
+                torch.manual_seed(epoch_seed)
+            else:
+                torch.default_generator.manual_seed(epoch_seed)
             if n == 0:
                 continue
             generator = torch.Generator().manual_seed(epoch_seed)

@@ -1,4 +1,4 @@
-"""Flatten a module and its optimizer into safetensors-ready tensors plus JSON, and back.
+"""Flatten model tensors and an optimizer into safetensors-ready tensors plus JSON, and back.
 
 Optimizer state dicts hold tensors (moments, step counts) and plain values (hyperparameters); the
 tensors go to safetensors and the rest to the JSON manifest, so nothing needs pickle.
@@ -6,6 +6,7 @@ tensors go to safetensors and the rest to the JSON manifest, so nothing needs pi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,15 +17,16 @@ RNG = "rng.torch_cpu"
 
 
 def export_state(
-    module: torch.nn.Module, optimizer: torch.optim.Optimizer
+    model_tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {MODEL + k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    """`model_tensors`: what the model must restore (all weights, or only an adapter's)."""
+    tensors = {MODEL + k: v.detach().cpu().contiguous().clone() for k, v in model_tensors.items()}
     opt = optimizer.state_dict()
     plain: dict[str, dict[str, Any]] = {}
     for index, entry in opt["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{OPTIM}{index}.{name}"] = value.detach().contiguous().clone()
+                tensors[f"{OPTIM}{index}.{name}"] = value.detach().cpu().contiguous().clone()
             else:
                 plain.setdefault(str(index), {})[name] = value
     tensors[RNG] = torch.get_rng_state().clone()
@@ -32,13 +34,17 @@ def export_state(
     return tensors, meta
 
 
+def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(MODEL):]: v for k, v in tensors.items() if k.startswith(MODEL)}
+
+
 def import_state(
-    module: torch.nn.Module,
+    load_model: Callable[[dict[str, torch.Tensor]], None],
     optimizer: torch.optim.Optimizer,
     tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
 ) -> None:
-    module.load_state_dict({k[len(MODEL):]: v for k, v in tensors.items() if k.startswith(MODEL)})
+    load_model(model_tensors(tensors))
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(OPTIM):
@@ -46,6 +52,7 @@ def import_state(
             state.setdefault(int(index), {})[name] = value
     for index, entry in meta["optimizer"].get("plain_state", {}).items():
         state.setdefault(int(index), {}).update(entry)
+    # load_state_dict moves the moments to the parameters' device.
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     if RNG in tensors:
         torch.set_rng_state(tensors[RNG])
