@@ -22,51 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from benchmarks.common import plain_torch_loop
 from sisa.api import Sisa
 from sisa.config import ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
-from sisa.schedule import derive_seed
-from sisa.training.shard_trainer import init_seed
 from sisa.unlearning import expected_retrain_fraction
-
-
-def plain_torch_loop(sisa: Sisa) -> tuple[float, int]:
-    """The same optimizer steps as the store's training, with no store, hashing or checkpoints."""
-    config = sisa.config
-    t, p = config.training, config.partition
-    schedules = sisa.manager.schedules(range(p.shards))
-    payloads = sisa.manager._payloads
-    index = {c: i for i, c in enumerate(sisa.classes)}
-    # Data preparation is outside the timed region, as it is for a hand-written loop.
-    data = []
-    for shard, sched in schedules.items():
-        ordered = [m for bucket in sched.slices for m in bucket]
-        x = torch.tensor([payloads[m.id]["input"] for m in ordered], dtype=torch.float32)
-        y = torch.tensor([index[payloads[m.id]["label"]] for m in ordered])
-        data.append((shard, x, y, sched.cumulative_counts()))
-    torch.set_num_threads(t.torch_threads)
-    steps = 0
-    started = time.perf_counter()
-    for shard, x, y, sizes in data:
-        torch.manual_seed(init_seed(p.seed, shard))
-        layers: list[nn.Module] = []
-        width = x.shape[1]
-        for h in t.hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        net = nn.Sequential(*layers, nn.Linear(width, len(sisa.classes)))
-        opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-        for k, n in enumerate(sizes):
-            for epoch in range(t.epochs_per_slice):
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(
-                    derive_seed(p.seed, shard, k, epoch)))
-                for batch in order.split(t.batch_size):
-                    opt.zero_grad(set_to_none=True)
-                    nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
-                    opt.step()
-                    steps += 1
-    return time.perf_counter() - started, steps
 
 
 def run(shards: int, slices: int, epochs: int, deletions: int, out: Path) -> dict[str, Any]:

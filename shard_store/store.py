@@ -179,6 +179,27 @@ class ShardStore:
         for row in self.db.query(sql, params):
             yield _record_row(row)
 
+    def group_shards(self, groups: Sequence[str]) -> dict[str, int]:
+        """The shard each of these groups already lives in (groups not in the store are absent)."""
+        found: dict[str, int] = {}
+        for start in range(0, len(groups), 500):
+            chunk = list(groups[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT DISTINCT group_id, shard FROM records WHERE group_id IN ({marks})"
+            for row in self.db.query(sql, chunk):
+                found[row["group_id"]] = row["shard"]
+        return found
+
+    def live_placements(self, shard: int) -> list[tuple[str, str, int, str]]:
+        """(id, content digest, slice, order key) of a shard's live records: no payloads."""
+        sql = ("SELECT id, digest, slice, order_key FROM records "
+               "WHERE deleted_at IS NULL AND shard = ? ORDER BY slice, order_key")
+        return [(r["id"], r["digest"], r["slice"], r["order_key"]) for r in self.db.query(sql, [shard])]
+
+    def live_payloads(self, shard: int) -> dict[str, dict[str, Any]]:
+        sql = "SELECT id, payload FROM records WHERE deleted_at IS NULL AND shard = ?"
+        return {r["id"]: json.loads(r["payload"]) for r in self.db.query(sql, [shard])}
+
     def record_counts(self) -> dict[int, dict[str, int]]:
         """Per shard: live and deleted record counts."""
         counts: dict[int, dict[str, int]] = {}

@@ -17,8 +17,8 @@ from shard_store.store import ShardStore
 from sisa import builtin
 from sisa.config import DataSpec, ExecutionConfig, SisaConfig
 from sisa.ensemble import Ensemble
-from sisa.features import EmbeddingCache
 from sisa.errors import CheckpointError, ConfigError, RecordError, StoreError
+from sisa.features import EmbeddingCache
 from sisa.partition import place
 from sisa.records import Record, load_rows, records_from_rows
 from sisa.training import get_backend
@@ -45,14 +45,28 @@ def _sort_classes(labels: set[str]) -> list[str]:
         return sorted(labels)
 
 
-def _placed_rows(records: Sequence[Record], config: SisaConfig) -> list[dict[str, Any]]:
+def _placed_rows(records: Sequence[Record], config: SisaConfig,
+                 known_groups: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Placement of every record; a group whose records would straddle shards is an error."""
     p = config.partition
     rows = []
+    group_shard: dict[str, int] = dict(known_groups or {})
+    straddling: set[str] = set()
     for r in records:
-        where = place(r.id, r.group, seed=p.seed, shards=p.shards, slices=p.slices)
+        likely = r.prior is not None and r.prior >= p.prior_threshold
+        where = place(r.id, r.group, seed=p.seed, shards=p.shards, slices=p.slices, likely=likely,
+                      strategy=p.placement, late_slices=p.late_slices,
+                      dedicated_shards=p.dedicated_shards)
+        if r.group is not None and group_shard.setdefault(r.group, where.shard) != where.shard:
+            straddling.add(r.group)
         rows.append({"id": r.id, "group_id": r.group, "digest": r.digest, "shard": where.shard,
                      "slice": where.slice, "order_key": where.order, "payload": r.payload(),
                      "input_digest": r.input_digest})
+    if straddling:
+        raise RecordError(
+            "with dedicated_shards placement every record of a group needs the same prior side of "
+            f"the threshold; these groups mix both (nothing was written): {sorted(straddling)[:10]}"
+        )
     return rows
 
 
@@ -95,6 +109,7 @@ class Sisa:
         so a second store on the same texts never re-encodes them."""
         rows, spec = resolve_source(source, spec)
         records = records_from_rows(rows, spec)
+        placed = _placed_rows(records, config)
         classes = _sort_classes({r.label for r in records})
         if len(classes) < 2:
             raise RecordError(f"need at least two classes to train, found {classes}")
@@ -112,7 +127,9 @@ class Sisa:
                 f"{'a text column' if spec.kind == 'text' else 'feature columns'} (for text use the "
                 "'head' or 'lora' backend, for numeric features the 'mlp' backend)"
             )
-        model_spec = backend_cls(config.training, model_spec).spec
+        backend = backend_cls(config.training, model_spec)
+        backend.fingerprint()  # resolves the base model: a missing one fails before any write
+        model_spec = backend.spec
         store = ShardStore.create(store_dir)
         if embeddings_from is not None:
             store.copy_embeddings_from(embeddings_from)
@@ -123,7 +140,7 @@ class Sisa:
             store.set_meta("model_spec", dataclasses.asdict(model_spec))
         sisa = cls(store, config, progress)
         with store.writer():
-            store.insert_records(_placed_rows(records, config))
+            store.insert_records(placed)
             report = sisa.manager.sync(range(config.partition.shards), description="training shards")
         return sisa, report
 
@@ -182,7 +199,8 @@ class Sisa:
             problems.append(f"labels {unknown_labels} are not among the store's classes {self.classes}")
         if problems:
             raise RecordError("cannot add records (nothing was written): " + "; ".join(problems))
-        placed = _placed_rows(records, self.config)
+        groups = sorted({r.group for r in records if r.group is not None})
+        placed = _placed_rows(records, self.config, self.store.group_shards(groups))
         self._ensemble = None
         with self.store.writer():
             self.store.insert_records(placed)

@@ -142,6 +142,15 @@ def train(
     group_column: Annotated[
         str | None, typer.Option(help="Column with a group (user) id; a group stays in one shard.")
     ] = None,
+    prior_column: Annotated[str | None, typer.Option(
+        help="Column with a number per record: how likely it is to be deleted.")] = None,
+    placement: Annotated[str, typer.Option(
+        help="uniform, late_slices (likely-deleted records in the last slices) or "
+             "dedicated_shards (likely-deleted records in their own shards).")] = "uniform",
+    prior_threshold: Annotated[float, typer.Option(
+        help="A record is likely to be deleted when its prior is >= this.")] = 0.5,
+    late_slices: Annotated[int, typer.Option(help="late_slices: how many last slices.")] = 1,
+    dedicated_shards: Annotated[int, typer.Option(help="dedicated_shards: how many shards.")] = 1,
     shards: Annotated[int, typer.Option(help="S: number of shards (independent models).")] = 4,
     slices: Annotated[int, typer.Option(help="R: slices (checkpoints) per shard.")] = 4,
     epochs: Annotated[int, typer.Option(help="Epochs per slice.")] = 5,
@@ -177,7 +186,7 @@ def train(
     from sisa.api import Sisa
 
     spec = None
-    if id_column or label_column or text_column or feature_columns or group_column:
+    if id_column or label_column or text_column or feature_columns or group_column or prior_column:
         spec = DataSpec(
             id_column=id_column or "id",
             label_column=label_column or "label",
@@ -185,9 +194,13 @@ def train(
             feature_columns=tuple(c.strip() for c in feature_columns.split(",") if c.strip())
             if feature_columns else (),
             group_column=group_column,
+            prior_column=prior_column,
         )
     config = SisaConfig(
-        partition=PartitionConfig(shards=shards, slices=slices, seed=seed),
+        partition=PartitionConfig(shards=shards, slices=slices, seed=seed,
+                                  placement=placement,  # type: ignore[arg-type]
+                                  prior_threshold=prior_threshold, late_slices=late_slices,
+                                  dedicated_shards=dedicated_shards),
         training=TrainingConfig(
             backend=backend, epochs_per_slice=epochs, batch_size=batch_size,
             learning_rate=learning_rate, torch_threads=torch_threads,

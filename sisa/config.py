@@ -16,6 +16,7 @@ from sisa.errors import ConfigError
 
 Executor = Literal["local", "ray"]
 Voting = Literal["soft", "hard"]
+Placement = Literal["uniform", "late_slices", "dedicated_shards"]
 
 
 def _check(errors: list[str], ok: bool, message: str) -> None:
@@ -36,12 +37,30 @@ class PartitionConfig:
     shards: int = 4  # S: independent models; a deletion retrains about 1/S of the work
     slices: int = 4  # R: checkpoints per shard; a deletion restarts from the slice before it
     seed: int = 0  # keys every hash and every random draw
+    # Deletion-aware placement, for records whose prior (DataSpec.prior_column) is >= threshold:
+    # "uniform" ignores the prior; "late_slices" puts them in the last `late_slices` slices of
+    # their shard (a deletion retrains little); "dedicated_shards" puts them in the last
+    # `dedicated_shards` shards (deletions leave the other shards alone).
+    placement: Placement = "uniform"
+    prior_threshold: float = 0.5  # a record is "likely to be deleted" when prior >= this
+    late_slices: int = 1
+    dedicated_shards: int = 1
 
     def __post_init__(self) -> None:
         errors: list[str] = []
         _check(errors, self.shards >= 1, f"shards must be >= 1, got {self.shards!r}")
         _check(errors, self.slices >= 1, f"slices must be >= 1, got {self.slices!r}")
         _check(errors, 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed!r}")
+        _check(errors, self.placement in ("uniform", "late_slices", "dedicated_shards"),
+               f"placement must be uniform, late_slices or dedicated_shards, got {self.placement!r}")
+        if self.placement == "late_slices":
+            _check(errors, 1 <= self.late_slices < self.slices,
+                   f"late_slices must be in [1, slices), got {self.late_slices!r} "
+                   f"with slices={self.slices}")
+        if self.placement == "dedicated_shards":
+            _check(errors, 1 <= self.dedicated_shards < self.shards,
+                   f"dedicated_shards must be in [1, shards), got {self.dedicated_shards!r} "
+                   f"with shards={self.shards}")
         _raise_all("partition config", errors)
 
 
@@ -123,6 +142,7 @@ class DataSpec:
     text_column: str | None = None  # exactly one of text_column / feature_columns
     feature_columns: tuple[str, ...] = ()
     group_column: str | None = None  # all records of a group go to one shard
+    prior_column: str | None = None  # a number per record: how likely it is to be deleted
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_columns", tuple(self.feature_columns))

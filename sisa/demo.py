@@ -18,16 +18,15 @@ from sisa.api import Sisa, resolve_source
 from sisa.config import PartitionConfig, SisaConfig
 from sisa.unlearning import Progress, expected_retrain_fraction
 
-
 RT = "builtin:rotten_tomatoes"
 # What `sisa demo --backend X` trains with, unless overridden.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "head": {"dataset": RT, "limit": None,
              "training": {"backend": "head", "epochs_per_slice": 10, "batch_size": 32,
                           "learning_rate": 3e-3, "hidden_sizes": ()}},  # a logistic head
-    "lora": {"dataset": RT, "limit": 1000,  # LoRA on a CPU: about 0.3 s per step
-             "training": {"backend": "lora", "epochs_per_slice": 1, "batch_size": 16,
-                          "learning_rate": 5e-4, "max_length": 64}},
+    "lora": {"dataset": RT, "limit": 800,  # LoRA on a 2-core CPU: about 0.6 s per step
+             "training": {"backend": "lora", "epochs_per_slice": 2, "batch_size": 16,
+                          "learning_rate": 2e-3, "max_length": 64}},
     "mlp": {"dataset": "builtin:digits", "limit": None,
             "training": {"backend": "mlp", "epochs_per_slice": 5, "batch_size": 32,
                          "learning_rate": 1e-3, "hidden_sizes": (64,)}},

@@ -2,6 +2,7 @@
 
 Placement is a keyed hash (blake2b, keyed by the seed) of the record's own id, or of its group id for
 the shard, so it never depends on any other record: removing or adding a record moves nothing else.
+Deletion-aware placement also reads the record's own prior (likely to be deleted or not).
 """
 
 from __future__ import annotations
@@ -43,10 +44,32 @@ class Placement:
     order: str
 
 
-def place(record_id: str, group_id: str | None, *, seed: int, shards: int, slices: int) -> Placement:
-    """Where one record goes. Pure: depends only on its own id/group and the seed."""
-    return Placement(
-        shard=shard_of(group_id if group_id is not None else record_id, seed, shards),
-        slice=slice_of(record_id, seed, slices),
-        order=order_key(record_id, seed),
-    )
+def place(
+    record_id: str,
+    group_id: str | None,
+    *,
+    seed: int,
+    shards: int,
+    slices: int,
+    likely: bool = False,
+    strategy: str = "uniform",
+    late_slices: int = 1,
+    dedicated_shards: int = 1,
+) -> Placement:
+    """Where one record goes. Pure: depends only on its own id, group, prior flag and the seed.
+
+    With a deletion-aware `strategy`, records `likely` to be deleted go to the last `late_slices`
+    slices of their shard ("late_slices") or to the last `dedicated_shards` shards
+    ("dedicated_shards"); the others fill the rest."""
+    key = group_id if group_id is not None else record_id
+    shard = shard_of(key, seed, shards)
+    slice_ = slice_of(record_id, seed, slices)
+    if strategy == "late_slices":
+        early = slices - late_slices
+        slice_ = early + slice_of(record_id, seed, late_slices) if likely else slice_of(
+            record_id, seed, early)
+    elif strategy == "dedicated_shards":
+        common = shards - dedicated_shards
+        shard = common + shard_of(key, seed, dedicated_shards) if likely else shard_of(
+            key, seed, common)
+    return Placement(shard=shard, slice=slice_, order=order_key(record_id, seed))

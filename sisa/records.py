@@ -30,16 +30,18 @@ class Record:
     group: GroupId | None
     label: str  # canonical string form; the store maps labels to class indices
     input: Input
-    digest: str  # digest of (input, label, group): a changed record is a different record
+    digest: str  # digest of (input, label, group[, prior]): a changed record is another record
     input_digest: str  # digest of the input alone: the key of its cached embedding
+    prior: float | None = None  # how likely the record is to be deleted (deletion-aware placement)
 
     def payload(self) -> dict[str, Any]:
         """JSON-serialisable content, as the store keeps it (purged again on deletion)."""
         return {"input": self.input, "label": self.label}
 
 
-def content_digest(inp: Input, label: str, group: str | None) -> str:
-    text = json.dumps([inp, label, group], separators=(",", ":"), ensure_ascii=False)
+def content_digest(inp: Input, label: str, group: str | None, prior: float | None = None) -> str:
+    fields: list[Any] = [inp, label, group] if prior is None else [inp, label, group, prior]
+    text = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
@@ -48,14 +50,16 @@ def input_digest(inp: Input) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def make_record(record_id: str, group: str | None, label: str, inp: Input) -> Record:
+def make_record(record_id: str, group: str | None, label: str, inp: Input,
+                prior: float | None = None) -> Record:
     return Record(
         id=RecordId(record_id),
         group=GroupId(group) if group is not None else None,
         label=label,
         input=inp,
-        digest=content_digest(inp, label, group),
+        digest=content_digest(inp, label, group, prior),
         input_digest=input_digest(inp),
+        prior=prior,
     )
 
 
@@ -91,7 +95,7 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec) -> list
     if not rows:
         raise RecordError("no records in the input")
     wanted = [spec.id_column, spec.label_column, *spec.feature_columns]
-    wanted += [c for c in (spec.text_column, spec.group_column) if c is not None]
+    wanted += [c for c in (spec.text_column, spec.group_column, spec.prior_column) if c is not None]
     missing_columns = [c for c in wanted if c not in rows[0]]
     if missing_columns:
         raise RecordError(
@@ -104,6 +108,7 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec) -> list
     empty_ids: list[int] = []
     missing_labels: list[int] = []
     bad_inputs: list[int] = []
+    bad_priors: list[int] = []
     seen: dict[str, list[int]] = {}
     records: list[Record] = []
     for row_number, row in enumerate(rows):
@@ -135,7 +140,16 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec) -> list
         group = None
         if spec.group_column is not None:
             group = _canonical_id(row[spec.group_column]) or None
-        records.append(make_record(record_id, group, label, inp))
+        prior = None
+        if spec.prior_column is not None:
+            try:
+                prior = float(row[spec.prior_column])
+            except (TypeError, ValueError):
+                prior = math.nan
+            if not math.isfinite(prior):
+                bad_priors.append(row_number)
+                continue
+        records.append(make_record(record_id, group, label, inp, prior))
 
     duplicates = {key: idx for key, idx in seen.items() if len(idx) > 1}
     if duplicates:
@@ -149,6 +163,9 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec) -> list
     if bad_inputs:
         what = spec.text_column or ",".join(spec.feature_columns)
         problems.append(_name_rows(f"missing or non-numeric inputs in {what!r} at rows", bad_inputs))
+    if bad_priors:
+        problems.append(
+            _name_rows(f"missing or non-numeric priors in {spec.prior_column!r} at rows", bad_priors))
     if problems:
         raise RecordError("invalid records (nothing was written): " + "; ".join(problems))
     return records

@@ -124,16 +124,11 @@ class DeletionManager:
     # -- planning --------------------------------------------------------------------------------
 
     def schedules(self, shards: Iterable[int]) -> dict[int, ShardSchedule]:
-        wanted = set(shards)
-        members: dict[int, list[Member]] = {s: [] for s in wanted}
-        payloads: dict[str, dict[str, Any]] = {}
-        for row in self.store.live_records():
-            if row.shard in wanted:
-                members[row.shard].append(Member(row.id, row.digest, row.slice, row.order_key))
-                payloads[row.id] = row.payload or {}
-        self._payloads = payloads
+        wanted = sorted(set(shards))
+        # Only the affected shards' placements (no payloads): a deletion never scans the store.
+        members = {s: [Member(*row) for row in self.store.live_placements(s)] for s in wanted}
         slices = self.config.partition.slices
-        return {s: shard_schedule(self.digest, s, members[s], slices) for s in sorted(wanted)}
+        return {s: shard_schedule(self.digest, s, members[s], slices) for s in wanted}
 
     def plan(self, shards: Iterable[int]) -> list[ShardPlan]:
         existing = {c.key for c in self.store.checkpoints()}
@@ -141,8 +136,12 @@ class DeletionManager:
 
     def _model_inputs(self, plans: Sequence[ShardPlan]) -> dict[str, Any]:
         """Model inputs of every record the plans train on (through `transform` if set)."""
+        payloads: dict[str, dict[str, Any]] = {}
+        for p in plans:
+            payloads.update(self.store.live_payloads(p.shard))
+        self._payloads = payloads
         ids = [m.id for p in plans for bucket in p.schedule.slices for m in bucket]
-        raw = [_as_input(self._payloads[i]["input"]) for i in ids]
+        raw = [_as_input(payloads[i]["input"]) for i in ids]
         if self.transform is None:
             return dict(zip(ids, raw, strict=True))
         vectors = self.transform(raw)

@@ -155,6 +155,7 @@ def test_text_backend_rejects_numeric_features_and_vice_versa(tmp_path, tiny_mod
 def test_missing_model_is_a_clear_error(tmp_path, text_rows):
     with pytest.raises(ConfigError, match="never downloads"):
         Sisa.train(tmp_path / "s", text_rows, text_config("no-org/no-such-model", "lora"), TEXT_SPEC)
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.gpu
@@ -169,3 +170,21 @@ def test_lora_on_gpu_is_exact(tmp_path, tiny_model, text_rows):
                             config, TEXT_SPEC)
     assert {s: r.sha256 for s, r in sisa.store.live().items()} == \
         {s: r.sha256 for s, r in scratch.store.live().items()}
+
+
+def test_a_hub_id_resolves_from_the_local_cache_only(tmp_path, tiny_model, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    from sisa.models import resolve_model
+
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-bert" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model, snapshot)
+    refs = tmp_path / "hub" / "models--tiny-org--tiny-bert" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model("tiny-org/tiny-bert") == snapshot
+    with pytest.raises(ConfigError, match="never downloads"):
+        resolve_model("tiny-org/not-cached")

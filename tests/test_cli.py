@@ -135,9 +135,26 @@ def test_bad_input_file_is_named_and_no_store_is_left(tmp_path):
 
 
 def test_demo_json(tmp_path):
-    result = run("demo", "--shards", "2", "--slices", "2", "--epochs", "1", "--forget-count", "2",
-                 "--json", "--no-progress")
+    result = run("demo", "--backend", "mlp", "--shards", "2", "--slices", "2", "--epochs", "1",
+                 "--forget-count", "2", "--json", "--no-progress")
     figures = as_json(result)
     assert figures["audit_ok"] and len(figures["forgotten"]) == 2
     assert 0 < figures["forget_samples"] <= figures["sisa_train_samples"]
     assert 0.5 < figures["sisa_accuracy"] <= 1.0
+
+
+def test_text_backend_end_to_end(tmp_path, tiny_model):
+    from .conftest import make_text_rows
+
+    data = write_csv(tmp_path / "reviews.csv", make_text_rows(40))
+    store = tmp_path / "store"
+    trained = as_json(run("train", "--store", str(store), "--data", str(data), "--id-column", "id",
+                          "--label-column", "label", "--text-column", "text", "--backend", "head",
+                          "--model", tiny_model, "--hidden-sizes", "", "--shards", "2", "--slices",
+                          "2", "--epochs", "1", "--no-progress", "--json"))
+    assert trained["records"] == 40
+    receipt = as_json(run("forget", "--store", str(store), "t003", "--json", "--no-progress"))
+    assert receipt["record_ids"] == ["t003"]
+    assert as_json(run("audit", "--store", str(store), "--json"))["ok"]
+    evaluation = as_json(run("evaluate", "--store", str(store), "--data", str(data), "--json"))
+    assert evaluation["examples"] == 40

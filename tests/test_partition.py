@@ -77,3 +77,15 @@ def test_shards_are_roughly_balanced():
     for i in range(8000):
         counts[place(f"rec-{i}", None, seed=0, shards=8, slices=1).shard] += 1
     assert min(counts) > 850 and max(counts) < 1150  # 1000 expected per shard
+
+
+@given(st.sets(ids, min_size=1, max_size=40), st.integers(2, 8), st.integers(2, 8), seeds,
+       st.booleans())
+def test_deletion_aware_placement_separates_likely_records(record_ids, s, r, seed, likely):
+    for i in record_ids:
+        late = place(i, None, seed=seed, shards=s, slices=r, likely=likely, strategy="late_slices",
+                     late_slices=1)
+        assert (late.slice == r - 1) if likely else (late.slice < r - 1)
+        dedicated = place(i, None, seed=seed, shards=s, slices=r, likely=likely,
+                          strategy="dedicated_shards", dedicated_shards=1)
+        assert (dedicated.shard == s - 1) if likely else (dedicated.shard < s - 1)

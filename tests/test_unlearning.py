@@ -152,3 +152,47 @@ def test_plan_resumes_from_newest_matching_checkpoint():
     plan = plan_shard(sched, set())
     assert plan.start_slice == 0 and plan.resume_key is None
     assert expected_retrain_fraction(4, 4) == pytest.approx((9 / 12) / 4)
+
+
+@pytest.mark.parametrize("placement", ["late_slices", "dedicated_shards"])
+def test_deletion_aware_placement_stays_exact(tmp_path, placement):
+    from sisa.config import DataSpec, PartitionConfig, SisaConfig, TrainingConfig
+
+    rows = make_rows(120)
+    for i, row in enumerate(rows):
+        row["consent"] = 0.9 if i % 5 == 0 else 0.1  # every fifth record is likely to be deleted
+    spec = DataSpec(id_column="id", label_column="label", feature_columns=SPEC.feature_columns,
+                    prior_column="consent")
+    config = SisaConfig(
+        partition=PartitionConfig(shards=3, slices=3, seed=2, placement=placement),
+        training=TrainingConfig(epochs_per_slice=1, batch_size=8, hidden_sizes=(8,)),
+    )
+    sisa, _ = Sisa.train(tmp_path / "store", rows, config, spec)
+    likely = [r["id"] for r in rows if r["consent"] > 0.5]
+    placed = sisa.store.find_records(likely)
+    if placement == "late_slices":
+        assert {p.slice for p in placed.values()} == {2}
+    else:
+        assert {p.shard for p in placed.values()} == {2}
+    receipt = sisa.forget(likely[:3])
+    if placement == "late_slices":
+        assert all(a["start_slice"] == 2 for a in receipt.affected_shards)
+    else:
+        assert [a["shard"] for a in receipt.affected_shards] == [2]
+    scratch, _ = Sisa.train(tmp_path / "scratch", [r for r in rows if r["id"] not in likely[:3]],
+                            config, spec)
+    assert {s: r.sha256 for s, r in sisa.store.live().items()} == \
+        {s: r.sha256 for s, r in scratch.store.live().items()}
+
+
+def test_dedicated_shards_refuses_a_group_split_by_its_prior(tmp_path, rows):
+    from sisa.config import DataSpec, PartitionConfig, SisaConfig
+
+    for i, row in enumerate(rows):
+        row["p"] = 0.9 if i % 7 == 0 else 0.0
+    spec = DataSpec(id_column="id", label_column="label", feature_columns=SPEC.feature_columns,
+                    group_column="user", prior_column="p")
+    config = SisaConfig(partition=PartitionConfig(shards=3, slices=2, placement="dedicated_shards"))
+    with pytest.raises(RecordError, match="groups mix both"):
+        Sisa.train(tmp_path / "s", rows, config, spec)
+    assert not (tmp_path / "s").exists()

@@ -55,6 +55,7 @@ class Scorer(Protocol):
 class Backend(Protocol):
     name: str
     input_kind: str  # "features" (numeric columns) or "text" (a text column)
+    spec: ModelSpec  # the task's shape, resolved (e.g. the head's input is the embedding width)
 
     def __init__(self, training: TrainingConfig, spec: ModelSpec) -> None: ...
 

@@ -1,0 +1,157 @@
+"""Shared pieces of the benchmark suite: data sets, configs, sizes per mode, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa.api import Sisa
+from sisa.config import DataSpec, ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
+from sisa.schedule import derive_seed
+from sisa.training.shard_trainer import init_seed
+
+FEATURES = 20
+SYN_SPEC = DataSpec(id_column="id", label_column="label",
+                    feature_columns=tuple(f"f{i}" for i in range(FEATURES)),
+                    group_column="user", prior_column="prior")
+NO_GROUP_SPEC = DataSpec(id_column="id", label_column="label",
+                         feature_columns=SYN_SPEC.feature_columns, prior_column="prior")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Sizes of one run of the suite."""
+
+    name: str
+    synthetic_rows: int  # rows of the synthetic numeric data (retrain cost, overhead)
+    stream_rows: int  # rows for the deletion streams and placement
+    grid_shards: tuple[int, ...]
+    grid_slices: tuple[int, ...]
+    deletions_per_cell: int  # single deletions averaged per (S, R)
+    stream_length: int  # deletions per stream
+    batch_sizes: tuple[int, ...]  # K for batched against one-at-a-time
+    text_train: int | None  # Rotten Tomatoes training records for `head` (None: all)
+    lora_train: int | None  # Rotten Tomatoes training records for `lora` (0: skip)
+    lora_shards: tuple[int, ...]
+    accuracy_shards: tuple[int, ...]
+
+
+MODES = {
+    "full": Mode("full", 200_000, 50_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 10, 100,
+                 (1, 2, 4, 8, 16, 32, 64), None, 1500, (1, 2, 4), (1, 2, 4, 8, 16)),
+    "quick": Mode("quick", 20_000, 10_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 4, 100,
+                  (1, 2, 4, 8, 16, 32, 64), 1000, 160, (1, 2), (1, 2, 4, 8, 16)),
+    # For the smoke test: every code path, seconds of work, numbers meaningless.
+    "tiny": Mode("tiny", 1_200, 600, (1, 2), (1, 2), 1, 4, (1, 2), 0, 0, (1,), (1, 2)),
+}
+
+
+def synthetic_rows(n: int, seed: int = 0, prefix: str = "syn") -> list[dict[str, Any]]:
+    """A numeric binary task from a fixed random teacher (10% label noise), 10 records a user,
+    and a Pareto prior per user (how likely that user is to ask for deletion)."""
+    teacher = np.random.default_rng(12345).normal(size=FEATURES)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES))
+    logits = x @ teacher + 0.5 * np.sin(3 * x[:, 0])
+    y = (logits > 0).astype(int)
+    flip = rng.random(n) < 0.1
+    y[flip] = 1 - y[flip]
+    users = np.arange(n) // 10
+    prior_of_user = rng.pareto(1.5, size=users.max() + 1)
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {"id": f"{prefix}-{i:07d}", "label": int(y[i]),
+                               "user": f"{prefix}-u{users[i]:06d}",
+                               "prior": float(prior_of_user[users[i]])}
+        row.update({f"f{j}": float(v) for j, v in enumerate(x[i])})
+        rows.append(row)
+    return rows
+
+
+def mlp_config(shards: int, slices: int, epochs: int = 2, seed: int = 0, **partition: Any) -> SisaConfig:
+    return SisaConfig(
+        partition=PartitionConfig(shards=shards, slices=slices, seed=seed, **partition),
+        training=TrainingConfig(backend="mlp", epochs_per_slice=epochs, batch_size=128,
+                                learning_rate=3e-3, hidden_sizes=(64,)),
+        execution=ExecutionConfig(progress=False),
+    )
+
+
+def expected_speedup(shards: int, slices: int) -> float:
+    """SISA's expected speed-up of one uniform deletion over retraining the ensemble: 3RS/(2R+1)."""
+    return 3 * slices * shards / (2 * slices + 1)
+
+
+def expected_shards_hit(shards: int, k: int) -> float:
+    return shards * (1 - (1 - 1 / shards) ** k)
+
+
+@contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    box: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - started
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def plain_torch_loop(sisa: Sisa) -> tuple[float, int]:
+    """The same optimizer steps as the store's training, with no store, hashing or checkpoints."""
+    config = sisa.config
+    t, p = config.training, config.partition
+    schedules = sisa.manager.schedules(range(p.shards))
+    payloads = {}
+    for shard in range(p.shards):
+        payloads.update(sisa.store.live_payloads(shard))
+    index = {c: i for i, c in enumerate(sisa.classes)}
+    # Data preparation is outside the timed region, as it is for a hand-written loop.
+    data = []
+    for shard, sched in schedules.items():
+        ordered = [m for bucket in sched.slices for m in bucket]
+        x = torch.tensor([payloads[m.id]["input"] for m in ordered], dtype=torch.float32)
+        y = torch.tensor([index[payloads[m.id]["label"]] for m in ordered])
+        data.append((shard, x, y, sched.cumulative_counts()))
+    torch.set_num_threads(t.torch_threads)
+    steps = 0
+    started = time.perf_counter()
+    for shard, x, y, sizes in data:
+        torch.manual_seed(init_seed(p.seed, shard))
+        layers: list[nn.Module] = []
+        width = x.shape[1]
+        for h in t.hidden_sizes:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        net = nn.Sequential(*layers, nn.Linear(width, len(sisa.classes)))
+        opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        for k, n in enumerate(sizes):
+            for epoch in range(t.epochs_per_slice):
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(
+                    derive_seed(p.seed, shard, k, epoch)))
+                for batch in order.split(t.batch_size):
+                    opt.zero_grad(set_to_none=True)
+                    nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+                    opt.step()
+                    steps += 1
+    return time.perf_counter() - started, steps

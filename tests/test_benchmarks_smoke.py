@@ -1,0 +1,45 @@
+"""Smoke test of the benchmark suite: `--tiny` end to end, checking the result schema and that every
+plot is written (never the numbers: timings on shared machines are noise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_run_writes_results_plots_and_summary(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"retrain_cost", "streams", "accuracy", "placement", "overhead", "meta"}
+    for name in ("retrain_cost", "streams", "accuracy", "placement", "overhead"):
+        png = out / results[name]["plot"]
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    cell = results["retrain_cost"]["cells"][0]
+    assert {"shards", "slices", "scratch_seconds", "deletion_seconds", "deletion_samples",
+            "speedup_time", "speedup_samples", "theory", "ratio_time_to_theory",
+            "speedup_vs_monolith"} <= set(cell)
+    assert len(results["retrain_cost"]["cells"]) == 4  # the tiny grid: S in {1,2}, R in {1,2}
+    batch = results["streams"]["batches"][0]
+    assert {"k", "batched_samples", "one_at_a_time_samples", "shards_hit",
+            "expected_shards_hit"} <= set(batch)
+    names = [s["name"] for s in results["streams"]["streams"]]
+    assert names == ["uniform", "pareto", "user, group placement on", "user, group placement off"]
+    for stream in results["streams"]["streams"]:
+        assert [p["deletions"] for p in stream["points"]] == list(range(5))
+        assert all(0.0 <= p["accuracy"] <= 1.0 for p in stream["points"])
+    assert [c["data"] for c in results["accuracy"]["curves"]] == ["synthetic (mlp)", "digits (mlp)"]
+    assert [r["placement"] for r in results["placement"]["results"]] == \
+        ["uniform", "late_slices", "dedicated_shards"]
+    assert {"plain_torch_seconds", "sisa_training_seconds", "ratio_training"} <= set(results["overhead"])
+    summary = (out / "summary.md").read_text()
+    assert "| benchmark | figure | value |" in summary and "| overhead |" in summary
+    assert "| streams |" in summary and "python -m benchmarks run --tiny" in summary
