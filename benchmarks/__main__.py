@@ -84,8 +84,10 @@ def summary(results: dict[str, Any]) -> str:
                 f"{row['accuracy_before']:.4f} -> {row['accuracy_after']:.4f}")
     o = results.get("overhead")
     if o:
-        add("overhead", f"S=1 R=1 training vs plain torch loop ({o['optimizer_steps']} steps)",
-            f"{o['ratio_training']}x (end to end, with ingestion: {o['ratio_end_to_end']}x)")
+        for m in o["models"]:
+            add("overhead", f"{m['model']}, S=1 R=1 training vs a plain torch loop "
+                f"({m['optimizer_steps']} steps)",
+                f"{m['ratio_training']}x (end to end, with ingestion: {m['ratio_end_to_end']}x)")
     return "\n".join(lines) + "\n"
 
 

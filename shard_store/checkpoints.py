@@ -86,7 +86,7 @@ def write_checkpoint(root: Path, payload: CheckpointPayload) -> tuple[str, str]:
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             _fsync_file(target, data)
-        manifest_bytes = json.dumps(payload.manifest, sort_keys=True, indent=1).encode()
+        manifest_bytes = json.dumps(payload.manifest, sort_keys=True, separators=(",", ":")).encode()
         _fsync_file(tmp / MANIFEST, manifest_bytes)
         _fsync_dir(tmp)
         os.replace(tmp, final)

@@ -194,11 +194,14 @@ class ShardStore:
         """(id, content digest, slice, order key) of a shard's live records: no payloads."""
         sql = ("SELECT id, digest, slice, order_key FROM records "
                "WHERE deleted_at IS NULL AND shard = ? ORDER BY slice, order_key")
-        return [(r["id"], r["digest"], r["slice"], r["order_key"]) for r in self.db.query(sql, [shard])]
+        return self.db.execute(sql, [shard]).fetchall()  # plain tuples: this is on the hot path
 
     def live_payloads(self, shard: int) -> dict[str, dict[str, Any]]:
-        sql = "SELECT id, payload FROM records WHERE deleted_at IS NULL AND shard = ?"
-        return {r["id"]: json.loads(r["payload"]) for r in self.db.query(sql, [shard])}
+        # One JSON document for the whole shard: a single C-speed parse instead of one per row.
+        sql = ("SELECT json_group_object(id, json(payload)) FROM records "
+               "WHERE deleted_at IS NULL AND shard = ?")
+        text = self.db.execute(sql, [shard]).fetchone()[0]
+        return json.loads(text) if text else {}
 
     def record_counts(self) -> dict[int, dict[str, int]]:
         """Per shard: live and deleted record counts."""

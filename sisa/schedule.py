@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Member:
-    """A live record as the schedule sees it (placement plus content digest)."""
+class Member(NamedTuple):
+    """A live record as the schedule sees it (placement plus content digest). A tuple, because
+    a store holds one per record and builds them on every plan."""
 
     id: str
     digest: str

@@ -39,7 +39,8 @@ def test_tiny_run_writes_results_plots_and_summary(tmp_path):
     assert [c["data"] for c in results["accuracy"]["curves"]] == ["synthetic (mlp)", "digits (mlp)"]
     assert [r["placement"] for r in results["placement"]["results"]] == \
         ["uniform", "late_slices", "dedicated_shards"]
-    assert {"plain_torch_seconds", "sisa_training_seconds", "ratio_training"} <= set(results["overhead"])
+    for model in results["overhead"]["models"]:
+        assert {"plain_torch_seconds", "sisa_training_seconds", "ratio_training"} <= set(model)
     summary = (out / "summary.md").read_text()
     assert "| benchmark | figure | value |" in summary and "| overhead |" in summary
     assert "| streams |" in summary and "python -m benchmarks run --tiny" in summary

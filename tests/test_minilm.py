@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from sisa.api import Sisa, resolve_source
 from sisa.config import ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
 from sisa.demo import _subsample
@@ -34,7 +32,6 @@ def test_head_on_minilm_learns_and_forgets_exactly(tmp_path):
         {s: r.sha256 for s, r in scratch.store.live().items()}
 
 
-@pytest.mark.slow
 def test_lora_on_minilm_forgets_exactly(tmp_path):
     train, test, spec = _data(96, 64)
     config = SisaConfig(
