@@ -28,8 +28,8 @@ lint: install
 	$(BIN)/ruff check sisa shard_store tests benchmarks
 	$(BIN)/mypy
 
-bench: install
-	$(BIN)/python -m benchmarks.core_digits
+bench: install  ## the benchmark suite, quick mode (results/)
+	$(BIN)/python -m benchmarks run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache results

@@ -134,20 +134,21 @@ class DeletionManager:
         existing = {c.key for c in self.store.checkpoints()}
         return [plan_shard(sched, existing) for sched in self.schedules(shards).values()]
 
-    def _model_inputs(self, plans: Sequence[ShardPlan]) -> dict[str, Any]:
-        """Model inputs of every record the plans train on (through `transform` if set)."""
+    def _model_inputs(self, plans: Sequence[ShardPlan]) -> tuple[dict[str, Any], dict[str, int]]:
+        """Model inputs (through `transform` if set) and class indices of every record the plans
+        train on."""
         payloads: dict[str, dict[str, Any]] = {}
         for p in plans:
             payloads.update(self.store.live_payloads(p.shard))
-        self._payloads = payloads
         ids = [m.id for p in plans for bucket in p.schedule.slices for m in bucket]
+        labels = {i: self.class_index[payloads[i]["label"]] for i in ids}
         raw = [_as_input(payloads[i]["input"]) for i in ids]
         if self.transform is None:
-            return dict(zip(ids, raw, strict=True))
+            return dict(zip(ids, raw, strict=True)), labels
         vectors = self.transform(raw)
-        return {i: vectors[n] for n, i in enumerate(ids)}
+        return {i: vectors[n] for n, i in enumerate(ids)}, labels
 
-    def _job(self, plan: ShardPlan, inputs: dict[str, Any]) -> ShardJob:
+    def _job(self, plan: ShardPlan, inputs: dict[str, Any], labels: dict[str, int]) -> ShardJob:
         sched = plan.schedule
         resume = None
         if plan.resume_key is not None:
@@ -155,14 +156,13 @@ class DeletionManager:
             if row is None:  # plan_shard only names existing keys; a concurrent writer removed it
                 raise StoreError(f"checkpoint {plan.resume_key} vanished while planning")
             resume = self.store.read_payload(row)
-        payloads = self._payloads
         return ShardJob(
             shard=sched.shard,
             config=self.config,
             spec=self.spec,
             config_digest=self.digest,
             inputs=[[inputs[m.id] for m in b] for b in sched.slices],
-            labels=[[self.class_index[payloads[m.id]["label"]] for m in b] for b in sched.slices],
+            labels=[[labels[m.id] for m in b] for b in sched.slices],
             members=[[(m.id, m.digest) for m in b] for b in sched.slices],
             set_digests=sched.set_digests,
             keys=sched.keys,
@@ -183,8 +183,8 @@ class DeletionManager:
         started = time.perf_counter()
         plans = self.plan(shards)
         todo = [p for p in plans if p.start_slice is not None]
-        inputs = self._model_inputs(todo) if todo else {}
-        jobs = [self._job(p, inputs) for p in todo]
+        inputs, labels = self._model_inputs(todo) if todo else ({}, {})
+        jobs = [self._job(p, inputs, labels) for p in todo]
         report = SyncReport()
 
         def store_result(result: ShardResult) -> None:
