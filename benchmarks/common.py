@@ -38,7 +38,7 @@ class Mode:
     stream_rows: int  # rows for the deletion streams and placement
     grid_shards: tuple[int, ...]
     grid_slices: tuple[int, ...]
-    deletions_per_cell: int  # single deletions averaged per (S, R)
+    deletion_rounds: int  # single deletions per (S, R): this many from every slice index
     stream_length: int  # deletions per stream
     batch_sizes: tuple[int, ...]  # K for batched against one-at-a-time
     text_train: int | None  # Rotten Tomatoes training records for `head` (None: all)
@@ -48,9 +48,9 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", 200_000, 50_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 10, 100,
+    "full": Mode("full", 200_000, 50_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 1, 100,
                  (1, 2, 4, 8, 16, 32, 64), None, 1500, (1, 2, 4), (1, 2, 4, 8, 16)),
-    "quick": Mode("quick", 20_000, 10_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 4, 100,
+    "quick": Mode("quick", 20_000, 10_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 2, 100,
                   (1, 2, 4, 8, 16, 32, 64), 1000, 160, (1, 2), (1, 2, 4, 8, 16)),
     # For the smoke test: every code path, seconds of work, numbers meaningless.
     "tiny": Mode("tiny", 1_200, 600, (1, 2), (1, 2), 1, 4, (1, 2), 0, 0, (1,), (1, 2)),

@@ -305,6 +305,7 @@ class Sisa:
             "deletion_requests": len(self.store.deletions()),
             "pending_deletions": [d["request_id"] for d in pending],
             "checkpoints": len(self.store.checkpoints()),
+            "embeddings_cached": self.store.embedding_count(),
             "shards": shards,
         }
 

@@ -153,6 +153,8 @@ def test_text_backend_end_to_end(tmp_path, tiny_model):
                           "--model", tiny_model, "--hidden-sizes", "", "--shards", "2", "--slices",
                           "2", "--epochs", "1", "--no-progress", "--json"))
     assert trained["records"] == 40
+    status = as_json(run("status", "--store", str(store), "--json"))
+    assert status["embeddings_cached"] == len({r["text"] for r in make_text_rows(40)})
     receipt = as_json(run("forget", "--store", str(store), "t003", "--json", "--no-progress"))
     assert receipt["record_ids"] == ["t003"]
     assert as_json(run("audit", "--store", str(store), "--json"))["ok"]

@@ -89,3 +89,13 @@ def test_deletion_aware_placement_separates_likely_records(record_ids, s, r, see
         dedicated = place(i, None, seed=seed, shards=s, slices=r, likely=likely,
                           strategy="dedicated_shards", dedicated_shards=1)
         assert (dedicated.shard == s - 1) if likely else (dedicated.shard < s - 1)
+
+
+@given(st.lists(st.tuples(ids, st.integers(0, 3)), max_size=40, unique_by=lambda t: t[0]))
+def test_schedule_digests_equal_the_digest_of_each_cumulative_set(pairs):
+    from sisa.schedule import record_set_digest
+
+    members = [Member(i, f"d{i}", s, i) for i, s in pairs]
+    sched = shard_schedule("cfg", 0, members, 4)
+    for k in range(4):
+        assert sched.set_digests[k] == record_set_digest([m for m in members if m.slice <= k])
