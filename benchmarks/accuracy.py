@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SYN_SPEC, Mode, mlp_config, synthetic_rows
+from benchmarks.common import SYN_SPEC, Mode, mlp_config, save_figure, synthetic_rows
 from sisa.api import Sisa, resolve_source
 from sisa.config import ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
 from sisa.demo import _subsample
@@ -87,8 +87,4 @@ def plot(result: dict[str, Any], out: Path) -> Path:
         ax.set(xscale="log", xlabel="shards S", ylabel="held-out accuracy",
                title=f"{curve['data']} ({curve['records']} train)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "accuracy.png")

@@ -112,6 +112,17 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def save_figure(fig: Any, out: Path, name: str) -> Path:
+    """Write a matplotlib figure as `out/name` and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))

@@ -7,7 +7,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SYN_SPEC, Mode, mlp_config, plain_torch_loop, synthetic_rows, timer
+from benchmarks.common import (
+    SYN_SPEC,
+    Mode,
+    mlp_config,
+    plain_torch_loop,
+    save_figure,
+    synthetic_rows,
+    timer,
+)
 from sisa.api import Sisa
 
 # The suite's small MLP (bookkeeping per record weighs against ~3 us of compute per record and
@@ -58,8 +66,4 @@ def plot(result: dict[str, Any], out: Path) -> Path:
         ax.barh(names, values)
         ax.set(xlabel="seconds", title=f"{m['model']}: S=1, R=1 vs plain torch "
                                        f"({m['rows']} rows, {m['optimizer_steps']} steps)")
-    fig.tight_layout()
-    path = out / "overhead.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "overhead.png")

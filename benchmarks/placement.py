@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import NO_GROUP_SPEC, Mode, mlp_config, synthetic_rows
-from benchmarks.streams import SHARDS, SLICES, draw_stream, run_stream
+from benchmarks.common import NO_GROUP_SPEC, Mode, mlp_config, save_figure, synthetic_rows
+from benchmarks.streams import SHARDS, SLICES, draw_stream, plot_curves, run_stream
 
 STRATEGIES = [("uniform", {}), ("late_slices", {"late_slices": 1}),
               ("dedicated_shards", {"dedicated_shards": 1})]
@@ -43,16 +43,6 @@ def plot(result: dict[str, Any], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for r in result["results"]:
-        xs = [p["deletions"] for p in r["points"]]
-        axes[0].plot(xs, [p["samples"] / r["train_samples"] for p in r["points"]], label=r["placement"])
-        axes[1].plot(xs, [p["accuracy"] for p in r["points"]], label=r["placement"])
-    axes[0].set(xlabel="deletions (drawn from the prior)", ylabel="cumulative retrain / full training",
-                title="deletion-aware placement: cost")
-    axes[1].set(xlabel="deletions", ylabel="held-out accuracy", title="accuracy")
-    axes[0].legend()
-    fig.tight_layout()
-    path = out / "placement.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    plot_curves(axes[0], axes[1], [(r["placement"], r) for r in result["results"]],
+                "deletion-aware placement: cost of a prior-drawn stream")
+    return save_figure(fig, out, "placement.png")

@@ -13,7 +13,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SYN_SPEC, Mode, expected_speedup, mlp_config, synthetic_rows, timer
+from benchmarks.common import (
+    SYN_SPEC,
+    Mode,
+    expected_speedup,
+    mlp_config,
+    save_figure,
+    synthetic_rows,
+    timer,
+)
 from sisa.api import Sisa
 
 
@@ -85,8 +93,4 @@ def plot(result: dict[str, Any], out: Path) -> Path:
                 title=f"against retraining the ensemble ({result['rows']} rows)")
     for ax in axes:
         ax.legend()
-    fig.tight_layout()
-    path = out / "retrain_cost.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "retrain_cost.png")

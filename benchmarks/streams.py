@@ -19,6 +19,7 @@ from benchmarks.common import (
     Mode,
     expected_shards_hit,
     mlp_config,
+    save_figure,
     synthetic_rows,
     timer,
 )
@@ -126,6 +127,19 @@ def run(mode: Mode, work: Path) -> dict[str, Any]:
             "batches": batches(mode, work, rows), "streams": streams}
 
 
+def plot_curves(cost_ax: Any, accuracy_ax: Any, series: list[tuple[str, dict[str, Any]]],
+                title: str) -> None:
+    """Cumulative retrain cost (in full trainings) and accuracy after each deletion request."""
+    for label, stream in series:
+        xs = [p["deletions"] for p in stream["points"]]
+        cost_ax.plot(xs, [p["samples"] / stream["train_samples"] for p in stream["points"]],
+                     label=label)
+        accuracy_ax.plot(xs, [p["accuracy"] for p in stream["points"]], label=label)
+    cost_ax.set(xlabel="deletion requests", ylabel="cumulative retrain / full training", title=title)
+    accuracy_ax.set(xlabel="deletion requests", ylabel="held-out accuracy", title="accuracy")
+    cost_ax.legend()
+
+
 def plot(result: dict[str, Any], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -143,17 +157,6 @@ def plot(result: dict[str, Any], out: Path) -> Path:
                 title=f"batched vs one at a time (S={result['shards']}, R={result['slices']})")
     axes[0].legend(loc="upper left")
     twin.legend(loc="lower right")
-    for stream in result["streams"]:
-        xs = [p["deletions"] for p in stream["points"]]
-        axes[1].plot(xs, [p["samples"] / stream["train_samples"] for p in stream["points"]],
-                     label=stream["name"])
-        axes[2].plot(xs, [p["accuracy"] for p in stream["points"]], label=stream["name"])
-    axes[1].set(xlabel="deletion requests", ylabel="cumulative retrain / full training",
-                title="cumulative retrain cost")
-    axes[2].set(xlabel="deletion requests", ylabel="held-out accuracy", title="accuracy")
-    axes[1].legend()
-    fig.tight_layout()
-    path = out / "streams.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    plot_curves(axes[1], axes[2], [(s["name"], s) for s in result["streams"]],
+                "cumulative retrain cost")
+    return save_figure(fig, out, "streams.png")
