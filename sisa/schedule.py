@@ -39,10 +39,15 @@ def by_slice(members: Sequence[Member], slices: int) -> list[list[Member]]:
     return out
 
 
+def _digest_line(record_id: str, digest: str) -> bytes:
+    # Length-prefixed, so no two different record sets feed the same bytes.
+    return f"{len(record_id)}:{record_id}:{digest};".encode()
+
+
 def record_set_digest(members: Sequence[Member]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for record_id, digest in sorted((m.id, m.digest) for m in members):
-        h.update(f"{len(record_id)}:{record_id}:{digest};".encode())
+        h.update(_digest_line(record_id, digest))
     return h.hexdigest()
 
 
@@ -67,10 +72,6 @@ class ShardSchedule:
             counts.append(total)
         return counts
 
-    @property
-    def size(self) -> int:
-        return sum(len(b) for b in self.slices)
-
 
 def shard_schedule(
     config_digest: str, shard: int, members: Sequence[Member], slices: int
@@ -82,7 +83,7 @@ def shard_schedule(
     set_digests, keys = [], []
     for k in range(slices):
         h = hashlib.blake2b(digest_size=16)
-        h.update(b"".join(f"{len(i)}:{i}:{d};".encode() for (i, d), s in lines if s <= k))
+        h.update(b"".join(_digest_line(i, d) for (i, d), s in lines if s <= k))
         set_digests.append(h.hexdigest())
         keys.append(checkpoint_key(config_digest, shard, k, set_digests[-1]))
     return ShardSchedule(shard=shard, slices=buckets, set_digests=set_digests, keys=keys)
