@@ -133,16 +133,12 @@ def plain_torch_loop(sisa: Sisa) -> tuple[float, int]:
     config = sisa.config
     t, p = config.training, config.partition
     schedules = sisa.manager.schedules(range(p.shards))
-    payloads = {}
-    for shard in range(p.shards):
-        payloads.update(sisa.store.live_payloads(shard))
-    index = {c: i for i, c in enumerate(sisa.classes)}
+    shard_data = sisa.manager.data.get(range(p.shards))
     # Data preparation is outside the timed region, as it is for a hand-written loop.
     data = []
     for shard, sched in schedules.items():
-        ordered = [m for bucket in sched.slices for m in bucket]
-        x = torch.tensor([payloads[m.id]["input"] for m in ordered], dtype=torch.float32)
-        y = torch.tensor([index[payloads[m.id]["label"]] for m in ordered])
+        x = torch.tensor(shard_data[shard].inputs, dtype=torch.float32)
+        y = torch.as_tensor(shard_data[shard].labels)
         data.append((shard, x, y, sched.cumulative_counts()))
     torch.set_num_threads(t.torch_threads)
     steps = 0

@@ -5,6 +5,8 @@ Append a migration to change the schema; never edit one that has shipped.
 
 from __future__ import annotations
 
+import sqlite3
+
 from sqlite_utils import Database
 
 MIGRATIONS: list[str] = [
@@ -66,6 +68,20 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model, input_digest)
     );
     """,
+    # 3: numeric inputs as binary (parsing JSON floats dominated retraining small models), and a
+    # counter of record changes that lets a process keep shard data in memory between requests.
+    # Updates and deletes bump it by trigger, however they are made; inserts (a trigger per row
+    # tripled their cost) bump it once per batch, in ShardStore.insert_records.
+    """
+    ALTER TABLE records ADD COLUMN features BLOB;   -- little-endian float64, NULL once deleted
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('records_version', '0');
+    CREATE TRIGGER records_updated AFTER UPDATE ON records BEGIN
+        UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'records_version';
+    END;
+    CREATE TRIGGER records_deleted AFTER DELETE ON records BEGIN
+        UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'records_version';
+    END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -75,16 +91,24 @@ def current_version(db: Database) -> int:
     return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(db: Database) -> int:
-    """Apply the migrations this database has not seen; returns the resulting version.
+def statements(script: str) -> list[str]:
+    """The complete SQL statements of a script (a trigger body's ";" does not end one)."""
+    out, buffer = [], ""
+    for piece in script.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n;"):
+                out.append(buffer.strip())
+            buffer = ""
+    return out
 
-    Statements are split on ";", so comments in a migration must not contain one.
-    """
+
+def migrate(db: Database) -> int:
+    """Apply the migrations this database has not seen; returns the resulting version."""
     version = current_version(db)
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         with db.atomic():
-            for statement in script.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in statements(script):
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {number}")
     return current_version(db)

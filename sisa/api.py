@@ -20,7 +20,7 @@ from sisa.ensemble import Ensemble
 from sisa.errors import CheckpointError, ConfigError, RecordError, StoreError
 from sisa.features import EmbeddingCache
 from sisa.partition import place
-from sisa.records import Record, load_rows, records_from_rows
+from sisa.records import Record, load_rows, paused_gc, records_from_rows
 from sisa.training import get_backend
 from sisa.training.protocol import ModelSpec
 from sisa.unlearning import DeletionManager, DeletionReceipt, Progress, SyncReport
@@ -52,16 +52,17 @@ def _placed_rows(records: Sequence[Record], config: SisaConfig,
     rows = []
     group_shard: dict[str, int] = dict(known_groups or {})
     straddling: set[str] = set()
-    for r in records:
-        likely = r.prior is not None and r.prior >= p.prior_threshold
-        where = place(r.id, r.group, seed=p.seed, shards=p.shards, slices=p.slices, likely=likely,
-                      strategy=p.placement, late_slices=p.late_slices,
-                      dedicated_shards=p.dedicated_shards)
-        if r.group is not None and group_shard.setdefault(r.group, where.shard) != where.shard:
-            straddling.add(r.group)
-        rows.append({"id": r.id, "group_id": r.group, "digest": r.digest, "shard": where.shard,
-                     "slice": where.slice, "order_key": where.order, "payload": r.payload(),
-                     "input_digest": r.input_digest})
+    with paused_gc():
+        for r in records:
+            likely = r.prior is not None and r.prior >= p.prior_threshold
+            where = place(r.id, r.group, seed=p.seed, shards=p.shards, slices=p.slices,
+                          likely=likely, strategy=p.placement, late_slices=p.late_slices,
+                          dedicated_shards=p.dedicated_shards)
+            if r.group is not None and group_shard.setdefault(r.group, where.shard) != where.shard:
+                straddling.add(r.group)
+            rows.append({"id": r.id, "group_id": r.group, "digest": r.digest, "shard": where.shard,
+                         "slice": where.slice, "order_key": where.order, "payload": r.payload(),
+                         "features": r.features, "input_digest": r.input_digest})
     if straddling:
         raise RecordError(
             "with dedicated_shards placement every record of a group needs the same prior side of "
@@ -86,8 +87,11 @@ class Sisa:
         encoder = self.backend.encoder()
         self.features = EmbeddingCache(store, encoder, progress) if encoder is not None else None
         transform = self.features.vectors if self.features is not None else None
-        self.manager = DeletionManager(store, config, self.model_spec, self.classes, progress,
-                                       transform=transform, fingerprint=self.backend.fingerprint())
+        spec = self.data_spec
+        self.manager = DeletionManager(
+            store, config, self.model_spec, self.classes, progress, transform=transform,
+            fingerprint=self.backend.fingerprint(),
+            feature_dim=len(spec.feature_columns) if spec.kind == "features" else None)
         self._ensemble: Ensemble | None = None
         self.recovered: list[DeletionReceipt] = []  # receipts of deletions finished on open
 
@@ -140,7 +144,8 @@ class Sisa:
             store.set_meta("model_spec", dataclasses.asdict(model_spec))
         sisa = cls(store, config, progress)
         with store.writer():
-            store.insert_records(placed)
+            versions = store.insert_records(placed)
+            sisa.manager.records_added(versions, placed, records, whole_store=True)
             report = sisa.manager.sync(range(config.partition.shards), description="training shards")
         return sisa, report
 
@@ -203,7 +208,8 @@ class Sisa:
         placed = _placed_rows(records, self.config, self.store.group_shards(groups))
         self._ensemble = None
         with self.store.writer():
-            self.store.insert_records(placed)
+            versions = self.store.insert_records(placed)
+            self.manager.records_added(versions, placed, records, whole_store=False)
             shards = sorted({r["shard"] for r in placed})
             return self.manager.sync(shards, description="retraining shards")
 
@@ -312,6 +318,7 @@ class Sisa:
     def audit(self) -> dict[str, Any]:
         """Verify every checkpoint's sha256; no checkpoint may hold a deleted record, and every
         live checkpoint must match its shard's current records."""
+        self.manager.data.clear()  # check against what the store holds, not what was loaded
         deleted = self.store.deleted_ids()
         live = self.store.live()
         live_keys = {row.key: s for s, row in live.items()}
@@ -324,20 +331,34 @@ class Sisa:
                                "path": str(self.store.root / row.path), "problem": problem})
 
         checked = 0
-        for row in self.store.checkpoints():
+        rows = self.store.checkpoints()
+        parents: dict[str, str | None] = {}
+        for row in rows:
             checked += 1
             try:
                 _, manifest = read_checkpoint_bytes(self.store.root / row.path, row.sha256)
             except CheckpointError as exc:
                 flag(row, str(exc))
                 continue
-            held = {rid for rid, _ in manifest.get("records", [])} & deleted
+            parents[row.key] = manifest.get("parent")
+            # Format 1 listed [id, digest] pairs of slices 0..k; format 2 the ids slice k added.
+            held = {r[0] if isinstance(r, list) else r for r in manifest.get("records", [])} & deleted
             if held:
                 flag(row, f"holds {len(held)} deleted record(s), e.g. {sorted(held)[:3]}")
             if manifest.get("key") != row.key:
                 flag(row, f"manifest key {manifest.get('key')!r} differs from the recorded key")
             if row.key in live_keys and expected.get(row.shard) != row.key:
                 flag(row, "live checkpoint does not match the shard's current records")
+        # A checkpoint lists only the records its own slice added: the rest are in its parents,
+        # which must all be present (and were checked above).
+        known = {row.key for row in rows}
+        for row in live.values():
+            key: str | None = row.key
+            while key is not None and key in parents:
+                key = parents[key]
+                if key is not None and key not in known:
+                    flag(row, f"parent checkpoint {key} is missing: the records it trained on "
+                              "cannot be accounted for")
         for s in range(self.config.partition.shards):
             if s not in live:
                 violations.append({"shard": s, "slice": None, "key": None, "path": None,

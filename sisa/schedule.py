@@ -1,8 +1,10 @@
 """Stage 3 of the pipeline: pure slice schedules and checkpoint keys of one shard.
 
 Slice k of a shard trains on slices 0..k (cumulative, as in SISA). The key of checkpoint k is a
-digest of (config digest, shard, k, the sorted ids and content digests of every record in slices
-0..k): a checkpoint is reusable exactly when its inputs are unchanged.
+digest of (config digest, shard, k, the ids and content digests of every record in slices 0..k, in
+training order): a checkpoint is reusable exactly when its inputs are unchanged. Training order is a
+function of the records alone (slice, order key, id), so each key is a prefix digest: one pass over
+the shard yields every slice's key.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+
+KEY_VERSION = "sisa-checkpoint/v2"  # v2: set digests in training order (v1 sorted by id)
 
 
 class Member(NamedTuple):
@@ -29,30 +33,25 @@ def derive_seed(seed: int, *parts: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
 
 
-def by_slice(members: Sequence[Member], slices: int) -> list[list[Member]]:
-    """Members of each slice, in training order (by order key, then id)."""
-    out: list[list[Member]] = [[] for _ in range(slices)]
-    for m in members:
-        out[m.slice].append(m)
-    for bucket in out:
-        bucket.sort(key=lambda m: (m.order, m.id))
-    return out
+def training_order(m: Member) -> tuple[int, str, str]:
+    """Slice, then order key, then id: the order a shard trains its records in."""
+    return m.slice, m.order, m.id
 
 
-def _digest_line(record_id: str, digest: str) -> bytes:
+def digest_line(member: Member) -> bytes:
     # Length-prefixed, so no two different record sets feed the same bytes.
-    return f"{len(record_id)}:{record_id}:{digest};".encode()
+    return f"{len(member.id)}:{member.id}:{member.digest};".encode()
 
 
 def record_set_digest(members: Sequence[Member]) -> str:
+    """Digest of a record set: its members' lines, in training order."""
     h = hashlib.blake2b(digest_size=16)
-    for record_id, digest in sorted((m.id, m.digest) for m in members):
-        h.update(_digest_line(record_id, digest))
+    h.update(b"".join(digest_line(m) for m in sorted(members, key=training_order)))
     return h.hexdigest()
 
 
 def checkpoint_key(config_digest: str, shard: int, slice_: int, set_digest: str) -> str:
-    text = f"sisa-checkpoint/v1/{config_digest}/{shard}/{slice_}/{set_digest}"
+    text = f"{KEY_VERSION}/{config_digest}/{shard}/{slice_}/{set_digest}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -61,29 +60,50 @@ class ShardSchedule:
     """What every slice checkpoint of one shard is trained on, and its key."""
 
     shard: int
-    slices: list[list[Member]]  # members of slice k, in training order
+    members: list[Member]  # every live record, in training order
+    sizes: list[int]  # records in slice k
     set_digests: list[str]  # record-set digest of slices 0..k
     keys: list[str]  # checkpoint key of slice k
 
     def cumulative_counts(self) -> list[int]:
         counts, total = [], 0
-        for bucket in self.slices:
-            total += len(bucket)
+        for n in self.sizes:
+            total += n
             counts.append(total)
         return counts
 
+    @property
+    def slices(self) -> list[list[Member]]:
+        """Members of each slice, in training order."""
+        out, start = [], 0
+        for n in self.sizes:
+            out.append(self.members[start:start + n])
+            start += n
+        return out
+
 
 def shard_schedule(
-    config_digest: str, shard: int, members: Sequence[Member], slices: int
+    config_digest: str,
+    shard: int,
+    members: Sequence[Member],
+    slices: int,
+    lines: Sequence[bytes] | None = None,
 ) -> ShardSchedule:
-    buckets = by_slice(members, slices)
-    # Each record's line of the digest, sorted once; slice k's digest hashes the lines of slices
-    # 0..k in one call (the same bytes record_set_digest would feed, without R sorts).
-    lines = sorted(((m.id, m.digest), m.slice) for m in members)
-    set_digests, keys = [], []
-    for k in range(slices):
-        h = hashlib.blake2b(digest_size=16)
-        h.update(b"".join(_digest_line(i, d) for (i, d), s in lines if s <= k))
-        set_digests.append(h.hexdigest())
+    """The schedule of one shard's members. With `lines` (each member's digest line, as shard
+    data keeps them) the members must already be in training order; without, they are sorted."""
+    if lines is None:
+        ordered = sorted(members, key=training_order)
+        lines = [digest_line(m) for m in ordered]
+    else:
+        ordered = list(members)
+    sizes = [0] * slices
+    for m in ordered:
+        sizes[m.slice] += 1
+    h = hashlib.blake2b(digest_size=16)
+    set_digests, keys, start = [], [], 0
+    for k, n in enumerate(sizes):
+        h.update(b"".join(lines[start:start + n]))
+        start += n
+        set_digests.append(h.copy().hexdigest())
         keys.append(checkpoint_key(config_digest, shard, k, set_digests[-1]))
-    return ShardSchedule(shard=shard, slices=buckets, set_digests=set_digests, keys=keys)
+    return ShardSchedule(shard=shard, members=ordered, sizes=sizes, set_digests=set_digests, keys=keys)

@@ -20,7 +20,9 @@ from shard_store.store import ShardStore
 from sisa.config import SisaConfig
 from sisa.errors import RecordError, StoreError, UnknownRecordError
 from sisa.execution import run_jobs
+from sisa.records import Record
 from sisa.schedule import Member, ShardSchedule, shard_schedule
+from sisa.shard_data import ShardCache, from_records
 from sisa.training.protocol import ModelSpec
 from sisa.training.shard_trainer import ShardJob, ShardResult
 
@@ -110,11 +112,14 @@ class DeletionManager:
         progress: Progress | None = None,
         transform: Callable[[list[Any]], Any] | None = None,
         fingerprint: str = "",
+        feature_dim: int | None = None,
     ) -> None:
+        """`feature_dim`: the width of numeric record inputs (None for texts)."""
         self.store = store
         self.config = config
         self.spec = spec
         self.class_index = {c: i for i, c in enumerate(classes)}
+        self.data = ShardCache(store, self.class_index, feature_dim)
         # Checkpoint keys cover the config and any base model the weights depend on.
         self.digest = config.digest() if not fingerprint else hashlib.blake2b(
             f"{config.digest()}/{fingerprint}".encode(), digest_size=16).hexdigest()
@@ -124,32 +129,34 @@ class DeletionManager:
     # -- planning --------------------------------------------------------------------------------
 
     def schedules(self, shards: Iterable[int]) -> dict[int, ShardSchedule]:
-        wanted = sorted(set(shards))
-        # Only the affected shards' placements (no payloads): a deletion never scans the store.
-        members = {s: [Member(*row) for row in self.store.live_placements(s)] for s in wanted}
+        data = self.data.get(sorted(set(shards)))
         slices = self.config.partition.slices
-        return {s: shard_schedule(self.digest, s, members[s], slices) for s in wanted}
+        return {s: shard_schedule(self.digest, s, d.members, slices, d.lines) for s, d in data.items()}
+
+    def records_added(self, versions: tuple[int, int], placed: Sequence[dict[str, Any]],
+                      records: Sequence[Record], whole_store: bool) -> None:
+        """Records were just inserted (`placed` rows of `records`, changing the store between
+        `versions`). When they are the whole store, keep them as its shard data: training
+        need not read back what it just wrote."""
+        shards = sorted({row["shard"] for row in placed})
+        complete = {}
+        if whole_store:
+            by_shard: dict[int, list[tuple[Member, Record]]] = {
+                s: [] for s in range(self.config.partition.shards)}
+            for row, record in zip(placed, records, strict=True):
+                member = Member(row["id"], row["digest"], row["slice"], row["order_key"])
+                by_shard[row["shard"]].append((member, record))
+            complete = {s: from_records(s, items, self.class_index, self.data.input_dim)
+                        for s, items in by_shard.items()}
+        self.data.added(*versions, shards, complete)
 
     def plan(self, shards: Iterable[int]) -> list[ShardPlan]:
         existing = {c.key for c in self.store.checkpoints()}
         return [plan_shard(sched, existing) for sched in self.schedules(shards).values()]
 
-    def _model_inputs(self, plans: Sequence[ShardPlan]) -> tuple[dict[str, Any], dict[str, int]]:
-        """Model inputs (through `transform` if set) and class indices of every record the plans
-        train on."""
-        payloads: dict[str, dict[str, Any]] = {}
-        for p in plans:
-            payloads.update(self.store.live_payloads(p.shard))
-        ids = [m.id for p in plans for bucket in p.schedule.slices for m in bucket]
-        labels = {i: self.class_index[payloads[i]["label"]] for i in ids}
-        raw = [_as_input(payloads[i]["input"]) for i in ids]
-        if self.transform is None:
-            return dict(zip(ids, raw, strict=True)), labels
-        vectors = self.transform(raw)
-        return {i: vectors[n] for n, i in enumerate(ids)}, labels
-
-    def _job(self, plan: ShardPlan, inputs: dict[str, Any], labels: dict[str, int]) -> ShardJob:
+    def _job(self, plan: ShardPlan) -> ShardJob:
         sched = plan.schedule
+        data = self.data.get([sched.shard])[sched.shard]
         resume = None
         if plan.resume_key is not None:
             row = self.store.checkpoint(plan.resume_key)
@@ -161,9 +168,10 @@ class DeletionManager:
             config=self.config,
             spec=self.spec,
             config_digest=self.digest,
-            inputs=[[inputs[m.id] for m in b] for b in sched.slices],
-            labels=[[labels[m.id] for m in b] for b in sched.slices],
-            members=[[(m.id, m.digest) for m in b] for b in sched.slices],
+            inputs=data.prepared(self.transform),
+            labels=data.labels,
+            members=sched.members,
+            sizes=sched.sizes,
             set_digests=sched.set_digests,
             keys=sched.keys,
             start_slice=plan.start_slice or 0,
@@ -183,15 +191,13 @@ class DeletionManager:
         started = time.perf_counter()
         plans = self.plan(shards)
         todo = [p for p in plans if p.start_slice is not None]
-        inputs, labels = self._model_inputs(todo) if todo else ({}, {})
-        jobs = [self._job(p, inputs, labels) for p in todo]
+        jobs = [self._job(p) for p in todo]
         report = SyncReport()
 
         def store_result(result: ShardResult) -> None:
             # Persist each shard's checkpoints as soon as it finishes: a crash loses little work.
             for payload in result.checkpoints:
-                count = len(payload.manifest["records"])
-                self.store.add_checkpoint(payload, count)
+                self.store.add_checkpoint(payload, payload.manifest["record_count"])
                 report.checkpoints_written += 1
 
         callback = store_result
@@ -242,7 +248,8 @@ class DeletionManager:
                                    affected_shards=[], samples_retrained=0, seconds=0.0,
                                    checkpoints_changed={}, checkpoints_unchanged={})
         shards = sorted({rows[i].shard for i in fresh})
-        self.store.record_deletion(request_id, fresh, shards)  # acknowledged from here on
+        versions = self.store.record_deletion(request_id, fresh, shards)  # acknowledged from here on
+        self.data.removed(fresh, shards, *versions)
         return self._apply(request_id, fresh, shards, already, recovered=False)
 
     def _apply(
@@ -296,7 +303,3 @@ class DeletionManager:
                 set(self.store.live()) != set(all_shards):
             self.sync(all_shards, description="recovering shards")
         return receipts
-
-
-def _as_input(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value

@@ -51,7 +51,7 @@ def test_ray_error_names_the_shard_with_the_original_traceback(tmp_path, rows, c
 
     sched = shard_schedule("d", 2, [], 1)
     job = ShardJob(shard=2, config=bad, spec=ModelSpec(num_classes=2, input_dim=4),
-                   config_digest="d", inputs=[[]], labels=[[]], members=[[]],
+                   config_digest="d", inputs=[], labels=[], members=[], sizes=sched.sizes,
                    set_digests=sched.set_digests, keys=sched.keys, start_slice=0)
     with pytest.raises(ShardTrainingError) as info:
         run_jobs([job], bad.execution)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -20,11 +22,11 @@ from safetensors.torch import save as save_safetensors
 from shard_store.checkpoints import CheckpointPayload
 from sisa.config import SisaConfig
 from sisa.errors import CheckpointError
-from sisa.schedule import derive_seed
+from sisa.schedule import Member, derive_seed
 from sisa.training import get_backend
 from sisa.training.protocol import ModelSpec, ShardModel
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: "records" lists the ids slice k added; "parent" and "record_count"
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,10 @@ class ShardJob:
     config: SisaConfig
     spec: ModelSpec
     config_digest: str
-    inputs: list[list[Any]]  # per slice, in training order (texts, features or embeddings)
-    labels: list[list[int]]  # per slice, class indices
-    members: list[list[tuple[str, str]]]  # per slice, (record id, content digest)
+    inputs: Any  # every record, in training order: an (n, d) array (features, embeddings) or texts
+    labels: np.ndarray  # class indices, in training order
+    members: Sequence[Member]  # id and content digest of every record, in training order
+    sizes: list[int]  # records in slice k (slice k trains on the first sum(sizes[:k+1]))
     set_digests: list[str]  # record-set digest of slices 0..k
     keys: list[str]  # checkpoint key of slice k
     start_slice: int
@@ -47,8 +50,7 @@ class ShardJob:
     def samples_to_train(self) -> int:
         """Examples processed: cumulative slice sizes times epochs, over the slices to train."""
         epochs = self.config.training.epochs_per_slice
-        sizes = [len(s) for s in self.inputs]
-        return sum(sum(sizes[: k + 1]) * epochs for k in range(self.start_slice, len(sizes)))
+        return sum(sum(self.sizes[: k + 1]) * epochs for k in range(self.start_slice, len(self.sizes)))
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def load_model(config: SisaConfig, spec: ModelSpec, payload: CheckpointPayload,
 
 def _payload(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int) -> CheckpointPayload:
     tensors, meta = model.state()
-    members = sorted(m for bucket in job.members[: slice_ + 1] for m in bucket)
+    start = sum(job.sizes[:slice_])
+    end = start + job.sizes[slice_]
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "backend": job.config.training.backend,
@@ -109,8 +112,13 @@ def _payload(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int) -
         "shard": job.shard,
         "slice": slice_,
         "key": job.keys[slice_],
+        # Slice k trains on slices 0..k: this checkpoint lists the records slice k added, and
+        # names its parent (slice k-1), whose manifest lists the rest. The record-set digest
+        # covers them all, and the parent chain of every live checkpoint stays in the store.
+        "parent": job.keys[slice_ - 1] if slice_ > 0 else None,
         "record_set_digest": job.set_digests[slice_],
-        "records": [list(m) for m in members],
+        "record_count": end,
+        "records": [m.id for m in job.members[start:end]],
         "samples_seen": samples_seen,
         "state": meta,
         # The global RNG state is the tensor "rng.torch_cpu" in the weights file; every later draw
@@ -143,17 +151,17 @@ def train_shard(job: ShardJob) -> ShardResult:
         model = backend.create(init_seed(seed, job.shard), device)
         samples_seen = 0
 
-    all_inputs = backend.prepare([x for bucket in job.inputs for x in bucket])
-    all_labels = torch.tensor([y for bucket in job.labels for y in bucket], dtype=torch.long)
+    all_inputs = backend.prepare(job.inputs)
+    all_labels = torch.as_tensor(np.asarray(job.labels, dtype=np.int64))
     cumulative = 0
     sizes = []
-    for bucket in job.inputs:
-        cumulative += len(bucket)
+    for n in job.sizes:
+        cumulative += n
         sizes.append(cumulative)
 
     checkpoints: list[CheckpointPayload] = []
     samples = 0
-    for k in range(job.start_slice, len(job.inputs)):
+    for k in range(job.start_slice, len(job.sizes)):
         n = sizes[k]
         for epoch in range(training.epochs_per_slice):
             epoch_seed = derive_seed(seed, job.shard, k, epoch)
