@@ -213,6 +213,18 @@ class Sisa:
             shards = sorted({r["shard"] for r in placed})
             return self.manager.sync(shards, description="retraining shards")
 
+    def repair(self, shards: Sequence[int] | None = None, from_scratch: bool = False) -> SyncReport:
+        """Retrain shards (default: all) from their first missing or damaged checkpoint, or from
+        scratch; the result is bit-identical to what the store held before the damage."""
+        count = self.config.partition.shards
+        wanted = list(range(count)) if shards is None else list(shards)
+        bad = [s for s in wanted if not 0 <= s < count]
+        if bad:
+            raise ConfigError(f"no shard(s) {bad} in this store: it has shards 0..{count - 1}")
+        self._ensemble = None
+        with self.store.writer():
+            return self.manager.repair(wanted, from_scratch)
+
     def recover(self) -> list[DeletionReceipt]:
         """Finish deletions and additions a crash interrupted; returns the deletions' receipts."""
         self._ensemble = None

@@ -358,6 +358,30 @@ def recover(
 
 
 @app.command()
+def repair(
+    store: Store,
+    shard: Annotated[list[int] | None, typer.Option(
+        help="Shard to repair (repeat for several); default: every shard.")] = None,
+    from_scratch: Annotated[bool, typer.Option(
+        help="Retrain from slice 0 even where checkpoints are intact.")] = False,
+    executor: Executor = "local", ray_address: RayAddress = None,
+    no_progress: NoProgress = False, as_json: Json = False,
+) -> None:
+    """Retrain shards from their first missing or corrupt checkpoint (as `sisa audit` reports
+    them), resuming from the intact one before it; the result is bit-identical to the lost one.
+    Then finish any interrupted deletion, as `sisa recover` does."""
+    with _open(store, executor, ray_address, no_progress, recover=False) as sisa:
+        report = sisa.repair(shard, from_scratch=from_scratch)
+        receipts = sisa.recover()
+    payload = {"shards_retrained": [r.shard for r in report.retrained],
+               "start_slices": {str(r.shard): r.start_slice for r in report.retrained},
+               "samples": report.samples, "seconds": round(report.seconds, 3),
+               "deletions_applied": [r.to_dict() for r in receipts]}
+    _emit(as_json, payload, _kv_table("repaired", {k: v for k, v in payload.items()
+                                                   if k != "deletions_applied"}))
+
+
+@app.command()
 def demo(
     backend: Annotated[str, typer.Option(help="head (default), lora, or mlp (on digits).")] = "head",
     dataset: Annotated[str | None, typer.Option(

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shard_store import checkpoints as ckpt
 from shard_store.store import ShardStore
 from sisa.config import SisaConfig
-from sisa.errors import RecordError, StoreError, UnknownRecordError
+from sisa.errors import CheckpointError, RecordError, StoreError, UnknownRecordError
 from sisa.execution import run_jobs
 from sisa.records import Record
 from sisa.schedule import Member, ShardSchedule, shard_schedule
@@ -49,6 +49,11 @@ def plan_shard(schedule: ShardSchedule, existing_keys: set[str]) -> ShardPlan:
     reusable = [k for k, key in enumerate(schedule.keys) if key in existing_keys]
     last = max(reusable, default=-1)
     return ShardPlan(schedule, last + 1, schedule.keys[last] if last >= 0 else None)
+
+
+def plan_from(schedule: ShardSchedule, start_slice: int) -> ShardPlan:
+    """Retrain from `start_slice`, resuming from the checkpoint before it."""
+    return ShardPlan(schedule, start_slice, schedule.keys[start_slice - 1] if start_slice > 0 else None)
 
 
 def expected_retrain_fraction(slices: int, shards: int) -> float:
@@ -185,11 +190,17 @@ class DeletionManager:
         shards: Iterable[int],
         applied: Sequence[tuple[str, Callable[[SyncReport], dict[str, Any]]]] = (),
         description: str = "training shards",
+        restart: Mapping[int, int] | None = None,
     ) -> SyncReport:
         """Bring `shards` in line with their live records; mark `applied` requests in the same
-        transaction as the live swap (each receipt is built from the finished report)."""
+        transaction as the live swap (each receipt is built from the finished report).
+        `restart` retrains shard s from slice restart[s] even where its checkpoints match."""
         started = time.perf_counter()
         plans = self.plan(shards)
+        if restart:
+            plans = [plan_from(p.schedule, restart[p.shard]) if p.shard in restart and
+                     (p.start_slice is None or restart[p.shard] < p.start_slice) else p
+                     for p in plans]
         todo = [p for p in plans if p.start_slice is not None]
         jobs = [self._job(p) for p in todo]
         report = SyncReport()
@@ -290,6 +301,26 @@ class DeletionManager:
         if not ids:
             raise UnknownRecordError(f"unknown group id {group_id!r}, nothing was deleted")
         return self.forget(ids)
+
+    def repair(self, shards: Iterable[int], from_scratch: bool = False) -> SyncReport:
+        """Retrain each shard from its first missing or damaged checkpoint (from slice 0 with
+        `from_scratch`), resuming from the intact one before it."""
+        wanted = sorted(set(shards))
+        restart = {}
+        for plan in self.plan(wanted):
+            rows = {c.key: c for c in self.store.checkpoints(plan.shard)}
+            for k, key in enumerate(plan.schedule.keys):
+                if from_scratch or key not in rows or not self._intact(rows[key]):
+                    restart[plan.shard] = k
+                    break
+        return self.sync(wanted, description="repairing shards", restart=restart)
+
+    def _intact(self, row: Any) -> bool:
+        try:
+            self.store.read_payload(row)
+        except CheckpointError:
+            return False
+        return True
 
     def recover(self) -> list[DeletionReceipt]:
         """Finish what a crash interrupted: half-written checkpoints, pending deletions, additions."""
