@@ -38,13 +38,14 @@ class Mode:
     stream_rows: int  # rows for the deletion streams and placement
     grid_shards: tuple[int, ...]
     grid_slices: tuple[int, ...]
-    deletion_rounds: int  # single deletions per (S, R): this many from every slice index
+    deletion_rounds: int  # single deletions per (S, R), warm and cold each: this many per slice index
     stream_length: int  # deletions per stream
     batch_sizes: tuple[int, ...]  # K for batched against one-at-a-time
     text_train: int | None  # Rotten Tomatoes training records for `head` (None: all)
     lora_train: int | None  # Rotten Tomatoes training records for `lora` (0: skip)
     lora_shards: tuple[int, ...]
     accuracy_shards: tuple[int, ...]
+    overhead_repeats: int = 3  # paired runs of SISA S=1 R=1 and the plain loop; the median counts
 
 
 MODES = {
@@ -53,7 +54,7 @@ MODES = {
     "quick": Mode("quick", 20_000, 10_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 2, 100,
                   (1, 2, 4, 8, 16, 32, 64), 1000, 160, (1, 2), (1, 2, 4, 8, 16)),
     # For the smoke test: every code path, seconds of work, numbers meaningless.
-    "tiny": Mode("tiny", 1_200, 600, (1, 2), (1, 2), 1, 4, (1, 2), 0, 0, (1,), (1, 2)),
+    "tiny": Mode("tiny", 1_200, 600, (1, 2), (1, 2), 1, 4, (1, 2), 0, 0, (1,), (1, 2), 1),
 }
 
 

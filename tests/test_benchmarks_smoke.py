@@ -24,8 +24,9 @@ def test_tiny_run_writes_results_plots_and_summary(tmp_path):
         png = out / results[name]["plot"]
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     cell = results["retrain_cost"]["cells"][0]
-    assert {"shards", "slices", "scratch_seconds", "deletion_seconds", "deletion_samples",
-            "speedup_time", "speedup_samples", "theory", "ratio_time_to_theory",
+    assert {"shards", "slices", "scratch_seconds", "scratch_load_seconds", "deletion_seconds",
+            "deletion_seconds_cold", "deletion_samples", "speedup_time", "speedup_time_cold",
+            "speedup_samples", "theory", "ratio_time_to_theory", "ratio_time_to_theory_cold",
             "speedup_vs_monolith"} <= set(cell)
     assert len(results["retrain_cost"]["cells"]) == 4  # the tiny grid: S in {1,2}, R in {1,2}
     batch = results["streams"]["batches"][0]
@@ -40,7 +41,9 @@ def test_tiny_run_writes_results_plots_and_summary(tmp_path):
     assert [r["placement"] for r in results["placement"]["results"]] == \
         ["uniform", "late_slices", "dedicated_shards"]
     for model in results["overhead"]["models"]:
-        assert {"plain_torch_seconds", "sisa_training_seconds", "ratio_training"} <= set(model)
+        assert {"plain_torch_seconds", "sisa_training_seconds", "ratio_training", "repeats",
+                "runs"} <= set(model)
+        assert len(model["runs"]) == model["repeats"]
     summary = (out / "summary.md").read_text()
     assert "| benchmark | figure | value |" in summary and "| overhead |" in summary
     assert "| streams |" in summary and "python -m benchmarks run --tiny" in summary
