@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import accuracy, overhead, placement, retrain_cost, streams
-from benchmarks.common import MODES, machine, write_json
+from benchmarks.common import MODES, machine, warm_up, write_json
 
 BENCHMARKS = {
     "retrain_cost": retrain_cost,
@@ -100,6 +100,7 @@ def run(mode_name: str, only: list[str], out: Path, command: str) -> dict[str, A
     results: dict[str, Any] = {}
     started = time.perf_counter()
     try:
+        warm_up(work / "warm-up")  # the first training in a process pays torch's one-off costs
         for name in only:
             print(f"[{name}]", flush=True)
             bench_started = time.perf_counter()

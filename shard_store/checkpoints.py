@@ -117,8 +117,8 @@ def read_checkpoint_bytes(directory: Path, expected_sha256: str) -> tuple[bytes,
     if actual != expected_sha256:
         raise CheckpointError(
             f"checkpoint file {str(weights_path)!r} is corrupt: sha256 {actual[:16]}... "
-            f"does not match the recorded {expected_sha256[:16]}...; run `sisa audit` and retrain "
-            "the shard (`sisa repair`)"
+            f"does not match the recorded {expected_sha256[:16]}...; `sisa repair` retrains the "
+            "shard from its last intact checkpoint"
         )
     try:
         manifest = json.loads(manifest_path.read_text())

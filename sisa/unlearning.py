@@ -1,9 +1,10 @@
 """Stage 6 of the pipeline: retrain planning (pure) and the manager that executes it.
 
-Every change to the records (train, add, forget, crash recovery) ends in one mechanism, `sync`:
-compute each affected shard's slice schedule from its live records, resume from the newest checkpoint
-whose key still matches, retrain the remaining slices, and swap the live checkpoint. Deletions are
-recorded durably before any training starts, and marked applied in the same transaction as the swap.
+Every change to the records (train, add, forget, crash recovery) and every repair ends in one
+mechanism, `sync`: compute each affected shard's slice schedule from its live records, resume from
+the newest checkpoint whose key still matches (or from where a repair says), retrain the remaining
+slices, and swap the live checkpoint. Deletions are recorded durably before any training starts,
+and marked applied in the same transaction as the swap.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shard_store import checkpoints as ckpt
-from shard_store.store import ShardStore
+from shard_store.store import CheckpointRow, ShardStore
 from sisa.config import SisaConfig
 from sisa.errors import CheckpointError, RecordError, StoreError, UnknownRecordError
 from sisa.execution import run_jobs
@@ -315,7 +316,7 @@ class DeletionManager:
                     break
         return self.sync(wanted, description="repairing shards", restart=restart)
 
-    def _intact(self, row: Any) -> bool:
+    def _intact(self, row: CheckpointRow) -> bool:
         try:
             self.store.read_payload(row)
         except CheckpointError:
