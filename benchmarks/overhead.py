@@ -32,17 +32,28 @@ def _measure(name: str, rows: list[dict[str, Any]], work: Path, repeats: int) ->
     # Warm-up: imports and allocator, so neither side pays a one-off cost.
     Sisa.train(work / f"{name}-warm", rows[:2000], config, SYN_SPEC)[0].close()
     runs = []
-    for repeat in range(repeats):  # paired, back to back: the machine's drift hits both sides
+    previous: Sisa | None = None
+    for repeat in range(repeats):
+        # Paired, back to back, so the machine's drift hits both sides; which side goes first
+        # alternates, as the first run over fresh memory of a given size is the slower one.
+        plain_first = previous is not None and repeat % 2 == 1
+        if plain_first:
+            plain_seconds, steps = plain_torch_loop(previous)  # same data, same steps
         with timer() as t:
             sisa, report = Sisa.train(work / f"{name}-{repeat}", rows, config, SYN_SPEC)
-        plain_seconds, steps = plain_torch_loop(sisa)
-        sisa.close()
+        if not plain_first:
+            plain_seconds, steps = plain_torch_loop(sisa)
+        if previous is not None:
+            previous.close()
+        previous = sisa
         runs.append({
             "plain_torch_seconds": round(plain_seconds, 3),
             "sisa_end_to_end_seconds": round(t["seconds"], 3),  # + reading, validating, placing
             "sisa_training_seconds": round(report.seconds, 3),  # plan, train, checkpoint, swap
             "sisa_shard_trainer_seconds": round(sum(r.seconds for r in report.retrained), 3),
         })
+    if previous is not None:
+        previous.close()
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     ratio = {k: statistics.median(r[f"sisa_{k}_seconds"] / r["plain_torch_seconds"] for r in runs)
              for k in ("end_to_end", "training", "shard_trainer")}

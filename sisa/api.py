@@ -6,6 +6,7 @@ The CLI (and later the HTTP service) are thin shells over these methods.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,10 @@ class Sisa:
         with store.writer():
             versions = store.insert_records(placed)
             sisa.manager.records_added(versions, placed, records, whole_store=True)
+            del rows, records, placed
+            # Ingestion made and dropped millions of tracked objects: collect them once now,
+            # rather than have the cycle collector walk them again and again during training.
+            gc.collect()
             report = sisa.manager.sync(range(config.partition.shards), description="training shards")
         return sisa, report
 

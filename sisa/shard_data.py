@@ -16,7 +16,7 @@ import numpy as np
 
 from shard_store.store import ShardStore
 from sisa.errors import StoreError
-from sisa.records import Record, paused_gc
+from sisa.records import Record, pack_features, paused_gc
 from sisa.schedule import Member, digest_line, training_order
 
 Transform = Callable[[list[Any]], Any]
@@ -91,16 +91,27 @@ def from_records(shard: int, records: Sequence[tuple[Member, Record]],
     would read back: training order, float64 features, texts as they are."""
     with paused_gc():
         ordered = sorted(records, key=lambda mr: training_order(mr[0]))
-        members = [m for m, _ in ordered]
+        # Fresh copies of the ids, laid out in training order: the records' own strings lie in
+        # input order, and every later pass over the shard (keys, manifests) would read memory
+        # out of order (it made writing a 200k-id manifest four times slower).
+        members = [Member(m.id.encode().decode(), m.digest, m.slice, m.order) for m, _ in ordered]
         labels = np.fromiter((class_index[r.label] for _, r in ordered), dtype=np.int64,
                              count=len(ordered))
         inputs: np.ndarray | list[Any]
         if input_dim is not None:
-            inputs = np.asarray([r.input for _, r in ordered], dtype=np.float64).reshape(
-                len(ordered), input_dim)
+            packed = b"".join(_packed(r) for _, r in ordered)
+            inputs = np.frombuffer(packed, dtype="<f8").reshape(len(ordered), input_dim)
         else:
             inputs = [r.input for _, r in ordered]
         return ShardData(shard, members, [digest_line(m) for m in members], labels, inputs)
+
+
+def _packed(record: Record) -> bytes:
+    if record.features is not None:
+        return record.features
+    if isinstance(record.input, str):
+        raise StoreError(f"record {record.id!r} has a text input where numeric features belong")
+    return pack_features(record.input)
 
 
 def _decode(row: tuple[Any, ...]) -> Any:
