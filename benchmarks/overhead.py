@@ -22,7 +22,7 @@ from sisa.api import Sisa
 
 # The suite's small MLP (bookkeeping per record weighs against ~3 us of compute per record and
 # epoch), and a wider one whose compute per record is closer to a real model's.
-MODELS = {"mlp-64": {"hidden_sizes": (64,), "batch_size": 128},
+MODELS: dict[str, dict[str, Any]] = {"mlp-64": {"hidden_sizes": (64,), "batch_size": 128},
           "mlp-512x512": {"hidden_sizes": (512, 512), "batch_size": 64}}
 
 
@@ -37,7 +37,7 @@ def _measure(name: str, rows: list[dict[str, Any]], work: Path, repeats: int) ->
         # Paired, back to back, so the machine's drift hits both sides; which side goes first
         # alternates, as the first run over fresh memory of a given size is the slower one.
         plain_first = previous is not None and repeat % 2 == 1
-        if plain_first:
+        if previous is not None and plain_first:
             plain_seconds, steps = plain_torch_loop(previous)  # same data, same steps
         with timer() as t:
             sisa, report = Sisa.train(work / f"{name}-{repeat}", rows, config, SYN_SPEC)

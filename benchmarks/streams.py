@@ -115,7 +115,7 @@ def run(mode: Mode, work: Path) -> dict[str, Any]:
     rows = synthetic_rows(mode.stream_rows)
     test = synthetic_rows(max(200, mode.stream_rows // 5), seed=1, prefix="test")
     config = mlp_config(SHARDS, SLICES)
-    streams = []
+    streams: list[dict[str, Any]] = []
     for kind, spec, label in [("uniform", NO_GROUP_SPEC, "uniform"),
                               ("pareto", NO_GROUP_SPEC, "pareto"),
                               ("user", SYN_SPEC, "user, group placement on"),

@@ -89,7 +89,8 @@ def run(lora_limit: int | None, lora_epochs: int, out: Path) -> dict[str, Any]:
             print(runs[-1], flush=True)
             lora_stores[shards] = sisa
 
-        texts = [r[spec.text_column] for r in test[:256]]
+        column = spec.text_column or "text"  # the built-in data set names its text column
+        texts = [r[column] for r in test[:256]]
         single = _throughput(lora_stores[1], texts)
         ensemble = _throughput(lora_stores[4], texts)
         for s in lora_stores.values():
