@@ -38,7 +38,7 @@ class Mode:
     stream_rows: int  # rows for the deletion streams and placement
     grid_shards: tuple[int, ...]
     grid_slices: tuple[int, ...]
-    deletion_rounds: int  # single deletions per (S, R), warm and cold each: this many per slice index
+    deletion_rounds: int  # rounds per (S, R): a warm and a cold deletion per slice index, a scratch retrain
     stream_length: int  # deletions per stream
     batch_sizes: tuple[int, ...]  # K for batched against one-at-a-time
     text_train: int | None  # Rotten Tomatoes training records for `head` (None: all)
@@ -49,7 +49,7 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", 200_000, 50_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 3, 100,
+    "full": Mode("full", 200_000, 50_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 2, 100,
                  (1, 2, 4, 8, 16, 32, 64), None, 1500, (1, 2, 4), (1, 2, 4, 8, 16)),
     "quick": Mode("quick", 20_000, 10_000, (1, 2, 4, 8, 16), (1, 2, 4, 8), 3, 100,
                   (1, 2, 4, 8, 16, 32, 64), 1000, 160, (1, 2), (1, 2, 4, 8, 16)),
