@@ -38,9 +38,9 @@ def _victims(sisa: Sisa, shards: int, rounds: int,
     A uniform deletion starts from each slice with equal probability, so the mean over the strata
     is its expected cost, without the noise of a small sample."""
     by_slice: dict[int, list[str]] = {}
-    for shard in range(shards):
-        for record_id, _digest, slice_, _order in sisa.store.live_placements(shard):
-            by_slice.setdefault(slice_, []).append(record_id)
+    for data in sisa.manager.data.get(range(shards)).values():
+        for member in data.members:
+            by_slice.setdefault(member.slice, []).append(member.id)
     drawn = {k: rng.sample(ids, 2 * rounds) for k, ids in sorted(by_slice.items())}
     first = [[drawn[k][r] for k in drawn] for r in range(rounds)]
     second = [[drawn[k][rounds + r] for k in drawn] for r in range(rounds)]

@@ -205,12 +205,6 @@ class ShardStore:
                 found[row["group_id"]] = row["shard"]
         return found
 
-    def live_placements(self, shard: int) -> list[tuple[str, str, int, str]]:
-        """(id, content digest, slice, order key) of a shard's live records, in training order."""
-        sql = ("SELECT id, digest, slice, order_key FROM records "
-               "WHERE deleted_at IS NULL AND shard = ? ORDER BY slice, order_key, id")
-        return self.db.execute(sql, [shard]).fetchall()  # plain tuples: this is on the hot path
-
     def live_training_rows(self, shard: int) -> list[tuple[Any, ...]]:
         """A shard's live records in training order, as plain tuples (this is on the hot path):
         (id, content digest, slice, order key, label, features as float64 bytes or None, payload
