@@ -37,6 +37,11 @@ def _cell(result: dict[str, Any], shards: int, slices: int) -> dict[str, Any] | 
     return None
 
 
+def _cost_and_accuracy(samples: int, train_samples: int, before: float, after: float) -> str:
+    """A stream's retrain cost in full trainings, and accuracy before -> after."""
+    return f"{samples / train_samples:.2f}; {before:.4f} -> {after:.4f}"
+
+
 def summary(results: dict[str, Any]) -> str:
     """The markdown summary table of a run."""
     meta = results["meta"]
@@ -66,8 +71,8 @@ def summary(results: dict[str, Any]) -> str:
             last = stream["points"][-1]
             add("streams", f"{stream['name']}: {last['deletions']} requests, cumulative retrain / "
                 "full training; accuracy before -> after",
-                f"{last['samples'] / stream['train_samples']:.2f}; "
-                f"{stream['points'][0]['accuracy']:.4f} -> {last['accuracy']:.4f}")
+                _cost_and_accuracy(last["samples"], stream["train_samples"],
+                                   stream["points"][0]["accuracy"], last["accuracy"]))
     a = results.get("accuracy")
     if a:
         for curve in a["curves"]:
@@ -82,8 +87,8 @@ def summary(results: dict[str, Any]) -> str:
         for row in p["results"]:
             add("placement", f"{row['placement']}: retrain for the prior-drawn stream / full "
                 "training; accuracy before -> after",
-                f"{row['stream_samples'] / row['train_samples']:.2f}; "
-                f"{row['accuracy_before']:.4f} -> {row['accuracy_after']:.4f}")
+                _cost_and_accuracy(row["stream_samples"], row["train_samples"],
+                                   row["accuracy_before"], row["accuracy_after"]))
     o = results.get("overhead")
     if o:
         for m in o["models"]:
