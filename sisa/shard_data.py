@@ -31,9 +31,6 @@ class ShardData:
     inputs: np.ndarray | list[Any]  # (n, d) float64 features, or texts
     model_inputs: Any = field(default=None, repr=False)  # inputs through the transform, once asked
 
-    def __len__(self) -> int:
-        return len(self.members)
-
     def prepared(self, transform: Transform | None) -> Any:
         """What the trainer consumes: the inputs, or their transform (e.g. cached embeddings)."""
         if transform is None:
@@ -157,7 +154,7 @@ class ShardCache:
         `after`: update what is loaded instead of reading it again (or drop it all if another
         change came in between)."""
         if self._version != before:
-            self._shards, self._version = {}, None
+            self.clear()
             return
         gone = set(ids)
         for s in shards:
