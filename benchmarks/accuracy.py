@@ -8,20 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import SYN_SPEC, Mode, mlp_config, save_figure, synthetic_rows
-from sisa.api import Sisa, resolve_source
-from sisa.config import ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
-from sisa.demo import _subsample
+from sisa import ExecutionConfig, HeadConfig, LoraConfig, PartitionConfig, Sisa, SisaConfig, TrainingConfig
+from sisa.api import resolve_source
+from sisa.builtin import stable_subset
 
 RT = "builtin:rotten_tomatoes"
-HEAD = {"backend": "head", "epochs_per_slice": 10, "batch_size": 32, "learning_rate": 3e-3,
-        "hidden_sizes": ()}
-LORA = {"backend": "lora", "epochs_per_slice": 2, "batch_size": 16, "learning_rate": 2e-3,
-        "max_length": 64}
 
 
-def _config(shards: int, slices: int, training: dict[str, Any]) -> SisaConfig:
+def text_config(shards: int, slices: int, training: TrainingConfig) -> SisaConfig:
+    """A text backend's own defaults (head: logistic, 10 epochs, lr 3e-3; lora: 2 epochs, batch
+    16, lr 2e-3, 64 tokens)."""
     return SisaConfig(partition=PartitionConfig(shards=shards, slices=slices),
-                      training=TrainingConfig(**training), execution=ExecutionConfig(progress=False))
+                      training=training, execution=ExecutionConfig(progress=False))
 
 
 def _curve(name: str, work: Path, train: Any, test: Any, spec: Any, shard_counts: tuple[int, ...],
@@ -30,17 +28,18 @@ def _curve(name: str, work: Path, train: Any, test: Any, spec: Any, shard_counts
     for shards in shard_counts:
         slices = 1 if shards == 1 else 4
         store = work / f"acc-{name}-{shards}"
-        sisa, report = Sisa.train(store, train, make_config(shards, slices), spec,
-                                  embeddings_from=embeddings_from)
+        sisa = Sisa.train(store, train, make_config(shards, slices), spec,
+                          embeddings_from=embeddings_from)
+        report = sisa.training_report_
         if embeddings_from is not None:
             sisa.store.copy_embeddings_from(embeddings_from)
         result = sisa.evaluate(test)
         sisa.close()
-        if embeddings_from is None and sisa.features is not None:
+        if embeddings_from is None and sisa.backend.encoder is not None:
             embeddings_from = store  # later stores reuse the embeddings
-        points.append({"shards": shards, "slices": slices, "soft": result["ensemble_soft"]["accuracy"],
-                       "hard": result["ensemble_hard"]["accuracy"],
-                       "macro_f1": result["ensemble_soft"]["macro_f1"],
+        points.append({"shards": shards, "slices": slices, "soft": result.ensemble_soft.accuracy,
+                       "hard": result.ensemble_hard.accuracy,
+                       "macro_f1": result.ensemble_soft.macro_f1,
                        "train_seconds": round(report.seconds, 3)})
         print(f"  accuracy {name} S={shards}: soft {points[-1]['soft']:.4f} "
               f"hard {points[-1]['hard']:.4f}", flush=True)
@@ -60,17 +59,17 @@ def run(mode: Mode, work: Path) -> dict[str, Any]:
     if mode.text_train != 0:
         train, spec = resolve_source(RT, None)
         test, _ = resolve_source(f"{RT}:test", None)
-        train = _subsample(train, spec.id_column, mode.text_train)
-        test = _subsample(test, spec.id_column, mode.text_train // 3 if mode.text_train else None)
+        train = stable_subset(train, spec.id_column, mode.text_train)
+        test = stable_subset(test, spec.id_column, mode.text_train // 3 if mode.text_train else None)
         curves.append(_curve("rotten_tomatoes (head)", work, train, test, spec,
-                             mode.accuracy_shards, lambda s, r: _config(s, r, HEAD)))
+                             mode.accuracy_shards, lambda s, r: text_config(s, r, HeadConfig())))
     if mode.lora_train:
         train, spec = resolve_source(RT, None)
         test, _ = resolve_source(f"{RT}:test", None)
-        train = _subsample(train, spec.id_column, mode.lora_train)
-        test = _subsample(test, spec.id_column, max(100, mode.lora_train // 3))
+        train = stable_subset(train, spec.id_column, mode.lora_train)
+        test = stable_subset(test, spec.id_column, max(100, mode.lora_train // 3))
         curves.append(_curve("rotten_tomatoes (lora)", work, train, test, spec, mode.lora_shards,
-                             lambda s, r: _config(s, r, LORA)))
+                             lambda s, r: text_config(s, r, LoraConfig())))
     return {"curves": curves}
 
 

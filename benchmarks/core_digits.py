@@ -24,31 +24,31 @@ from typing import Any
 import torch
 
 from benchmarks.common import plain_torch_loop
-from sisa.api import Sisa
-from sisa.config import ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
+from sisa import ExecutionConfig, MLPConfig, PartitionConfig, Sisa, SisaConfig
 from sisa.unlearning import expected_retrain_fraction
 
 
 def run(shards: int, slices: int, epochs: int, deletions: int, out: Path) -> dict[str, Any]:
     config = SisaConfig(
         partition=PartitionConfig(shards=shards, slices=slices, seed=0),
-        training=TrainingConfig(epochs_per_slice=epochs),
+        training=MLPConfig(epochs_per_slice=epochs),
         execution=ExecutionConfig(progress=False),
     )
     work = Path(tempfile.mkdtemp(prefix="sisa-bench-"))
     try:
         # Warm up imports and the data loader so the first timed run pays no one-off cost.
-        Sisa.train(work / "warm", "builtin:digits", config)[0].close()
+        Sisa.train(work / "warm", "builtin:digits", config).close()
 
         started = time.perf_counter()
-        sisa, report = Sisa.train(work / "local", "builtin:digits", config)
+        sisa = Sisa.train(work / "local", "builtin:digits", config)
         local_seconds = time.perf_counter() - started
+        report = sisa.training_report_
         train_samples = report.samples
         shard_seconds = sum(r.seconds for r in report.retrained)  # inside the shard trainer
 
         started = time.perf_counter()
         ray_config = config.replace(execution=ExecutionConfig(executor="ray", progress=False))
-        Sisa.train(work / "ray", "builtin:digits", ray_config)[0].close()
+        Sisa.train(work / "ray", "builtin:digits", ray_config).close()
         ray_seconds = time.perf_counter() - started
 
         plain_seconds, plain_steps = plain_torch_loop(sisa)
@@ -83,7 +83,7 @@ def run(shards: int, slices: int, epochs: int, deletions: int, out: Path) -> dic
             "mean_retrain_seconds": round(statistics.mean(d["retrain_seconds"] for d in single), 4),
             "mean_samples": round(mean_samples, 1),
             "measured_fraction": round(mean_samples / train_samples, 4),
-            "expected_fraction": round(expected_retrain_fraction(slices, shards), 4),
+            "expected_fraction": round(expected_retrain_fraction(shards, slices), 4),
             "speedup_vs_full_sisa_retrain": round(local_seconds / mean_wall, 2),
             "deletions": single,
         },

@@ -30,7 +30,7 @@ def _measure(name: str, rows: list[dict[str, Any]], work: Path, repeats: int) ->
     config = mlp_config(1, 1)
     config = config.replace(training=dataclasses.replace(config.training, **MODELS[name]))
     # Warm-up: imports and allocator, so neither side pays a one-off cost.
-    Sisa.train(work / f"{name}-warm", rows[:2000], config, SYN_SPEC)[0].close()
+    Sisa.train(work / f"{name}-warm", rows[:2000], config, SYN_SPEC).close()
     runs = []
     previous: Sisa | None = None
     for repeat in range(repeats):
@@ -40,7 +40,8 @@ def _measure(name: str, rows: list[dict[str, Any]], work: Path, repeats: int) ->
         if previous is not None and plain_first:
             plain_seconds, steps = plain_torch_loop(previous)  # same data, same steps
         with timer() as t:
-            sisa, report = Sisa.train(work / f"{name}-{repeat}", rows, config, SYN_SPEC)
+            sisa = Sisa.train(work / f"{name}-{repeat}", rows, config, SYN_SPEC)
+        report = sisa.training_report_
         if not plain_first:
             plain_seconds, steps = plain_torch_loop(sisa)
         if previous is not None:

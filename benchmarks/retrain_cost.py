@@ -23,13 +23,13 @@ from typing import Any
 from benchmarks.common import (
     SYN_SPEC,
     Mode,
-    expected_speedup,
     mlp_config,
     save_figure,
     synthetic_rows,
     timer,
 )
-from sisa.api import Sisa
+from sisa import Sisa
+from sisa.unlearning import expected_speedup
 
 
 def _victims(sisa: Sisa, shards: int, rounds: int,
@@ -61,15 +61,16 @@ def _delete(sisa: Sisa, victims: list[str], cold: bool) -> list[tuple[float, int
 
 def run(mode: Mode, work: Path) -> dict[str, Any]:
     rows = synthetic_rows(mode.synthetic_rows)
-    mono, mono_report = Sisa.train(work / "mono", rows, mlp_config(1, 1), SYN_SPEC)
+    mono = Sisa.train(work / "mono", rows, mlp_config(1, 1), SYN_SPEC)
+    mono_report = mono.training_report_
     mono.close()
     monolith_seconds = mono_report.seconds
     cells = []
     rng = random.Random(7)
     for shards in mode.grid_shards:
         for slices in mode.grid_slices:
-            sisa, report = Sisa.train(work / f"s{shards}-r{slices}", rows,
-                                      mlp_config(shards, slices), SYN_SPEC)
+            sisa = Sisa.train(work / f"s{shards}-r{slices}", rows, mlp_config(shards, slices), SYN_SPEC)
+            report = sisa.training_report_
             scratch_times, load_times = [report.seconds], []
             warm_rounds, cold_rounds = _victims(sisa, shards, mode.deletion_rounds, rng)
             warm, cold = [], []

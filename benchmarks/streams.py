@@ -36,7 +36,7 @@ def _fresh_copy(template: Path, target: Path) -> Sisa:
 
 def batches(mode: Mode, work: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     template = work / "batch-template"
-    Sisa.train(template, rows, mlp_config(SHARDS, SLICES), SYN_SPEC)[0].close()
+    Sisa.train(template, rows, mlp_config(SHARDS, SLICES), SYN_SPEC).close()
     rng = random.Random(11)
     out = []
     for k in mode.batch_sizes:
@@ -85,7 +85,8 @@ def draw_stream(kind: str, rows: list[dict[str, Any]], length: int, seed: int = 
 
 def run_stream(name: str, store: Path, rows: list[dict[str, Any]], test: list[dict[str, Any]],
                config: SisaConfig, spec: DataSpec, requests: list[list[str]]) -> dict[str, Any]:
-    sisa, report = Sisa.train(store, rows, config, spec)
+    sisa = Sisa.train(store, rows, config, spec)
+    report = sisa.training_report_
     _, test_inputs, test_labels = sisa.load_inputs(test)
 
     def accuracy() -> float:

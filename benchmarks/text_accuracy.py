@@ -22,19 +22,12 @@ from typing import Any
 
 import torch
 
-from sisa.api import Sisa, resolve_source
-from sisa.config import ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
-from sisa.demo import _subsample
+from benchmarks.accuracy import text_config
+from sisa import HeadConfig, LoraConfig, Sisa
+from sisa.api import resolve_source
+from sisa.builtin import stable_subset
 
 DATASET = "builtin:rotten_tomatoes"
-HEAD = {"backend": "head", "epochs_per_slice": 10, "batch_size": 32, "learning_rate": 3e-3,
-        "hidden_sizes": ()}
-LORA = {"backend": "lora", "batch_size": 16, "learning_rate": 2e-3, "max_length": 64}
-
-
-def _config(shards: int, slices: int, training: dict[str, Any]) -> SisaConfig:
-    return SisaConfig(partition=PartitionConfig(shards=shards, slices=slices, seed=0),
-                      training=TrainingConfig(**training), execution=ExecutionConfig(progress=False))
 
 
 def _throughput(sisa: Sisa, texts: list[str], repeats: int = 2) -> float:
@@ -54,38 +47,38 @@ def run(lora_limit: int | None, lora_epochs: int, out: Path) -> dict[str, Any]:
     try:
         seed_store = work / "embeddings"
         started = time.perf_counter()
-        first, _ = Sisa.train(seed_store, train, _config(1, 1, HEAD), spec)
+        first = Sisa.train(seed_store, train, text_config(1, 1, HeadConfig()), spec)
         first.evaluate(test)  # caches the test embeddings too
         encode_seconds = time.perf_counter() - started
         first.close()
         for shards, slices in [(1, 1), (4, 4), (8, 4)]:
             started = time.perf_counter()
-            sisa, report = Sisa.train(work / f"head-{shards}", train, _config(shards, slices, HEAD),
-                                      spec, embeddings_from=seed_store)
+            sisa = Sisa.train(work / f"head-{shards}", train, text_config(shards, slices, HeadConfig()),
+                              spec, embeddings_from=seed_store)
             seconds = time.perf_counter() - started
             sisa.store.copy_embeddings_from(seed_store)
             result = sisa.evaluate(test)
             runs.append({"backend": "head", "shards": shards, "slices": slices,
-                         "train_seconds": round(seconds, 2), "samples": report.samples,
-                         "accuracy": result["ensemble"]["accuracy"],
-                         "accuracy_hard": result["ensemble_hard"]["accuracy"],
-                         "macro_f1": result["ensemble"]["macro_f1"]})
+                         "train_seconds": round(seconds, 2), "samples": sisa.training_report_.samples,
+                         "accuracy": result.ensemble.accuracy,
+                         "accuracy_hard": result.ensemble_hard.accuracy,
+                         "macro_f1": result.ensemble.macro_f1})
             print(runs[-1], flush=True)
             sisa.close()
 
-        lora_train = _subsample(train, spec.id_column, lora_limit)
+        lora_train = stable_subset(train, spec.id_column, lora_limit)
         lora_stores: dict[int, Sisa] = {}
         for shards, slices, epochs in [(1, 1, lora_epochs), (4, 4, max(1, lora_epochs // 2))]:
-            config = _config(shards, slices, {**LORA, "epochs_per_slice": epochs})
+            config = text_config(shards, slices, LoraConfig(epochs_per_slice=epochs))
             started = time.perf_counter()
-            sisa, report = Sisa.train(work / f"lora-{shards}", lora_train, config, spec)
+            sisa = Sisa.train(work / f"lora-{shards}", lora_train, config, spec)
             seconds = time.perf_counter() - started
             result = sisa.evaluate(test)
             runs.append({"backend": "lora", "shards": shards, "slices": slices,
                          "epochs_per_slice": epochs, "train_seconds": round(seconds, 2),
-                         "samples": report.samples, "accuracy": result["ensemble"]["accuracy"],
-                         "accuracy_hard": result["ensemble_hard"]["accuracy"],
-                         "macro_f1": result["ensemble"]["macro_f1"]})
+                         "samples": sisa.training_report_.samples, "accuracy": result.ensemble.accuracy,
+                         "accuracy_hard": result.ensemble_hard.accuracy,
+                         "macro_f1": result.ensemble.macro_f1})
             print(runs[-1], flush=True)
             lora_stores[shards] = sisa
 
@@ -98,12 +91,12 @@ def run(lora_limit: int | None, lora_epochs: int, out: Path) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    result = {
+    summary = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "dataset": f"{DATASET} (train {len(train)}, test {len(test)})",
         "lora_train_records": len(lora_train),
         "encode_seconds_train_and_test": round(encode_seconds, 1),
-        "head_config": HEAD, "lora_config": LORA,
+        "head_config": HeadConfig().to_dict(), "lora_config": LoraConfig().to_dict(),
         "runs": runs,
         "throughput": {
             "texts": len(texts),
@@ -113,8 +106,8 @@ def run(lora_limit: int | None, lora_epochs: int, out: Path) -> dict[str, Any]:
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "text_accuracy.json").write_text(json.dumps(result, indent=2))
-    return result
+    (out / "text_accuracy.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def main() -> None:

@@ -1,13 +1,45 @@
-"""Durable state of a SISA store: records, slice checkpoints, the deletion ledger, live versions."""
+"""The lowest floor: durable state of a SISA store (records, shards, checkpoints, the deletion
+ledger, embeddings) in SQLite and checkpoint directories. Imports nothing from `sisa`."""
 
-from shard_store.checkpoints import CheckpointPayload, read_checkpoint, write_checkpoint
-from shard_store.store import CheckpointRow, RecordRow, ShardStore
+from shard_store.errors import (
+    CheckpointFileError,
+    NotLocked,
+    StoreCorrupt,
+    StoreError,
+    StoreExists,
+    StoreIncomplete,
+    StoreNotFound,
+    StoreVersionError,
+)
+from shard_store.rows import (
+    Acknowledged,
+    CheckpointRow,
+    Committed,
+    DeletionRow,
+    NewRecord,
+    RecordRow,
+    ShardCommit,
+    ShardRow,
+)
+from shard_store.store import CHECKPOINT_DIR, ShardStore
 
 __all__ = [
-    "CheckpointPayload",
+    "CHECKPOINT_DIR",
+    "Acknowledged",
+    "CheckpointFileError",
     "CheckpointRow",
+    "Committed",
+    "DeletionRow",
+    "NewRecord",
+    "NotLocked",
     "RecordRow",
+    "ShardCommit",
+    "ShardRow",
     "ShardStore",
-    "read_checkpoint",
-    "write_checkpoint",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreExists",
+    "StoreIncomplete",
+    "StoreNotFound",
+    "StoreVersionError",
 ]

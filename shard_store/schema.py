@@ -1,94 +1,96 @@
 """Every table of the store, as ordered migrations; `PRAGMA user_version` counts those applied.
 
-Append a migration to change the schema; never edit one that has shipped.
+Append a migration to change the schema; never edit one that has shipped. Schema 4 is the first
+released one: versions 1 to 3 were pre-release and are not read (see CHANGELOG.md).
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-from sqlite_utils import Database
+FIRST_VERSION = 4  # the version the baseline script below creates
 
-MIGRATIONS: list[str] = [
-    # 1: the initial schema.
-    """
-    CREATE TABLE meta (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL                  -- JSON
-    );
-    CREATE TABLE records (
-        id TEXT PRIMARY KEY,
-        group_id TEXT,
-        digest TEXT NOT NULL,                -- content digest of (input, label, group)
-        shard INTEGER NOT NULL,
-        slice INTEGER NOT NULL,
-        order_key TEXT NOT NULL,             -- position inside the slice
-        payload TEXT,                        -- JSON input and label, NULL once deleted
-        added_at TEXT NOT NULL,
-        deleted_at TEXT,
-        deletion_request TEXT
-    );
-    CREATE INDEX records_placement ON records (shard, slice, order_key);
-    CREATE INDEX records_group ON records (group_id);
-    CREATE TABLE checkpoints (
-        key TEXT PRIMARY KEY,                -- digest of (config, shard, slice, records seen)
-        shard INTEGER NOT NULL,
-        slice INTEGER NOT NULL,
-        path TEXT NOT NULL,                  -- directory, relative to the store root
-        sha256 TEXT NOT NULL,                -- of the safetensors weights file
-        record_count INTEGER NOT NULL,
-        created_at TEXT NOT NULL
-    );
-    CREATE INDEX checkpoints_shard ON checkpoints (shard, slice);
-    CREATE TABLE live (
-        shard INTEGER PRIMARY KEY,
-        key TEXT NOT NULL REFERENCES checkpoints(key),
-        updated_at TEXT NOT NULL
-    );
-    CREATE TABLE deletions (
-        request_id TEXT PRIMARY KEY,
-        record_ids TEXT NOT NULL,            -- JSON list
-        shards TEXT NOT NULL,                -- JSON list of affected shards
-        status TEXT NOT NULL CHECK (status IN ('pending', 'applied')),
-        requested_at TEXT NOT NULL,
-        applied_at TEXT,
-        receipt TEXT                         -- JSON, once applied
-    );
-    CREATE INDEX deletions_status ON deletions (status);
-    """,
-    # 2: frozen-encoder embeddings, cached per (model fingerprint, input digest).
-    """
-    ALTER TABLE records ADD COLUMN input_digest TEXT;
-    CREATE INDEX records_input_digest ON records (input_digest);
-    CREATE TABLE embeddings (
-        model TEXT NOT NULL,                 -- fingerprint of the encoder (weights and settings)
-        input_digest TEXT NOT NULL,          -- digest of the text
-        dim INTEGER NOT NULL,
-        vector BLOB NOT NULL,                -- little-endian float32, dim values
-        PRIMARY KEY (model, input_digest)
-    );
-    """,
-    # 3: numeric inputs as binary (parsing JSON floats dominated retraining small models), and a
-    # counter of record changes that lets a process keep shard data in memory between requests.
-    # Updates and deletes bump it by trigger, however they are made; inserts (a trigger per row
-    # tripled their cost) bump it once per batch, in ShardStore.insert_records.
-    """
-    ALTER TABLE records ADD COLUMN features BLOB;   -- little-endian float64, NULL once deleted
-    INSERT OR IGNORE INTO meta (key, value) VALUES ('records_version', '0');
-    CREATE TRIGGER records_updated AFTER UPDATE ON records BEGIN
-        UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'records_version';
-    END;
-    CREATE TRIGGER records_deleted AFTER DELETE ON records BEGIN
-        UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'records_version';
-    END;
-    """,
-]
+BASELINE = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL                  -- JSON
+);
+CREATE TABLE records (
+    id TEXT PRIMARY KEY,
+    group_id TEXT,
+    digest TEXT NOT NULL,                -- content digest of (input, target, group, prior)
+    shard INTEGER NOT NULL,
+    slice INTEGER NOT NULL,
+    order_key TEXT NOT NULL,             -- position inside the slice
+    target TEXT,                         -- e.g. the class label; NULL once deleted
+    text TEXT,                           -- a text input; NULL once deleted
+    features BLOB,                       -- a numeric input, little-endian float64; NULL once deleted
+    prior REAL,                          -- how likely the record is to be deleted (placement)
+    input_digest TEXT,                   -- digest of the input alone (key of a cached embedding)
+    added_at TEXT NOT NULL,
+    deleted_at TEXT,
+    deletion_request TEXT
+);
+CREATE INDEX records_placement ON records (shard, slice, order_key);
+CREATE INDEX records_group ON records (group_id);
+CREATE INDEX records_input_digest ON records (input_digest);
+CREATE TABLE checkpoints (
+    key TEXT PRIMARY KEY,                -- digest of (config, shard, slice, records seen)
+    shard INTEGER NOT NULL,
+    slice INTEGER NOT NULL,
+    parent TEXT,                         -- key of the checkpoint of the slice before
+    path TEXT NOT NULL,                  -- directory, relative to the store root
+    sha256 TEXT NOT NULL,                -- of the weights file: the checkpoint's identity
+    files TEXT NOT NULL,                 -- JSON {file name: sha256} of every file in the directory
+    record_count INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX checkpoints_shard ON checkpoints (shard, slice);
+-- One row per shard. `version` counts changes to the shard's records (triggers below, and
+-- inserts); the live checkpoint is current when live_version = version.
+CREATE TABLE shards (
+    shard INTEGER PRIMARY KEY,
+    version INTEGER NOT NULL DEFAULT 0,
+    live_key TEXT REFERENCES checkpoints(key),
+    live_version INTEGER,
+    updated_at TEXT
+);
+CREATE TABLE deletions (
+    request_id TEXT PRIMARY KEY,
+    record_ids TEXT NOT NULL,            -- JSON list
+    shards TEXT NOT NULL,                -- JSON list of affected shards
+    before TEXT NOT NULL,                -- JSON {shard: sha256 of its live weights when acknowledged}
+    status TEXT NOT NULL CHECK (status IN ('pending', 'applied')),
+    requested_at TEXT NOT NULL,
+    applied_at TEXT,
+    receipt TEXT                         -- JSON, once applied
+);
+CREATE INDEX deletions_status ON deletions (status);
+CREATE TABLE embeddings (
+    model TEXT NOT NULL,                 -- fingerprint of the encoder (weights and settings)
+    input_digest TEXT NOT NULL,          -- digest of the text
+    dim INTEGER NOT NULL,
+    vector BLOB NOT NULL,                -- little-endian float32, dim values
+    PRIMARY KEY (model, input_digest)
+);
+-- Any change to a record, however it is made, makes its shard's kept data and live checkpoint
+-- stale. Inserts (a trigger per row would triple their cost) bump once per batch, in the store.
+CREATE TRIGGER records_updated AFTER UPDATE ON records BEGIN
+    UPDATE shards SET version = version + 1 WHERE shard IN (OLD.shard, NEW.shard);
+END;
+CREATE TRIGGER records_deleted AFTER DELETE ON records BEGIN
+    UPDATE shards SET version = version + 1 WHERE shard = OLD.shard;
+END;
+"""
 
-SCHEMA_VERSION = len(MIGRATIONS)
+# Each entry takes the schema from version FIRST_VERSION + i - 1 to FIRST_VERSION + i.
+MIGRATIONS: list[str] = []
+
+SCHEMA_VERSION = FIRST_VERSION + len(MIGRATIONS)
 
 
-def current_version(db: Database) -> int:
-    return int(db.execute("PRAGMA user_version").fetchone()[0])
+def current_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
 def statements(script: str) -> list[str]:
@@ -103,12 +105,28 @@ def statements(script: str) -> list[str]:
     return out
 
 
-def migrate(db: Database) -> int:
-    """Apply the migrations this database has not seen; returns the resulting version."""
-    version = current_version(db)
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        with db.atomic():
-            for statement in statements(script):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {number}")
-    return current_version(db)
+def _apply(conn: sqlite3.Connection, script: str, version: int) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in statements(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Create the schema in an empty database, or apply the migrations it has not seen; returns
+    the resulting version. A pre-release version (1 to FIRST_VERSION - 1) is left alone: the
+    caller refuses it."""
+    version = current_version(conn)
+    if version == 0:
+        _apply(conn, BASELINE, FIRST_VERSION)
+        version = FIRST_VERSION
+    if version < FIRST_VERSION:
+        return version
+    for number, script in enumerate(MIGRATIONS[version - FIRST_VERSION:], start=version + 1):
+        _apply(conn, script, number)
+    return current_version(conn)

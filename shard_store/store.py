@@ -1,7 +1,14 @@
-"""Typed reads and writes over the store's SQLite database (sqlite-utils, WAL mode).
+"""Typed reads and writes over a store's SQLite database (WAL mode), and its checkpoint files.
 
-A store is a directory: `store.db` (records, checkpoints, deletion ledger, live versions) and
-`checkpoints/` (safetensors + JSON). Multi-row changes run in one transaction.
+A store is a directory: `store.db` (records, shards and their live checkpoints, checkpoints, the
+deletion ledger, embeddings) and `checkpoints/` (one directory per slice checkpoint). Every change
+that spans rows is one `BEGIN IMMEDIATE` transaction. Each thread gets its own connection, so
+readers never wait for a writer beyond what WAL does; writers that retrain take `writer()`, an
+exclusive lock on the store that also serialises the removal of files.
+
+The invariant the transactions keep: a registered checkpoint never derives from a deleted record.
+Files on disk that the database does not register (a crash between a transaction and the removal
+of the files it dropped, a half-written temporary) are removed by `sweep`, under the lock.
 """
 
 from __future__ import annotations
@@ -9,211 +16,289 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import shutil
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlite_utils import Database
 
-from shard_store import checkpoints as ckpt
-from shard_store.schema import SCHEMA_VERSION, current_version, migrate
-from sisa.errors import StoreError
+from shard_store import files
+from shard_store.errors import (
+    NotLocked,
+    StoreCorrupt,
+    StoreExists,
+    StoreIncomplete,
+    StoreNotFound,
+    StoreVersionError,
+)
+from shard_store.rows import (
+    Acknowledged,
+    CheckpointRow,
+    Committed,
+    DeletionRow,
+    NewRecord,
+    RecordRow,
+    ShardCommit,
+    ShardRow,
+    checkpoint_row,
+    deletion_row,
+    record_row,
+)
+from shard_store.schema import FIRST_VERSION, SCHEMA_VERSION, current_version, migrate
 
 DB_NAME = "store.db"
 LOCK_NAME = "writer.lock"
 CHECKPOINT_DIR = "checkpoints"
+COMPLETE = "complete"  # meta key written in the transaction that stores the first records
+_CHUNK = 500  # ids per `IN (...)` query: well below SQLite's variable limit
 
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-@dataclass(frozen=True)
-class RecordRow:
-    id: str
-    group_id: str | None
-    digest: str
-    shard: int
-    slice: int
-    order_key: str
-    payload: dict[str, Any] | None  # None once deleted
-    deleted_at: str | None
-    input_digest: str | None
-
-
-@dataclass(frozen=True)
-class CheckpointRow:
-    key: str
-    shard: int
-    slice: int
-    path: str  # relative to the store root
-    sha256: str
-    record_count: int
-    created_at: str
-
-
-def _record_row(row: dict[str, Any]) -> RecordRow:
-    return RecordRow(
-        id=row["id"],
-        group_id=row["group_id"],
-        digest=row["digest"],
-        shard=row["shard"],
-        slice=row["slice"],
-        order_key=row["order_key"],
-        payload=json.loads(row["payload"]) if row["payload"] is not None else None,
-        deleted_at=row["deleted_at"],
-        input_digest=row.get("input_digest"),
-    )
-
-
-def _checkpoint_row(row: dict[str, Any]) -> CheckpointRow:
-    return CheckpointRow(**{k: row[k] for k in CheckpointRow.__dataclass_fields__})
-
-
 class ShardStore:
-    """One SISA store on disk. Create with `ShardStore.create`, reopen with `ShardStore.open`."""
+    """One SISA store on disk. `ShardStore.create` makes one; `ShardStore.open` reopens it."""
 
-    def __init__(self, root: Path, db: Database) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.db = db
+        self._local = threading.local()
+        self._connections: list[Database] = []
+        self._guard = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: str | Path) -> ShardStore:
+    def create(cls, root: str | Path, meta: Mapping[str, Any], records: Sequence[NewRecord],
+               shards: int) -> ShardStore:
+        """Create a store holding `records` and `meta`, all in one transaction: a crash leaves
+        either a complete store or an incomplete one, which the next `create` replaces."""
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise StoreExists(f"{str(root)!r} is a file, not a store directory")
         if (root / DB_NAME).exists():
-            raise StoreError(f"a store already exists at {str(root)!r}; use another --store or delete it")
+            if cls._is_complete(root):
+                raise StoreExists(f"a store already exists at {str(root)!r}")
+        elif root.is_dir() and any(root.iterdir()):
+            raise StoreExists(f"{str(root)!r} is not empty and holds no store; give an empty or new "
+                              "directory")
         root.mkdir(parents=True, exist_ok=True)
-        return cls._connect(root)
+        store = cls(root)
+        with store.writer():
+            if (root / DB_NAME).exists():
+                if cls._is_complete(root):  # another process finished creating it meanwhile
+                    raise StoreExists(f"a store already exists at {str(root)!r}")
+                store._wipe()
+            store._migrate()
+            (root / CHECKPOINT_DIR).mkdir(exist_ok=True)
+            with store.transaction() as conn:
+                for key, value in meta.items():
+                    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                 [key, json.dumps(value, sort_keys=True)])
+                conn.executemany("INSERT INTO shards (shard, version) VALUES (?, 0)",
+                                 [(s,) for s in range(shards)])
+                store._insert(conn, records)
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, 'true')", [COMPLETE])
+        return store
 
     @classmethod
     def open(cls, root: str | Path) -> ShardStore:
         root = Path(root)
         if not (root / DB_NAME).is_file():
-            raise StoreError(f"no store at {str(root)!r}: create one with `sisa train --store ...`")
-        return cls._connect(root)
+            raise StoreNotFound(f"no store at {str(root)!r}")
+        store = cls(root)
+        store._migrate()
+        if not cls._is_complete(root):
+            raise StoreIncomplete(
+                f"the store at {str(root)!r} is incomplete: its creation was interrupted before its "
+                "records were written; create it again (the incomplete store is replaced)")
+        return store
 
-    @classmethod
-    def _connect(cls, root: Path) -> ShardStore:
+    @staticmethod
+    def _is_complete(root: Path) -> bool:
         try:
-            db = Database(root / DB_NAME)
-            version = current_version(db)
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"store {str(root)!r} has schema version {version}, newer than this sisa "
-                    f"({SCHEMA_VERSION}); upgrade sisa"
-                )
-            db.enable_wal()
-            db.execute("PRAGMA synchronous = FULL")  # an acknowledged deletion survives power loss
-            db.execute("PRAGMA foreign_keys = ON")
-            db.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages: shards are read whole
-            migrate(db)
+            with contextlib.closing(sqlite3.connect(root / DB_NAME)) as conn:
+                if current_version(conn) < FIRST_VERSION:
+                    return current_version(conn) > 0  # a pre-release store: complete, refused later
+                found = conn.execute("SELECT value FROM meta WHERE key = ?", [COMPLETE]).fetchone()
+                return found is not None
+        except sqlite3.DatabaseError:
+            return True  # not ours to wipe: opening it reports the damage
+
+    def _wipe(self) -> None:
+        """Remove an incomplete store's files (under the writer lock)."""
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            path = self.root / f"{DB_NAME}{suffix}"
+            if path.exists():
+                path.unlink()
+        shutil.rmtree(self.root / CHECKPOINT_DIR, ignore_errors=True)
+
+    def _migrate(self) -> None:
+        where = str(self.root / DB_NAME)
+        try:
+            version = migrate(self.conn)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{str(root / DB_NAME)!r} is not a readable SQLite store: {exc}") from exc
-        (root / CHECKPOINT_DIR).mkdir(exist_ok=True)
-        return cls(root, db)
+            raise StoreCorrupt(f"{where!r} is not a readable SQLite store: {exc}") from exc
+        if version < FIRST_VERSION:
+            raise StoreVersionError(
+                f"{where!r} was made by a pre-release version (schema {version}); this version "
+                f"reads schema {FIRST_VERSION} and later: create the store again from its data")
+        if version > SCHEMA_VERSION:
+            raise StoreVersionError(f"{where!r} has schema version {version}, newer than this "
+                                    f"code reads ({SCHEMA_VERSION})")
+
+    def _connect(self) -> Database:
+        try:
+            conn = sqlite3.connect(self.root / DB_NAME, isolation_level=None, timeout=60,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")  # an acknowledged deletion survives power loss
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages: shards are read whole
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"{str(self.root / DB_NAME)!r} is not a readable SQLite store: "
+                               f"{exc}") from exc
+        return Database(conn)
+
+    @property
+    def db(self) -> Database:
+        """This thread's connection (sqlite-utils), opened on first use."""
+        db: Database | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._connect()
+            self._local.db = db
+            with self._guard:
+                self._connections.append(db)
+        return db
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.db.conn
 
     def close(self) -> None:
-        self.db.close()
+        with self._guard:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     @contextlib.contextmanager
-    def writer(self) -> Iterator[None]:
-        """Exclusive lock for work that changes records or checkpoints (train, add, forget,
-        recover): two processes must never retrain the same store at once. Blocks until free."""
-        with open(self.root / LOCK_NAME, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (`BEGIN IMMEDIATE`), committed or rolled back."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- the writer lock -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self, wait: bool = True) -> Iterator[bool]:
+        """Exclusive lock for work that retrains or removes files (train, add, forget, recover,
+        repair): two processes never retrain one store at once. Re-entrant in a thread. With
+        `wait=False` it does not block, and yields whether it got the lock."""
+        depth = getattr(self._local, "lock_depth", 0)
+        if depth:
+            self._local.lock_depth = depth + 1
             try:
-                yield
+                yield True
             finally:
+                self._local.lock_depth = depth
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK_NAME, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            self._local.lock_depth = 1
+            try:
+                yield True
+            finally:
+                self._local.lock_depth = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
-    def checkpoint_root(self) -> Path:
-        return self.root / CHECKPOINT_DIR
+    def locked(self) -> bool:
+        """This thread holds the writer lock."""
+        return getattr(self._local, "lock_depth", 0) > 0
+
+    def _require_lock(self, what: str) -> None:
+        if not self.locked:
+            raise NotLocked(f"{what} needs the store's writer lock")
 
     # -- meta ------------------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return json.loads(row[0]) if row else None
-
-    def set_meta(self, key: str, value: Any) -> None:
-        self.db.table("meta").upsert({"key": key, "value": json.dumps(value, sort_keys=True)}, pk="key")
 
     # -- records ---------------------------------------------------------------------------------
 
-    _RECORD_COLUMNS = ("id", "group_id", "digest", "shard", "slice", "order_key", "payload",
-                       "features", "input_digest", "added_at")
+    _INSERT = ("INSERT INTO records (id, group_id, digest, shard, slice, order_key, target, text, "
+               "features, prior, input_digest, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
-    def insert_records(self, rows: Sequence[dict[str, Any]]) -> tuple[int, int]:
-        """Insert placed records (all or nothing); returns the records version before and after."""
+    def _insert(self, conn: sqlite3.Connection, records: Sequence[NewRecord]) -> dict[int, tuple[int, int]]:
         now = utcnow()
-        columns = self._RECORD_COLUMNS
-        sql = f"INSERT INTO records ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        params = [
-            (r["id"], r["group_id"], r["digest"], r["shard"], r["slice"], r["order_key"],
-             json.dumps(r["payload"]), r.get("features"), r.get("input_digest"), now)
-            for r in rows
-        ]
-        with self.db.atomic():
-            before = self.records_version()
-            self.db.conn.executemany(sql, params)
-            self.set_meta("records_version", before + 1)
-            return before, before + 1
+        conn.executemany(self._INSERT, [(*r, now) for r in records])
+        shards = sorted({r.shard for r in records})
+        before = self._versions(conn, shards)
+        conn.executemany("UPDATE shards SET version = version + 1 WHERE shard = ?",
+                         [(s,) for s in shards])
+        return {s: (before[s], before[s] + 1) for s in shards}
 
-    def records_version(self) -> int:
-        """A counter bumped with every change to the records table (by triggers for updates and
-        deletes, however they are made; here for inserts): a process that keeps shard data in
-        memory trusts it only while this is unchanged."""
-        return int(self.get_meta("records_version") or 0)
+    def insert_records(self, records: Sequence[NewRecord]) -> dict[int, tuple[int, int]]:
+        """Insert placed records (all or nothing); returns each touched shard's version before
+        and after."""
+        with self.transaction() as conn:
+            return self._insert(conn, records)
+
+    def _chunked(self, sql: str, ids: Iterable[str], params: Sequence[Any] = ()) -> Iterator[dict[str, Any]]:
+        """Rows of `sql`, whose `{marks}` stands for the placeholders of up to _CHUNK ids."""
+        ids = list(ids)
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            yield from self.db.query(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk])
 
     def find_records(self, ids: Iterable[str]) -> dict[str, RecordRow]:
         """The stored rows (live or deleted) of the given ids that exist."""
-        found: dict[str, RecordRow] = {}
-        ids = list(ids)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self.db.query(f"SELECT * FROM records WHERE id IN ({marks})", chunk):
-                found[row["id"]] = _record_row(row)
-        return found
+        return {row["id"]: record_row(row)
+                for row in self._chunked("SELECT * FROM records WHERE id IN ({marks})", ids)}
 
     def group_record_ids(self, group_id: str) -> list[str]:
         return [r["id"] for r in self.db.query(
             "SELECT id FROM records WHERE group_id = ? ORDER BY id", [group_id])]
 
+    def group_shards(self, groups: Sequence[str]) -> dict[str, int]:
+        """The shard each of these groups already lives in (groups not in the store are absent)."""
+        sql = "SELECT DISTINCT group_id, shard FROM records WHERE group_id IN ({marks})"
+        return {row["group_id"]: row["shard"] for row in self._chunked(sql, groups)}
+
     def live_records(self, shard: int | None = None) -> Iterator[RecordRow]:
         """Live records in training order: by shard, slice, then order key."""
         where, params = ("AND shard = ?", [shard]) if shard is not None else ("", [])
         sql = (f"SELECT * FROM records WHERE deleted_at IS NULL {where} "
-               "ORDER BY shard, slice, order_key")
+               "ORDER BY shard, slice, order_key, id")
         for row in self.db.query(sql, params):
-            yield _record_row(row)
+            yield record_row(row)
 
-    def group_shards(self, groups: Sequence[str]) -> dict[str, int]:
-        """The shard each of these groups already lives in (groups not in the store are absent)."""
-        found: dict[str, int] = {}
-        for start in range(0, len(groups), 500):
-            chunk = list(groups[start:start + 500])
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT DISTINCT group_id, shard FROM records WHERE group_id IN ({marks})"
-            for row in self.db.query(sql, chunk):
-                found[row["group_id"]] = row["shard"]
-        return found
-
-    def live_training_rows(self, shard: int) -> list[tuple[Any, ...]]:
+    def shard_rows(self, shard: int) -> list[tuple[Any, ...]]:
         """A shard's live records in training order, as plain tuples (this is on the hot path):
-        (id, content digest, slice, order key, label, features as float64 bytes or None, payload
-        JSON or None). Numeric inputs are in `features`; texts (and the numeric inputs of stores
-        written before schema version 3) in the payload's "input"."""
-        sql = ("SELECT id, digest, slice, order_key, json_extract(payload, '$.label'), features, "
-               "CASE WHEN features IS NULL THEN payload END "
-               "FROM records WHERE deleted_at IS NULL AND shard = ? ORDER BY slice, order_key, id")
-        return self.db.execute(sql, [shard]).fetchall()
+        (id, content digest, slice, order key, target, features as float64 bytes or None, text)."""
+        sql = ("SELECT id, digest, slice, order_key, target, features, text FROM records "
+               "WHERE deleted_at IS NULL AND shard = ? ORDER BY slice, order_key, id")
+        return self.conn.execute(sql, [shard]).fetchall()
 
     def record_counts(self) -> dict[int, dict[str, int]]:
         """Per shard: live and deleted record counts."""
@@ -225,151 +310,223 @@ class ShardStore:
         return counts
 
     def deleted_ids(self) -> set[str]:
-        return {r["id"] for r in self.db.query("SELECT id FROM records WHERE deleted_at IS NOT NULL")}
+        return {r[0] for r in self.conn.execute("SELECT id FROM records WHERE deleted_at IS NOT NULL")}
+
+    # -- shards ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _versions(conn: sqlite3.Connection, shards: Iterable[int]) -> dict[int, int]:
+        wanted = set(shards)
+        return {s: v for s, v in conn.execute("SELECT shard, version FROM shards") if s in wanted}
+
+    def shards(self) -> dict[int, ShardRow]:
+        """Every shard's version and live checkpoint."""
+        return {r["shard"]: ShardRow(r["shard"], r["version"], r["live_key"], r["live_version"])
+                for r in self.db.query("SELECT * FROM shards ORDER BY shard")}
+
+    def shard_versions(self, shards: Iterable[int]) -> dict[int, int]:
+        return self._versions(self.conn, shards)
+
+    def live(self) -> dict[int, CheckpointRow]:
+        """The live checkpoint of every shard that has one."""
+        sql = "SELECT c.* FROM shards s JOIN checkpoints c ON c.key = s.live_key ORDER BY s.shard"
+        return {r["shard"]: checkpoint_row(r) for r in self.db.query(sql)}
 
     # -- deletion ledger -------------------------------------------------------------------------
 
-    def record_deletion(
-        self, request_id: str, record_ids: Sequence[str], shards: Sequence[int]
-    ) -> tuple[int, int]:
-        """The acknowledgement point: in one transaction, write the ledger entry, tombstone the
-        records and purge their content. After this returns, the deletion survives any crash.
-        Returns the records version before and after the change."""
+    def acknowledge(self, request_id: str, record_ids: Sequence[str]) -> Acknowledged | None:
+        """The acknowledgement of a deletion, in one transaction: write the ledger entry, tombstone
+        the records and purge their content and embeddings, and unregister every checkpoint that
+        derives from them (those of their shards from the earliest slice they are in; a shard's
+        live checkpoint is its last slice, so it goes too). After this returns, the deletion
+        survives any crash, and no registered checkpoint holds the records. Ids already deleted
+        are skipped; None if no id was live."""
         now = utcnow()
-        with self.db.atomic():
-            before = self.records_version()
-            self.db.table("deletions").insert({
-                "request_id": request_id,
-                "record_ids": json.dumps(list(record_ids)),
-                "shards": json.dumps(sorted(set(shards))),
-                "status": "pending",
-                "requested_at": now,
-                "applied_at": None,
-                "receipt": None,
-            })
-            for start in range(0, len(record_ids), 500):
-                chunk = list(record_ids[start:start + 500])
-                marks = ",".join("?" * len(chunk))
-                self.db.execute(
-                    f"UPDATE records SET deleted_at = ?, deletion_request = ?, payload = NULL, "
-                    f"features = NULL "
-                    f"WHERE id IN ({marks}) AND deleted_at IS NULL",
-                    [now, request_id, *chunk],
-                )
-            # Embeddings are derived from the deleted content: purge them too, unless a live
-            # record has the very same input.
-            self.db.execute(
+        with self.transaction() as conn:
+            live: dict[str, tuple[int, int]] = {}
+            for row in self._chunked("SELECT id, shard, slice FROM records WHERE id IN ({marks}) "
+                                     "AND deleted_at IS NULL", record_ids):
+                live[row["id"]] = (row["shard"], row["slice"])
+            ids = [i for i in dict.fromkeys(record_ids) if i in live]
+            if not ids:
+                return None
+            earliest: dict[int, int] = {}
+            for shard, slice_ in live.values():
+                earliest[shard] = min(slice_, earliest.get(shard, slice_))
+            shards = sorted(earliest)
+            before_rows = {s: r.sha256 for s, r in self.live().items() if s in earliest}
+            before = self._versions(conn, shards)
+            conn.execute(
+                "INSERT INTO deletions (request_id, record_ids, shards, before, status, requested_at) "
+                "VALUES (?, ?, ?, ?, 'pending', ?)",
+                [request_id, json.dumps(ids), json.dumps(shards),
+                 json.dumps({str(s): before_rows.get(s) for s in shards}, sort_keys=True), now])
+            conn.executemany(
+                "UPDATE records SET deleted_at = ?, deletion_request = ?, target = NULL, text = NULL, "
+                "features = NULL WHERE id = ?", [(now, request_id, i) for i in ids])
+            # Embeddings derive from the deleted content: purge them too, unless a live record
+            # has the very same input.
+            conn.execute(
                 "DELETE FROM embeddings WHERE input_digest IN "
                 "(SELECT input_digest FROM records WHERE deletion_request = ?) "
                 "AND input_digest NOT IN (SELECT input_digest FROM records "
-                "WHERE deleted_at IS NULL AND input_digest IS NOT NULL)",
-                [request_id],
-            )
-            return before, self.records_version()
+                "WHERE deleted_at IS NULL AND input_digest IS NOT NULL)", [request_id])
+            conn.executemany("UPDATE shards SET live_key = NULL, updated_at = ? WHERE shard = ?",
+                             [(now, s) for s in shards])
+            dropped = 0
+            for shard, slice_ in earliest.items():
+                dropped += conn.execute("DELETE FROM checkpoints WHERE shard = ? AND slice >= ?",
+                                        [shard, slice_]).rowcount
+            after = self._versions(conn, shards)
+        return Acknowledged(request_id, now, ids, shards,
+                            {s: (before[s], after[s]) for s in shards}, dropped)
 
-    def pending_deletions(self) -> list[dict[str, Any]]:
-        rows = self.db.query(
-            "SELECT * FROM deletions WHERE status = 'pending' ORDER BY requested_at, request_id")
-        return [{**r, "record_ids": json.loads(r["record_ids"]), "shards": json.loads(r["shards"])}
-                for r in rows]
+    def pending_deletions(self) -> list[DeletionRow]:
+        return [deletion_row(r) for r in self.db.query(
+            "SELECT * FROM deletions WHERE status = 'pending' ORDER BY requested_at, request_id")]
 
     def pending_shards(self) -> set[int]:
-        """Shards whose live model may still hold a deleted record: never serve from them."""
-        return {s for d in self.pending_deletions() for s in d["shards"]}
+        """Shards with a deletion acknowledged but not applied: never serve from them."""
+        return {s for d in self.pending_deletions() for s in d.shards}
 
-    def deletions(self) -> list[dict[str, Any]]:
-        rows = self.db.query("SELECT * FROM deletions ORDER BY requested_at, request_id")
-        return [{**r, "record_ids": json.loads(r["record_ids"]), "shards": json.loads(r["shards"]),
-                 "receipt": json.loads(r["receipt"]) if r["receipt"] else None} for r in rows]
+    def deletion(self, request_id: str) -> DeletionRow | None:
+        rows = list(self.db.query("SELECT * FROM deletions WHERE request_id = ?", [request_id]))
+        return deletion_row(rows[0]) if rows else None
+
+    def deletions(self) -> list[DeletionRow]:
+        return [deletion_row(r) for r in self.db.query(
+            "SELECT * FROM deletions ORDER BY requested_at, request_id")]
+
+    def deletion_count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM deletions").fetchone()[0])
 
     # -- embedding cache -------------------------------------------------------------------------
 
     def get_embeddings(self, model: str, digests: Sequence[str]) -> dict[str, bytes]:
         """Cached vectors (float32 bytes) of these input digests under one encoder fingerprint."""
-        found: dict[str, bytes] = {}
-        unique = list(dict.fromkeys(digests))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            sql = (f"SELECT input_digest, vector FROM embeddings "
-                   f"WHERE model = ? AND input_digest IN ({marks})")
-            for row in self.db.query(sql, [model, *chunk]):
-                found[row["input_digest"]] = row["vector"]
-        return found
+        sql = "SELECT input_digest, vector FROM embeddings WHERE model = ? AND input_digest IN ({marks})"
+        return {row["input_digest"]: row["vector"]
+                for row in self._chunked(sql, dict.fromkeys(digests), [model])}
 
-    def put_embeddings(self, model: str, dim: int, vectors: dict[str, bytes]) -> None:
-        rows = [{"model": model, "input_digest": d, "dim": dim, "vector": v} for d, v in vectors.items()]
-        with self.db.atomic():
-            self.db.table("embeddings").insert_all(rows, pk=("model", "input_digest"), replace=True,
-                                                   batch_size=500)
+    def put_embeddings(self, model: str, dim: int, vectors: Mapping[str, bytes]) -> None:
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO embeddings (model, input_digest, dim, vector) VALUES (?, ?, ?, ?)",
+                [(model, d, dim, v) for d, v in vectors.items()])
 
     def embedding_count(self, model: str | None = None) -> int:
         where, params = ("WHERE model = ?", [model]) if model else ("", [])
-        return int(self.db.execute(f"SELECT COUNT(*) FROM embeddings {where}", params).fetchone()[0])
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM embeddings {where}", params).fetchone()[0])
 
     def copy_embeddings_from(self, other: str | Path) -> int:
         """Seed this store's embedding cache from another store's (same keys, same vectors)."""
         other_db = Path(other) / DB_NAME
         if not other_db.is_file():
-            raise StoreError(f"no store at {str(other)!r} to copy embeddings from")
+            raise StoreNotFound(f"no store at {str(other)!r} to copy embeddings from")
         before = self.embedding_count()
-        self.db.attach("other", other_db)
+        self.conn.execute("ATTACH DATABASE ? AS other", [str(other_db)])
         try:
-            with self.db.atomic():
-                self.db.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM other.embeddings")
+            with self.transaction() as conn:
+                conn.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM other.embeddings")
         finally:
-            self.db.execute("DETACH DATABASE other")
+            self.conn.execute("DETACH DATABASE other")
         return self.embedding_count() - before
 
-    # -- checkpoints and live versions -----------------------------------------------------------
+    # -- checkpoints -----------------------------------------------------------------------------
 
-    def add_checkpoint(self, payload: ckpt.CheckpointPayload, record_count: int) -> CheckpointRow:
-        """Write a checkpoint's files atomically, then record them (idempotent by key)."""
-        relative, sha = ckpt.write_checkpoint(self.checkpoint_root, payload)
-        relative = f"{CHECKPOINT_DIR}/{relative}"  # paths in the database are relative to the root
-        row = {"key": payload.key, "shard": payload.shard, "slice": payload.slice, "path": relative,
-               "sha256": sha, "record_count": record_count, "created_at": utcnow()}
-        self.db.table("checkpoints").upsert(row, pk="key")
-        return _checkpoint_row(row)
+    def register_checkpoint(self, shard: int, version: int, key: str, slice_: int, parent: str | None,
+                            blobs: Mapping[str, bytes], weights: str,
+                            record_count: int) -> CheckpointRow | None:
+        """Write a checkpoint's files (`blobs`: name -> bytes; `weights` names the weights file),
+        then register them, if the shard is still at `version` (else the records it was trained
+        on have changed meanwhile: None is returned, and `sweep` removes the files)."""
+        self._require_lock("writing checkpoints")
+        relative = f"{CHECKPOINT_DIR}/{files.dirname(shard, slice_, key)}"
+        digests = files.write_dir(self.root, relative, blobs)
+        row = {"key": key, "shard": shard, "slice": slice_, "parent": parent, "path": relative,
+               "sha256": digests[weights], "files": json.dumps(digests, sort_keys=True),
+               "record_count": record_count, "created_at": utcnow()}
+        with self.transaction() as conn:
+            if self._versions(conn, [shard]).get(shard) == version:
+                conn.execute("INSERT OR REPLACE INTO checkpoints (key, shard, slice, parent, path, "
+                             "sha256, files, record_count, created_at) VALUES (:key, :shard, :slice, "
+                             ":parent, :path, :sha256, :files, :record_count, :created_at)", row)
+                return checkpoint_row(row)
+        return None
 
     def checkpoint(self, key: str) -> CheckpointRow | None:
         rows = list(self.db.query("SELECT * FROM checkpoints WHERE key = ?", [key]))
-        return _checkpoint_row(rows[0]) if rows else None
+        return checkpoint_row(rows[0]) if rows else None
 
     def checkpoints(self, shard: int | None = None) -> list[CheckpointRow]:
         where, params = ("WHERE shard = ?", [shard]) if shard is not None else ("", [])
-        return [_checkpoint_row(r) for r in self.db.query(
+        return [checkpoint_row(r) for r in self.db.query(
             f"SELECT * FROM checkpoints {where} ORDER BY shard, slice, key", params)]
 
-    def read_payload(self, row: CheckpointRow) -> ckpt.CheckpointPayload:
-        return ckpt.read_checkpoint(self.root / row.path, row.sha256)
+    def checkpoint_count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0])
 
-    def live(self) -> dict[int, CheckpointRow]:
-        """The live checkpoint of every shard that has one."""
-        sql = ("SELECT c.* FROM live l JOIN checkpoints c ON c.key = l.key ORDER BY l.shard")
-        return {r["shard"]: _checkpoint_row(r) for r in self.db.query(sql)}
+    def read_files(self, row: CheckpointRow, names: Sequence[str]) -> dict[str, bytes]:
+        """The verified bytes of some of a checkpoint's files."""
+        return files.read_files(self.root / row.path, row.files, names)
 
-    def swap_live(self, keys: dict[int, str], applied: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
-        """In one transaction: point shards at new live checkpoints and mark deletions applied."""
+    def verify_files(self, row: CheckpointRow) -> None:
+        """Every file of the checkpoint is present, intact, and no other file is there."""
+        files.verify_dir(self.root / row.path, row.files)
+
+    def commit(self, shards: Mapping[int, ShardCommit],
+               receipts: Mapping[str, Mapping[str, Any]] | None = None) -> Committed:
+        """In one transaction: swap the live checkpoint of every shard still at its planned
+        version, unregister its checkpoints that are no longer wanted, and mark applied, with its
+        receipt, each pending request in `receipts` whose shards are now all current. (`sweep`
+        then removes the files of what was unregistered.)"""
+        self._require_lock("committing checkpoints")
         now = utcnow()
-        with self.db.atomic():
-            for shard, key in keys.items():
-                self.db.table("live").upsert({"shard": shard, "key": key, "updated_at": now}, pk="shard")
-            for request_id, receipt in applied:
-                self.db.execute(
-                    "UPDATE deletions SET status = 'applied', applied_at = ?, receipt = ? "
-                    "WHERE request_id = ?", [now, json.dumps(receipt, sort_keys=True), request_id])
+        with self.transaction() as conn:
+            versions = self._versions(conn, shards)
+            done = {s for s, c in shards.items() if versions.get(s) == c.version}
+            dropped = 0
+            for s in sorted(done):
+                c = shards[s]
+                conn.execute("UPDATE shards SET live_key = ?, live_version = ?, updated_at = ? "
+                             "WHERE shard = ?", [c.live_key, c.version, now, s])
+                for (key,) in conn.execute("SELECT key FROM checkpoints WHERE shard = ?", [s]).fetchall():
+                    if key not in c.keep:
+                        dropped += conn.execute("DELETE FROM checkpoints WHERE key = ?", [key]).rowcount
+            current = {r[0] for r in conn.execute(
+                "SELECT shard FROM shards WHERE live_key IS NOT NULL AND live_version = version")}
+            applied = []
+            for request_id, receipt in (receipts or {}).items():
+                row = conn.execute("SELECT shards FROM deletions WHERE request_id = ? AND "
+                                   "status = 'pending'", [request_id]).fetchone()
+                if row is not None and set(json.loads(row[0])) <= current:
+                    conn.execute("UPDATE deletions SET status = 'applied', applied_at = ?, receipt = ? "
+                                 "WHERE request_id = ?",
+                                 [now, json.dumps(receipt, sort_keys=True), request_id])
+                    applied.append(request_id)
+        return Committed(done, applied, dropped)
 
     def drop_checkpoints(self, keys: Iterable[str]) -> int:
-        """Forget checkpoints that no longer match the live records (their rows, then files)."""
-        rows = [r for r in (self.checkpoint(k) for k in keys) if r is not None]
-        if not rows:
-            return 0
-        live_keys = {r.key for r in self.live().values()}
-        doomed = [r for r in rows if r.key not in live_keys]
-        with self.db.atomic():
-            for r in doomed:
-                self.db.execute("DELETE FROM checkpoints WHERE key = ?", [r.key])
-        for r in doomed:
-            ckpt.remove_checkpoint_dir(self.root, r.path)
-        return len(doomed)
+        """Unregister checkpoints (a shard whose live checkpoint goes has none until retrained);
+        `sweep` then removes their files."""
+        self._require_lock("removing checkpoints")
+        keys = list(keys)
+        with self.transaction() as conn:
+            conn.executemany("UPDATE shards SET live_key = NULL WHERE live_key = ?", [(k,) for k in keys])
+            return sum(conn.execute("DELETE FROM checkpoints WHERE key = ?", [k]).rowcount
+                       for k in keys)
+
+    def unregistered(self) -> list[str]:
+        """Files and directories under checkpoints/ that the database does not register."""
+        registered = {r[0] for r in self.conn.execute("SELECT path FROM checkpoints")}
+        return [p for p in files.entries(self.root, CHECKPOINT_DIR) if p not in registered]
+
+    def sweep(self) -> list[str]:
+        """Remove everything under checkpoints/ that the database does not register: files of
+        checkpoints a transaction unregistered, and temporaries of a write that was cut short."""
+        self._require_lock("removing files")
+        removed = self.unregistered()
+        for relative in removed:
+            files.remove(self.root, relative)
+        return removed
+

@@ -8,18 +8,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "Sisa": "sisa.api",
     "SisaConfig": "sisa.config",
     "PartitionConfig": "sisa.config",
     "TrainingConfig": "sisa.config",
+    "MLPConfig": "sisa.config",
+    "HeadConfig": "sisa.config",
+    "LoraConfig": "sisa.config",
     "ExecutionConfig": "sisa.config",
     "DataSpec": "sisa.config",
+    "training_config": "sisa.config",
+    "ClassificationTask": "sisa.tasks",
     "Ensemble": "sisa.ensemble",
+    "DeletionRequest": "sisa.unlearning",
     "DeletionReceipt": "sisa.unlearning",
-    "SyncReport": "sisa.unlearning",
+    "TrainingReport": "sisa.unlearning",
+    "AuditReport": "sisa.reports",
+    "EvaluationReport": "sisa.reports",
+    "StatusReport": "sisa.reports",
     "place": "sisa.partition",
     "SisaError": "sisa.errors",
     "ConfigError": "sisa.errors",
@@ -32,30 +41,49 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AuditReport",
     "CheckpointError",
+    "ClassificationTask",
     "ConfigError",
     "DataSpec",
     "DatasetUnavailableError",
     "DeletionReceipt",
+    "DeletionRequest",
     "Ensemble",
+    "EvaluationReport",
     "ExecutionConfig",
+    "HeadConfig",
+    "LoraConfig",
+    "MLPConfig",
     "PartitionConfig",
     "RecordError",
     "ShardTrainingError",
     "Sisa",
     "SisaConfig",
     "SisaError",
+    "StatusReport",
     "StoreError",
-    "SyncReport",
     "TrainingConfig",
+    "TrainingReport",
     "UnknownRecordError",
     "__version__",
     "place",
+    "training_config",
 ]
 
 if TYPE_CHECKING:
     from sisa.api import Sisa
-    from sisa.config import DataSpec, ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
+    from sisa.config import (
+        DataSpec,
+        ExecutionConfig,
+        HeadConfig,
+        LoraConfig,
+        MLPConfig,
+        PartitionConfig,
+        SisaConfig,
+        TrainingConfig,
+        training_config,
+    )
     from sisa.ensemble import Ensemble
     from sisa.errors import (
         CheckpointError,
@@ -68,7 +96,9 @@ if TYPE_CHECKING:
         UnknownRecordError,
     )
     from sisa.partition import place
-    from sisa.unlearning import DeletionReceipt, SyncReport
+    from sisa.reports import AuditReport, EvaluationReport, StatusReport
+    from sisa.tasks import ClassificationTask
+    from sisa.unlearning import DeletionReceipt, DeletionRequest, TrainingReport
 
 
 def __getattr__(name: str) -> Any:

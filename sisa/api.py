@@ -1,30 +1,80 @@
 """The library's front door: `Sisa` trains a store, serves it, forgets, adds, audits and reports.
 
-The CLI (and later the HTTP service) are thin shells over these methods.
+The CLI (and later the HTTP service) are thin shells over these methods. Errors of the store below
+(`shard_store`) become the matching `SisaError` here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from shard_store.checkpoints import read_checkpoint_bytes
-from shard_store.store import ShardStore
+import shard_store
+from shard_store import CheckpointRow, NewRecord, ShardStore
 from sisa import builtin
+from sisa.audit import audit
 from sisa.config import DataSpec, ExecutionConfig, SisaConfig
-from sisa.ensemble import Ensemble
-from sisa.errors import CheckpointError, ConfigError, RecordError, StoreError
-from sisa.features import EmbeddingCache
+from sisa.ensemble import Ensemble, model_version
+from sisa.errors import (
+    CheckpointError,
+    ColumnError,
+    ConfigError,
+    IncompleteStoreError,
+    InputKindError,
+    RecordError,
+    StoreError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+from sisa.features import Features
 from sisa.partition import place
 from sisa.records import Record, load_rows, paused_gc, records_from_rows
-from sisa.training import get_backend
-from sisa.training.protocol import ModelSpec
-from sisa.unlearning import DeletionManager, DeletionReceipt, Progress, SyncReport
+from sisa.reports import AuditReport, EvaluationReport, ShardStatus, StatusReport
+from sisa.tasks import ClassificationTask, ModelSpec, task_from_meta
+from sisa.training import resolve_backend
+from sisa.training.protocol import Backend
+from sisa.unlearning import (
+    DeletionManager,
+    DeletionReceipt,
+    DeletionRequest,
+    Progress,
+    TrainingReport,
+)
+
+_STORE_ERRORS: dict[type[shard_store.StoreError], type[StoreError]] = {
+    shard_store.StoreNotFound: StoreNotFoundError,
+    shard_store.StoreExists: StoreExistsError,
+    shard_store.StoreIncomplete: IncompleteStoreError,
+    shard_store.CheckpointFileError: CheckpointError,
+}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except shard_store.StoreError as exc:
+        raise _STORE_ERRORS.get(type(exc), StoreError)(str(exc)) from exc
+
+
+def _mapped(method: Callable[P, R]) -> Callable[P, R]:
+    """The boundary: errors of the store become the matching `SisaError`."""
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _store_errors():
+            return method(*args, **kwargs)
+    return wrapper
 
 
 def resolve_source(source: Any, spec: DataSpec | None) -> tuple[list[dict[str, Any]], DataSpec]:
@@ -33,21 +83,12 @@ def resolve_source(source: Any, spec: DataSpec | None) -> tuple[list[dict[str, A
         rows, builtin_spec = builtin.load_builtin(str(source))
         return rows, spec or builtin_spec
     if spec is None:
-        raise RecordError(
-            "name the columns (--id-column, --label-column, --text-column or --feature-columns)"
-        )
+        raise ColumnError("name the data's columns (a DataSpec): its id, label and text or features")
     return load_rows(source, spec), spec
 
 
-def _sort_classes(labels: set[str]) -> list[str]:
-    try:
-        return sorted(labels, key=lambda x: (float(x), x))
-    except ValueError:
-        return sorted(labels)
-
-
-def _placed_rows(records: Sequence[Record], config: SisaConfig,
-                 known_groups: dict[str, int] | None = None) -> list[dict[str, Any]]:
+def _placed(records: Sequence[Record], config: SisaConfig,
+            known_groups: dict[str, int] | None = None) -> list[NewRecord]:
     """Placement of every record; a group whose records would straddle shards is an error."""
     p = config.partition
     rows = []
@@ -61,9 +102,8 @@ def _placed_rows(records: Sequence[Record], config: SisaConfig,
                           dedicated_shards=p.dedicated_shards)
             if r.group is not None and group_shard.setdefault(r.group, where.shard) != where.shard:
                 straddling.add(r.group)
-            rows.append({"id": r.id, "group_id": r.group, "digest": r.digest, "shard": where.shard,
-                         "slice": where.slice, "order_key": where.order, "payload": r.payload(),
-                         "features": r.features, "input_digest": r.input_digest})
+            rows.append(NewRecord(r.id, r.group, r.digest, where.shard, where.slice, where.order,
+                                  r.target, r.text, r.features, r.prior, r.input_digest))
     if straddling:
         raise RecordError(
             "with dedicated_shards placement every record of a group needs the same prior side of "
@@ -73,32 +113,40 @@ def _placed_rows(records: Sequence[Record], config: SisaConfig,
 
 
 class Sisa:
-    """A SISA store on disk: create it with `Sisa.train`, reopen it with `Sisa.open`."""
+    """A SISA store on disk: create it with `Sisa.train`, reopen it with `Sisa.open`.
 
-    def __init__(self, store: ShardStore, config: SisaConfig, progress: Progress | None = None):
+    Fitted state, read from the store: `classes_`; `training_report_` after `train`;
+    `recovered_`, the receipts of deletions that opening it finished."""
+
+    def __init__(self, store: ShardStore, execution: ExecutionConfig | None = None,
+                 progress: Progress | None = None, backend: Backend | None = None) -> None:
+        """Open the task, backend and deletion manager of a store (`backend`: one resolved
+        already for this store's config)."""
         self.store = store
-        self.config = config
-        meta_spec = store.get_meta("data_spec")
-        if meta_spec is None:
-            raise StoreError(f"store {str(store.root)!r} has no data spec; it was never trained")
-        self.data_spec = DataSpec(**meta_spec)
-        self.classes: list[str] = store.get_meta("classes")
-        self.model_spec = ModelSpec(**store.get_meta("model_spec"))
-        self.backend = get_backend(config.training.backend)(config.training, self.model_spec)
-        encoder = self.backend.encoder()
-        self.features = EmbeddingCache(store, encoder, progress) if encoder is not None else None
-        transform = self.features.vectors if self.features is not None else None
-        spec = self.data_spec
-        self.manager = DeletionManager(
-            store, config, self.model_spec, self.classes, progress, transform=transform,
-            fingerprint=self.backend.fingerprint(),
-            feature_dim=len(spec.feature_columns) if spec.kind == "features" else None)
+        config = SisaConfig.from_dict(store.get_meta("config"))
+        self.config = config if execution is None else config.replace(execution=execution)
+        self.data_spec = DataSpec(**store.get_meta("data_spec"))
+        self.task = task_from_meta(store.get_meta("task"))
+        self.backend = backend or resolve_backend(self.config.training,
+                                                  ModelSpec(**store.get_meta("model_spec")))
+        self.features = Features(store, self.backend.encoder, progress)
+        fingerprint = self.backend.fingerprint()
+        digest = self.config.digest() if not fingerprint else \
+            _digest(f"{self.config.digest()}/{fingerprint}")
+        self.manager = DeletionManager(store, self.task, self.backend, self.features, self.config,
+                                       digest, progress)
         self._ensemble: Ensemble | None = None
-        self.recovered: list[DeletionReceipt] = []  # receipts of deletions finished on open
+        self.training_report_ = TrainingReport()  # what `train` did (nothing, for a store opened)
+        self.recovered_: list[DeletionReceipt] = []
+
+    @property
+    def classes_(self) -> list[str]:
+        return list(self.task.classes)
 
     # -- creation and opening --------------------------------------------------------------------
 
     @classmethod
+    @_mapped
     def train(
         cls,
         store_dir: str | Path,
@@ -107,69 +155,52 @@ class Sisa:
         spec: DataSpec | None = None,
         progress: Progress | None = None,
         embeddings_from: str | Path | None = None,
-    ) -> tuple[Sisa, SyncReport]:
-        """Validate the data, create the store, and train every shard from scratch.
-
-        `embeddings_from` seeds the embedding cache from another store (same keys, same vectors),
-        so a second store on the same texts never re-encodes them."""
+    ) -> Sisa:
+        """Validate the data, create the store, and train every shard from scratch; the report is
+        `training_report_`. `embeddings_from` seeds the embedding cache from another store (same
+        keys, same vectors), so a second store on the same texts never re-encodes them."""
         rows, spec = resolve_source(source, spec)
         records = records_from_rows(rows, spec)
-        placed = _placed_rows(records, config)
-        classes = _sort_classes({r.label for r in records})
-        if len(classes) < 2:
-            raise RecordError(f"need at least two classes to train, found {classes}")
-        model_spec = ModelSpec(
-            num_classes=len(classes),
-            input_dim=len(spec.feature_columns) if spec.kind == "features" else None,
-        )
-        # Build the backend before writing anything: a bad model or config fails here. It also
-        # resolves the input width (an encoder's embedding size for the head backend).
-        backend_cls = get_backend(config.training.backend)
-        if backend_cls.input_kind != spec.kind:
-            need = "a --text-column" if backend_cls.input_kind == "text" else "numeric --feature-columns"
-            raise ConfigError(
+        if config.training.input_kind != spec.kind:
+            need = "a text column" if config.training.input_kind == "text" else "numeric feature columns"
+            raise InputKindError(
                 f"backend {config.training.backend!r} needs {need}; the data has "
-                f"{'a text column' if spec.kind == 'text' else 'feature columns'} (for text use the "
-                "'head' or 'lora' backend, for numeric features the 'mlp' backend)"
-            )
-        backend = backend_cls(config.training, model_spec)
-        backend.fingerprint()  # resolves the base model: a missing one fails before any write
-        model_spec = backend.spec
-        store = ShardStore.create(store_dir)
+                f"{'a text column' if spec.kind == 'text' else 'feature columns'}")
+        task = ClassificationTask.fit([r.target for r in records])
+        # Build the backend before writing anything: a bad model fails here. It also resolves the
+        # input width (an encoder's embedding size for the head backend).
+        backend = resolve_backend(config.training, task.model_spec(
+            len(spec.feature_columns) if spec.kind == "features" else None))
+        backend.fingerprint()
+        placed = _placed(records, config)
+        meta = {"config": config.to_dict(), "data_spec": spec.to_dict(), "task": task.to_meta(),
+                "model_spec": dataclasses.asdict(backend.spec)}
+        store = ShardStore.create(store_dir, meta, placed, config.partition.shards)
         if embeddings_from is not None:
             store.copy_embeddings_from(embeddings_from)
-        with store.db.atomic():
-            store.set_meta("config", config.to_dict())
-            store.set_meta("data_spec", dataclasses.asdict(spec))
-            store.set_meta("classes", classes)
-            store.set_meta("model_spec", dataclasses.asdict(model_spec))
-        sisa = cls(store, config, progress)
-        with store.writer():
-            versions = store.insert_records(placed)
-            sisa.manager.records_added(versions, placed, records, whole_store=True)
-            del rows, records, placed
-            # Ingestion made and dropped millions of tracked objects: collect them once now,
-            # rather than have the cycle collector walk them again and again during training.
-            gc.collect()
-            report = sisa.manager.sync(range(config.partition.shards), description="training shards")
-        return sisa, report
+        sisa = cls(store, config.execution, progress, backend)
+        sisa.manager.keep_records(records, placed)
+        del rows, records, placed
+        # Ingestion made and dropped millions of tracked objects: collect them once now, rather
+        # than have the cycle collector walk them again and again during training.
+        gc.collect()
+        sisa.training_report_ = sisa.manager.update("training shards")[0]
+        return sisa
 
     @classmethod
-    def open(
-        cls,
-        store_dir: str | Path,
-        execution: ExecutionConfig | None = None,
-        progress: Progress | None = None,
-        recover: bool = True,
-    ) -> Sisa:
-        """Open a store; with `recover`, finish any deletion or addition a crash interrupted."""
-        store = ShardStore.open(store_dir)
-        config = SisaConfig.from_dict(store.get_meta("config"))
-        if execution is not None:
-            config = config.replace(execution=execution)
-        sisa = cls(store, config, progress)
+    @_mapped
+    def open(cls, store_dir: str | Path, execution: ExecutionConfig | None = None,
+             progress: Progress | None = None, recover: bool = True) -> Sisa:
+        """Open a store. With `recover` (a writer), finish whatever a crash interrupted (the
+        receipts are `recovered_`); without, only remove files a crash left unregistered, if no
+        writer is at work."""
+        sisa = cls(ShardStore.open(store_dir), execution, progress)
         if recover:
-            sisa.recover()
+            sisa.recovered_ = sisa.recover()
+        else:
+            with sisa.store.writer(wait=False) as locked:
+                if locked:
+                    sisa.store.sweep()
         return sisa
 
     def close(self) -> None:
@@ -181,44 +212,70 @@ class Sisa:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- changes ---------------------------------------------------------------------------------
+    # -- the deletion lifecycle ------------------------------------------------------------------
 
+    @_mapped
+    def request_deletion(self, ids: Sequence[str] | None = None,
+                         group: str | None = None) -> DeletionRequest:
+        """Acknowledge a deletion of records by id, or of a whole group: durable when this returns,
+        before any training; the affected shards stop serving until it is applied."""
+        return self.manager.request_deletion(ids, group)
+
+    @_mapped
+    def pending(self) -> list[DeletionRequest]:
+        """Deletions acknowledged but not applied."""
+        return self.manager.pending()
+
+    @_mapped
+    def clean_shards(self) -> set[int]:
+        """Shards with no acknowledged deletion pending against them (any process may ask)."""
+        return self.manager.clean_shards()
+
+    @_mapped
+    def apply_pending(self) -> list[DeletionReceipt]:
+        """Retrain the shards of every pending deletion and swap them in; returns the receipts."""
+        return self.manager.apply_pending()
+
+    @_mapped
     def forget(self, record_ids: Sequence[str]) -> DeletionReceipt:
-        """Forget records by id; returns once the affected shards are retrained and swapped."""
-        self._ensemble = None
-        with self.store.writer():
-            return self.manager.forget(record_ids)
+        """Forget records by id: acknowledge, then apply; returns once the affected shards are
+        retrained and swapped in."""
+        return self._forget(self.manager.request_deletion(ids=record_ids))
 
+    @_mapped
     def forget_group(self, group_id: str) -> DeletionReceipt:
         """Forget every record of a group (e.g. a user)."""
-        self._ensemble = None
-        with self.store.writer():
-            return self.manager.forget_group(group_id)
+        return self._forget(self.manager.request_deletion(group=group_id))
 
-    def add(self, source: Any) -> SyncReport:
+    def _forget(self, request: DeletionRequest) -> DeletionReceipt:
+        if not request.request_id:
+            return DeletionReceipt("", [], request.already_deleted, [], 0, 0.0, {}, {})
+        self.manager.apply_pending()
+        row = self.store.deletion(request.request_id)
+        if row is None or row.receipt is None:
+            raise StoreError(f"deletion {request.request_id} was not applied")
+        receipt = DeletionReceipt(**row.receipt)
+        return dataclasses.replace(receipt, already_deleted=request.already_deleted)
+
+    @_mapped
+    def add(self, source: Any) -> TrainingReport:
         """Add new records; each affected shard retrains from its earliest affected slice."""
         rows, _ = resolve_source(source, self.data_spec)
         records = records_from_rows(rows, self.data_spec)
         existing = self.store.find_records([r.id for r in records])
         problems = []
         if existing:
-            clash = sorted(existing)[:10]
-            problems.append(f"ids already in the store (live or deleted): {clash}")
-        unknown_labels = sorted({r.label for r in records} - set(self.classes))
-        if unknown_labels:
-            problems.append(f"labels {unknown_labels} are not among the store's classes {self.classes}")
+            problems.append(f"ids already in the store (live or deleted): {sorted(existing)[:10]}")
+        problems += self.task.check_new([r.target for r in records])
         if problems:
             raise RecordError("cannot add records (nothing was written): " + "; ".join(problems))
         groups = sorted({r.group for r in records if r.group is not None})
-        placed = _placed_rows(records, self.config, self.store.group_shards(groups))
-        self._ensemble = None
+        placed = _placed(records, self.config, self.store.group_shards(groups))
         with self.store.writer():
-            versions = self.store.insert_records(placed)
-            self.manager.records_added(versions, placed, records, whole_store=False)
-            shards = sorted({r["shard"] for r in placed})
-            return self.manager.sync(shards, description="retraining shards")
+            return self.manager.add(placed)
 
-    def repair(self, shards: Sequence[int] | None = None, from_scratch: bool = False) -> SyncReport:
+    @_mapped
+    def repair(self, shards: Sequence[int] | None = None, from_scratch: bool = False) -> TrainingReport:
         """Retrain shards (default: all) from their first missing or damaged checkpoint, or from
         scratch; the result is bit-identical to what the store held before the damage."""
         count = self.config.partition.shards
@@ -226,162 +283,101 @@ class Sisa:
         bad = [s for s in wanted if not 0 <= s < count]
         if bad:
             raise ConfigError(f"no shard(s) {bad} in this store: it has shards 0..{count - 1}")
-        self._ensemble = None
-        with self.store.writer():
-            return self.manager.repair(wanted, from_scratch)
+        return self.manager.repair(wanted, from_scratch)
 
+    @_mapped
     def recover(self) -> list[DeletionReceipt]:
-        """Finish deletions and additions a crash interrupted; returns the deletions' receipts."""
-        self._ensemble = None
-        with self.store.writer():
-            self.recovered = self.manager.recover()
-        return self.recovered
+        """Finish what a crash interrupted (deletions, additions, training, files left over);
+        returns the receipts of the deletions applied."""
+        return self.manager.apply_pending()
 
     # -- serving ---------------------------------------------------------------------------------
 
-    def servable_shards(self) -> dict[int, Any]:
+    def servable_shards(self) -> dict[int, CheckpointRow]:
         """Live checkpoints that may serve: non-empty, and with no deletion pending."""
         pending = self.store.pending_shards()
         return {s: row for s, row in self.store.live().items()
                 if s not in pending and row.record_count > 0}
 
+    @_mapped
     def ensemble(self) -> Ensemble:
-        if self._ensemble is None:
-            payloads = {s: self.store.read_payload(row) for s, row in self.servable_shards().items()}
-            transform = self.features.vectors if self.features is not None else None
-            self._ensemble = Ensemble(self.config, self.model_spec, payloads, transform=transform)
+        """The servable shards' models, reloaded when the store's live checkpoints change."""
+        servable = self.servable_shards()
+        version = model_version({s: row.sha256 for s, row in servable.items()})
+        if self._ensemble is None or self._ensemble.version != version:
+            checkpoints = {s: self.manager.read_checkpoint(row.key, row) for s, row in servable.items()}
+            self._ensemble = Ensemble(self.backend, self.features, checkpoints,
+                                      self.config.partition.seed)
         return self._ensemble
 
     def load_inputs(self, source: Any) -> tuple[list[str], list[Any], list[str | None]]:
         """Ids, model inputs and (where present) labels of records to predict on."""
         rows, _ = resolve_source(source, self.data_spec)
-        spec = self.data_spec
-        if rows and spec.label_column not in rows[0]:
-            rows = [{**r, spec.label_column: "?"} for r in rows]  # labels are optional here
-            records = records_from_rows(rows, spec)
-            return [r.id for r in records], [r.input for r in records], [None] * len(records)
-        records = records_from_rows(rows, spec)
-        return [r.id for r in records], [r.input for r in records], [r.label for r in records]
+        records = records_from_rows(rows, self.data_spec, require_target=False)
+        return [r.id for r in records], [r.input for r in records], [r.target for r in records]
 
     def predict_proba(self, inputs: list[Any]) -> np.ndarray:
-        return self.ensemble().predict_proba(inputs)
+        """Class probabilities (columns in `classes_` order); argmax is always `predict`."""
+        return self.task.predict_proba(self.ensemble().shard_proba(inputs), self.config.voting)
 
     def predict(self, inputs: list[Any]) -> list[str]:
-        return [self.classes[i] for i in self.ensemble().predict(inputs)]
+        indices = self.task.predict(self.ensemble().shard_proba(inputs), self.config.voting)
+        return [self.task.classes[i] for i in indices]
 
-    def evaluate(self, source: Any) -> dict[str, Any]:
+    @_mapped
+    def evaluate(self, source: Any) -> EvaluationReport:
         """Accuracy and macro-F1 of the ensemble (soft and hard voting) and of each shard."""
-        from sklearn.metrics import f1_score
-
         _, inputs, labels = self.load_inputs(source)
-        if any(label is None for label in labels):
-            raise RecordError("evaluation data needs a label column")
-        index = {c: i for i, c in enumerate(self.classes)}
-        unknown = sorted({str(lbl) for lbl in labels} - set(index))
-        if unknown:
-            raise RecordError(f"labels {unknown} are not among the store's classes {self.classes}")
-        y = np.array([index[str(lbl)] for lbl in labels])
-        ens = self.ensemble()
-        per_shard = ens.shard_proba(inputs)
-
-        def scores(pred: np.ndarray) -> dict[str, float]:
-            return {"accuracy": float((pred == y).mean()),
-                    "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
-
-        return {
-            "examples": len(y),
-            "voting": self.config.voting,
-            "ensemble": scores(Ensemble.decide(per_shard, self.config.voting)),
-            "ensemble_soft": scores(Ensemble.decide(per_shard, "soft")),
-            "ensemble_hard": scores(Ensemble.decide(per_shard, "hard")),
-            "shards": {str(s): scores(p.argmax(-1)) for s, p in per_shard.items()},
-        }
+        y = self.task.labels(labels)
+        return self.task.evaluate(self.ensemble().shard_proba(inputs), y, self.config.voting)
 
     # -- reporting -------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    @_mapped
+    def status(self) -> StatusReport:
+        shards = self.store.shards()
         live = self.store.live()
         counts = self.store.record_counts()
         pending = self.store.pending_deletions()
-        pending_shards = {s for d in pending for s in d["shards"]}
-        shards = []
-        for s in range(self.config.partition.shards):
+        pending_shards = {s for d in pending for s in d.shards}
+        rows = []
+        for s, state in shards.items():
             row = live.get(s)
             c = counts.get(s, {"live": 0, "deleted": 0})
-            shards.append({
-                "shard": s,
-                "live_slice": row.slice if row else None,
-                "checkpoint_key": row.key if row else None,
-                "weights_path": str(self.store.root / row.path / "weights.safetensors") if row else None,
-                "sha256": row.sha256 if row else None,
-                "live_records": c["live"],
-                "deleted_records": c["deleted"],
-                "deletion_pending": s in pending_shards,
-            })
-        return {
-            "store": str(self.store.root),
-            "config": self.config.to_dict(),
-            "config_digest": self.config.digest(),
-            "classes": self.classes,
-            "live_records": sum(s["live_records"] for s in shards),
-            "deleted_records": sum(s["deleted_records"] for s in shards),
-            "deletion_requests": len(self.store.deletions()),
-            "pending_deletions": [d["request_id"] for d in pending],
-            "checkpoints": len(self.store.checkpoints()),
-            "embeddings_cached": self.store.embedding_count(),
-            "shards": shards,
-        }
+            rows.append(ShardStatus(
+                shard=s,
+                live_slice=row.slice if row else None,
+                checkpoint_key=row.key if row else None,
+                weights_path=str(self.store.root / row.path / "weights.safetensors") if row else None,
+                sha256=row.sha256 if row else None,
+                live_records=c["live"],
+                deleted_records=c["deleted"],
+                deletion_pending=s in pending_shards,
+                current=state.current,
+            ))
+        return StatusReport(
+            store=str(self.store.root),
+            config=self.config.to_dict(),
+            config_digest=self.config.digest(),
+            task=self.task.to_meta(),
+            live_records=sum(r.live_records for r in rows),
+            deleted_records=sum(r.deleted_records for r in rows),
+            deletion_requests=self.store.deletion_count(),
+            pending_deletions=[d.request_id for d in pending],
+            clean_shards=sorted(set(shards) - pending_shards),
+            checkpoints=self.store.checkpoint_count(),
+            embeddings_cached=self.store.embedding_count(),
+            shards=rows,
+            model_version=model_version({s: r.sha256 for s, r in self.servable_shards().items()}),
+        )
 
-    def audit(self) -> dict[str, Any]:
-        """Verify every checkpoint's sha256; no checkpoint may hold a deleted record, and every
-        live checkpoint must match its shard's current records."""
-        self.manager.data.clear()  # check against what the store holds, not what was loaded
-        deleted = self.store.deleted_ids()
-        live = self.store.live()
-        live_keys = {row.key: s for s, row in live.items()}
-        expected = {p.shard: p.schedule.keys[-1]
-                    for p in self.manager.plan(range(self.config.partition.shards))}
-        violations: list[dict[str, Any]] = []
+    @_mapped
+    def audit(self) -> AuditReport:
+        """Verify every checkpoint's files and manifest, that none holds a deleted record, that
+        each live checkpoint matches its shard's records, and that nothing unregistered is on
+        disk."""
+        return audit(self.manager)
 
-        def flag(row: Any, problem: str) -> None:
-            violations.append({"shard": row.shard, "slice": row.slice, "key": row.key,
-                               "path": str(self.store.root / row.path), "problem": problem})
 
-        checked = 0
-        rows = self.store.checkpoints()
-        parents: dict[str, str | None] = {}
-        for row in rows:
-            checked += 1
-            try:
-                _, manifest = read_checkpoint_bytes(self.store.root / row.path, row.sha256)
-            except CheckpointError as exc:
-                flag(row, str(exc))
-                continue
-            parents[row.key] = manifest.get("parent")
-            # Format 1 listed [id, digest] pairs of slices 0..k; format 2 the ids slice k added.
-            held = {r[0] if isinstance(r, list) else r for r in manifest.get("records", [])} & deleted
-            if held:
-                flag(row, f"holds {len(held)} deleted record(s), e.g. {sorted(held)[:3]}")
-            if manifest.get("key") != row.key:
-                flag(row, f"manifest key {manifest.get('key')!r} differs from the recorded key")
-            if row.key in live_keys and expected.get(row.shard) != row.key:
-                flag(row, "live checkpoint does not match the shard's current records")
-        # A checkpoint lists only the records its own slice added: the rest are in its parents,
-        # which must all be present (and were checked above).
-        known = {row.key for row in rows}
-        for row in live.values():
-            key: str | None = row.key
-            while key is not None and key in parents:
-                key = parents[key]
-                if key is not None and key not in known:
-                    flag(row, f"parent checkpoint {key} is missing: the records it trained on "
-                              "cannot be accounted for")
-        for s in range(self.config.partition.shards):
-            if s not in live:
-                violations.append({"shard": s, "slice": None, "key": None, "path": None,
-                                   "problem": "shard has no live checkpoint"})
-        for d in self.store.pending_deletions():
-            violations.append({"shard": None, "slice": None, "key": None, "path": None,
-                               "problem": f"deletion {d['request_id']} is pending on shards "
-                                          f"{d['shards']}; run `sisa recover`"})
-        return {"ok": not violations, "checkpoints_checked": checked, "violations": violations}
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -93,6 +93,15 @@ BUILTINS: dict[str, Callable[[], tuple[list[dict[str, Any]], DataSpec]]] = {
 }
 
 
+def stable_subset(rows: list[dict[str, Any]], id_column: str, limit: int | None) -> list[dict[str, Any]]:
+    """The `limit` rows with the smallest id hashes: a stable subset, whatever the row order
+    (`limit` None: all of them)."""
+    if limit is None or limit >= len(rows):
+        return rows
+    key = lambda r: hashlib.blake2b(str(r[id_column]).encode(), digest_size=8).digest()  # noqa: E731
+    return sorted(rows, key=key)[:limit]
+
+
 def is_builtin(source: object) -> bool:
     return isinstance(source, str) and source.startswith(PREFIX)
 

@@ -1,75 +1,47 @@
-"""Stage 5 of the pipeline: the aggregator over every servable shard's live checkpoint.
+"""Stage 5 of the pipeline: the shard models that may serve, loaded once, scored together.
 
-Soft voting averages the shards' class probabilities; hard voting takes the majority of their
-predicted classes (ties broken by the mean probability), like scikit-learn's VotingClassifier.
-The backend's scorer evaluates all shards (for LoRA: one base model, one mixed-adapter pass).
+An ensemble holds the live checkpoint of every servable shard (non-empty, no deletion pending) and
+scores a batch for all of them (for LoRA: one base model, one mixed-adapter pass). Its `version` is
+a digest of the checkpoints it holds, so a caller can tell when the store has moved on. What the
+shards' outputs mean (votes, a next-token mixture) is the task's business.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from shard_store.checkpoints import CheckpointPayload
-from sisa.config import SisaConfig, Voting
-from sisa.errors import StoreError
-from sisa.training import get_backend
-from sisa.training.protocol import ModelSpec
-from sisa.training.shard_trainer import init_seed, payload_state
+from sisa.checkpoint import Checkpoint
+from sisa.errors import NoServableShardError
+from sisa.features import Features
+from sisa.training.protocol import Backend
+from sisa.training.shard_trainer import init_seed
+
+
+def model_version(live: Mapping[int, str]) -> str:
+    """Digest of the (shard, weights sha256) pairs that serve: the model's version."""
+    text = ";".join(f"{s}:{sha}" for s, sha in sorted(live.items()))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 class Ensemble:
-    """Shard models loaded once; `predict_proba` / `predict` over any batch of inputs."""
+    """Shard models loaded once; `shard_proba` scores any batch of inputs on every shard."""
 
-    def __init__(
-        self,
-        config: SisaConfig,
-        spec: ModelSpec,
-        checkpoints: Mapping[int, CheckpointPayload],
-        voting: Voting | None = None,
-        transform: Callable[[list[Any]], Any] | None = None,
-    ) -> None:
+    def __init__(self, backend: Backend, features: Features, checkpoints: Mapping[int, Checkpoint],
+                 seed: int) -> None:
         if not checkpoints:
-            raise StoreError(
-                "no shard can serve: every shard is empty or has a deletion pending "
-                "(run `sisa recover`)"
-            )
-        self.config = config
-        self.spec = spec
-        self.voting: Voting = voting or config.voting
-        self.transform = transform  # e.g. texts -> cached frozen-encoder embeddings
-        self.backend = get_backend(config.training.backend)(config.training, spec)
-        states = {s: payload_state(p) for s, p in sorted(checkpoints.items())}
-        self.scorer = self.backend.scorer(states, init_seed(config.partition.seed, min(states)))
+            raise NoServableShardError(
+                "no shard can serve: every shard is empty or has a deletion pending")
+        self.backend = backend
+        self.features = features
+        states = {s: (c.tensors(), c.manifest.state) for s, c in sorted(checkpoints.items())}
+        self.scorer = backend.scorer(states, init_seed(seed, min(states)))
         self.shards = sorted(states)
+        self.version = model_version({s: c.sha256 for s, c in checkpoints.items()})
 
     def shard_proba(self, inputs: list[Any]) -> dict[int, np.ndarray]:
         """Each shard's class probabilities, shape (n, num_classes)."""
-        model_inputs = self.transform(inputs) if self.transform is not None else inputs
-        return self.scorer.shard_proba(self.backend.prepare(model_inputs))
-
-    @staticmethod
-    def aggregate(per_shard: Mapping[int, np.ndarray], voting: Voting) -> np.ndarray:
-        stacked = np.stack(list(per_shard.values()))  # (shards, n, classes)
-        if voting == "soft":
-            return stacked.mean(axis=0)
-        classes = stacked.shape[-1]
-        votes = np.eye(classes)[stacked.argmax(axis=-1)].sum(axis=0)  # (n, classes)
-        return votes / stacked.shape[0]
-
-    @staticmethod
-    def decide(per_shard: Mapping[int, np.ndarray], voting: Voting) -> np.ndarray:
-        """Predicted class indices; hard-vote ties go to the higher mean probability."""
-        proba = Ensemble.aggregate(per_shard, voting)
-        if voting == "hard":
-            # Vote fractions differ by >= 1/S; the added term is < 1/(S+1), so it only breaks ties.
-            proba = proba + Ensemble.aggregate(per_shard, "soft") / (len(per_shard) + 1)
-        return np.asarray(proba.argmax(axis=-1))
-
-    def predict_proba(self, inputs: list[Any]) -> np.ndarray:
-        return self.aggregate(self.shard_proba(inputs), self.voting)
-
-    def predict(self, inputs: list[Any]) -> np.ndarray:
-        return self.decide(self.shard_proba(inputs), self.voting)
+        return self.scorer.shard_proba(self.backend.prepare(self.features.model_inputs(inputs)))

@@ -1,16 +1,27 @@
 """Error hierarchy: every error sisa raises is a `SisaError`.
 
 Subclasses also inherit the matching built-in, so `except KeyError` keeps working, and every class
-pickles across Ray processes (fields travel through `__reduce__`).
+pickles across Ray processes (fields travel through `__reduce__`). Messages name the bad value and
+what is wrong; the CLI adds the command that fixes it (see `sisa.cli.HINTS`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+MAX_NAMED = 10  # values quoted in one message before "... and N more"
+
+
+def name_some(items: Iterable[Any], limit: int = MAX_NAMED, quote: bool = False) -> str:
+    """Up to `limit` items, comma-separated, then "... and N more"."""
+    items = list(items)
+    shown = ", ".join(repr(i) if quote else str(i) for i in items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 class SisaError(Exception):
-    """Base class of every error raised by sisa and shard_store."""
+    """Base class of every error raised by sisa."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, self.args)
@@ -20,8 +31,16 @@ class ConfigError(SisaError, ValueError):
     """A configuration value is invalid; the message quotes it."""
 
 
+class InputKindError(ConfigError):
+    """The backend needs the other kind of input (a text column, or numeric feature columns)."""
+
+
 class RecordError(SisaError, ValueError):
     """Input records are malformed: duplicate, empty or missing ids, missing labels, bad columns."""
+
+
+class ColumnError(RecordError):
+    """The input lacks a column the data spec names, or the data spec names none."""
 
 
 class UnknownRecordError(SisaError, KeyError):
@@ -35,12 +54,28 @@ class StoreError(SisaError, RuntimeError):
     """The store on disk is missing, of another version, or inconsistent."""
 
 
+class StoreNotFoundError(StoreError):
+    """There is no store at the given path."""
+
+
+class StoreExistsError(StoreError):
+    """A store (or other content) is already where a new store should go."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store's creation was interrupted; creating it again replaces it."""
+
+
+class NoServableShardError(StoreError):
+    """Every shard is empty, or has a deletion pending: the ensemble has nothing to serve."""
+
+
 class CheckpointError(StoreError):
     """A checkpoint file is missing, malformed, or does not match its recorded sha256."""
 
 
 class DatasetUnavailableError(SisaError, RuntimeError):
-    """A built-in data set's package is not installed; the message says how to install it."""
+    """A built-in data set's or model's package is not installed; the message says how to install it."""
 
 
 class ShardTrainingError(SisaError, RuntimeError):

@@ -1,8 +1,9 @@
 """Stage 4 of the pipeline: runs shard jobs in-process or as one Ray task per shard.
 
 This is the only module that imports `ray`. Jobs and results travel by value (Ray's object store),
-so a task never needs the driver's filesystem. A failing shard is retried; the error that finally
-surfaces names the shard and carries the original traceback.
+so a task never needs the driver's filesystem. Results are yielded as shards finish, so the caller
+can store each one at once. A failing shard is retried; the error that finally surfaces names the
+shard and carries the original traceback.
 """
 
 from __future__ import annotations
@@ -12,48 +13,42 @@ import os
 import re
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from sisa.config import ExecutionConfig
 from sisa.errors import ShardTrainingError
+from sisa.training.protocol import Backend
 from sisa.training.shard_trainer import ShardJob, ShardResult, train_shard
 
-OnDone = Callable[[ShardResult], None]
 
-
-def run_jobs(
-    jobs: Sequence[ShardJob], execution: ExecutionConfig, on_done: OnDone | None = None
-) -> list[ShardResult]:
-    """Train every job; results come back in job order. `on_done` sees each as it finishes."""
+def run_jobs(jobs: Sequence[ShardJob], execution: ExecutionConfig,
+             backend: Backend | None = None) -> Iterator[ShardResult]:
+    """Train every job, yielding each result as its shard finishes. `backend` (the driver's) serves
+    in-process jobs; Ray tasks resolve their own."""
     if not jobs:
-        return []
+        return
     if execution.executor == "ray":
-        return _run_ray(jobs, execution, on_done)
-    return _run_local(jobs, execution, on_done)
+        yield from _run_ray(jobs, execution)
+    else:
+        yield from _run_local(jobs, execution, backend)
 
 
-def _run_local(
-    jobs: Sequence[ShardJob], execution: ExecutionConfig, on_done: OnDone | None
-) -> list[ShardResult]:
-    results = []
+def _run_local(jobs: Sequence[ShardJob], execution: ExecutionConfig,
+               backend: Backend | None) -> Iterator[ShardResult]:
     for job in jobs:
         attempts = 0
         while True:
             attempts += 1
             try:
-                result = train_shard(job)
+                result = train_shard(job, backend)
                 break
             except Exception:  # retried, then surfaced with the shard and the traceback
                 if attempts > execution.max_retries:
                     raise ShardTrainingError(job.shard, attempts, traceback.format_exc()) from None
-        result = ShardResult(result.shard, result.checkpoints, result.samples, result.seconds,
-                             attempts=attempts, node="local")
-        if on_done is not None:
-            on_done(result)
-        results.append(result)
-    return results
+        yield replace(result, attempts=attempts, node="local")
 
 
 def default_ray_temp_dir() -> str:
@@ -91,17 +86,14 @@ def _ray_task(job: ShardJob) -> ShardResult:
     import ray
 
     result = train_shard(job)
-    node = ray.get_runtime_context().get_node_id()
-    return ShardResult(result.shard, result.checkpoints, result.samples, result.seconds, node=node)
+    return replace(result, node=ray.get_runtime_context().get_node_id())
 
 
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours its tracebacks for terminals
 
 
-def _run_ray(
-    jobs: Sequence[ShardJob], execution: ExecutionConfig, on_done: OnDone | None
-) -> list[ShardResult]:
+def _run_ray(jobs: Sequence[ShardJob], execution: ExecutionConfig) -> Iterator[ShardResult]:
     with ray_runtime(execution) as ray:
         remote = ray.remote(_ray_task).options(
             num_cpus=execution.cpus_per_shard,
@@ -111,19 +103,16 @@ def _run_ray(
             retry_exceptions=True,
         )
         pending = {remote.remote(job): job for job in jobs}
-        by_shard: dict[int, ShardResult] = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            job = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
-                for other in pending:
-                    ray.cancel(other)
-                text = "Traceback (from the Ray task):\n" + _plain(str(exc))
-                raise ShardTrainingError(job.shard, execution.max_retries + 1, text) from None
-            by_shard[job.shard] = result
-            if on_done is not None:
-                on_done(result)
-        return [by_shard[job.shard] for job in jobs]
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as exc:
+                    text = "Traceback (from the Ray task):\n" + _plain(str(exc))
+                    raise ShardTrainingError(job.shard, execution.max_retries + 1, text) from None
+                yield result
+        finally:
+            for ref in pending:  # an error, or the caller stopped early
+                ray.cancel(ref)

@@ -68,8 +68,7 @@ def model_fingerprint(name: str) -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _FINGERPRINT_FILES):
         h.update(str(path.relative_to(root)).encode() + b"\0")
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            hashlib.file_digest(f, lambda: h)  # reads in chunks into the running digest
     return h.hexdigest()
 
 

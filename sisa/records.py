@@ -1,7 +1,8 @@
 """Stage 1 of the pipeline: read input records (through `datasets`) and validate them.
 
-Every record gets a stable string id, an optional group id, a label, its input (a text or a tuple of
-floats) and a content digest; invalid input raises `RecordError` naming the offending rows.
+Every record gets a stable string id, an optional group id, a target (a class label, or none for a
+task that learns its inputs), its input (a text or a tuple of floats) and a content digest; invalid
+input raises `RecordError` naming the offending rows.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from sisa.config import DataSpec
-from sisa.errors import RecordError
+from sisa.errors import ColumnError, RecordError, name_some
 from sisa.partition import GroupId, RecordId
 
 Input = str | tuple[float, ...]
 
 _LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_MAX_NAMED = 10  # rows quoted in an error message before "... and N more"
 
 
 @contextlib.contextmanager
@@ -45,19 +45,16 @@ def paused_gc() -> Iterator[None]:
 class Record:
     id: RecordId
     group: GroupId | None
-    label: str  # canonical string form; the store maps labels to class indices
+    target: str | None  # canonical string form (a class label); None where the task has none
     input: Input
-    digest: str  # digest of (input, label, group[, prior]): a changed record is another record
+    digest: str  # digest of (input, target, group[, prior]): a changed record is another record
     input_digest: str  # digest of the input alone: the key of its cached embedding
     prior: float | None = None  # how likely the record is to be deleted (deletion-aware placement)
     features: bytes | None = None  # a numeric input, packed (see pack_features); None for text
 
-    def payload(self) -> dict[str, Any]:
-        """JSON-serialisable content, as the store keeps it (purged again on deletion). Numeric
-        inputs are kept apart, as `features`."""
-        if isinstance(self.input, str):
-            return {"input": self.input, "label": self.label}
-        return {"label": self.label}
+    @property
+    def text(self) -> str | None:
+        return self.input if isinstance(self.input, str) else None
 
 
 def pack_features(inp: Sequence[float]) -> bytes:
@@ -65,14 +62,14 @@ def pack_features(inp: Sequence[float]) -> bytes:
     return struct.pack(f"<{len(inp)}d", *inp)
 
 
-def content_digest(inp: Input, label: str, group: str | None, prior: float | None = None,
+def content_digest(inp: Input, target: str | None, group: str | None, prior: float | None = None,
                    packed: bytes | None = None) -> str:
     """`packed`: pack_features(inp), if the caller has it already."""
     if isinstance(inp, str):
-        fields: list[Any] = [inp, label, group] if prior is None else [inp, label, group, prior]
+        fields: list[Any] = [inp, target, group] if prior is None else [inp, target, group, prior]
         data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     else:  # JSON of many floats is slow: the other fields as JSON, then the input's bytes
-        fields = ["f8", label, group] if prior is None else ["f8", label, group, prior]
+        fields = ["f8", target, group] if prior is None else ["f8", target, group, prior]
         data = json.dumps(fields, separators=(",", ":")).encode() + b"\0" + (packed or pack_features(inp))
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
@@ -85,15 +82,15 @@ def input_digest(inp: Input, packed: bytes | None = None) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def make_record(record_id: str, group: str | None, label: str, inp: Input,
+def make_record(record_id: str, group: str | None, target: str | None, inp: Input,
                 prior: float | None = None) -> Record:
     packed = None if isinstance(inp, str) else pack_features(inp)
     return Record(
         id=RecordId(record_id),
         group=GroupId(group) if group is not None else None,
-        label=label,
+        target=target,
         input=inp,
-        digest=content_digest(inp, label, group, prior, packed),
+        digest=content_digest(inp, target, group, prior, packed),
         input_digest=input_digest(inp, packed),
         prior=prior,
         features=packed,
@@ -102,11 +99,9 @@ def make_record(record_id: str, group: str | None, label: str, inp: Input,
 
 def _name_rows(problem: str, rows: Mapping[str, list[int]] | list[int]) -> str:
     if isinstance(rows, Mapping):
-        items = [f"{key!r} (rows {', '.join(map(str, idx[:5]))})" for key, idx in rows.items()]
-    else:
-        items = [str(r) for r in rows]
-    more = f" ... and {len(items) - _MAX_NAMED} more" if len(items) > _MAX_NAMED else ""
-    return f"{problem}: {', '.join(items[:_MAX_NAMED])}{more}"
+        return f"{problem}: " + name_some(
+            f"{key!r} (rows {', '.join(map(str, idx[:5]))})" for key, idx in rows.items())
+    return f"{problem}: {name_some(rows)}"
 
 
 def _canonical_label(value: Any) -> str | None:
@@ -126,24 +121,27 @@ def _canonical_id(value: Any) -> str:
     return str(value).strip()
 
 
-def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec) -> list[Record]:
-    """Validate rows (dicts of column -> value) into records; all problems are reported at once."""
+def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec,
+                      require_target: bool = True) -> list[Record]:
+    """Validate rows (dicts of column -> value) into records; all problems are reported at once.
+    Without `require_target` (records to predict on) the label column may be absent or empty."""
     with paused_gc():
-        return _records_from_rows(list(rows), spec)
+        return _records_from_rows(list(rows), spec, require_target)
 
 
-def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec) -> list[Record]:
+def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec,
+                       require_target: bool) -> list[Record]:
     if not rows:
         raise RecordError("no records in the input")
-    wanted = [spec.id_column, spec.label_column, *spec.feature_columns]
-    wanted += [c for c in (spec.text_column, spec.group_column, spec.prior_column) if c is not None]
+    label_column = spec.label_column
+    if label_column is not None and not require_target and label_column not in rows[0]:
+        label_column = None
+    wanted = [spec.id_column, *spec.feature_columns]
+    wanted += [c for c in (label_column, spec.text_column, spec.group_column, spec.prior_column)
+               if c is not None]
     missing_columns = [c for c in wanted if c not in rows[0]]
     if missing_columns:
-        raise RecordError(
-            f"input has no column(s) {missing_columns}; it has {sorted(rows[0])}. "
-            "Name the right columns with --id-column, --label-column, --text-column, "
-            "--feature-columns or --group-column."
-        )
+        raise ColumnError(f"input has no column(s) {missing_columns}; it has {sorted(rows[0])}")
 
     problems: list[str] = []
     empty_ids: list[int] = []
@@ -158,8 +156,8 @@ def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec) -> list[Re
             empty_ids.append(row_number)
             continue
         seen.setdefault(record_id, []).append(row_number)
-        label = _canonical_label(row[spec.label_column])
-        if label is None:
+        label = _canonical_label(row[label_column]) if label_column is not None else None
+        if label is None and label_column is not None and require_target:
             missing_labels.append(row_number)
             continue
         inp: Input
@@ -242,6 +240,6 @@ def load_rows(source: Any, spec: DataSpec) -> list[dict[str, Any]]:
     return [dict(r) for r in dataset]
 
 
-def load_records(source: Any, spec: DataSpec) -> list[Record]:
+def load_records(source: Any, spec: DataSpec, require_target: bool = True) -> list[Record]:
     """Read and validate records from any supported source."""
-    return records_from_rows(load_rows(source, spec), spec)
+    return records_from_rows(load_rows(source, spec), spec, require_target)

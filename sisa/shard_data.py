@@ -1,54 +1,45 @@
 """A shard's live records in memory, in training order, as the trainer needs them.
 
 Loading a shard is one indexed query. A process that serves many requests (the library, a service)
-keeps what it loaded and trusts it only while the store's records version is unchanged; its own
-deletions update it in place, so honouring a deletion re-reads nothing.
+keeps what it loaded and trusts it only while the shard's version in the store is unchanged (every
+change to a record bumps it, however it is made); its own deletions update it in place, so
+honouring a deletion re-reads nothing.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from shard_store.store import ShardStore
+from shard_store import ShardStore
 from sisa.errors import StoreError
 from sisa.records import Record, pack_features, paused_gc
 from sisa.schedule import Member, digest_line, training_order
-
-Transform = Callable[[list[Any]], Any]
+from sisa.tasks import Task
 
 
 @dataclass
 class ShardData:
     shard: int
+    version: int  # the shard's version in the store when this was read
     members: list[Member]  # training order
     lines: list[bytes]  # each member's digest line (see schedule.digest_line)
-    labels: np.ndarray  # int64 class indices
+    targets: np.ndarray  # training targets (class indices)
     inputs: np.ndarray | list[Any]  # (n, d) float64 features, or texts
-    model_inputs: Any = field(default=None, repr=False)  # inputs through the transform, once asked
+    model_inputs: Any = field(default=None, repr=False)  # after featurisation, once asked
 
-    def prepared(self, transform: Transform | None) -> Any:
-        """What the trainer consumes: the inputs, or their transform (e.g. cached embeddings)."""
-        if transform is None:
-            return self.inputs
-        if self.model_inputs is None:
-            self.model_inputs = transform(list(self.inputs))
-        return self.model_inputs
-
-    def without(self, ids: Collection[str]) -> ShardData:
-        """The same shard with these records gone (ids not in it are ignored)."""
+    def without(self, ids: Collection[str], version: int) -> ShardData:
+        """The same shard with these records gone (ids not in it are ignored), at `version`."""
         keep = [i for i, m in enumerate(self.members) if m.id not in ids]
-        if len(keep) == len(self.members):
-            return self
         return ShardData(
             shard=self.shard,
+            version=version,
             members=[self.members[i] for i in keep],
             lines=[self.lines[i] for i in keep],
-            labels=self.labels[keep],
+            targets=self.targets[keep],
             inputs=_take(self.inputs, keep),
             model_inputs=None if self.model_inputs is None else _take(self.model_inputs, keep),
         )
@@ -60,30 +51,27 @@ def _take(values: Any, keep: list[int]) -> Any:
     return [values[i] for i in keep]
 
 
-def load_shard(store: ShardStore, shard: int, class_index: Mapping[str, int],
+def load_shard(store: ShardStore, shard: int, version: int, task: Task,
                input_dim: int | None) -> ShardData:
     """Read one shard's live records (one query; numeric inputs straight from their bytes)."""
     with paused_gc():
-        rows = store.live_training_rows(shard)
+        rows = store.shard_rows(shard)
         members = [Member(r[0], r[1], r[2], r[3]) for r in rows]
-        try:
-            labels = np.fromiter((class_index[r[4]] for r in rows), dtype=np.int64, count=len(rows))
-        except KeyError as exc:
-            raise StoreError(f"shard {shard} holds a record whose label {exc} is not among the "
-                             f"store's classes {sorted(class_index)}; the store is inconsistent") from exc
+        targets = task.encode_targets([r[4] for r in rows])
         inputs: np.ndarray | list[Any]
-        if input_dim is not None and all(r[5] is not None for r in rows):
+        if input_dim is not None:
+            if any(r[5] is None for r in rows):
+                raise StoreError(f"shard {shard} holds a record without numeric features; the "
+                                 "store is inconsistent")
             flat = np.frombuffer(b"".join(r[5] for r in rows), dtype="<f8")
             inputs = flat.reshape(len(rows), input_dim)
-        else:  # texts, or numeric inputs written before schema version 3
-            decoded = [_decode(r) for r in rows]
-            inputs = np.asarray(decoded, dtype=np.float64).reshape(len(rows), input_dim) \
-                if input_dim is not None else decoded
-        return ShardData(shard, members, [digest_line(m) for m in members], labels, inputs)
+        else:
+            inputs = [r[6] for r in rows]
+        return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs)
 
 
-def from_records(shard: int, records: Sequence[tuple[Member, Record]],
-                 class_index: Mapping[str, int], input_dim: int | None) -> ShardData:
+def from_records(shard: int, version: int, records: Sequence[tuple[Member, Record]], task: Task,
+                 input_dim: int | None) -> ShardData:
     """A shard built from records in memory (those just written), equal to what `load_shard`
     would read back: training order, float64 features, texts as they are."""
     with paused_gc():
@@ -92,75 +80,48 @@ def from_records(shard: int, records: Sequence[tuple[Member, Record]],
         # input order, and every later pass over the shard (keys, manifests) would read memory
         # out of order (it made writing a 200k-id manifest four times slower).
         members = [Member(m.id.encode().decode(), m.digest, m.slice, m.order) for m, _ in ordered]
-        labels = np.fromiter((class_index[r.label] for _, r in ordered), dtype=np.int64,
-                             count=len(ordered))
+        targets = task.encode_targets([r.target for _, r in ordered])
         inputs: np.ndarray | list[Any]
         if input_dim is not None:
-            packed = b"".join(_packed(r) for _, r in ordered)
+            packed = b"".join(r.features or pack_features(r.input) for _, r in ordered)  # type: ignore[arg-type]
             inputs = np.frombuffer(packed, dtype="<f8").reshape(len(ordered), input_dim)
         else:
             inputs = [r.input for _, r in ordered]
-        return ShardData(shard, members, [digest_line(m) for m in members], labels, inputs)
-
-
-def _packed(record: Record) -> bytes:
-    if record.features is not None:
-        return record.features
-    if isinstance(record.input, str):
-        raise StoreError(f"record {record.id!r} has a text input where numeric features belong")
-    return pack_features(record.input)
-
-
-def _decode(row: tuple[Any, ...]) -> Any:
-    if row[5] is not None:
-        return np.frombuffer(row[5], dtype="<f8")
-    value = json.loads(row[6])["input"]
-    return value if isinstance(value, str) else [float(v) for v in value]
+        return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs)
 
 
 class ShardCache:
-    """Loaded shards, valid while the store's records version is the one they were read at."""
+    """Loaded shards, each valid while its version in the store is the one it was read at."""
 
-    def __init__(self, store: ShardStore, class_index: Mapping[str, int], input_dim: int | None):
+    def __init__(self, store: ShardStore, task: Task, input_dim: int | None):
         self.store = store
-        self.class_index = class_index
+        self.task = task
         self.input_dim = input_dim
         self._shards: dict[int, ShardData] = {}
-        self._version: int | None = None
 
     def get(self, shards: Collection[int]) -> dict[int, ShardData]:
-        version = self.store.records_version()
-        if version != self._version:
-            self._shards, self._version = {}, version
+        versions = self.store.shard_versions(shards)
         for s in shards:
-            if s not in self._shards:
-                self._shards[s] = load_shard(self.store, s, self.class_index, self.input_dim)
+            kept = self._shards.get(s)
+            if kept is None or kept.version != versions[s]:
+                self._shards[s] = load_shard(self.store, s, versions[s], self.task, self.input_dim)
         return {s: self._shards[s] for s in shards}
 
-    def added(self, before: int, after: int, shards: Collection[int],
-              complete: Mapping[int, ShardData]) -> None:
-        """Records were added to `shards`, taking the store from version `before` to `after`.
-        `complete` holds the whole new data of some of them (a store trained just now); the rest
-        are read again when needed."""
-        if self._version != before and self._shards:
-            self._shards = {}
-        for s in shards:
-            self._shards.pop(s, None)
-        self._shards.update(complete)
-        self._version = after
+    def keep(self, data: Mapping[int, ShardData]) -> None:
+        """Keep shards built in memory (from records just written)."""
+        self._shards.update(data)
 
-    def removed(self, ids: Collection[str], shards: Collection[int], before: int, after: int) -> None:
-        """Records `ids` of `shards` were deleted, taking the store from version `before` to
-        `after`: update what is loaded instead of reading it again (or drop it all if another
-        change came in between)."""
-        if self._version != before:
-            self.clear()
-            return
+    def removed(self, ids: Collection[str], versions: Mapping[int, tuple[int, int]]) -> None:
+        """Records `ids` were deleted, taking each shard in `versions` from its first version to its
+        second: update what is kept instead of reading it again (or forget a shard that another
+        change reached in between)."""
         gone = set(ids)
-        for s in shards:
-            if s in self._shards:
-                self._shards[s] = self._shards[s].without(gone)
-        self._version = after
+        for s, (before, after) in versions.items():
+            kept = self._shards.get(s)
+            if kept is not None and kept.version == before:
+                self._shards[s] = kept.without(gone, after)
+            else:
+                self._shards.pop(s, None)
 
     def clear(self) -> None:
-        self._shards, self._version = {}, None
+        self._shards = {}

@@ -1,65 +1,86 @@
-"""Stage 6 of the pipeline: retrain planning (pure) and the manager that executes it.
+"""Stage 6 of the pipeline: the deletion lifecycle, and the plan / retrain / commit steps it shares
+with training, additions, recovery and repair.
 
-Every change to the records (train, add, forget, crash recovery) and every repair ends in one
-mechanism, `sync`: compute each affected shard's slice schedule from its live records, resume from
-the newest checkpoint whose key still matches (or from where a repair says), retrain the remaining
-slices, and swap the live checkpoint. Deletions are recorded durably before any training starts,
-and marked applied in the same transaction as the swap.
+- `request_deletion` validates and acknowledges: one transaction writes the ledger entry, tombstones
+  the records, purges their content and unregisters every checkpoint derived from them. It returns
+  at once; from then on the deletion survives any crash and the affected shards are not *clean*
+  (never served) until it is applied.
+- `apply_pending` plans (pure: resume each changed shard from the newest checkpoint whose key still
+  matches), retrains, and commits: the live swap, the ledger update and the receipts in one
+  transaction, then the files of what it unregistered are removed.
+Training, `add`, `repair` and crash recovery are the same three steps. Whatever step a process dies
+at, the next writer (or `sweep`) finds a state where nothing on disk derives from a deleted record.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shard_store import checkpoints as ckpt
-from shard_store.store import CheckpointRow, ShardStore
+from shard_store import CheckpointFileError, CheckpointRow, DeletionRow, NewRecord, ShardCommit, ShardStore
+from sisa.checkpoint import MANIFEST, WEIGHTS, Checkpoint
 from sisa.config import SisaConfig
-from sisa.errors import CheckpointError, RecordError, StoreError, UnknownRecordError
+from sisa.errors import CheckpointError, RecordError, StoreError, UnknownRecordError, name_some
 from sisa.execution import run_jobs
+from sisa.features import Features
 from sisa.records import Record
 from sisa.schedule import Member, ShardSchedule, shard_schedule
-from sisa.shard_data import ShardCache, from_records
-from sisa.training.protocol import ModelSpec
+from sisa.shard_data import ShardCache, ShardData, from_records
+from sisa.tasks import Task
+from sisa.training.protocol import Backend
 from sisa.training.shard_trainer import ShardJob, ShardResult
 
-_MAX_NAMED = 10
+_MAX_ROUNDS = 100  # plan/retrain/commit rounds before a store that keeps changing is reported
+
+
+def expected_speedup(shards: int, slices: int) -> float:
+    """SISA's expected speed-up of one uniform deletion over retraining the ensemble: 3RS/(2R+1)."""
+    return 3 * slices * shards / (2 * slices + 1)
+
+
+def expected_retrain_fraction(shards: int, slices: int) -> float:
+    """The share of all training work one uniform deletion retrains: (2R+1)/(3R)/S."""
+    return 1 / expected_speedup(shards, slices)
 
 
 @dataclass(frozen=True)
-class ShardPlan:
-    """What to retrain in one shard: from `start_slice` (None: the live checkpoint is current)."""
+class DeletionRequest:
+    """An acknowledged deletion (or, with an empty `request_id`, one with nothing left to do)."""
 
-    schedule: ShardSchedule
-    start_slice: int | None
-    resume_key: str | None  # checkpoint of slice start_slice - 1, if any
+    request_id: str
+    record_ids: list[str]  # deleted by this request
+    shards: list[int]  # whose models must be retrained
+    requested_at: str | None
+    already_deleted: list[str] = field(default_factory=list)  # repeated ids: a no-op
+    status: str = "pending"
 
-    @property
-    def shard(self) -> int:
-        return self.schedule.shard
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-
-def plan_shard(schedule: ShardSchedule, existing_keys: set[str]) -> ShardPlan:
-    """Pure: resume from the newest slice checkpoint whose key (inputs) is unchanged."""
-    if schedule.keys[-1] in existing_keys:
-        return ShardPlan(schedule, None, None)
-    reusable = [k for k, key in enumerate(schedule.keys) if key in existing_keys]
-    last = max(reusable, default=-1)
-    return ShardPlan(schedule, last + 1, schedule.keys[last] if last >= 0 else None)
+    @classmethod
+    def from_row(cls, row: DeletionRow) -> DeletionRequest:
+        return cls(row.request_id, row.record_ids, row.shards, row.requested_at, status=row.status)
 
 
-def plan_from(schedule: ShardSchedule, start_slice: int) -> ShardPlan:
-    """Retrain from `start_slice`, resuming from the checkpoint before it."""
-    return ShardPlan(schedule, start_slice, schedule.keys[start_slice - 1] if start_slice > 0 else None)
+@dataclass(frozen=True)
+class DeletionReceipt:
+    """What a deletion did: returned to the caller and stored in the ledger."""
 
+    request_id: str
+    record_ids: list[str]  # deleted by this request
+    already_deleted: list[str]  # repeated ids: a no-op
+    affected_shards: list[dict[str, Any]]  # shard, start_slice, samples, seconds
+    samples_retrained: int
+    seconds: float
+    checkpoints_changed: dict[str, dict[str, str | None]]  # shard -> {before, after} sha256
+    checkpoints_unchanged: dict[str, str]  # shard -> sha256
+    recovered: bool = False  # applied after the request's own process was interrupted
 
-def expected_retrain_fraction(slices: int, shards: int) -> float:
-    """SISA's expected share of all training work one uniform deletion retrains: (2R+1)/(3R)/S."""
-    return (2 * slices + 1) / (3 * slices) / shards
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -73,7 +94,9 @@ class ShardRetrain:
 
 
 @dataclass
-class SyncReport:
+class TrainingReport:
+    """What one plan / retrain / commit run did."""
+
     retrained: list[ShardRetrain] = field(default_factory=list)
     checkpoints_written: int = 0
     checkpoints_dropped: int = 0
@@ -84,254 +107,290 @@ class SyncReport:
     def samples(self) -> int:
         return sum(r.samples for r in self.retrained)
 
-
-@dataclass
-class DeletionReceipt:
-    """What a deletion did: returned to the caller and stored in the ledger."""
-
-    request_id: str
-    record_ids: list[str]  # deleted by this request
-    already_deleted: list[str]  # repeated ids: a no-op
-    affected_shards: list[dict[str, Any]]  # shard, start_slice, samples, seconds
-    samples_retrained: int
-    seconds: float
-    checkpoints_changed: dict[str, dict[str, str | None]]  # shard -> {before, after} sha256
-    checkpoints_unchanged: dict[str, str]  # shard -> sha256
-    recovered: bool = False  # applied by crash recovery rather than by the request itself
-
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "samples": self.samples}
 
 
-Progress = Callable[[str, int], Callable[[ShardResult], None]]
+@dataclass(frozen=True)
+class ShardPlan:
+    """What to retrain in one shard: from `start_slice` (None: its final checkpoint exists)."""
+
+    schedule: ShardSchedule
+    version: int  # the shard's version the schedule was built from
+    start_slice: int | None
+    resume_key: str | None  # checkpoint of slice start_slice - 1, if any
+
+    @property
+    def shard(self) -> int:
+        return self.schedule.shard
+
+
+@dataclass(frozen=True)
+class Plan:
+    shards: list[ShardPlan]  # every shard whose live checkpoint is not current
+    requests: list[DeletionRow]  # pending deletions, applied once their shards are current
+
+    @property
+    def todo(self) -> list[ShardPlan]:
+        return [p for p in self.shards if p.start_slice is not None]
+
+
+def plan_shard(schedule: ShardSchedule, version: int, existing_keys: set[str]) -> ShardPlan:
+    """Pure: resume from the newest slice checkpoint whose key (inputs) is unchanged."""
+    if schedule.keys[-1] in existing_keys:
+        return ShardPlan(schedule, version, None, None)
+    last = max((k for k, key in enumerate(schedule.keys) if key in existing_keys), default=-1)
+    return ShardPlan(schedule, version, last + 1, schedule.keys[last] if last >= 0 else None)
+
+
+Progress = Callable[[str, int], Callable[[Any], None]]
 
 
 class DeletionManager:
-    """Executes syncs, deletions, additions and recovery against one store."""
+    """Acknowledges, plans, retrains and commits against one store."""
 
-    def __init__(
-        self,
-        store: ShardStore,
-        config: SisaConfig,
-        spec: ModelSpec,
-        classes: Sequence[str],
-        progress: Progress | None = None,
-        transform: Callable[[list[Any]], Any] | None = None,
-        fingerprint: str = "",
-        feature_dim: int | None = None,
-    ) -> None:
-        """`feature_dim`: the width of numeric record inputs (None for texts)."""
+    def __init__(self, store: ShardStore, task: Task, backend: Backend, features: Features,
+                 config: SisaConfig, config_digest: str, progress: Progress | None = None) -> None:
+        """`config_digest`: covers the config and any base model the weights depend on."""
         self.store = store
+        self.task = task
+        self.backend = backend
+        self.features = features
         self.config = config
-        self.spec = spec
-        self.class_index = {c: i for i, c in enumerate(classes)}
-        self.data = ShardCache(store, self.class_index, feature_dim)
-        # Checkpoint keys cover the config and any base model the weights depend on.
-        self.digest = config.digest() if not fingerprint else hashlib.blake2b(
-            f"{config.digest()}/{fingerprint}".encode(), digest_size=16).hexdigest()
+        self.config_digest = config_digest
         self.progress = progress
-        self.transform = transform  # e.g. texts -> cached frozen-encoder embeddings
+        input_dim = backend.spec.input_dim if backend.encoder is None else None
+        self.data = ShardCache(store, task, input_dim)
+        # Requests this manager acknowledged: a receipt for any other says it was recovered.
+        self.acknowledged: set[str] = set()
 
-    # -- planning --------------------------------------------------------------------------------
+    # -- acknowledge -----------------------------------------------------------------------------
+
+    def request_deletion(self, ids: Sequence[str] | None = None,
+                         group: str | None = None) -> DeletionRequest:
+        """Validate and acknowledge a deletion of record ids, or of every record of a group.
+        Returns once it is durable, before any training."""
+        if (ids is None) == (group is None):
+            raise RecordError("give either record ids or a group id to delete")
+        if group is not None:
+            wanted = self.store.group_record_ids(group)
+            if not wanted:
+                raise UnknownRecordError(f"unknown group id {group!r}, nothing was deleted")
+        else:
+            wanted = list(dict.fromkeys(str(i) for i in ids or ()))
+            if not wanted:
+                raise RecordError("no record ids given to delete")
+        rows = self.store.find_records(wanted)
+        unknown = [i for i in wanted if i not in rows]
+        if unknown:
+            raise UnknownRecordError(
+                f"unknown record id(s), nothing was deleted: {name_some(unknown, quote=True)}")
+        fresh = [i for i in wanted if rows[i].deleted_at is None]
+        ack = self.store.acknowledge(uuid.uuid4().hex, fresh) if fresh else None
+        if ack is None:
+            return DeletionRequest("", [], [], None, already_deleted=wanted)
+        self.acknowledged.add(ack.request_id)
+        self.data.removed(ack.record_ids, ack.versions)
+        with self.store.writer(wait=False) as locked:
+            if locked:  # else the writer at work removes them when it commits
+                self.store.sweep()
+        already = [i for i in wanted if i not in set(ack.record_ids)]
+        return DeletionRequest(ack.request_id, ack.record_ids, ack.shards, ack.requested_at,
+                               already_deleted=already)
+
+    def pending(self) -> list[DeletionRequest]:
+        """Deletions acknowledged but not applied."""
+        return [DeletionRequest.from_row(r) for r in self.store.pending_deletions()]
+
+    def clean_shards(self) -> set[int]:
+        """Shards with no acknowledged deletion pending against them: the ones that may serve."""
+        return set(self.store.shards()) - self.store.pending_shards()
+
+    # -- apply -----------------------------------------------------------------------------------
+
+    def apply_pending(self) -> list[DeletionReceipt]:
+        """Retrain what acknowledged deletions (and anything else a crash left) changed, and commit;
+        returns the receipts of the deletions applied."""
+        return self.update("applying deletions")[1]
+
+    def keep_records(self, records: Sequence[Record], rows: Sequence[NewRecord]) -> None:
+        """Keep the shard data of a store just created from `records` (placed as `rows`), so
+        training need not read back what was just written."""
+        versions = self.store.shard_versions(range(self.config.partition.shards))
+        by_shard: dict[int, list[tuple[Member, Record]]] = {s: [] for s in versions}
+        for row, record in zip(rows, records, strict=True):
+            by_shard[row.shard].append((Member(row.id, row.digest, row.slice, row.order_key), record))
+        self.data.keep({s: from_records(s, versions[s], items, self.task, self.data.input_dim)
+                        for s, items in by_shard.items()})
+
+    def add(self, rows: Sequence[NewRecord]) -> TrainingReport:
+        """Insert placed records; each affected shard retrains from its earliest affected slice."""
+        self.store.insert_records(rows)
+        return self.update("retraining shards")[0]
+
+    def repair(self, shards: Iterable[int], from_scratch: bool = False) -> TrainingReport:
+        """Retrain each shard from its first missing or damaged checkpoint (from slice 0 with
+        `from_scratch`): unregister it and those after it, then plan, retrain and commit."""
+        doomed: list[str] = []
+        with self.store.writer():
+            for shard, schedule in self.schedules(shards).items():
+                rows = {c.key: c for c in self.store.checkpoints(shard)}
+                for k, key in enumerate(schedule.keys):
+                    if from_scratch or key not in rows or not self._intact(rows[key]):
+                        doomed += [key for key in schedule.keys[k:] if key in rows]
+                        break
+            dropped = self.store.drop_checkpoints(doomed)
+            report = self.update("repairing shards")[0]
+        report.checkpoints_dropped += dropped
+        return report
+
+    # -- the steps -------------------------------------------------------------------------------
 
     def schedules(self, shards: Iterable[int]) -> dict[int, ShardSchedule]:
         data = self.data.get(sorted(set(shards)))
-        slices = self.config.partition.slices
-        return {s: shard_schedule(self.digest, s, d.members, slices, d.lines) for s, d in data.items()}
+        return {s: self._schedule(d) for s, d in data.items()}
 
-    def records_added(self, versions: tuple[int, int], placed: Sequence[dict[str, Any]],
-                      records: Sequence[Record], whole_store: bool) -> None:
-        """Records were just inserted (`placed` rows of `records`, changing the store between
-        `versions`). When they are the whole store, keep them as its shard data: training
-        need not read back what it just wrote."""
-        shards = sorted({row["shard"] for row in placed})
-        complete = {}
-        if whole_store:
-            by_shard: dict[int, list[tuple[Member, Record]]] = {
-                s: [] for s in range(self.config.partition.shards)}
-            for row, record in zip(placed, records, strict=True):
-                member = Member(row["id"], row["digest"], row["slice"], row["order_key"])
-                by_shard[row["shard"]].append((member, record))
-            complete = {s: from_records(s, items, self.class_index, self.data.input_dim)
-                        for s, items in by_shard.items()}
-        self.data.added(*versions, shards, complete)
+    def _schedule(self, data: ShardData) -> ShardSchedule:
+        return shard_schedule(self.config_digest, data.shard, data.members,
+                              self.config.partition.slices, data.lines)
 
-    def plan(self, shards: Iterable[int]) -> list[ShardPlan]:
+    def plan(self) -> Plan:
+        """Every shard whose live checkpoint is not current, with what to retrain, and the
+        pending deletions."""
+        dirty = [s for s, row in self.store.shards().items() if not row.current]
         existing = {c.key for c in self.store.checkpoints()}
-        return [plan_shard(sched, existing) for sched in self.schedules(shards).values()]
+        data = self.data.get(dirty)
+        shards = [plan_shard(self._schedule(d), d.version, existing) for d in data.values()]
+        return Plan(shards, self.store.pending_deletions())
 
     def _job(self, plan: ShardPlan) -> ShardJob:
-        sched = plan.schedule
-        data = self.data.get([sched.shard])[sched.shard]
-        resume = None
-        if plan.resume_key is not None:
-            row = self.store.checkpoint(plan.resume_key)
-            if row is None:  # plan_shard only names existing keys; a concurrent writer removed it
-                raise StoreError(f"checkpoint {plan.resume_key} vanished while planning")
-            resume = self.store.read_payload(row)
+        data = self.data.get([plan.shard])[plan.shard]
+        if data.model_inputs is None:
+            data.model_inputs = self.features.model_inputs(data.inputs)
         return ShardJob(
-            shard=sched.shard,
-            config=self.config,
-            spec=self.spec,
-            config_digest=self.digest,
-            inputs=data.prepared(self.transform),
-            labels=data.labels,
-            members=sched.members,
-            sizes=sched.sizes,
-            set_digests=sched.set_digests,
-            keys=sched.keys,
+            schedule=plan.schedule,
+            training=self.config.training,
+            spec=self.backend.spec,
+            seed=self.config.partition.seed,
+            device=self.config.execution.device,
+            config_digest=self.config_digest,
+            inputs=data.model_inputs,
+            targets=data.targets,
             start_slice=plan.start_slice or 0,
-            resume=resume,
+            resume=self.read_checkpoint(plan.resume_key) if plan.resume_key else None,
         )
 
-    # -- execution -------------------------------------------------------------------------------
-
-    def sync(
-        self,
-        shards: Iterable[int],
-        applied: Sequence[tuple[str, Callable[[SyncReport], dict[str, Any]]]] = (),
-        description: str = "training shards",
-        restart: Mapping[int, int] | None = None,
-    ) -> SyncReport:
-        """Bring `shards` in line with their live records; mark `applied` requests in the same
-        transaction as the live swap (each receipt is built from the finished report).
-        `restart` retrains shard s from slice restart[s] even where its checkpoints match."""
-        started = time.perf_counter()
-        plans = self.plan(shards)
-        if restart:
-            plans = [plan_from(p.schedule, restart[p.shard]) if p.shard in restart and
-                     (p.start_slice is None or restart[p.shard] < p.start_slice) else p
-                     for p in plans]
-        todo = [p for p in plans if p.start_slice is not None]
-        jobs = [self._job(p) for p in todo]
-        report = SyncReport()
-
-        def store_result(result: ShardResult) -> None:
-            # Persist each shard's checkpoints as soon as it finishes: a crash loses little work.
-            for payload in result.checkpoints:
-                self.store.add_checkpoint(payload, payload.manifest["record_count"])
-                report.checkpoints_written += 1
-
-        callback = store_result
-        if self.progress is not None and jobs:
-            tick = self.progress(description, len(jobs))
-
-            def callback(result: ShardResult) -> None:
-                store_result(result)
-                tick(result)
-
-        results = run_jobs(jobs, self.config.execution, callback)
-        for plan, result in zip(todo, results, strict=False):
-            report.retrained.append(ShardRetrain(
-                shard=plan.shard, start_slice=plan.start_slice or 0, samples=result.samples,
-                seconds=round(result.seconds, 4), attempts=result.attempts, node=result.node))
-        report.seconds = time.perf_counter() - started
-        live = {p.shard: p.schedule.keys[-1] for p in plans}
-        for shard, key in live.items():
-            row = self.store.checkpoint(key)
-            if row is None:
-                raise StoreError(f"checkpoint {key} of shard {shard} was not written; run recover")
-            report.live[shard] = row.sha256
-        self.store.swap_live(live, [(rid, build(report)) for rid, build in applied])
-        # Checkpoints that no longer match the records (they may hold deleted data) are removed.
-        wanted = {key for p in plans for key in p.schedule.keys}
-        stale = [c.key for p in plans for c in self.store.checkpoints(p.shard) if c.key not in wanted]
-        report.checkpoints_dropped = self.store.drop_checkpoints(stale)
-        return report
-
-    def forget(self, record_ids: Sequence[str]) -> DeletionReceipt:
-        """Delete records by id: validate, record durably, retrain affected shards, swap, apply."""
-        ids = list(dict.fromkeys(str(i) for i in record_ids))
-        if not ids:
-            raise RecordError("no record ids given to forget")
-        rows = self.store.find_records(ids)
-        unknown = [i for i in ids if i not in rows]
-        if unknown:
-            more = f" ... and {len(unknown) - _MAX_NAMED} more" if len(unknown) > _MAX_NAMED else ""
-            raise UnknownRecordError(
-                f"unknown record id(s), nothing was deleted: "
-                f"{', '.join(map(repr, unknown[:_MAX_NAMED]))}{more}"
-            )
-        already = [i for i in ids if rows[i].deleted_at is not None]
-        fresh = [i for i in ids if rows[i].deleted_at is None]
-        request_id = uuid.uuid4().hex
-        if not fresh:
-            return DeletionReceipt(request_id="", record_ids=[], already_deleted=already,
-                                   affected_shards=[], samples_retrained=0, seconds=0.0,
-                                   checkpoints_changed={}, checkpoints_unchanged={})
-        shards = sorted({rows[i].shard for i in fresh})
-        versions = self.store.record_deletion(request_id, fresh, shards)  # acknowledged from here on
-        self.data.removed(fresh, shards, *versions)
-        return self._apply(request_id, fresh, shards, already, recovered=False)
-
-    def _apply(
-        self, request_id: str, ids: list[str], shards: list[int], already: list[str], recovered: bool
-    ) -> DeletionReceipt:
-        before = {s: row.sha256 for s, row in self.store.live().items()}
-        built: list[DeletionReceipt] = []
-
-        def build(report: SyncReport) -> dict[str, Any]:
-            after = {**before, **report.live}
-            receipt = DeletionReceipt(
-                request_id=request_id,
-                record_ids=ids,
-                already_deleted=already,
-                affected_shards=[
-                    {"shard": r.shard, "start_slice": r.start_slice, "samples": r.samples,
-                     "seconds": r.seconds} for r in report.retrained
-                ],
-                samples_retrained=report.samples,
-                seconds=round(report.seconds, 4),
-                checkpoints_changed={
-                    str(s): {"before": before.get(s), "after": after[s]}
-                    for s in sorted(after) if before.get(s) != after[s]
-                },
-                checkpoints_unchanged={
-                    str(s): after[s] for s in sorted(after) if before.get(s) == after[s]
-                },
-                recovered=recovered,
-            )
-            built.append(receipt)
-            return receipt.to_dict()
-
-        self.sync(shards, applied=[(request_id, build)], description="retraining shards")
-        return built[0]
-
-    def forget_group(self, group_id: str) -> DeletionReceipt:
-        ids = self.store.group_record_ids(group_id)
-        if not ids:
-            raise UnknownRecordError(f"unknown group id {group_id!r}, nothing was deleted")
-        return self.forget(ids)
-
-    def repair(self, shards: Iterable[int], from_scratch: bool = False) -> SyncReport:
-        """Retrain each shard from its first missing or damaged checkpoint (from slice 0 with
-        `from_scratch`), resuming from the intact one before it."""
-        wanted = sorted(set(shards))
-        restart = {}
-        for plan in self.plan(wanted):
-            rows = {c.key: c for c in self.store.checkpoints(plan.shard)}
-            for k, key in enumerate(plan.schedule.keys):
-                if from_scratch or key not in rows or not self._intact(rows[key]):
-                    restart[plan.shard] = k
-                    break
-        return self.sync(wanted, description="repairing shards", restart=restart)
+    def read_checkpoint(self, key: str, row: CheckpointRow | None = None) -> Checkpoint:
+        """A registered checkpoint's weights and manifest, verified."""
+        row = row or self.store.checkpoint(key)
+        if row is None:
+            raise StoreError(f"checkpoint {key} is not registered (a concurrent change removed it)")
+        where = repr(str(self.store.root / row.path))
+        try:
+            blobs = self.store.read_files(row, [WEIGHTS, MANIFEST])
+        except CheckpointFileError as exc:
+            raise CheckpointError(f"{exc} (shard {row.shard}, slice {row.slice})") from exc
+        return Checkpoint.from_blobs(blobs, row.key, where)
 
     def _intact(self, row: CheckpointRow) -> bool:
         try:
-            self.store.read_payload(row)
-        except CheckpointError:
+            self.store.verify_files(row)
+            self.read_checkpoint(row.key, row)
+        except (CheckpointFileError, CheckpointError):
             return False
         return True
 
-    def recover(self) -> list[DeletionReceipt]:
-        """Finish what a crash interrupted: half-written checkpoints, pending deletions, additions."""
-        ckpt.clean_temporaries(self.store.checkpoint_root)
-        receipts = []
-        for entry in self.store.pending_deletions():
-            receipts.append(self._apply(entry["request_id"], entry["record_ids"], entry["shards"],
-                                        [], recovered=True))
-        all_shards = range(self.config.partition.shards)
-        if any(p.start_slice is not None for p in self.plan(all_shards)) or \
-                set(self.store.live()) != set(all_shards):
-            self.sync(all_shards, description="recovering shards")
-        return receipts
+    def retrain(self, plan: Plan, report: TrainingReport, description: str) -> list[ShardResult]:
+        """Train what the plan says; each shard's checkpoints are registered as soon as it
+        finishes, unless a deletion reached the shard meanwhile (then it is planned again)."""
+        todo = plan.todo
+        jobs = [self._job(p) for p in todo]
+        versions = {p.shard: p.version for p in todo}
+        tick = self.progress(description, len(jobs)) if self.progress and jobs else None
+        results = []
+        for result in run_jobs(jobs, self.config.execution, self.backend):
+            for c in result.checkpoints:
+                row = self.store.register_checkpoint(
+                    c.shard, versions[c.shard], c.key, c.slice, c.manifest.parent, c.blobs(),
+                    WEIGHTS, c.manifest.record_count)
+                if row is None:
+                    break  # the shard changed while it trained
+                report.checkpoints_written += 1
+            results.append(result)
+            if tick is not None:
+                tick(result)
+        return results
+
+    def commit(self, plan: Plan, retrains: Mapping[int, ShardRetrain],
+               started: float) -> tuple[set[int], list[DeletionReceipt]]:
+        """One transaction: swap in every planned shard whose final checkpoint is registered and
+        whose records did not change meanwhile, and mark applied (with receipts) the pending
+        deletions whose shards are then all current."""
+        existing = {c.key: c for c in self.store.checkpoints()}
+        commits = {p.shard: ShardCommit(p.version, p.schedule.keys[-1], frozenset(p.schedule.keys))
+                   for p in plan.shards if p.schedule.keys[-1] in existing}
+        after = {s: row.sha256 for s, row in self.store.live().items()}
+        after.update({s: existing[c.live_key].sha256 for s, c in commits.items()})
+        seconds = round(time.perf_counter() - started, 4)
+        receipts = {r.request_id: _receipt(r, retrains, after, seconds,
+                                           recovered=r.request_id not in self.acknowledged)
+                    for r in plan.requests}
+        done = self.store.commit(commits, {rid: rc.to_dict() for rid, rc in receipts.items()})
+        self.store.sweep()  # the files of what the transaction unregistered
+        return done.shards, [receipts[rid] for rid in done.applied]
+
+    def update(self, description: str) -> tuple[TrainingReport, list[DeletionReceipt]]:
+        """Plan, retrain and commit until every shard is current and every deletion applied."""
+        started = time.perf_counter()
+        report = TrainingReport()
+        receipts: list[DeletionReceipt] = []
+        retrains: dict[int, ShardRetrain] = {}
+        with self.store.writer():
+            self.store.sweep()
+            for _ in range(_MAX_ROUNDS):
+                plan = self.plan()
+                if not plan.shards and not plan.requests:
+                    break
+                starts = {p.shard: p.start_slice or 0 for p in plan.todo}
+                for result in self.retrain(plan, report, description):
+                    _record_retrain(retrains, result, starts[result.shard])
+                committed, applied = self.commit(plan, retrains, started)
+                receipts += applied
+                live = self.store.live()
+                report.live.update({s: live[s].sha256 for s in committed})
+            else:
+                raise StoreError(f"the store's records kept changing over {_MAX_ROUNDS} rounds of "
+                                 "retraining; try again when the deletions have settled")
+        report.retrained = [retrains[s] for s in sorted(retrains)]
+        report.seconds = time.perf_counter() - started
+        return report, receipts
+
+
+def _record_retrain(retrains: dict[int, ShardRetrain], result: ShardResult, start: int) -> None:
+    done = ShardRetrain(result.shard, start, result.samples, round(result.seconds, 4),
+                        result.attempts, result.node)
+    earlier = retrains.get(result.shard)
+    if earlier is not None:  # retrained again in this run (a deletion reached it meanwhile)
+        done = ShardRetrain(result.shard, min(start, earlier.start_slice), earlier.samples + done.samples,
+                            round(earlier.seconds + done.seconds, 4), done.attempts, done.node)
+    retrains[result.shard] = done
+
+
+def _receipt(request: DeletionRow, retrains: Mapping[int, ShardRetrain], after: Mapping[int, str],
+             seconds: float, recovered: bool) -> DeletionReceipt:
+    affected = [retrains[s] for s in request.shards if s in retrains]
+    before = {**after, **request.before}
+    return DeletionReceipt(
+        request_id=request.request_id,
+        record_ids=request.record_ids,
+        already_deleted=[],
+        affected_shards=[{"shard": r.shard, "start_slice": r.start_slice, "samples": r.samples,
+                          "seconds": r.seconds} for r in affected],
+        samples_retrained=sum(r.samples for r in affected),
+        seconds=seconds,
+        checkpoints_changed={str(s): {"before": before.get(s), "after": after.get(s)}
+                             for s in sorted(after) if before.get(s) != after.get(s)},
+        checkpoints_unchanged={str(s): sha for s, sha in sorted(after.items())
+                               if before.get(s) == sha},
+        recovered=recovered,
+    )

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic numeric data set and a fast config, all on CPU."""
+"""Shared fixtures and checks: a small synthetic numeric data set, tiny text data and a tiny random
+BERT, a fast config, all on CPU; `assert_exact`, the one exactness check every test uses."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from sisa.config import DataSpec, PartitionConfig, SisaConfig, TrainingConfig
+from sisa import DataSpec, MLPConfig, PartitionConfig, Sisa, SisaConfig
 
 FEATURES = ("f0", "f1", "f2", "f3")
 SPEC = DataSpec(id_column="id", label_column="label", feature_columns=FEATURES,
@@ -33,12 +36,16 @@ def rows() -> list[dict[str, Any]]:
     return make_rows()
 
 
+def small_config(**partition: Any) -> SisaConfig:
+    return SisaConfig(
+        partition=PartitionConfig(**{"shards": 3, "slices": 3, "seed": 11, **partition}),
+        training=MLPConfig(epochs_per_slice=2, batch_size=8, hidden_sizes=(8,)),
+    )
+
+
 @pytest.fixture
 def config() -> SisaConfig:
-    return SisaConfig(
-        partition=PartitionConfig(shards=3, slices=3, seed=11),
-        training=TrainingConfig(epochs_per_slice=2, batch_size=8, hidden_sizes=(8,)),
-    )
+    return small_config()
 
 
 @pytest.fixture
@@ -54,6 +61,30 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def live_weights(sisa: Sisa) -> dict[int, dict[str, torch.Tensor]]:
+    return {s: load_file(str(sisa.store.root / row.path / "weights.safetensors"))
+            for s, row in sisa.store.live().items()}
+
+
+def live_shas(sisa: Sisa) -> dict[int, str]:
+    return {s: row.sha256 for s, row in sisa.store.live().items()}
+
+
+def assert_exact(sisa: Sisa, rows: list[dict[str, Any]], config: SisaConfig, spec: DataSpec,
+                 scratch_dir: Path) -> None:
+    """Every live shard model of `sisa` is bit-identical to training from scratch on `rows`:
+    equal tensors (`torch.equal`, name by name) and byte-identical weights files."""
+    scratch = Sisa.train(scratch_dir, rows, config, spec)
+    mine, theirs = live_weights(sisa), live_weights(scratch)
+    assert mine.keys() == theirs.keys()
+    for shard in mine:
+        assert mine[shard].keys() == theirs[shard].keys()
+        for name in mine[shard]:
+            assert torch.equal(mine[shard][name], theirs[shard][name]), (shard, name)
+    assert live_shas(sisa) == live_shas(scratch)
+    scratch.close()
 
 
 TEXT_SPEC = DataSpec(id_column="id", label_column="label", text_column="text", group_column="user")
@@ -77,7 +108,6 @@ def make_text_rows(n: int = 60, seed: int = 3, prefix: str = "t") -> list[dict[s
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A BERT with random weights from a tiny config, with a WordPiece tokenizer: no download."""
-    import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     root = tmp_path_factory.mktemp("tiny-bert")

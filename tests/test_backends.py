@@ -9,56 +9,51 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from sisa.api import Sisa
-from sisa.config import ExecutionConfig, PartitionConfig, SisaConfig, TrainingConfig
-from sisa.errors import ConfigError
+from sisa import ConfigError, ExecutionConfig, HeadConfig, LoraConfig, PartitionConfig, Sisa, SisaConfig
 from sisa.training.shard_trainer import load_model
 
-from .conftest import TEXT_SPEC, make_text_rows
-from .test_unlearning import live_weights
+from .conftest import TEXT_SPEC, assert_exact, make_text_rows
 
 BACKENDS = ["head", "lora"]
 
 
-def text_config(model: str, backend: str, **training) -> SisaConfig:
-    return SisaConfig(
-        partition=PartitionConfig(shards=2, slices=2, seed=5),
-        training=TrainingConfig(backend=backend, model=model, epochs_per_slice=2, batch_size=8,
-                                learning_rate=1e-2, hidden_sizes=(), max_length=32, lora_r=2,
-                                **training),
-        execution=ExecutionConfig(progress=False),
-    )
+def text_config(model: str, backend: str) -> SisaConfig:
+    common = {"model": model, "epochs_per_slice": 2, "batch_size": 8, "learning_rate": 1e-2,
+              "max_length": 32}
+    training = HeadConfig(**common, hidden_sizes=()) if backend == "head" else \
+        LoraConfig(**common, lora_r=2)
+    return SisaConfig(partition=PartitionConfig(shards=2, slices=2, seed=5), training=training,
+                      execution=ExecutionConfig(progress=False))
+
+
+def live_checkpoint(sisa: Sisa, shard: int):
+    row = sisa.store.live()[shard]
+    return sisa.manager.read_checkpoint(row.key, row)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forget_equals_scratch(tmp_path, tiny_model, text_rows, backend):
     config = text_config(tiny_model, backend)
-    sisa, _ = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
+    sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
     victims = [text_rows[4]["id"], text_rows[33]["id"], text_rows[50]["id"]]
     receipt = sisa.forget(victims)
     assert receipt.affected_shards
-    scratch, _ = Sisa.train(tmp_path / "scratch", [r for r in text_rows if r["id"] not in victims],
-                            config, TEXT_SPEC)
-    mine, theirs = live_weights(sisa), live_weights(scratch)
-    for shard in mine:
-        assert mine[shard].keys() == theirs[shard].keys()
-        for name in mine[shard]:
-            assert torch.equal(mine[shard][name], theirs[shard][name]), (backend, shard, name)
-    assert sisa.audit()["ok"]
+    assert_exact(sisa, [r for r in text_rows if r["id"] not in victims], config, TEXT_SPEC,
+                 tmp_path / "scratch")
+    assert sisa.audit().ok
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_round_trip(tmp_path, tiny_model, text_rows, backend):
     config = text_config(tiny_model, backend)
-    sisa, _ = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
-    payload = sisa.store.read_payload(sisa.store.live()[0])
-    model = load_model(config, sisa.model_spec, payload)
+    sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
+    checkpoint = live_checkpoint(sisa, 0)
+    model = load_model(sisa.backend, checkpoint, config.partition.seed)
     tensors, meta = model.state()
     assert any(k.startswith("optim.") for k in tensors) and "rng.torch_cpu" in tensors
-    again = load_model(config, sisa.model_spec, payload)
+    again = load_model(sisa.backend, checkpoint, config.partition.seed)
     again.load_state(load_safetensors(save_safetensors(tensors)), meta)
-    inputs = sisa.backend.prepare(sisa.features.vectors([r["text"] for r in text_rows[:10]])
-                                  if sisa.features else [r["text"] for r in text_rows[:10]])
+    inputs = sisa.backend.prepare(sisa.features.model_inputs([r["text"] for r in text_rows[:10]]))
     assert torch.equal(model.predict_proba(inputs), again.predict_proba(inputs))
     for name, value in again.state()[0].items():
         if name != "rng.torch_cpu":
@@ -68,22 +63,22 @@ def test_state_round_trip(tmp_path, tiny_model, text_rows, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_soft_voting_is_the_mean_of_the_shard_models(tmp_path, tiny_model, text_rows, backend):
     config = text_config(tiny_model, backend)
-    sisa, _ = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
+    sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
     texts = [r["text"] for r in text_rows[:12]]
-    ensemble = sisa.ensemble()
-    per_shard = ensemble.shard_proba(texts)
-    np.testing.assert_allclose(ensemble.predict_proba(texts), np.mean(list(per_shard.values()), 0))
+    per_shard = sisa.ensemble().shard_proba(texts)
+    np.testing.assert_allclose(sisa.predict_proba(texts), np.mean(list(per_shard.values()), 0))
     # Each shard's column of the ensemble equals that shard's model used on its own.
-    inputs = sisa.backend.prepare(sisa.features.vectors(texts) if sisa.features else texts)
-    for shard, row in sisa.store.live().items():
-        alone = load_model(config, sisa.model_spec, sisa.store.read_payload(row)).predict_proba(inputs)
+    inputs = sisa.backend.prepare(sisa.features.model_inputs(texts))
+    for shard in sisa.store.live():
+        alone = load_model(sisa.backend, live_checkpoint(sisa, shard),
+                           config.partition.seed).predict_proba(inputs)
         np.testing.assert_allclose(per_shard[shard], alone.double().numpy(), atol=1e-5)
 
 
 def test_head_embeddings_are_cached_and_never_recomputed(tmp_path, tiny_model, text_rows):
     config = text_config(tiny_model, "head")
-    sisa, _ = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
-    encoder = sisa.features.encoder
+    sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
+    encoder = sisa.backend.encoder
     assert encoder.encoded == len(text_rows)
     assert sisa.store.embedding_count() == len({r["text"] for r in text_rows})
     sisa.forget([text_rows[1]["id"], text_rows[2]["id"]])
@@ -97,15 +92,15 @@ def test_head_embeddings_are_cached_and_never_recomputed(tmp_path, tiny_model, t
 
     assert not sisa.store.get_embeddings(encoder.fingerprint, [input_digest(t) for t in gone])
     # A second store seeded from this one encodes nothing at all.
-    other, _ = Sisa.train(tmp_path / "other", text_rows[10:], config, TEXT_SPEC,
-                          embeddings_from=tmp_path / "store")
-    assert other.features.encoder.encoded == 0
+    other = Sisa.train(tmp_path / "other", text_rows[10:], config, TEXT_SPEC,
+                       embeddings_from=tmp_path / "store")
+    assert other.backend.encoder.encoded == 0
 
 
 def test_embedding_of_a_text_does_not_depend_on_its_batch(tiny_model, text_rows):
-    from sisa.features import TextEncoder
+    from sisa.training.encoder import TextEncoder
 
-    encoder = TextEncoder(TrainingConfig(backend="head", model=tiny_model, max_length=32))
+    encoder = TextEncoder(HeadConfig(model=tiny_model, max_length=32))
     texts = [r["text"] for r in text_rows[:8]]
     together = encoder.encode(texts)
     alone = np.stack([encoder.encode([t])[0] for t in reversed(texts)])[::-1]
@@ -119,7 +114,7 @@ def test_lora_adapter_is_saved_the_peft_way_and_loads(tmp_path, tiny_model, text
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     config = text_config(tiny_model, "lora")
-    sisa, _ = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
+    sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
     row = sisa.store.live()[1]
     adapter_dir = sisa.store.root / row.path / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
@@ -135,7 +130,7 @@ def test_lora_adapter_is_saved_the_peft_way_and_loads(tmp_path, tiny_model, text
 
 def test_lora_ensemble_holds_one_base_with_named_adapters(tmp_path, tiny_model, text_rows):
     config = text_config(tiny_model, "lora")
-    sisa, _ = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
+    sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
     scorer = sisa.ensemble().scorer
     assert set(scorer.model.peft_config) == {"shard-0", "shard-1"}
     bases = [m for m in scorer.model.modules() if type(m).__name__ == "BertModel"]
@@ -143,12 +138,12 @@ def test_lora_ensemble_holds_one_base_with_named_adapters(tmp_path, tiny_model, 
 
 
 def test_text_backend_rejects_numeric_features_and_vice_versa(tmp_path, tiny_model, rows):
-    from .conftest import SPEC
+    from .conftest import SPEC, small_config
 
-    with pytest.raises(ConfigError, match="text-column"):
+    with pytest.raises(ConfigError, match="needs a text column"):
         Sisa.train(tmp_path / "a", rows, text_config(tiny_model, "head"), SPEC)
-    with pytest.raises(ConfigError, match="needs numeric --feature-columns"):
-        Sisa.train(tmp_path / "b", make_text_rows(), text_config(tiny_model, "mlp"), TEXT_SPEC)
+    with pytest.raises(ConfigError, match="needs numeric feature columns"):
+        Sisa.train(tmp_path / "b", make_text_rows(), small_config(), TEXT_SPEC)
     assert not (tmp_path / "a" / "store.db").exists() and not (tmp_path / "b" / "store.db").exists()
 
 
@@ -163,13 +158,11 @@ def test_missing_model_is_a_clear_error(tmp_path, text_rows):
 def test_lora_on_gpu_is_exact(tmp_path, tiny_model, text_rows):
     config = text_config(tiny_model, "lora")
     config = config.replace(execution=ExecutionConfig(gpus_per_shard=0.5, progress=False))
-    sisa, _ = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
+    sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
     victim = text_rows[7]["id"]
     sisa.forget([victim])
-    scratch, _ = Sisa.train(tmp_path / "scratch", [r for r in text_rows if r["id"] != victim],
-                            config, TEXT_SPEC)
-    assert {s: r.sha256 for s, r in sisa.store.live().items()} == \
-        {s: r.sha256 for s, r in scratch.store.live().items()}
+    assert_exact(sisa, [r for r in text_rows if r["id"] != victim], config, TEXT_SPEC,
+                 tmp_path / "scratch")
 
 
 def test_a_hub_id_resolves_from_the_local_cache_only(tmp_path, tiny_model, monkeypatch):

@@ -10,12 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from sisa.cli import app
+from sisa.options import markdown_table
 
 from .conftest import make_rows, write_csv
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
-COMMANDS = ["train", "add", "predict", "evaluate", "forget", "status", "audit", "recover", "demo"]
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)  # type: ignore[union-attr]
 TRAIN = ["--id-column", "id", "--label-column", "label", "--feature-columns", "f0,f1,f2,f3",
          "--group-column", "user", "--shards", "3", "--slices", "2", "--epochs", "2", "--seed", "3",
          "--backend", "mlp", "--executor", "local", "--no-progress"]
@@ -32,11 +33,32 @@ def as_json(result) -> object:
     return json.loads(result.stdout)
 
 
+def test_the_command_list_comes_from_the_app():
+    assert {"train", "add", "predict", "evaluate", "forget", "status", "audit", "recover", "repair",
+            "demo"} <= set(COMMANDS)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_and_is_documented(command):
     result = run(command, "--help")
     assert "Usage" in result.output and len(result.output) > 200
     assert f"sisa {command}" in README.read_text(), f"README does not document `sisa {command}`"
+
+
+def test_readme_option_table_is_the_generated_one():
+    assert markdown_table() in README.read_text(), \
+        "README's option table is stale: paste `python -m sisa.options` into it"
+
+
+def test_an_option_of_another_backend_is_refused(tmp_path):
+    data = write_csv(tmp_path / "train.csv", make_rows(30))
+    result = run("train", "--store", str(tmp_path / "s"), "--data", str(data), *TRAIN, "--lora-r", "4",
+                 ok=False)
+    assert result.exit_code == 1 and "--lora-r do(es) not apply to --backend mlp" in result.stderr
+    bad = run("train", "--store", str(tmp_path / "s"), "--data", str(data), *TRAIN, "--hidden-sizes",
+              "a,b", ok=False)
+    assert bad.exit_code == 1 and "comma-separated integers" in bad.stderr
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.fixture
@@ -65,7 +87,7 @@ def test_forget_by_ids_file_and_group_then_audit(trained):
     assert sorted(receipt["record_ids"]) == ["r0001", "r0002"]
     assert receipt["affected_shards"] and receipt["samples_retrained"] > 0
     ids_file = tmp / "ids.txt"
-    ids_file.write_text("r0003\nr0001\n")
+    ids_file.write_text("\ufeffr0003\nr0001\n")  # a BOM is not part of the first id
     again = as_json(run("forget", "--store", str(store), "--ids-file", str(ids_file), "--json",
                         "--no-progress"))
     assert again["record_ids"] == ["r0003"] and again["already_deleted"] == ["r0001"]
@@ -75,6 +97,8 @@ def test_forget_by_ids_file_and_group_then_audit(trained):
     assert status["deleted_records"] == 13
     audit = as_json(run("audit", "--store", str(store), "--json"))
     assert audit["ok"] and audit["checkpoints_checked"] == 6
+    unreadable = run("forget", "--store", str(store), "--ids-file", str(tmp), ok=False)
+    assert unreadable.exit_code == 2 and "cannot read ids file" in unreadable.output
 
 
 def test_unknown_id_is_a_clean_error(trained):
@@ -83,6 +107,8 @@ def test_unknown_id_is_a_clean_error(trained):
     assert result.exit_code == 1
     assert "unknown record id" in result.stderr and "'ghost'" in result.stderr
     assert "Traceback" not in result.output
+    missing = run("status", "--store", str(store.parent / "elsewhere"), ok=False)
+    assert "no store at" in missing.stderr and "hint: create one with `sisa train" in missing.stderr
     assert as_json(run("status", "--store", str(store), "--json"))["deleted_records"] == 0
 
 

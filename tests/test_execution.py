@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sisa.api import Sisa
-from sisa.config import ExecutionConfig
-from sisa.errors import ShardTrainingError
+from sisa import ExecutionConfig, MLPConfig, ShardTrainingError, Sisa
 
-from .conftest import SPEC
+from .conftest import SPEC, live_shas
 
 pytestmark = pytest.mark.ray
 
@@ -26,35 +24,35 @@ def ray_session(tmp_path_factory):
 
 
 def test_local_and_ray_executors_are_bit_identical(tmp_path, rows, config, ray_session):
-    local, _ = Sisa.train(tmp_path / "local", rows, config, SPEC)
+    local = Sisa.train(tmp_path / "local", rows, config, SPEC)
     ray_config = config.replace(execution=ExecutionConfig(executor="ray", progress=False))
-    remote, report = Sisa.train(tmp_path / "ray", rows, ray_config, SPEC)
+    remote = Sisa.train(tmp_path / "ray", rows, ray_config, SPEC)
+    report = remote.training_report_
     assert all(r.node not in ("", "local") for r in report.retrained)  # really ran in Ray tasks
-    assert {s: r.sha256 for s, r in local.store.live().items()} == \
-        {s: r.sha256 for s, r in remote.store.live().items()}
+    assert live_shas(local) == live_shas(remote)
     victims = [rows[5]["id"], rows[77]["id"]]
     local.forget(victims)
     remote.forget(victims)
-    assert {s: r.sha256 for s, r in local.store.live().items()} == \
-        {s: r.sha256 for s, r in remote.store.live().items()}
+    assert live_shas(local) == live_shas(remote)
 
 
 def test_ray_error_names_the_shard_with_the_original_traceback(tmp_path, rows, config, ray_session):
-    bad = config.replace(
-        training=config.training.__class__(**{**config.training.__dict__, "backend": "no-such"}),
-        execution=ExecutionConfig(executor="ray", max_retries=1, progress=False),
-    )
+    import numpy as np
+
     from sisa.execution import run_jobs
     from sisa.schedule import shard_schedule
-    from sisa.training.protocol import ModelSpec
+    from sisa.tasks import ModelSpec
     from sisa.training.shard_trainer import ShardJob
 
-    sched = shard_schedule("d", 2, [], 1)
-    job = ShardJob(shard=2, config=bad, spec=ModelSpec(num_classes=2, input_dim=4),
-                   config_digest="d", inputs=[], labels=[], members=[], sizes=sched.sizes,
-                   set_digests=sched.set_digests, keys=sched.keys, start_slice=0)
+    class Unknown(MLPConfig):
+        backend = "no-such"  # type: ignore[misc]
+
+    execution = ExecutionConfig(executor="ray", max_retries=1, progress=False)
+    job = ShardJob(schedule=shard_schedule("d", 2, [], 1), training=Unknown(),
+                   spec=ModelSpec(num_classes=2, input_dim=4), seed=0, device="cpu",
+                   config_digest="d", inputs=[], targets=np.zeros(0, dtype=np.int64), start_slice=0)
     with pytest.raises(ShardTrainingError) as info:
-        run_jobs([job], bad.execution)
+        list(run_jobs([job], execution))
     assert info.value.shard == 2
     assert "unknown backend 'no-such'" in info.value.traceback_text
     assert "Traceback" in info.value.traceback_text

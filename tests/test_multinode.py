@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from sisa.api import Sisa
-from sisa.config import ExecutionConfig
+from sisa import ExecutionConfig, Sisa
 
-from .conftest import SPEC
+from .conftest import SPEC, live_shas
 
 pytestmark = pytest.mark.ray
 
@@ -29,13 +28,13 @@ def test_train_and_forget_on_a_second_node(tmp_path, rows, config, monkeypatch):
         store_dir = tmp_path / "store"
         remote = config.replace(execution=ExecutionConfig(
             executor="ray", resources_per_shard={"sisa_worker": 1}, progress=False))
-        sisa, report = Sisa.train(store_dir, rows, remote, SPEC)
-        assert {r.node for r in report.retrained} == {worker.node_id}
+        sisa = Sisa.train(store_dir, rows, remote, SPEC)
+        assert {r.node for r in sisa.training_report_.retrained} == {worker.node_id}
         assert len(sisa.store.live()) == config.partition.shards
         victim = rows[42]["id"]
         receipt = sisa.forget([victim])
         assert receipt.affected_shards and receipt.checkpoints_changed
-        assert sisa.audit()["ok"]
+        assert sisa.audit().ok
         for c in sisa.store.checkpoints():
             assert (store_dir / c.path / "weights.safetensors").is_file()
         assert not any(elsewhere.iterdir())  # nothing was written relative to the cwd
@@ -44,6 +43,5 @@ def test_train_and_forget_on_a_second_node(tmp_path, rows, config, monkeypatch):
         cluster.shutdown()
 
     # The checkpoints that came back equal an in-process scratch training without the record.
-    local, _ = Sisa.train(tmp_path / "local", [r for r in rows if r["id"] != victim], config, SPEC)
-    assert {s: r.sha256 for s, r in sisa.store.live().items()} == \
-        {s: r.sha256 for s, r in local.store.live().items()}
+    local = Sisa.train(tmp_path / "local", [r for r in rows if r["id"] != victim], config, SPEC)
+    assert live_shas(sisa) == live_shas(local)

@@ -16,7 +16,7 @@ from .conftest import SPEC, make_rows, write_csv
 def test_valid_rows_become_records(rows):
     records = records_from_rows(rows, SPEC)
     assert [r.id for r in records] == [r["id"] for r in rows]
-    assert records[0].group == "u0" and records[0].label == "0"
+    assert records[0].group == "u0" and records[0].target == "0"
     assert len(records[0].input) == 4
 
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from sisa.api import Sisa
-from sisa.errors import ShardTrainingError
+from sisa import ShardTrainingError, Sisa
 from sisa.training import shard_trainer
 
-from .conftest import SPEC
-from .test_unlearning import assert_same_as_scratch
+from .conftest import SPEC, assert_exact
 
 
 def test_crash_after_acknowledgement_is_recovered_on_open(tmp_path, rows, config, monkeypatch):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim_shard = 1
     victim = next(iter(sisa.store.live_records(victim_shard))).id
 
     # Crash: the retrain dies after the deletion was recorded (acknowledged).
-    def boom(job):
+    def boom(job, backend=None):
         raise RuntimeError("simulated crash during retraining")
 
     monkeypatch.setattr("sisa.execution.train_shard", boom)
@@ -31,39 +29,41 @@ def test_crash_after_acknowledgement_is_recovered_on_open(tmp_path, rows, config
     assert reopened.store.pending_shards() == {victim_shard}
     assert victim_shard not in reopened.servable_shards()  # never served while pending
     assert reopened.ensemble().shards == [0, 2]
-    assert not reopened.audit()["ok"]
+    assert not reopened.audit().ok
+    assert reopened.clean_shards() == {0, 2}
+    assert [p.record_ids for p in reopened.pending()] == [[victim]]
     reopened.close()
 
     recovered = Sisa.open(tmp_path / "store")  # recovery runs on open
-    assert [r.record_ids for r in recovered.recovered] == [[victim]]
-    assert recovered.recovered[0].recovered
+    assert [r.record_ids for r in recovered.recovered_] == [[victim]]
+    assert recovered.recovered_[0].recovered
     assert recovered.store.pending_deletions() == []
-    assert recovered.audit()["ok"]
-    assert_same_as_scratch(recovered, [r for r in rows if r["id"] != victim], config, tmp_path)
+    assert recovered.audit().ok
+    assert_exact(recovered, [r for r in rows if r["id"] != victim], config, SPEC, tmp_path / "scratch")
 
 
 def test_crash_between_checkpoint_write_and_swap(tmp_path, rows, config, monkeypatch):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim = rows[20]["id"]
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies just before the live swap
 
-    monkeypatch.setattr(sisa.store, "swap_live", crash)
+    monkeypatch.setattr(sisa.store, "commit", crash)
     with pytest.raises(KeyboardInterrupt):
         sisa.forget([victim])
-    (sisa.store.checkpoint_root / ".tmp-leftover").mkdir()  # and a half-written directory
+    (sisa.store.root / "checkpoints" / ".tmp-leftover").mkdir()  # and a half-written directory
     sisa.close()
     recovered = Sisa.open(tmp_path / "store")
-    assert not (recovered.store.checkpoint_root / ".tmp-leftover").exists()
-    assert recovered.audit()["ok"]
-    assert_same_as_scratch(recovered, [r for r in rows if r["id"] != victim], config, tmp_path)
+    assert not (recovered.store.root / "checkpoints" / ".tmp-leftover").exists()
+    assert recovered.audit().ok
+    assert_exact(recovered, [r for r in rows if r["id"] != victim], config, SPEC, tmp_path / "scratch")
 
 
 def test_interrupted_add_is_completed_by_recovery(tmp_path, rows, config, monkeypatch):
-    sisa, _ = Sisa.train(tmp_path / "store", rows[:120], config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows[:120], config, SPEC)
 
-    def boom(job):
+    def boom(job, backend=None):
         raise RuntimeError("crash")
 
     monkeypatch.setattr("sisa.execution.train_shard", boom)
@@ -72,28 +72,28 @@ def test_interrupted_add_is_completed_by_recovery(tmp_path, rows, config, monkey
     sisa.close()
     monkeypatch.undo()
     recovered = Sisa.open(tmp_path / "store")
-    assert recovered.audit()["ok"]
-    assert_same_as_scratch(recovered, rows, config, tmp_path)
+    assert recovered.audit().ok
+    assert_exact(recovered, rows, config, SPEC, tmp_path / "scratch")
 
 
 def test_transient_failure_is_retried(tmp_path, rows, config, monkeypatch):
     calls = {"n": 0}
     real = shard_trainer.train_shard
 
-    def flaky(job):
+    def flaky(job, backend=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("transient")
-        return real(job)
+        return real(job, backend)
 
     monkeypatch.setattr("sisa.execution.train_shard", flaky)
-    _sisa, report = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    report = Sisa.train(tmp_path / "store", rows, config, SPEC).training_report_
     assert report.retrained[0].attempts == 2
     assert all(r.attempts == 1 for r in report.retrained[1:])
 
 
 def test_final_error_names_shard_and_carries_traceback(tmp_path, rows, config, monkeypatch):
-    def boom(job):
+    def boom(job, backend=None):
         raise ValueError(f"bad thing in shard {job.shard}")
 
     monkeypatch.setattr("sisa.execution.train_shard", boom)
@@ -112,7 +112,7 @@ def test_final_error_names_shard_and_carries_traceback(tmp_path, rows, config, m
 def test_writers_are_serialised_by_the_store_lock(tmp_path, rows, config):
     import threading
 
-    Sisa.train(tmp_path / "store", rows, config, SPEC)[0].close()
+    Sisa.train(tmp_path / "store", rows, config, SPEC).close()
     other = Sisa.open(tmp_path / "store")  # a second handle, as another process would have
     held, release, finished = threading.Event(), threading.Event(), threading.Event()
 

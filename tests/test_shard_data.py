@@ -1,5 +1,5 @@
 """Shard data kept in memory: equal to what the store holds, and never trusted after a change it
-did not see; older record formats still load; `repair` rebuilds damaged checkpoints exactly."""
+did not see; `repair` rebuilds damaged checkpoints exactly."""
 
 from __future__ import annotations
 
@@ -10,28 +10,29 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from sisa.api import Sisa
+from sisa import ConfigError, Sisa
 from sisa.cli import app
-from sisa.errors import ConfigError
 from sisa.shard_data import ShardData, load_shard
 
 from .conftest import SPEC
 
 
 def assert_same_data(a: ShardData, b: ShardData) -> None:
+    assert a.version == b.version
     assert a.members == b.members
     assert a.lines == b.lines
-    assert np.array_equal(a.labels, b.labels)
+    assert np.array_equal(a.targets, b.targets)
     assert isinstance(a.inputs, np.ndarray) and isinstance(b.inputs, np.ndarray)
     assert a.inputs.dtype == b.inputs.dtype and np.array_equal(a.inputs, b.inputs)
 
 
 def fresh(sisa: Sisa, shard: int) -> ShardData:
-    return load_shard(sisa.store, shard, sisa.manager.class_index, len(SPEC.feature_columns))
+    version = sisa.store.shard_versions([shard])[shard]
+    return load_shard(sisa.store, shard, version, sisa.task, len(SPEC.feature_columns))
 
 
 def test_data_kept_from_training_and_after_a_deletion_equals_the_store(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     kept = sisa.manager.data.get(range(3))
     for shard in range(3):  # built from the records in memory, not read back
         assert_same_data(kept[shard], fresh(sisa, shard))
@@ -43,34 +44,18 @@ def test_data_kept_from_training_and_after_a_deletion_equals_the_store(tmp_path,
 
 
 def test_a_change_made_behind_its_back_is_seen(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
-    assert sisa.manager.plan([0])[0].start_slice is None
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    assert sisa.manager.plan().shards == []  # every shard is current
     victim = next(sisa.store.live_records(0)).id
     # Another process (or a hand-run SQL statement) tombstones a record: a trigger bumps the
-    # records version, so the plan sees shard 0 must retrain instead of using stale data.
+    # shard's version, so the plan sees shard 0 must retrain instead of using stale data.
     other = Sisa.open(sisa.store.root, recover=False)
-    with other.store.db.atomic():
-        other.store.db.execute("UPDATE records SET deleted_at = 'x' WHERE id = ?", [victim])
+    with other.store.transaction() as conn:
+        conn.execute("UPDATE records SET deleted_at = 'x' WHERE id = ?", [victim])
     other.close()
-    plan = sisa.manager.plan([0])[0]
-    assert plan.start_slice is not None
+    [plan] = sisa.manager.plan().shards
+    assert plan.shard == 0 and plan.start_slice is not None
     assert victim not in {m.id for m in plan.schedule.members}
-
-
-def test_numeric_records_written_before_schema_3_still_load(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
-    expected = fresh(sisa, 2)
-    # Rewrite half of shard 2 the way schema 2 stored it: the input inside the JSON payload.
-    old = [m.id for m in expected.members][::2]
-    for record_id in old:
-        row = sisa.store.find_records([record_id])[record_id]
-        values = np.frombuffer(sisa.store.db.execute(
-            "SELECT features FROM records WHERE id = ?", [record_id]).fetchone()[0], dtype="<f8")
-        payload = json.dumps({"input": values.tolist(), "label": row.payload["label"]})
-        sisa.store.db.execute("UPDATE records SET payload = ?, features = NULL WHERE id = ?",
-                              [payload, record_id])
-    assert_same_data(fresh(sisa, 2), expected)
-    assert sisa.manager.plan([2])[0].start_slice is None  # same keys: nothing to retrain
 
 
 def checkpoint_bytes(sisa: Sisa) -> dict[str, bytes]:
@@ -79,20 +64,20 @@ def checkpoint_bytes(sisa: Sisa) -> dict[str, bytes]:
 
 
 def test_repair_rebuilds_a_corrupt_checkpoint_bit_identically(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     before = checkpoint_bytes(sisa)
     damaged = next(c for c in sisa.store.checkpoints(0) if c.slice == 1)
     path = sisa.store.root / damaged.path / "weights.safetensors"
     path.write_bytes(path.read_bytes()[:-4] + b"oops")
-    assert not sisa.audit()["ok"]
+    assert not sisa.audit().ok
 
     report = sisa.repair()
     assert [(r.shard, r.start_slice) for r in report.retrained] == [(0, 1)]
-    assert sisa.audit()["ok"]
+    assert sisa.audit().ok
     assert checkpoint_bytes(sisa) == before
 
     scratch = sisa.repair([2], from_scratch=True)
-    counts = sisa.manager.plan([2])[0].schedule.cumulative_counts()
+    counts = sisa.manager.schedules([2])[2].cumulative_counts()
     assert [(r.shard, r.start_slice) for r in scratch.retrained] == [(2, 0)]
     assert scratch.samples == sum(counts) * config.training.epochs_per_slice
     assert checkpoint_bytes(sisa) == before
@@ -101,14 +86,14 @@ def test_repair_rebuilds_a_corrupt_checkpoint_bit_identically(tmp_path, rows, co
 
 
 def test_audit_flags_a_missing_parent_and_cli_repair_restores_it(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     before = checkpoint_bytes(sisa)
     parent = next(c for c in sisa.store.checkpoints(1) if c.slice == 0)
-    with sisa.store.db.atomic():
-        sisa.store.db.execute("DELETE FROM checkpoints WHERE key = ?", [parent.key])
+    with sisa.store.transaction() as conn:
+        conn.execute("DELETE FROM checkpoints WHERE key = ?", [parent.key])
     shutil.rmtree(sisa.store.root / parent.path)
     result = sisa.audit()
-    assert any(v["shard"] == 1 and "parent checkpoint" in v["problem"] for v in result["violations"])
+    assert any(v.shard == 1 and "parent checkpoint" in v.problem for v in result.violations)
     sisa.close()
 
     out = CliRunner().invoke(app, ["repair", "--store", str(tmp_path / "store"), "--shard", "1",
@@ -116,5 +101,5 @@ def test_audit_flags_a_missing_parent_and_cli_repair_restores_it(tmp_path, rows,
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["start_slices"] == {"1": 0}
     with Sisa.open(tmp_path / "store") as again:
-        assert again.audit()["ok"]
+        assert again.audit().ok
         assert checkpoint_bytes(again) == before

@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from sisa.api import Sisa
-from sisa.errors import RecordError, UnknownRecordError
-from sisa.schedule import shard_schedule
-from sisa.unlearning import expected_retrain_fraction, plan_shard
+from sisa import DataSpec, MLPConfig, PartitionConfig, RecordError, Sisa, SisaConfig, UnknownRecordError
+from sisa.schedule import Member, shard_schedule
+from sisa.unlearning import expected_retrain_fraction, expected_speedup, plan_shard
 
-from .conftest import SPEC, make_rows
-
-
-def live_weights(sisa: Sisa) -> dict[int, dict[str, torch.Tensor]]:
-    return {s: load_file(str(sisa.store.root / row.path / "weights.safetensors"))
-            for s, row in sisa.store.live().items()}
-
-
-def assert_same_as_scratch(sisa: Sisa, rows, config, tmp_path: Path) -> None:
-    scratch, _ = Sisa.train(tmp_path / "scratch", rows, config, SPEC)
-    mine, theirs = live_weights(sisa), live_weights(scratch)
-    assert mine.keys() == theirs.keys()
-    for shard in mine:
-        assert mine[shard].keys() == theirs[shard].keys()
-        for name in mine[shard]:
-            assert torch.equal(mine[shard][name], theirs[shard][name]), (shard, name)
-    # Same inputs give byte-identical checkpoint files and keys.
-    assert {s: r.sha256 for s, r in sisa.store.live().items()} == \
-        {s: r.sha256 for s, r in scratch.store.live().items()}
-    scratch.close()
+from .conftest import SPEC, assert_exact, live_shas, make_rows
 
 
 def pick_spread(sisa: Sisa, per_shard: int = 1, shards=(0, 1, 2)) -> list[str]:
@@ -44,7 +20,7 @@ def pick_spread(sisa: Sisa, per_shard: int = 1, shards=(0, 1, 2)) -> list[str]:
 
 
 def test_forget_equals_scratch_and_leaves_other_shards_alone(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     untouched_shard = 2
     victims = pick_spread(sisa, per_shard=2, shards=(0, 1))
     before_files = {
@@ -68,66 +44,69 @@ def test_forget_equals_scratch_and_leaves_other_shards_alone(tmp_path, rows, con
     assert after_files == before_files  # not retrained, byte-identical
 
     remaining = [r for r in rows if r["id"] not in set(victims)]
-    assert_same_as_scratch(sisa, remaining, config, tmp_path)
-    assert sisa.audit()["ok"]
+    assert_exact(sisa, remaining, config, SPEC, tmp_path / "scratch")
+    assert sisa.audit().ok
 
 
 def test_batch_touching_one_shard_retrains_it_once(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victims = [r.id for r in sisa.store.live_records(1)][:4]
     receipt = sisa.forget(victims)
     assert [a["shard"] for a in receipt.affected_shards] == [1]
-    schedule = sisa.manager.plan([1])[0].schedule
-    counts = schedule.cumulative_counts()
+    counts = sisa.manager.schedules([1])[1].cumulative_counts()
     start = receipt.affected_shards[0]["start_slice"]
     epochs = config.training.epochs_per_slice
     assert receipt.samples_retrained == sum(counts[k] * epochs for k in range(start, len(counts)))
 
 
 def test_repeated_id_is_a_noop_and_unknown_id_changes_nothing(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim = rows[10]["id"]
     sisa.forget([victim])
-    live_before = {s: r.sha256 for s, r in sisa.store.live().items()}
+    live_before = live_shas(sisa)
     again = sisa.forget([victim])
     assert again.already_deleted == [victim] and again.record_ids == []
     assert again.samples_retrained == 0
     with pytest.raises(UnknownRecordError, match="'nope'"):
         sisa.forget([rows[11]["id"], "nope"])
     assert rows[11]["id"] not in sisa.store.deleted_ids()  # the valid id was not deleted either
-    assert {s: r.sha256 for s, r in sisa.store.live().items()} == live_before
+    assert live_shas(sisa) == live_before
     assert len(sisa.store.deletions()) == 1
     with pytest.raises(KeyError):  # UnknownRecordError is also a KeyError
         sisa.forget_group("no-such-user")
 
 
 def test_forget_group_retrains_one_shard(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     receipt = sisa.forget_group("u3")
     assert sorted(receipt.record_ids) == [r["id"] for r in rows if r["user"] == "u3"]
     assert len(receipt.affected_shards) == 1
-    assert_same_as_scratch(sisa, [r for r in rows if r["user"] != "u3"], config, tmp_path)
+    assert_exact(sisa, [r for r in rows if r["user"] != "u3"], config, SPEC, tmp_path / "scratch")
 
 
 def test_deleted_content_is_purged_and_stale_checkpoints_removed(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim = rows[0]["id"]
     sisa.forget([victim])
     row = sisa.store.find_records([victim])[victim]
-    assert row.payload is None and row.deleted_at is not None
+    assert row.target is None and row.deleted_at is not None
+    content = sisa.store.conn.execute("SELECT text, features, target FROM records WHERE id = ?",
+                                      [victim]).fetchone()
+    assert content == (None, None, None)
     for c in sisa.store.checkpoints():
         manifest = (sisa.store.root / c.path / "manifest.json").read_text()
         assert f'"{victim}"' not in manifest
     # No checkpoint directory on disk is left over from before the deletion.
-    on_disk = {str(p.relative_to(sisa.store.root)) for p in sisa.store.checkpoint_root.glob("*/*")}
+    on_disk = {str(p.relative_to(sisa.store.root))
+               for p in (sisa.store.root / "checkpoints").glob("*/*")}
     assert on_disk == {c.path for c in sisa.store.checkpoints()}
 
 
 def test_add_equals_training_on_the_union(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows[:120], config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows[:120], config, SPEC)
     report = sisa.add(rows[120:])
     assert report.retrained
-    assert_same_as_scratch(sisa, rows, config, tmp_path)
+    assert_exact(sisa, rows, config, SPEC, tmp_path / "scratch")
     with pytest.raises(RecordError, match="already in the store"):
         sisa.add(rows[:2])
     with pytest.raises(RecordError, match="not among the store's classes"):
@@ -135,29 +114,28 @@ def test_add_equals_training_on_the_union(tmp_path, rows, config):
 
 
 def test_forget_after_add_then_scratch(tmp_path, rows, config):
-    sisa, _ = Sisa.train(tmp_path / "store", rows[:100], config, SPEC)
+    sisa = Sisa.train(tmp_path / "store", rows[:100], config, SPEC)
     sisa.add(rows[100:])
     victims = pick_spread(sisa)
     sisa.forget(victims)
-    assert_same_as_scratch(sisa, [r for r in rows if r["id"] not in set(victims)], config, tmp_path)
+    assert_exact(sisa, [r for r in rows if r["id"] not in set(victims)], config, SPEC,
+                 tmp_path / "scratch")
 
 
 def test_plan_resumes_from_newest_matching_checkpoint():
-    from sisa.schedule import Member
-
     members = [Member(f"r{i}", "d", i % 4, f"{i:04d}") for i in range(20)]
     sched = shard_schedule("cfg", 0, members, 4)
-    assert plan_shard(sched, set(sched.keys)).start_slice is None
-    assert plan_shard(sched, set(sched.keys[:2])).start_slice == 2
-    plan = plan_shard(sched, set())
+    assert plan_shard(sched, 3, set(sched.keys)).start_slice is None
+    plan = plan_shard(sched, 3, set(sched.keys[:2]))
+    assert (plan.start_slice, plan.resume_key, plan.version) == (2, sched.keys[1], 3)
+    plan = plan_shard(sched, 3, set())
     assert plan.start_slice == 0 and plan.resume_key is None
     assert expected_retrain_fraction(4, 4) == pytest.approx((9 / 12) / 4)
+    assert expected_speedup(8, 4) == pytest.approx(3 * 4 * 8 / 9)
 
 
 @pytest.mark.parametrize("placement", ["late_slices", "dedicated_shards"])
 def test_deletion_aware_placement_stays_exact(tmp_path, placement):
-    from sisa.config import DataSpec, PartitionConfig, SisaConfig, TrainingConfig
-
     rows = make_rows(120)
     for i, row in enumerate(rows):
         row["consent"] = 0.9 if i % 5 == 0 else 0.1  # every fifth record is likely to be deleted
@@ -165,9 +143,9 @@ def test_deletion_aware_placement_stays_exact(tmp_path, placement):
                     prior_column="consent")
     config = SisaConfig(
         partition=PartitionConfig(shards=3, slices=3, seed=2, placement=placement),
-        training=TrainingConfig(epochs_per_slice=1, batch_size=8, hidden_sizes=(8,)),
+        training=MLPConfig(epochs_per_slice=1, batch_size=8, hidden_sizes=(8,)),
     )
-    sisa, _ = Sisa.train(tmp_path / "store", rows, config, spec)
+    sisa = Sisa.train(tmp_path / "store", rows, config, spec)
     likely = [r["id"] for r in rows if r["consent"] > 0.5]
     placed = sisa.store.find_records(likely)
     if placement == "late_slices":
@@ -179,15 +157,11 @@ def test_deletion_aware_placement_stays_exact(tmp_path, placement):
         assert all(a["start_slice"] == 2 for a in receipt.affected_shards)
     else:
         assert [a["shard"] for a in receipt.affected_shards] == [2]
-    scratch, _ = Sisa.train(tmp_path / "scratch", [r for r in rows if r["id"] not in likely[:3]],
-                            config, spec)
-    assert {s: r.sha256 for s, r in sisa.store.live().items()} == \
-        {s: r.sha256 for s, r in scratch.store.live().items()}
+    assert_exact(sisa, [r for r in rows if r["id"] not in likely[:3]], config, spec,
+                 tmp_path / "scratch")
 
 
 def test_dedicated_shards_refuses_a_group_split_by_its_prior(tmp_path, rows):
-    from sisa.config import DataSpec, PartitionConfig, SisaConfig
-
     for i, row in enumerate(rows):
         row["p"] = 0.9 if i % 7 == 0 else 0.0
     spec = DataSpec(id_column="id", label_column="label", feature_columns=SPEC.feature_columns,

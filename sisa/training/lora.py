@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sisa.config import TrainingConfig
-from sisa.errors import ConfigError
+from sisa.config import LoraConfig
+from sisa.errors import InputKindError
 from sisa.models import model_fingerprint, quiet_transformers, resolve_model
 from sisa.records import Input
+from sisa.tasks import ModelSpec
+from sisa.training.protocol import State
 from sisa.training.state import export_state, import_state, model_tensors
 
 ADAPTER_DIR = "adapter"
@@ -34,7 +36,7 @@ class TextInputs:
     def __init__(self, texts: Sequence[str]) -> None:
         for t in texts:
             if not isinstance(t, str):
-                raise ConfigError("the lora backend needs a --text-column, not numeric features")
+                raise InputKindError("the lora backend needs texts, not numeric features")
         self.texts = list(texts)
 
     def __getitem__(self, index: torch.Tensor) -> list[str]:
@@ -44,7 +46,7 @@ class TextInputs:
         return len(self.texts)
 
 
-def _lora_config(training: TrainingConfig) -> Any:
+def _lora_config(training: LoraConfig) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -53,7 +55,7 @@ def _lora_config(training: TrainingConfig) -> Any:
     )
 
 
-def _base_model(training: TrainingConfig, num_classes: int, seed: int) -> Any:
+def _base_model(training: LoraConfig, num_classes: int, seed: int) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
@@ -63,7 +65,7 @@ def _base_model(training: TrainingConfig, num_classes: int, seed: int) -> Any:
 
 
 class LoraModel:
-    def __init__(self, training: TrainingConfig, num_classes: int, seed: int, tokenizer: Any,
+    def __init__(self, training: LoraConfig, num_classes: int, seed: int, tokenizer: Any,
                  device: str) -> None:
         from peft import get_peft_model
 
@@ -90,17 +92,17 @@ class LoraModel:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def train_epoch(self, inputs: TextInputs, labels: torch.Tensor, order: torch.Tensor) -> None:
+    def train_epoch(self, inputs: TextInputs, targets: torch.Tensor, order: torch.Tensor) -> None:
         self.model.train()
         for batch in order.split(self.training.batch_size):
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 logits = self.model(**self._encode(inputs[batch])).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels[batch].to(self.device))
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[batch].to(self.device))
             loss.backward()
             self.optimizer.step()
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def state(self) -> State:
         from peft import get_peft_model_state_dict
 
         return export_state(get_peft_model_state_dict(self.model), self.optimizer)
@@ -130,7 +132,7 @@ class LoraModel:
 class LoraScorer:
     """The base loaded once, every shard's adapter (and head) as a named adapter on it."""
 
-    def __init__(self, training: TrainingConfig, num_classes: int, tokenizer: Any,
+    def __init__(self, training: LoraConfig, num_classes: int, tokenizer: Any,
                  states: Mapping[int, dict[str, torch.Tensor]], seed: int, device: str,
                  batch_size: int = 32) -> None:
         from peft import get_peft_model, set_peft_model_state_dict
@@ -173,10 +175,10 @@ class LoraScorer:
 
 class LoraBackend:
     name = "lora"
-    input_kind = "text"
+    encoder = None
 
-    def __init__(self, training: TrainingConfig, spec: Any) -> None:
-        self.training = training
+    def __init__(self, config: LoraConfig, spec: ModelSpec) -> None:
+        self.config = config
         self.spec = spec
         self._tokenizer: Any = None
 
@@ -186,23 +188,19 @@ class LoraBackend:
             from transformers import AutoTokenizer
 
             quiet_transformers()
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.training.model))
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.config.model))
         return self._tokenizer
 
     def fingerprint(self) -> str:
-        return model_fingerprint(self.training.model)
+        return model_fingerprint(self.config.model)
 
-    def encoder(self) -> None:
-        return None
-
-    def prepare(self, inputs: Sequence[Input]) -> TextInputs:
+    def prepare(self, inputs: Sequence[Input] | np.ndarray) -> TextInputs:
         return TextInputs([x for x in inputs])  # type: ignore[misc]
 
     def create(self, seed: int, device: str = "cpu") -> LoraModel:
-        return LoraModel(self.training, self.spec.num_classes, seed, self.tokenizer, device)
+        return LoraModel(self.config, self.spec.num_classes, seed, self.tokenizer, device)
 
-    def scorer(self, states: Mapping[int, tuple[dict[str, torch.Tensor], dict[str, Any]]],
-               seed: int) -> LoraScorer:
+    def scorer(self, states: Mapping[int, State], seed: int) -> LoraScorer:
         adapters = {s: model_tensors(tensors) for s, (tensors, _meta) in states.items()}
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return LoraScorer(self.training, self.spec.num_classes, self.tokenizer, adapters, seed, device)
+        return LoraScorer(self.config, self.spec.num_classes, self.tokenizer, adapters, seed, device)

@@ -12,35 +12,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from sisa.config import TrainingConfig
-from sisa.errors import ConfigError
+from sisa.config import HeadConfig, MLPConfig
 from sisa.records import Input
-from sisa.training.protocol import ModelSpec, PerShardScorer
+from sisa.tasks import ModelSpec
+from sisa.training.protocol import PerShardScorer, State
 from sisa.training.state import export_state, import_state
 
 if TYPE_CHECKING:
-    from sisa.features import TextEncoder
+    from sisa.training.encoder import TextEncoder
 
 
 class MLPModel:
-    def __init__(self, net: nn.Module, training: TrainingConfig, device: str) -> None:
+    def __init__(self, net: nn.Module, config: MLPConfig | HeadConfig, device: str) -> None:
         self.device = device
         self.net = net.to(device)
-        self.batch_size = training.batch_size
+        self.batch_size = config.batch_size
         self.optimizer = torch.optim.AdamW(
-            net.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay
+            net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
 
-    def train_epoch(self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor) -> None:
+    def train_epoch(self, inputs: torch.Tensor, targets: torch.Tensor, order: torch.Tensor) -> None:
         self.net.train()
         for batch in order.split(self.batch_size):
             self.optimizer.zero_grad(set_to_none=True)
             logits = self.net(inputs[batch].to(self.device))
-            loss = nn.functional.cross_entropy(logits, labels[batch].to(self.device))
+            loss = nn.functional.cross_entropy(logits, targets[batch].to(self.device))
             loss.backward()
             self.optimizer.step()
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def state(self) -> State:
         return export_state(self.net.state_dict(), self.optimizer)
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -57,22 +57,14 @@ class MLPModel:
 
 class MLPBackend:
     name = "mlp"
-    input_kind = "features"
+    encoder: TextEncoder | None = None
 
-    def __init__(self, training: TrainingConfig, spec: ModelSpec) -> None:
-        if spec.input_dim is None:
-            raise ConfigError(
-                f"backend {self.name!r} needs numeric --feature-columns; for a --text-column use "
-                "the 'head' or 'lora' backend"
-            )
-        self.training = training
+    def __init__(self, config: MLPConfig | HeadConfig, spec: ModelSpec) -> None:
+        self.config = config
         self.spec = spec
 
     def fingerprint(self) -> str:
         return ""
-
-    def encoder(self) -> TextEncoder | None:
-        return None
 
     def prepare(self, inputs: Sequence[Input] | np.ndarray) -> torch.Tensor:
         if len(inputs) == 0:
@@ -83,14 +75,13 @@ class MLPBackend:
         torch.manual_seed(seed)  # parameter initialisation draws from the global generator
         layers: list[nn.Module] = []
         width = self.spec.input_dim or 0
-        for hidden in self.training.hidden_sizes:
+        for hidden in self.config.hidden_sizes:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
             width = hidden
         layers.append(nn.Linear(width, self.spec.num_classes))
-        return MLPModel(nn.Sequential(*layers), self.training, device)
+        return MLPModel(nn.Sequential(*layers), self.config, device)
 
-    def scorer(self, states: Mapping[int, tuple[dict[str, torch.Tensor], dict[str, Any]]],
-               seed: int) -> PerShardScorer:
+    def scorer(self, states: Mapping[int, State], seed: int) -> PerShardScorer:
         models = {}
         for shard, (tensors, meta) in states.items():
             model = self.create(seed)

@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from sisa.checkpoint import RNG_TENSOR
+
 MODEL = "model."
 OPTIM = "optim."
-RNG = "rng.torch_cpu"
+RNG = RNG_TENSOR
 
 
 def export_state(

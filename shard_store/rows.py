@@ -1,0 +1,127 @@
+"""The typed rows the store reads and writes: records, checkpoints, shards, deletions, commits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+
+class NewRecord(NamedTuple):
+    """A placed record to insert."""
+
+    id: str
+    group_id: str | None
+    digest: str
+    shard: int
+    slice: int
+    order_key: str
+    target: str | None
+    text: str | None
+    features: bytes | None
+    prior: float | None
+    input_digest: str | None
+
+
+@dataclass(frozen=True)
+class RecordRow:
+    id: str
+    group_id: str | None
+    digest: str
+    shard: int
+    slice: int
+    order_key: str
+    target: str | None  # None once deleted
+    deleted_at: str | None
+    input_digest: str | None
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    key: str
+    shard: int
+    slice: int
+    parent: str | None
+    path: str  # relative to the store root
+    sha256: str  # of the weights file
+    files: dict[str, str]  # every file of the directory -> sha256
+    record_count: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    shard: int
+    version: int  # bumped by every change to the shard's records
+    live_key: str | None
+    live_version: int | None  # the version the live checkpoint was trained on
+
+    @property
+    def current(self) -> bool:
+        """The live checkpoint is trained on the shard's records as they are now."""
+        return self.live_key is not None and self.live_version == self.version
+
+
+@dataclass(frozen=True)
+class DeletionRow:
+    request_id: str
+    record_ids: list[str]
+    shards: list[int]
+    before: dict[int, str | None]  # shard -> sha256 of its live weights when acknowledged
+    status: str  # "pending" or "applied"
+    requested_at: str
+    applied_at: str | None
+    receipt: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """What one acknowledgement changed."""
+
+    request_id: str
+    requested_at: str
+    record_ids: list[str]  # tombstoned by this request, in the order given
+    shards: list[int]
+    versions: dict[int, tuple[int, int]]  # shard -> its version before and after
+    dropped: int  # checkpoints unregistered because they derive from these records
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """Make `live_key` shard's live checkpoint, if the shard is still at `version`; unregister
+    the shard's checkpoints not in `keep`."""
+
+    version: int
+    live_key: str
+    keep: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Committed:
+    shards: set[int]  # shards swapped (the others changed since they were planned)
+    applied: list[str]  # deletion requests marked applied
+    dropped: int  # checkpoints unregistered
+
+
+def record_row(row: Mapping[str, Any]) -> RecordRow:
+    return RecordRow(**{k: row[k] for k in RecordRow.__dataclass_fields__})
+
+
+def checkpoint_row(row: Mapping[str, Any]) -> CheckpointRow:
+    values = {k: row[k] for k in CheckpointRow.__dataclass_fields__}
+    values["files"] = json.loads(values["files"])
+    return CheckpointRow(**values)
+
+
+def deletion_row(row: Mapping[str, Any]) -> DeletionRow:
+    return DeletionRow(
+        request_id=row["request_id"],
+        record_ids=json.loads(row["record_ids"]),
+        shards=json.loads(row["shards"]),
+        before={int(s): sha for s, sha in json.loads(row["before"]).items()},
+        status=row["status"],
+        requested_at=row["requested_at"],
+        applied_at=row["applied_at"],
+        receipt=json.loads(row["receipt"]) if row["receipt"] else None,
+    )

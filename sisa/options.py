@@ -1,0 +1,223 @@
+"""CLI options generated from the config dataclasses' fields: one source for names, types, help and
+defaults. `sisa.cli` attaches them to its commands; `markdown_table()` is the README's option table.
+
+A training option belongs to the backends whose config class has the field; its default is that
+class's default (shown per backend), and giving it for another backend is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from sisa.config import (
+    TRAINING_CONFIGS,
+    DataSpec,
+    ExecutionConfig,
+    PartitionConfig,
+    SisaConfig,
+    TrainingConfig,
+    training_config,
+)
+from sisa.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The option groups, and the config class whose fields make each one.
+GROUPS: dict[str, type] = {"data": DataSpec, "partition": PartitionConfig, "training": TrainingConfig,
+                           "execution": ExecutionConfig, "serving": SisaConfig}
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    group: str
+    field: str  # the dataclass field
+    name: str  # the command's parameter (and, with dashes, its flag)
+    kind: str  # "int", "float", "str", "bool", "ints" or "strs" (comma-separated lists)
+    help: str
+    defaults: dict[str, Any]  # backend -> default for training options; {"": default} otherwise
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def default(self) -> Any:
+        """The command's default: None where it depends on the backend (or on the data)."""
+        if self.group == "data" or (self.group == "training" and self.field != "backend"):
+            return None
+        return self.defaults[""]
+
+    def parse(self, value: Any) -> Any:
+        """A typed value from what the command line gave."""
+        if value is None or self.kind not in ("ints", "strs"):
+            return value
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        if self.kind == "strs":
+            return tuple(parts)
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"{self.flag} takes comma-separated integers, got {value!r}") from None
+
+    def annotation(self) -> Any:
+        base = {"int": int, "float": float, "str": str, "bool": bool}.get(self.kind, str)
+        text = self.help + self._default_note()
+        optional = self.default is None
+        return Annotated[base | None if optional else base,
+                         typer.Option(self.flag, help=text, show_default=not optional)]
+
+    def backends(self) -> list[str]:
+        return [b for b in self.defaults if b]
+
+    def _default_note(self) -> str:
+        if self.group != "training" or self.field == "backend":
+            return ""
+        return f" (default: {self.default_text()})"
+
+    def default_text(self) -> str:
+        """The default as the docs show it: one value, or one per backend."""
+        if self.group == "data":
+            return _show(self.defaults[""]) if self.defaults[""] else "-"
+        shown = {b: _show(v) for b, v in self.defaults.items()}
+        if len(set(shown.values())) == 1:
+            return next(iter(shown.values()))
+        return ", ".join(f"{b} {v}" for b, v in shown.items())
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):
+        return '""' if not value else ",".join(map(str, value))
+    return str(value)
+
+
+def _kind(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return "ints" if args and args[0] is int else "strs"
+    if origin in (types.UnionType, typing.Union) and len(args) == 1:
+        return _kind(args[0])
+    if origin is typing.Literal:
+        return "str"
+    return {int: "int", float: "float", bool: "bool", str: "str"}.get(annotation, "str")
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)
+            if f.metadata.get("cli", False)]
+
+
+def _collect() -> list[ConfigOption]:
+    out: list[ConfigOption] = []
+    for group, cls in GROUPS.items():
+        if group == "training":
+            continue
+        for f, annotation in _fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            out.append(ConfigOption(group, f.name, f.metadata["flag"] or f.name, _kind(annotation),
+                                    f.metadata["help"], {"": default}))
+    training: dict[str, ConfigOption] = {}
+    for backend, cls in TRAINING_CONFIGS.items():
+        for f, annotation in _fields(cls):
+            known = training.get(f.name)
+            defaults = {**(known.defaults if known else {}), backend: f.default}
+            training[f.name] = ConfigOption("training", f.name, f.metadata["flag"] or f.name,
+                                            _kind(annotation), f.metadata["help"], defaults)
+    backend_option = ConfigOption(
+        "training", "backend", "backend", "str",
+        "; ".join(f"{b}: {c.summary}" for b, c in TRAINING_CONFIGS.items()) + ".", {"": "mlp"})
+    return [*out, backend_option, *training.values()]
+
+
+OPTIONS: list[ConfigOption] = _collect()
+
+
+def options(*groups: str) -> list[ConfigOption]:
+    return [o for o in OPTIONS if o.group in groups]
+
+
+def with_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Give a typer command the options of these groups (but those named in `exclude`). The
+    command takes them as `**values` (keyword arguments named after the options) and passes them
+    to `build_*` below."""
+    generated = [o for o in options(*groups) if o.name not in exclude]
+
+    def decorate(func: F) -> F:
+        hints = typing.get_type_hints(func, include_extras=True)
+        signature = inspect.signature(func)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+                                   annotation=o.annotation()) for o in generated]
+        func.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        func.__annotations__ = {**{p.name: p.annotation for p in own},
+                                **{p.name: p.annotation for p in extra}}
+        return func
+
+    return decorate
+
+
+def _values(group: str, values: Mapping[str, Any], skip_none: bool) -> dict[str, Any]:
+    out = {}
+    for o in options(group):
+        if o.name in values and not (skip_none and values[o.name] is None):
+            out[o.field] = o.parse(values[o.name])
+    return out
+
+
+def build_execution(values: Mapping[str, Any], progress: bool = True) -> ExecutionConfig:
+    return ExecutionConfig(**_values("execution", values, skip_none=False), progress=progress)
+
+
+def build_training(values: Mapping[str, Any]) -> TrainingConfig:
+    given = _values("training", values, skip_none=True)
+    backend = given.pop("backend", "mlp")
+    cls = TRAINING_CONFIGS.get(backend)
+    if cls is not None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        foreign = [o.flag for o in options("training") if o.field in given and o.field not in known]
+        if foreign:
+            raise ConfigError(f"{', '.join(foreign)} do(es) not apply to --backend {backend}")
+    return training_config(backend, **given)
+
+
+def build_config(values: Mapping[str, Any], progress: bool = True) -> SisaConfig:
+    """The store's config from a command's generated options."""
+    return SisaConfig(
+        partition=PartitionConfig(**_values("partition", values, skip_none=False)),
+        training=build_training(values),
+        execution=build_execution(values, progress),
+        **_values("serving", values, skip_none=False),
+    )
+
+
+def build_spec(values: Mapping[str, Any]) -> DataSpec | None:
+    """The data's columns, or None where no column option was given (a built-in data set)."""
+    given = _values("data", values, skip_none=True)
+    return DataSpec(**given) if given else None
+
+
+def markdown_table() -> str:
+    """The README's table of configuration options."""
+    lines = ["| option | for | default | what it sets |", "| --- | --- | --- | --- |"]
+    for o in OPTIONS:
+        where = o.group
+        if o.group == "training" and o.field != "backend":
+            where = ", ".join(o.backends()) if len(o.backends()) < len(TRAINING_CONFIGS) else "training"
+        lines.append(f"| `{o.flag}` | {where} | {o.default_text()} | {o.help.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m sisa.options: the README's option table
+    print(markdown_table(), end="")

@@ -1,0 +1,74 @@
+"""Typed results of the library's reporting calls; `to_dict()` is what `--json` prints."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class _Dict:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class Scores(_Dict):
+    accuracy: float
+    macro_f1: float
+
+
+@dataclass(frozen=True)
+class EvaluationReport(_Dict):
+    examples: int
+    voting: str  # the store's voting, used for `ensemble`
+    ensemble: Scores
+    ensemble_soft: Scores
+    ensemble_hard: Scores
+    shards: dict[str, Scores]  # each shard model on its own
+
+
+@dataclass(frozen=True)
+class ShardStatus(_Dict):
+    shard: int
+    live_slice: int | None
+    checkpoint_key: str | None
+    weights_path: str | None
+    sha256: str | None
+    live_records: int
+    deleted_records: int
+    deletion_pending: bool
+    current: bool  # the live checkpoint is trained on the shard's records as they are now
+
+
+@dataclass(frozen=True)
+class StatusReport(_Dict):
+    store: str
+    config: dict[str, Any]
+    config_digest: str
+    task: dict[str, Any]
+    live_records: int
+    deleted_records: int
+    deletion_requests: int
+    pending_deletions: list[str]
+    clean_shards: list[int]  # no acknowledged deletion pending against them
+    checkpoints: int
+    embeddings_cached: int
+    shards: list[ShardStatus]
+    model_version: str  # digest of the live checkpoints that serve
+
+
+@dataclass(frozen=True)
+class Violation(_Dict):
+    shard: int | None
+    slice: int | None
+    key: str | None
+    path: str | None
+    problem: str
+
+
+@dataclass(frozen=True)
+class AuditReport(_Dict):
+    ok: bool
+    checkpoints_checked: int
+    violations: list[Violation] = field(default_factory=list)
