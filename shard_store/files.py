@@ -68,7 +68,8 @@ def write_dir(root: Path, relative: str, blobs: Mapping[str, bytes]) -> dict[str
         except CheckpointFileError:
             shutil.rmtree(final)  # a stale or damaged copy: replace it with the fresh one
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    # Beside its final place: the rename stays in one directory, and `entries` lists it.
+    tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
     try:
         for name, data in blobs.items():
@@ -128,9 +129,9 @@ def entries(root: Path, top: str) -> list[str]:
     found = []
     for entry in base.iterdir():
         if entry.is_dir() and not entry.name.startswith(TMP_PREFIX):
-            found += list(entry.iterdir())  # shard-NNN/slice-...
+            found += list(entry.iterdir())  # shard-NNN/slice-... and shard-NNN/.tmp-...
         else:
-            found.append(entry)  # a temporary, or a file that has no business here
+            found.append(entry)  # a file (or temporary) that has no business here
     return sorted(str(p.relative_to(root)) for p in found)
 
 

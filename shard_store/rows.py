@@ -84,7 +84,6 @@ class Acknowledged:
     record_ids: list[str]  # tombstoned by this request, in the order given
     shards: list[int]
     versions: dict[int, tuple[int, int]]  # shard -> its version before and after
-    dropped: int  # checkpoints unregistered because they derive from these records
 
 
 @dataclass(frozen=True)

@@ -105,12 +105,15 @@ def statements(script: str) -> list[str]:
     return out
 
 
-def _apply(conn: sqlite3.Connection, script: str, version: int) -> None:
+def _apply(conn: sqlite3.Connection, script: str, start: int) -> None:
+    """Take the schema from version `start` to `start + 1` in one transaction, unless another
+    connection did it first (the version is read again once the transaction holds the lock)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in statements(script):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {version}")
+        if current_version(conn) == start:
+            for statement in statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {FIRST_VERSION if start == 0 else start + 1}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -121,12 +124,10 @@ def migrate(conn: sqlite3.Connection) -> int:
     """Create the schema in an empty database, or apply the migrations it has not seen; returns
     the resulting version. A pre-release version (1 to FIRST_VERSION - 1) is left alone: the
     caller refuses it."""
+    if current_version(conn) == 0:
+        _apply(conn, BASELINE, 0)
     version = current_version(conn)
-    if version == 0:
-        _apply(conn, BASELINE, FIRST_VERSION)
-        version = FIRST_VERSION
-    if version < FIRST_VERSION:
-        return version
-    for number, script in enumerate(MIGRATIONS[version - FIRST_VERSION:], start=version + 1):
-        _apply(conn, script, number)
-    return current_version(conn)
+    while FIRST_VERSION <= version < SCHEMA_VERSION:
+        _apply(conn, MIGRATIONS[version - FIRST_VERSION], version)
+        version = current_version(conn)
+    return version

@@ -19,6 +19,7 @@ import json
 import shutil
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,8 +67,11 @@ class ShardStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._local = threading.local()
-        self._connections: list[Database] = []
+        self._local = threading.local()  # per thread: its connection, its writer-lock depth
+        # Every thread's connection, to close them all; a thread's goes with the thread.
+        self._connections: weakref.WeakSet[Database] = weakref.WeakSet()
+        self.created_versions: dict[int, int] = {}  # shard versions of a store just created
+        self._generation = 0  # bumped by close(): a thread's older connection is not reused
         self._guard = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -83,7 +87,7 @@ class ShardStore:
         if (root / DB_NAME).exists():
             if cls._is_complete(root):
                 raise StoreExists(f"a store already exists at {str(root)!r}")
-        elif root.is_dir() and any(root.iterdir()):
+        elif root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir()):
             raise StoreExists(f"{str(root)!r} is not empty and holds no store; give an empty or new "
                               "directory")
         root.mkdir(parents=True, exist_ok=True)
@@ -102,6 +106,9 @@ class ShardStore:
                 conn.executemany("INSERT INTO shards (shard, version) VALUES (?, 0)",
                                  [(s,) for s in range(shards)])
                 store._insert(conn, records)
+                # The versions the records were written at, read in the same transaction: data
+                # kept from them is stale the moment another process changes a shard.
+                store.created_versions = store._versions(conn, range(shards))
                 conn.execute("INSERT INTO meta (key, value) VALUES (?, 'true')", [COMPLETE])
         return store
 
@@ -169,11 +176,11 @@ class ShardStore:
     def db(self) -> Database:
         """This thread's connection (sqlite-utils), opened on first use."""
         db: Database | None = getattr(self._local, "db", None)
-        if db is None:
+        if db is None or getattr(self._local, "generation", None) != self._generation:
             db = self._connect()
-            self._local.db = db
+            self._local.db, self._local.generation = db, self._generation
             with self._guard:
-                self._connections.append(db)
+                self._connections.add(db)
         return db
 
     @property
@@ -182,10 +189,10 @@ class ShardStore:
 
     def close(self) -> None:
         with self._guard:
-            for db in self._connections:
+            for db in list(self._connections):
                 db.close()
-            self._connections.clear()
-        self._local = threading.local()
+            self._connections = weakref.WeakSet()
+            self._generation += 1
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -206,7 +213,9 @@ class ShardStore:
     def writer(self, wait: bool = True) -> Iterator[bool]:
         """Exclusive lock for work that retrains or removes files (train, add, forget, recover,
         repair): two processes never retrain one store at once. Re-entrant in a thread. With
-        `wait=False` it does not block, and yields whether it got the lock."""
+        `wait=False` it does not block, and yields whether it got the lock. The holder sweeps
+        before it lets go, so files a deletion unregistered meanwhile (its process could not take
+        the lock) do not stay behind."""
         depth = getattr(self._local, "lock_depth", 0)
         if depth:
             self._local.lock_depth = depth + 1
@@ -225,9 +234,16 @@ class ShardStore:
             self._local.lock_depth = 1
             try:
                 yield True
+                self.sweep()
             finally:
                 self._local.lock_depth = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def tidy(self) -> list[str]:
+        """Sweep, if no writer is at work (else the writer does before it lets go); returns what
+        was removed."""
+        with self.writer(wait=False) as locked:
+            return self.sweep() if locked else []
 
     @property
     def locked(self) -> bool:
@@ -373,13 +389,11 @@ class ShardStore:
                 "WHERE deleted_at IS NULL AND input_digest IS NOT NULL)", [request_id])
             conn.executemany("UPDATE shards SET live_key = NULL, updated_at = ? WHERE shard = ?",
                              [(now, s) for s in shards])
-            dropped = 0
             for shard, slice_ in earliest.items():
-                dropped += conn.execute("DELETE FROM checkpoints WHERE shard = ? AND slice >= ?",
-                                        [shard, slice_]).rowcount
+                conn.execute("DELETE FROM checkpoints WHERE shard = ? AND slice >= ?", [shard, slice_])
             after = self._versions(conn, shards)
         return Acknowledged(request_id, now, ids, shards,
-                            {s: (before[s], after[s]) for s in shards}, dropped)
+                            {s: (before[s], after[s]) for s in shards})
 
     def pending_deletions(self) -> list[DeletionRow]:
         return [deletion_row(r) for r in self.db.query(
@@ -409,10 +423,23 @@ class ShardStore:
                 for row in self._chunked(sql, dict.fromkeys(digests), [model])}
 
     def put_embeddings(self, model: str, dim: int, vectors: Mapping[str, bytes]) -> None:
+        """Cache vectors; never one of an input only deleted records had (a deletion may have been
+        acknowledged while the vector was being computed)."""
         with self.transaction() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO embeddings (model, input_digest, dim, vector) VALUES (?, ?, ?, ?)",
-                [(model, d, dim, v) for d, v in vectors.items()])
+                "INSERT OR REPLACE INTO embeddings (model, input_digest, dim, vector) "
+                f"SELECT ?, ?, ?, ? WHERE NOT ({self._DELETED_ONLY})",
+                [(model, d, dim, v, d, d) for d, v in vectors.items()])
+
+    # An input digest that deleted records have and no live record has.
+    _DELETED_ONLY = ("EXISTS (SELECT 1 FROM records WHERE input_digest = ? AND deleted_at IS NOT NULL) "
+                     "AND NOT EXISTS (SELECT 1 FROM records WHERE input_digest = ? AND deleted_at IS NULL)")
+
+    def deleted_embeddings(self) -> int:
+        """Cached vectors of inputs that only deleted records had (there should be none)."""
+        sql = ("SELECT COUNT(*) FROM embeddings e WHERE "
+               + self._DELETED_ONLY.replace("?", "e.input_digest"))
+        return int(self.conn.execute(sql).fetchone()[0])
 
     def embedding_count(self, model: str | None = None) -> int:
         where, params = ("WHERE model = ?", [model]) if model else ("", [])

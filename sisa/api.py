@@ -179,7 +179,7 @@ class Sisa:
         if embeddings_from is not None:
             store.copy_embeddings_from(embeddings_from)
         sisa = cls(store, config.execution, progress, backend)
-        sisa.manager.keep_records(records, placed)
+        sisa.manager.keep_records(records, placed, store.created_versions)
         del rows, records, placed
         # Ingestion made and dropped millions of tracked objects: collect them once now, rather
         # than have the cycle collector walk them again and again during training.
@@ -192,16 +192,18 @@ class Sisa:
     def open(cls, store_dir: str | Path, execution: ExecutionConfig | None = None,
              progress: Progress | None = None, recover: bool = True) -> Sisa:
         """Open a store. With `recover` (a writer), finish whatever a crash interrupted (the
-        receipts are `recovered_`); without, only remove files a crash left unregistered, if no
-        writer is at work."""
+        receipts are `recovered_`); without, change nothing (see `tidy`)."""
         sisa = cls(ShardStore.open(store_dir), execution, progress)
         if recover:
             sisa.recovered_ = sisa.recover()
-        else:
-            with sisa.store.writer(wait=False) as locked:
-                if locked:
-                    sisa.store.sweep()
         return sisa
+
+    @_mapped
+    def tidy(self) -> list[str]:
+        """Remove files a crash left under checkpoints/ that the database does not register (they
+        may derive from a deleted record), unless a writer is at work (it removes them before it
+        lets go). Cheap: readers do it on opening. Returns the paths removed."""
+        return self.store.tidy()
 
     def close(self) -> None:
         self.store.close()
@@ -262,16 +264,17 @@ class Sisa:
         """Add new records; each affected shard retrains from its earliest affected slice."""
         rows, _ = resolve_source(source, self.data_spec)
         records = records_from_rows(rows, self.data_spec)
-        existing = self.store.find_records([r.id for r in records])
-        problems = []
-        if existing:
-            problems.append(f"ids already in the store (live or deleted): {sorted(existing)[:10]}")
-        problems += self.task.check_new([r.target for r in records])
-        if problems:
-            raise RecordError("cannot add records (nothing was written): " + "; ".join(problems))
-        groups = sorted({r.group for r in records if r.group is not None})
-        placed = _placed(records, self.config, self.store.group_shards(groups))
+        # Checked under the lock: a concurrent `add` cannot slip the same ids or groups in between.
         with self.store.writer():
+            existing = self.store.find_records([r.id for r in records])
+            problems = []
+            if existing:
+                problems.append(f"ids already in the store (live or deleted): {sorted(existing)[:10]}")
+            problems += self.task.check_new([r.target for r in records])
+            if problems:
+                raise RecordError("cannot add records (nothing was written): " + "; ".join(problems))
+            groups = sorted({r.group for r in records if r.group is not None})
+            placed = _placed(records, self.config, self.store.group_shards(groups))
             return self.manager.add(placed)
 
     @_mapped
@@ -285,11 +288,9 @@ class Sisa:
             raise ConfigError(f"no shard(s) {bad} in this store: it has shards 0..{count - 1}")
         return self.manager.repair(wanted, from_scratch)
 
-    @_mapped
-    def recover(self) -> list[DeletionReceipt]:
-        """Finish what a crash interrupted (deletions, additions, training, files left over);
-        returns the receipts of the deletions applied."""
-        return self.manager.apply_pending()
+    # Crash recovery is applying what is pending: finish interrupted deletions, additions,
+    # training, and remove files left over; returns the receipts of the deletions applied.
+    recover = apply_pending
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -305,7 +306,13 @@ class Sisa:
         servable = self.servable_shards()
         version = model_version({s: row.sha256 for s, row in servable.items()})
         if self._ensemble is None or self._ensemble.version != version:
-            checkpoints = {s: self.manager.read_checkpoint(row.key, row) for s, row in servable.items()}
+            try:
+                checkpoints = {s: self.manager.read_checkpoint(row.key, row)
+                               for s, row in servable.items()}
+            except CheckpointError:
+                if self.servable_shards() == servable:
+                    raise  # damage, not a writer that swapped the checkpoint meanwhile
+                return self.ensemble()
             self._ensemble = Ensemble(self.backend, self.features, checkpoints,
                                       self.config.partition.seed)
         return self._ensemble
@@ -339,7 +346,7 @@ class Sisa:
         live = self.store.live()
         counts = self.store.record_counts()
         pending = self.store.pending_deletions()
-        pending_shards = {s for d in pending for s in d.shards}
+        pending_shards = self.store.pending_shards()
         rows = []
         for s, state in shards.items():
             row = live.get(s)
@@ -358,7 +365,7 @@ class Sisa:
         return StatusReport(
             store=str(self.store.root),
             config=self.config.to_dict(),
-            config_digest=self.config.digest(),
+            config_digest=self.manager.config_digest,
             task=self.task.to_meta(),
             live_records=sum(r.live_records for r in rows),
             deleted_records=sum(r.deleted_records for r in rows),

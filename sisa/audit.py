@@ -4,7 +4,9 @@ It checks every registered checkpoint's files against their recorded sha256 (and
 is in its directory), its manifest against its registration, the deleted records against every
 manifest, the parent chain of every checkpoint, that each shard's live checkpoint is the one its
 current records give, and that nothing on disk is unregistered (a leftover could derive from a
-deleted record). It reads what the store holds now, never what a process has kept in memory.
+deleted record), and that no cached embedding is of a deleted input. It reads what the store
+holds now, never what a process has kept in memory, and it holds the writer lock while it reads:
+a writer at work would have files in flight, and nothing it audits changes meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from sisa.unlearning import DeletionManager
 
 
 def audit(manager: DeletionManager) -> AuditReport:
+    with manager.store.writer():
+        return _audit(manager)
+
+
+def _audit(manager: DeletionManager) -> AuditReport:
     store = manager.store
     manager.data.clear()  # check against what the store holds, not what was loaded
     violations: list[Violation] = []
@@ -58,6 +65,10 @@ def audit(manager: DeletionManager) -> AuditReport:
     for relative in store.unregistered():
         violations.append(Violation(None, None, None, str(store.root / relative),
                                     "on disk but not registered: it may derive from a deleted record"))
+    embeddings = store.deleted_embeddings()
+    if embeddings:
+        violations.append(Violation(None, None, None, None, f"{embeddings} cached embedding(s) of "
+                                    "inputs that only deleted records had"))
     for d in store.pending_deletions():
         violations.append(Violation(None, None, None, None,
                                     f"deletion {d.request_id} is pending on shards {d.shards}"))

@@ -118,12 +118,17 @@ def _kv_table(title: str, rows: dict[str, Any]) -> Table:
 
 
 def _open(store: Path, values: dict[str, Any] | None = None, no_progress: bool = False,
-          recover: bool = True) -> Sisa:
+          recover: bool = True, tidy: bool = True) -> Sisa:
+    """A writer recovers on opening; a reader only removes files a crash left unregistered
+    (unless it is the audit, which reports them)."""
     from sisa.api import Sisa
 
     execution = build_execution(values, progress=not no_progress) if values is not None else None
-    return Sisa.open(store, execution=execution, progress=ShardProgress(not no_progress),
+    sisa = Sisa.open(store, execution=execution, progress=ShardProgress(not no_progress),
                      recover=recover)
+    if not recover and tidy:
+        sisa.tidy()
+    return sisa
 
 
 def _retrain_payload(report: Any) -> dict[str, Any]:
@@ -194,9 +199,9 @@ def predict(
     """Predict with the ensemble (never with a shard whose deletion is pending)."""
     with _open(store, recover=False) as sisa:
         ids, inputs, _ = sisa.load_inputs(data)
-        proba = sisa.predict_proba(inputs)
-        labels = sisa.predict(inputs)
+        proba = sisa.predict_proba(inputs)  # one ensemble for both: predict is its argmax
         classes = sisa.classes_
+        labels = [classes[i] for i in proba.argmax(axis=1)]
         rows: list[dict[str, Any]] = [
             {"id": i, "prediction": p,
              "probabilities": {c: round(float(v), 6) for c, v in zip(classes, pr, strict=True)}}
@@ -298,7 +303,7 @@ def audit(store: Store, as_json: Json = False) -> None:
     """Verify every checkpoint's files and manifest, that none holds a deleted record, that each
     live checkpoint matches its shard's records, and that nothing unregistered is on disk; exit 1
     on any violation."""
-    with _open(store, recover=False) as sisa:
+    with _open(store, recover=False, tidy=False) as sisa:
         result = sisa.audit()
     table = Table("shard", "slice", "problem",
                   title=f"audit: {'OK' if result.ok else 'VIOLATIONS'} "

@@ -280,7 +280,7 @@ class DataSpec:
     text_column: str | None = option(None, "Column with the input text (text backends).")
     feature_columns: tuple[str, ...] = option((), "Numeric input columns, comma-separated (mlp).")
     group_column: str | None = option(None, "Column with a group (user) id; a group stays in one "
-                                            "shard, and `forget --group` deletes all of it.")
+                                            "shard, and can be forgotten as a whole.")
     prior_column: str | None = option(None, "Column with a number per record: how likely it is to be "
                                             "deleted (deletion-aware placement).")
 

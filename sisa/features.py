@@ -19,6 +19,7 @@ from sisa.records import input_digest
 if TYPE_CHECKING:
     from sisa.training.encoder import TextEncoder
 
+# The library's progress hook: progress(description, total) returns a tick, called per item done.
 Progress = Callable[[str, int], Callable[[Any], None]]
 
 

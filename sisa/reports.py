@@ -45,7 +45,7 @@ class ShardStatus(_Dict):
 class StatusReport(_Dict):
     store: str
     config: dict[str, Any]
-    config_digest: str
+    config_digest: str  # of the config and any base model: what every manifest records
     task: dict[str, Any]
     live_records: int
     deleted_records: int

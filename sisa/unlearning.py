@@ -14,18 +14,27 @@ at, the next writer (or `sweep`) finds a state where nothing on disk derives fro
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shard_store import CheckpointFileError, CheckpointRow, DeletionRow, NewRecord, ShardCommit, ShardStore
+from shard_store import (
+    CheckpointFileError,
+    CheckpointRow,
+    Committed,
+    DeletionRow,
+    NewRecord,
+    ShardCommit,
+    ShardStore,
+)
 from sisa.checkpoint import MANIFEST, WEIGHTS, Checkpoint
 from sisa.config import SisaConfig
 from sisa.errors import CheckpointError, RecordError, StoreError, UnknownRecordError, name_some
 from sisa.execution import run_jobs
-from sisa.features import Features
+from sisa.features import Features, Progress
 from sisa.records import Record
 from sisa.schedule import Member, ShardSchedule, shard_schedule
 from sisa.shard_data import ShardCache, ShardData, from_records
@@ -77,7 +86,9 @@ class DeletionReceipt:
     seconds: float
     checkpoints_changed: dict[str, dict[str, str | None]]  # shard -> {before, after} sha256
     checkpoints_unchanged: dict[str, str]  # shard -> sha256
-    recovered: bool = False  # applied after the request's own process was interrupted
+    # Applied by another process (or Sisa object) than the one that acknowledged it, e.g. after
+    # that one was interrupted, or by a service's worker.
+    recovered: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +130,7 @@ class ShardPlan:
     version: int  # the shard's version the schedule was built from
     start_slice: int | None
     resume_key: str | None  # checkpoint of slice start_slice - 1, if any
+    data: ShardData | None = field(default=None, repr=False, compare=False)  # the records planned
 
     @property
     def shard(self) -> int:
@@ -141,9 +153,6 @@ def plan_shard(schedule: ShardSchedule, version: int, existing_keys: set[str]) -
         return ShardPlan(schedule, version, None, None)
     last = max((k for k, key in enumerate(schedule.keys) if key in existing_keys), default=-1)
     return ShardPlan(schedule, version, last + 1, schedule.keys[last] if last >= 0 else None)
-
-
-Progress = Callable[[str, int], Callable[[Any], None]]
 
 
 class DeletionManager:
@@ -176,6 +185,8 @@ class DeletionManager:
             wanted = self.store.group_record_ids(group)
             if not wanted:
                 raise UnknownRecordError(f"unknown group id {group!r}, nothing was deleted")
+        elif isinstance(ids, str):
+            raise RecordError(f"give a list of record ids, not the string {ids[:100]!r}")
         else:
             wanted = list(dict.fromkeys(str(i) for i in ids or ()))
             if not wanted:
@@ -191,10 +202,9 @@ class DeletionManager:
             return DeletionRequest("", [], [], None, already_deleted=wanted)
         self.acknowledged.add(ack.request_id)
         self.data.removed(ack.record_ids, ack.versions)
-        with self.store.writer(wait=False) as locked:
-            if locked:  # else the writer at work removes them when it commits
-                self.store.sweep()
-        already = [i for i in wanted if i not in set(ack.record_ids)]
+        self.store.tidy()  # the files of the checkpoints it unregistered
+        deleted = set(ack.record_ids)
+        already = [i for i in wanted if i not in deleted]
         return DeletionRequest(ack.request_id, ack.record_ids, ack.shards, ack.requested_at,
                                already_deleted=already)
 
@@ -213,10 +223,10 @@ class DeletionManager:
         returns the receipts of the deletions applied."""
         return self.update("applying deletions")[1]
 
-    def keep_records(self, records: Sequence[Record], rows: Sequence[NewRecord]) -> None:
-        """Keep the shard data of a store just created from `records` (placed as `rows`), so
-        training need not read back what was just written."""
-        versions = self.store.shard_versions(range(self.config.partition.shards))
+    def keep_records(self, records: Sequence[Record], rows: Sequence[NewRecord],
+                     versions: Mapping[int, int]) -> None:
+        """Keep the shard data of a store just created from `records` (placed as `rows`, written
+        at shard `versions`), so training need not read back what was just written."""
         by_shard: dict[int, list[tuple[Member, Record]]] = {s: [] for s in versions}
         for row, record in zip(rows, records, strict=True):
             by_shard[row.shard].append((Member(row.id, row.digest, row.slice, row.order_key), record))
@@ -260,11 +270,20 @@ class DeletionManager:
         dirty = [s for s, row in self.store.shards().items() if not row.current]
         existing = {c.key for c in self.store.checkpoints()}
         data = self.data.get(dirty)
-        shards = [plan_shard(self._schedule(d), d.version, existing) for d in data.values()]
+        shards = [dataclasses.replace(plan_shard(self._schedule(d), d.version, existing), data=d)
+                  for d in data.values()]
         return Plan(shards, self.store.pending_deletions())
 
-    def _job(self, plan: ShardPlan) -> ShardJob:
-        data = self.data.get([plan.shard])[plan.shard]
+    def _job(self, plan: ShardPlan) -> ShardJob | None:
+        """The job of a planned shard (its planned records, never a later read of them), or
+        None if its resume checkpoint is gone (a deletion reached the shard: plan it again)."""
+        data = plan.data if plan.data is not None else self.data.get([plan.shard])[plan.shard]
+        resume = None
+        if plan.resume_key is not None:
+            row = self.store.checkpoint(plan.resume_key)
+            if row is None:
+                return None
+            resume = self.read_checkpoint(row.key, row)
         if data.model_inputs is None:
             data.model_inputs = self.features.model_inputs(data.inputs)
         return ShardJob(
@@ -277,7 +296,7 @@ class DeletionManager:
             inputs=data.model_inputs,
             targets=data.targets,
             start_slice=plan.start_slice or 0,
-            resume=self.read_checkpoint(plan.resume_key) if plan.resume_key else None,
+            resume=resume,
         )
 
     def read_checkpoint(self, key: str, row: CheckpointRow | None = None) -> Checkpoint:
@@ -304,7 +323,7 @@ class DeletionManager:
         """Train what the plan says; each shard's checkpoints are registered as soon as it
         finishes, unless a deletion reached the shard meanwhile (then it is planned again)."""
         todo = plan.todo
-        jobs = [self._job(p) for p in todo]
+        jobs = [job for job in map(self._job, todo) if job is not None]
         versions = {p.shard: p.version for p in todo}
         tick = self.progress(description, len(jobs)) if self.progress and jobs else None
         results = []
@@ -322,7 +341,7 @@ class DeletionManager:
         return results
 
     def commit(self, plan: Plan, retrains: Mapping[int, ShardRetrain],
-               started: float) -> tuple[set[int], list[DeletionReceipt]]:
+               started: float) -> tuple[Committed, list[DeletionReceipt]]:
         """One transaction: swap in every planned shard whose final checkpoint is registered and
         whose records did not change meanwhile, and mark applied (with receipts) the pending
         deletions whose shards are then all current."""
@@ -337,7 +356,7 @@ class DeletionManager:
                     for r in plan.requests}
         done = self.store.commit(commits, {rid: rc.to_dict() for rid, rc in receipts.items()})
         self.store.sweep()  # the files of what the transaction unregistered
-        return done.shards, [receipts[rid] for rid in done.applied]
+        return done, [receipts[rid] for rid in done.applied]
 
     def update(self, description: str) -> tuple[TrainingReport, list[DeletionReceipt]]:
         """Plan, retrain and commit until every shard is current and every deletion applied."""
@@ -356,8 +375,9 @@ class DeletionManager:
                     _record_retrain(retrains, result, starts[result.shard])
                 committed, applied = self.commit(plan, retrains, started)
                 receipts += applied
+                report.checkpoints_dropped += committed.dropped
                 live = self.store.live()
-                report.live.update({s: live[s].sha256 for s in committed})
+                report.live.update({s: live[s].sha256 for s in committed.shards})
             else:
                 raise StoreError(f"the store's records kept changing over {_MAX_ROUNDS} rounds of "
                                  "retraining; try again when the deletions have settled")

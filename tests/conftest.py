@@ -4,6 +4,9 @@ BERT, a fast config, all on CPU; `assert_exact`, the one exactness check every t
 from __future__ import annotations
 
 import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,29 @@ def assert_exact(sisa: Sisa, rows: list[dict[str, Any]], config: SisaConfig, spe
             assert torch.equal(mine[shard][name], theirs[shard][name]), (shard, name)
     assert live_shas(sisa) == live_shas(scratch)
     scratch.close()
+
+
+@contextmanager
+def writer_held(store_dir: Path) -> Iterator[None]:
+    """Another handle on the store holds its writer lock (in a thread, as a process at work on a
+    retrain would) until the block ends."""
+    other = Sisa.open(store_dir, recover=False)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with other.store.writer():
+            held.set()
+            release.wait(timeout=120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(timeout=60)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+        other.close()
 
 
 TEXT_SPEC = DataSpec(id_column="id", label_column="label", text_column="text", group_column="user")

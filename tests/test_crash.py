@@ -51,7 +51,7 @@ def derived_from(store: Path, ids: set[str]) -> list[str]:
         m = json.loads(path.read_text())
         manifests[m["key"]] = (path.parent, m["parent"], set(m["records"]))
     bad = [str(p) for p in (store / "checkpoints").glob("*/*") if not (p / "manifest.json").is_file()]
-    bad += [str(p) for p in (store / "checkpoints").glob(".tmp-*")]
+    bad += [str(p) for p in store.rglob(".tmp-*")]  # a temporary anywhere in the store
     for directory, parent, records in manifests.values():
         seen = set(records)
         while parent is not None and parent in manifests:
@@ -78,6 +78,7 @@ def base(tmp_path_factory) -> tuple[Path, list[dict], list[str]]:
 FORGET_POINTS = [
     f"{STORE}.acknowledge:after:1",  # acknowledged; files of the dropped checkpoints still on disk
     "shard_store.files:remove:after:1",  # halfway through removing them
+    "shard_store.files:_fsync_file:after:1",  # a retrained checkpoint half written (a temporary)
     "shard_store.files:write_dir:after:1",  # a retrained checkpoint's files, not registered
     f"{STORE}.register_checkpoint:after:1",  # one registered, not live
     f"{STORE}.commit:before:1",  # every shard retrained, nothing swapped

@@ -12,7 +12,7 @@ import pytest
 
 from sisa import RecordError, Sisa, UnknownRecordError
 
-from .conftest import SPEC, assert_exact
+from .conftest import SPEC, assert_exact, writer_held
 
 
 def test_acknowledge_then_apply(tmp_path, rows, config):
@@ -54,30 +54,18 @@ def test_bad_requests_change_nothing(tmp_path, rows, config):
 def test_acknowledgement_does_not_wait_for_a_writer(tmp_path, rows, config):
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim = rows[5]["id"]
-    held, release = threading.Event(), threading.Event()
     answer: dict[str, object] = {}
-
-    def hold_the_writer_lock():
-        with sisa.store.writer():  # a retrain in progress, say
-            held.set()
-            release.wait(timeout=60)
 
     def acknowledge():
         with Sisa.open(tmp_path / "store", recover=False) as other:
             answer["request"] = other.request_deletion([victim])
 
-    holder = threading.Thread(target=hold_the_writer_lock)
-    holder.start()
-    held.wait(timeout=60)
-    worker = threading.Thread(target=acknowledge)
-    worker.start()
-    worker.join(timeout=30)
-    try:
+    with writer_held(tmp_path / "store"):  # a retrain in progress, say
+        worker = threading.Thread(target=acknowledge)
+        worker.start()
+        worker.join(timeout=30)
         assert "request" in answer, "the acknowledgement waited for the writer"
         assert [p.record_ids for p in sisa.pending()] == [[victim]]
-    finally:
-        release.set()
-        holder.join()
     [receipt] = sisa.apply_pending()
     assert receipt.recovered  # acknowledged by another process's manager, applied here
     assert_exact(sisa, [r for r in rows if r["id"] != victim], config, SPEC, tmp_path / "scratch")
@@ -116,4 +104,52 @@ def test_a_deletion_acknowledged_during_a_retrain_is_applied_too(tmp_path, rows,
     assert all(d.status == "applied" for d in ledger.values())
     assert sisa.clean_shards() == {0, 1, 2} and sisa.audit().ok
     assert_exact(sisa, [r for r in rows if r["id"] not in {*first, late}], config, SPEC,
+                 tmp_path / "scratch")
+
+
+def test_a_deletion_acknowledged_while_a_store_is_created_is_not_trained_on(tmp_path, rows, config,
+                                                                           monkeypatch):
+    import sisa.unlearning as unlearning
+
+    victim = rows[7]["id"]
+    real = unlearning.DeletionManager.keep_records
+
+    def acknowledged_first(self, records, placed, versions):
+        with Sisa.open(tmp_path / "store", recover=False) as other:  # the store is complete now
+            other.request_deletion([victim])
+        real(self, records, placed, versions)
+
+    monkeypatch.setattr(unlearning.DeletionManager, "keep_records", acknowledged_first)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    monkeypatch.undo()
+    assert sisa.pending() == [] and sisa.audit().ok
+    assert_exact(sisa, [r for r in rows if r["id"] != victim], config, SPEC, tmp_path / "scratch")
+
+
+def test_a_deletion_between_planning_and_the_jobs_is_planned_again(tmp_path, rows, config, monkeypatch):
+    """The jobs use the records they were planned with, and a resume checkpoint that a deletion
+    removed meanwhile sends its shard back to planning instead of failing the run."""
+    import sisa.unlearning as unlearning
+
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    in_slice = {(r.shard, r.slice): r.id for r in sisa.store.live_records()}
+    first = [in_slice[(0, 1)], in_slice[(1, 2)], in_slice[(2, 1)]]
+    # While shard 0's job is built: a deletion removes the checkpoint shard 1 resumes from (its
+    # slice 1), and another changes shard 2's records after its resume checkpoint (slice 0).
+    late = [in_slice[(1, 0)], in_slice[(2, 2)]]
+    real = unlearning.DeletionManager.read_checkpoint
+    injected: list[str] = []
+
+    def read_with_a_deletion(self, key, row=None):
+        if not injected:  # shard 0's job reads its resume checkpoint: the others are not built yet
+            with Sisa.open(tmp_path / "store", recover=False) as other:
+                injected.append(other.request_deletion(late).request_id)
+        return real(self, key, row)
+
+    monkeypatch.setattr(unlearning.DeletionManager, "read_checkpoint", read_with_a_deletion)
+    receipt = sisa.forget(first)
+    monkeypatch.undo()
+    assert {d.request_id for d in sisa.store.deletions()} == {receipt.request_id, *injected}
+    assert sisa.pending() == [] and sisa.audit().ok
+    assert_exact(sisa, [r for r in rows if r["id"] not in {*first, *late}], config, SPEC,
                  tmp_path / "scratch")

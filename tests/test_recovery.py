@@ -7,7 +7,7 @@ import pytest
 from sisa import ShardTrainingError, Sisa
 from sisa.training import shard_trainer
 
-from .conftest import SPEC, assert_exact
+from .conftest import SPEC, assert_exact, writer_held
 
 
 def test_crash_after_acknowledgement_is_recovered_on_open(tmp_path, rows, config, monkeypatch):
@@ -112,29 +112,19 @@ def test_final_error_names_shard_and_carries_traceback(tmp_path, rows, config, m
 def test_writers_are_serialised_by_the_store_lock(tmp_path, rows, config):
     import threading
 
-    Sisa.train(tmp_path / "store", rows, config, SPEC).close()
-    other = Sisa.open(tmp_path / "store")  # a second handle, as another process would have
-    held, release, finished = threading.Event(), threading.Event(), threading.Event()
-
-    def hold_lock():
-        with other.store.writer():
-            held.set()
-            release.wait(timeout=60)
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    finished = threading.Event()
 
     def forget():
-        with Sisa.open(tmp_path / "store") as sisa:  # SQLite handles stay in their thread
-            sisa.forget([rows[0]["id"]])
+        with Sisa.open(tmp_path / "store") as other:  # a writer: opening it recovers first
+            other.forget([rows[0]["id"]])
         finished.set()
 
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    held.wait(timeout=60)
-    worker = threading.Thread(target=forget)
-    worker.start()
-    worker.join(timeout=1.0)
-    assert not finished.is_set()  # blocked while the other writer holds the lock
-    assert other.store.pending_deletions() == []  # and nothing was recorded yet
-    release.set()
-    holder.join()
+    with writer_held(tmp_path / "store"):
+        worker = threading.Thread(target=forget)
+        worker.start()
+        worker.join(timeout=1.0)
+        assert not finished.is_set()  # blocked while the other writer holds the lock
+        assert sisa.store.pending_deletions() == []  # and nothing was recorded yet
     worker.join(timeout=120)
     assert finished.is_set()

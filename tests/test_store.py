@@ -38,6 +38,9 @@ def test_new_store_is_migrated_and_in_wal_mode(tmp_path):
     assert sorted(store.shards()) == [0, 1]
     with pytest.raises(StoreExists, match="already exists"):
         new_store(tmp_path / "s")
+    (tmp_path / "locked").mkdir()  # a kill between taking the lock and writing the database
+    (tmp_path / "locked" / "writer.lock").touch()
+    assert sorted(new_store(tmp_path / "locked").shards()) == [0, 1]
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(StoreExists, match="not empty"):
@@ -188,3 +191,17 @@ def test_each_thread_gets_its_own_connection(tmp_path, rows, config):
     worker.join()
     assert seen["status"] == len(rows)
     assert seen["conn"] is not sisa.store.conn
+
+
+def test_no_embedding_of_a_deleted_input_is_cached_or_missed_by_the_audit(tmp_path, rows, config):
+    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    victim = rows[0]["id"]
+    digest = sisa.store.find_records([victim])[victim].input_digest
+    sisa.forget([victim])
+    # A writer that encoded the input before the deletion was acknowledged stores it afterwards:
+    sisa.store.put_embeddings("enc", 2, {digest: b"\0" * 8, "not-a-record": b"\0" * 8})
+    assert sisa.store.get_embeddings("enc", [digest, "not-a-record"]).keys() == {"not-a-record"}
+    assert sisa.store.deleted_embeddings() == 0 and sisa.audit().ok
+    with sisa.store.transaction() as conn:  # planted by hand
+        conn.execute("INSERT INTO embeddings VALUES ('enc', ?, 2, ?)", [digest, b"\0" * 8])
+    assert any("embedding" in v.problem for v in sisa.audit().violations)

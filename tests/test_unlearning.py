@@ -106,6 +106,9 @@ def test_add_equals_training_on_the_union(tmp_path, rows, config):
     sisa = Sisa.train(tmp_path / "store", rows[:120], config, SPEC)
     report = sisa.add(rows[120:])
     assert report.retrained
+    # The checkpoints the new records made stale are gone from the database and the disk.
+    assert report.checkpoints_dropped > 0
+    assert report.checkpoints_written >= report.checkpoints_dropped
     assert_exact(sisa, rows, config, SPEC, tmp_path / "scratch")
     with pytest.raises(RecordError, match="already in the store"):
         sisa.add(rows[:2])
