@@ -76,6 +76,8 @@ def load_model(backend: Backend, checkpoint: Checkpoint, seed: int, device: str 
 def _checkpoint(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int) -> Checkpoint:
     sched = job.schedule
     tensors, state = model.state()
+    end = sched.cumulative_counts()[slice_]  # slice k's own records are the last sizes[k] of 0..k
+    start = end - sched.sizes[slice_]
     manifest = Manifest(
         format=FORMAT,
         backend=job.training.backend,
@@ -88,8 +90,8 @@ def _checkpoint(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int
         # covers them all, and the parent chain of every live checkpoint stays in the store.
         parent=sched.keys[slice_ - 1] if slice_ > 0 else None,
         record_set_digest=sched.set_digests[slice_],
-        record_count=sched.cumulative_counts()[slice_],
-        records=tuple(m.id for m in sched.slices[slice_]),
+        record_count=end,
+        records=tuple(m.id for m in sched.members[start:end]),
         samples_seen=samples_seen,
         state=state,
         rng={"tensor": RNG_TENSOR, "next_seed_parts": [job.shard, slice_ + 1, 0]},
