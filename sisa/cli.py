@@ -39,8 +39,10 @@ HINTS: list[tuple[type[errors.SisaError], str]] = [
     (errors.NoServableShardError, "`sisa recover --store DIR` applies pending deletions"),
     (errors.ColumnError, "name the columns with --id-column, --label-column, --text-column or "
                          "--feature-columns (and --group-column, --prior-column)"),
-    (errors.InputKindError, "for a --text-column use --backend head or lora; for numeric "
-                            "--feature-columns use --backend mlp"),
+    (errors.InputKindError, "for a --text-column use --backend head, lora or causal_lm; for numeric "
+                            "--feature-columns use --backend mlp. A causal-LM store serves `sisa "
+                            "generate` and `sisa score`; a classifier `sisa predict` and `sisa "
+                            "evaluate`"),
 ]
 
 
@@ -231,13 +233,16 @@ def evaluate(store: Store, data: Data, as_json: Json = False) -> None:
     _emit(as_json, result.to_dict(), table)
 
 
-def _read_ids(path: Path) -> list[str]:
+def _read_lines(path: Path, flag: str, what: str) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first id
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first line
     except (OSError, UnicodeDecodeError) as exc:
-        raise typer.BadParameter(f"cannot read ids file {str(path)!r}: {exc}",
-                                 param_hint="--ids-file") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        raise typer.BadParameter(f"cannot read {what} {str(path)!r}: {exc}", param_hint=flag) from None
+    return text.splitlines()
+
+
+def _read_ids(path: Path) -> list[str]:
+    return [line.strip() for line in _read_lines(path, "--ids-file", "ids file") if line.strip()]
 
 
 @app.command()
@@ -347,10 +352,184 @@ def repair(
     _emit(as_json, payload, _kv_table("repaired", _retrain_payload(report)))
 
 
+Combine = Annotated[str, typer.Option(
+    help="How the shards' next-token distributions combine: mean (mixture of probabilities) or "
+         "product (normalised mean of log-probabilities).")]
+
+
+def _check_combine(combine: str) -> Any:
+    if combine not in ("mean", "product"):
+        raise typer.BadParameter(f"must be mean or product, got {combine!r}", param_hint="--combine")
+    return combine
+
+
+@app.command()
+def generate(
+    store: Store,
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeat for several).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="File with one prompt per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 48,
+    combine: Combine = "mean",
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled, seeded.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling (prompt i uses seed + i).")] = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Continue prompts with the ensemble of a causal-LM store: all servable shards' adapters in
+    one batched pass per token (never a shard with a deletion pending).
+
+    Example: sisa generate --store stores/chat --prompt "how was your weekend?"
+    """
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        lines = _read_lines(prompts_file, "--prompts-file", "prompts file")
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise typer.BadParameter("give --prompt or --prompts-file")
+    with _open(store, recover=False) as sisa:
+        result = sisa.generate(prompts, max_new_tokens, _check_combine(combine), temperature, seed,
+                               list(stop or []))
+    table = Table("prompt", "generated", "tokens",
+                  title=f"model {result[0].model_version[:12]} (shards {result[0].shards})")
+    for g in result:
+        table.add_row(g.prompt, g.text, str(g.tokens))
+    _emit(as_json, [g.to_dict() for g in result], table)
+
+
+@app.command()
+def score(
+    store: Store, data: Data, combine: Combine = "mean",
+    output: Annotated[Path | None, typer.Option(help="Write per-record scores as JSON lines.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Log-likelihood and perplexity of each record's text (after its prompt) under the ensemble
+    of a causal-LM store."""
+    with _open(store, recover=False) as sisa:
+        result = sisa.score(data, _check_combine(combine))
+    if output is not None:
+        output.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in result.records))
+        err.print(f"wrote {len(result.records)} scores to {output}")
+    table = Table("id", "tokens", "log-likelihood", "perplexity",
+                  title=f"{len(result.records)} records, {result.tokens} tokens: perplexity "
+                        f"{result.perplexity:.3f} ({result.combine})")
+    for r in result.records[:50]:
+        table.add_row(r.id, str(r.tokens), f"{r.logprob:.3f}", f"{r.perplexity:.3f}")
+    _emit(as_json, result.to_dict(), table)
+
+
+@app.command()
+@with_options("execution")
+def canaries(
+    store: Store,
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the canary set (JSON).")],
+    inserted: Annotated[int, typer.Option(help="Users who each get a canary in the store.")] = 8,
+    never: Annotated[int, typer.Option(help="Canaries of made-up users, never trained on.")] = 8,
+    digits: Annotated[int, typer.Option(help="Digits in each secret (1..5).")] = 4,
+    repeats: Annotated[int, typer.Option(help="Copies of each inserted canary.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the users chosen and the secrets.")] = 0,
+    no_progress: NoProgress = False, as_json: Json = False, **values: Any,
+) -> None:
+    """Insert canaries into a causal-LM store (a secret of random digits in a fixed template,
+    one per chosen user, as records of that user) and write the canary set that `sisa prove`
+    reads. The affected shards retrain, exactly as for any `add`."""
+    from sisa.proof import insert_canaries
+
+    with _open(store, values, no_progress) as sisa:
+        chosen, report = insert_canaries(sisa, inserted, never, digits, repeats, seed)
+    chosen.save(out_file)
+    payload = {"canaries": str(out_file), "inserted": inserted, "never_inserted": never,
+               **_retrain_payload(report)}
+    _emit(as_json, payload, _kv_table("canaries", payload))
+
+
+@app.command()
+@with_options("execution")
+def prove(
+    store: Store,
+    canaries_file: Annotated[Path, typer.Option("--canaries", help="Canary set from `sisa canaries`.")],
+    holdout: Annotated[str, typer.Option(
+        help="Never-trained texts (file or builtin:NAME:test): the non-members.")],
+    forget_group: Annotated[list[str] | None, typer.Option(
+        help="Forget this group between the two measurements (repeatable); without it, only "
+             "measure.")] = None,
+    references: Annotated[int, typer.Option(help="Random reference secrets per canary.")] = 1000,
+    holdout_limit: Annotated[int, typer.Option(help="Held-out texts scored.")] = 64,
+    retain_limit: Annotated[int, typer.Option(help="Retained texts scored.")] = 64,
+    combine: Combine = "mean",
+    no_progress: NoProgress = False, as_json: Json = False, **values: Any,
+) -> None:
+    """Evidence that forgotten text is gone: canary exposure (own shard and ensemble) and
+    membership-inference AUCs (LOSS, zlib, Min-K%, Min-K%++) before and after forgetting; says
+    plainly when the model never memorised the canaries.
+
+    Example: sisa prove --store stores/chat --canaries canaries.json --holdout builtin:chitchat:test
+    --forget-group <user id>
+    """
+    from sisa.proof import CanarySet
+    from sisa.proof import prove as run_prove
+
+    chosen = CanarySet.load(canaries_file)
+    with _open(store, values, no_progress) as sisa:
+        report = run_prove(sisa, chosen, holdout, forget_group or [], holdout_limit, retain_limit,
+                           _check_combine(combine), references)
+    if not as_json:
+        _print_proof(report)
+    else:
+        _emit(True, report.to_dict())
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _print_proof(report: Any) -> None:
+    phases = [("before", report.before)] + ([("after", report.after)] if report.after else [])
+    table = Table("canary", "inserted", "shard", *[f"{p}: shard / ensemble (bits)" for p, _ in phases],
+                  *[f"{p}: greedy" for p, _ in phases], title="canary exposure")
+    for i, c in enumerate(report.before.canaries):
+        cells = [f"{_fmt(e.canaries[i].exposure_shard)} / {_fmt(e.canaries[i].exposure_ensemble)}"
+                 for _, e in phases]
+        greedy = [_fmt(e.canaries[i].greedy_ensemble) for _, e in phases]
+        table.add_row(c.id, _fmt(c.inserted), str(c.shard), *cells, *greedy)
+    out.print(table)
+    mia = Table("view", "score", *[p for p, _ in phases], title="membership AUC (forget vs holdout)")
+    for view, scores in report.before.membership_auc.items():
+        for name, value in scores.items():
+            later = [_fmt(e.membership_auc.get(view, {}).get(name), 3) for _, e in phases[1:]]
+            mia.add_row(view, name, _fmt(value, 3), *later)
+    out.print(mia)
+    ppl = Table("perplexity", *[p for p, _ in phases])
+    for name in report.before.perplexity:
+        ppl.add_row(name, *[_fmt(e.perplexity[name]) for _, e in phases])
+    out.print(ppl)
+    summary = {"memorised before (mean exposure on own shard, bits)":
+               f"{_fmt(report.memorised)} ({_fmt(report.mean_exposure_before)})"}
+    if report.after is not None:
+        summary.update({
+            "forgotten groups": ", ".join(report.forgotten_groups),
+            "deletion seconds": _fmt(report.deletion_seconds),
+            "forgotten canaries, mean exposure after": _fmt(report.forgotten_mean_exposure),
+            "never-inserted canaries, mean exposure": _fmt(report.never_mean_exposure),
+            "KS p-value (forgotten vs never inserted)": _fmt(report.ks_pvalue, 3),
+            "forgotten look like never inserted": _fmt(report.forgotten_like_never),
+        })
+    out.print(_kv_table("verdict", summary))
+    for note in report.notes:
+        err.print(f"[bold yellow]note:[/bold yellow] {escape(note)}")
+
+
 @app.command()
 @with_options("partition", "training", "execution", exclude=("backend",))
 def demo(
-    backend: Annotated[str, typer.Option(help="head (default), lora, or mlp (on digits).")] = "head",
+    backend: Annotated[str, typer.Option(
+        help="head (default), lora, mlp (on digits), or causal_lm (SmolLM2 on chitchat, with "
+             "canaries and the evidence of forgetting).")] = "head",
     dataset: Annotated[str | None, typer.Option(
         help="Built-in data set; default rotten_tomatoes (digits for mlp).")] = None,
     limit: Annotated[int | None, typer.Option(
@@ -363,11 +542,29 @@ def demo(
     """Train a SISA ensemble and a monolith (S=1, R=1) on a built-in data set, evaluate both on its
     held-out split, forget random records, and compare the deletion's cost with retraining from
     scratch. Default: the frozen-encoder head backend on Rotten Tomatoes."""
-    from sisa.demo import DEMO_DATA, run_demo
+    from sisa.demo import DEMO_DATA, LM_DEMO_TRAINING, run_demo, run_lm_demo
 
     if backend not in DEMO_DATA:
         raise typer.BadParameter(f"backend must be one of {sorted(DEMO_DATA)}, got {backend!r}")
     default_data, default_limit = DEMO_DATA[backend]
+    if backend == "causal_lm":
+        given = {k: v for k, v in values.items() if v is not None}
+        config = build_config({**values, **{k: v for k, v in LM_DEMO_TRAINING.items() if k not in given},
+                               "backend": backend}, progress=not no_progress)
+        lm = run_lm_demo(config, dataset=dataset or default_data,
+                         limit=limit if limit is not None else default_limit,
+                         progress=ShardProgress(not no_progress))
+        if as_json:
+            _emit(True, {**lm, "proof": lm["proof"].to_dict()})
+            return
+        for g in lm["generated"]:
+            out.print(f"[bold]prompt:[/bold] {escape(g['prompt'])}\n[bold]ensemble:[/bold] "
+                      f"{escape(g['text'])}")
+        out.print(f"trained {lm['records']} records ({lm['canary_records']} canary copies) on "
+                  f"S={lm['shards']}, R={lm['slices']} in {lm['train_seconds']:.1f} s; forgot user "
+                  f"{lm['forgotten_user']}; audit {'OK' if lm['audit_ok'] else 'VIOLATIONS'}")
+        _print_proof(lm["proof"])
+        return
     config = build_config({**values, "backend": backend}, progress=not no_progress)
     result = run_demo(config, dataset=dataset or default_data, forget_count=forget_count,
                       limit=limit if limit is not None else default_limit,

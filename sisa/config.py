@@ -108,6 +108,7 @@ class TrainingConfig:
     `LoraConfig`) or `training_config(backend, ...)`; every field changes the weights."""
 
     backend: ClassVar[str] = ""
+    task: ClassVar[str] = "classification"  # what the store learns (see sisa.tasks)
     input_kind: ClassVar[InputKind] = "features"  # what the data must provide
     summary: ClassVar[str] = ""
 
@@ -121,8 +122,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if not self.backend:
-            raise ConfigError("TrainingConfig is the base class: use MLPConfig, HeadConfig or "
-                              "LoraConfig, or training_config(backend, ...)")
+            raise ConfigError("TrainingConfig is the base class: use MLPConfig, HeadConfig, "
+                              "LoraConfig or CausalLMConfig, or training_config(backend, ...)")
         for f in dataclasses.fields(self):  # tuples survive JSON as lists: normalise them
             if isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
@@ -165,7 +166,8 @@ class TextModelConfig(TrainingConfig):
     input_kind: ClassVar[InputKind] = "text"
 
     model: str = option("all-MiniLM-L6-v2", "Model directory, a hub id already in the local cache, "
-                                            "or all-MiniLM-L6-v2 (packaged); never downloaded.")
+                                            "or a packaged model (all-MiniLM-L6-v2; for causal_lm "
+                                            "SmolLM2-135M-Instruct); never downloaded.")
     max_length: int = option(128, "Tokens per text; longer texts are truncated.")
 
     def _validate(self, check: _Checks) -> None:
@@ -221,8 +223,48 @@ class LoraConfig(TextModelConfig):
               f"lora_target_modules must name at least one module, got {self.lora_target_modules!r}")
 
 
+Combine = Literal["mean", "product"]
+
+
+@dataclass(frozen=True)
+class CausalLMConfig(TextModelConfig):
+    """`causal_lm`: one peft LoRA adapter per shard on a frozen causal language model, trained with
+    the next-token loss (on the response only, where the data names a prompt column)."""
+
+    backend: ClassVar[str] = "causal_lm"
+    task: ClassVar[str] = "causal_lm"
+    summary: ClassVar[str] = "a peft LoRA adapter per shard on a frozen causal LM (next-token loss)"
+
+    model: str = _override(TextModelConfig, "model", "SmolLM2-135M-Instruct")  # packaged as GGUF
+    epochs_per_slice: int = _override(TrainingConfig, "epochs_per_slice", 2)
+    batch_size: int = _override(TrainingConfig, "batch_size", 8)
+    max_length: int = _override(TextModelConfig, "max_length", 96)
+    lora_r: int = option(8, "Adapter rank.")
+    lora_alpha: int = option(16, "Adapter scaling numerator (scale = alpha / r).")
+    lora_dropout: float = option(0.0, "Dropout on the adapter's input.")
+    # Every linear layer of a Llama-style block (as QLoRA does): on SmolLM2 it memorises a canary
+    # seen 24 times to 11-12 bits of exposure where q_proj,v_proj alone reach 8-9.
+    lora_target_modules: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "Adapted linear layers, comma-separated.")
+    top_k_layers: int = option(0, "Adapt only the top k transformer layers (0: all). The frozen "
+                                  "layers below are run once per text and cached in the store, so "
+                                  "training runs only the top k.")
+    bf16: bool = option(False, "bf16 autocast on CUDA.")
+
+    def _validate(self, check: _Checks) -> None:
+        super()._validate(check)
+        check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r!r}")
+        check(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha!r}")
+        if check.finite(self.lora_dropout, "lora_dropout"):
+            check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check(bool(self.lora_target_modules) and all(self.lora_target_modules),
+              f"lora_target_modules must name at least one module, got {self.lora_target_modules!r}")
+        check(self.top_k_layers >= 0, f"top_k_layers must be >= 0, got {self.top_k_layers!r}")
+
+
 TRAINING_CONFIGS: dict[str, type[TrainingConfig]] = {
-    c.backend: c for c in (MLPConfig, HeadConfig, LoraConfig)
+    c.backend: c for c in (MLPConfig, HeadConfig, LoraConfig, CausalLMConfig)
 }
 
 
@@ -283,6 +325,8 @@ class DataSpec:
                                             "shard, and can be forgotten as a whole.")
     prior_column: str | None = option(None, "Column with a number per record: how likely it is to be "
                                             "deleted (deletion-aware placement).")
+    prompt_column: str | None = option(None, "causal_lm: column with a prompt; the model learns the "
+                                             "text that follows it (the loss skips the prompt).")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_columns", tuple(self.feature_columns))
@@ -291,6 +335,8 @@ class DataSpec:
         check((self.text_column is None) != (not self.feature_columns),
               "give exactly one of text_column or feature_columns, got "
               f"text_column={self.text_column!r}, feature_columns={list(self.feature_columns)!r}")
+        check(self.prompt_column is None or self.text_column is not None,
+              "prompt_column needs a text_column (the text that follows the prompt)")
         check.raise_all()
 
     @property

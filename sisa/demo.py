@@ -1,7 +1,9 @@
 """The end-to-end demonstration behind `sisa demo`: SISA ensemble against a monolith, then a deletion.
 
-Trains both on a built-in data set, evaluates them on its held-out split, forgets a few random
-records, and measures what the deletion cost against retraining from scratch.
+Classifiers: trains both on a built-in data set, evaluates them on its held-out split, forgets a
+few random records, and measures what the deletion cost against retraining from scratch.
+Causal LMs (`run_lm_demo`): trains on chat turns with canaries, generates, forgets a user, and
+shows the evidence that the user's text is gone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 from sisa.api import Sisa, resolve_source
 from sisa.builtin import stable_subset
 from sisa.config import PartitionConfig, SisaConfig
+from sisa.errors import ConfigError
+from sisa.proof import make_canaries, prove
 from sisa.unlearning import Progress, expected_retrain_fraction
 
 RT = "builtin:rotten_tomatoes"
@@ -25,7 +29,12 @@ DEMO_DATA: dict[str, tuple[str, int | None]] = {
     "head": (RT, None),
     "lora": (RT, 800),
     "mlp": ("builtin:digits", None),
+    "causal_lm": ("builtin:chitchat", 160),
 }
+# The causal-LM demo's training, where the command line leaves it open: LoRA on the top 2 of
+# SmolLM2's 30 layers (the 28 below run once per text, cached), at a rate that memorises a canary
+# inserted 8 times within 3 epochs per slice (measured: 11-12 bits of exposure).
+LM_DEMO_TRAINING = {"top_k_layers": 2, "learning_rate": 5e-3, "epochs_per_slice": 3, "max_length": 64}
 
 
 def run_demo(
@@ -108,5 +117,58 @@ def run_demo(
         "speedup_vs_monolith_retrain": round(mono_seconds / forget_seconds, 2),
         "samples_fraction": round(receipt.samples_retrained / report.samples, 4),
         "expected_fraction_one_deletion": round(expected_retrain_fraction(p.shards, p.slices), 4),
+        "audit_ok": audit.ok,
+    }
+
+
+def run_lm_demo(
+    config: SisaConfig,
+    dataset: str = "builtin:chitchat",
+    limit: int | None = 160,
+    canaries: int = 4,
+    never: int = 8,
+    repeats: int = 8,
+    workdir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a causal-LM store on chat turns plus canaries (one per chosen user), generate from
+    it, then forget one canary's user and measure exposure and membership before and after."""
+    train_rows, spec = resolve_source(dataset, None)
+    train_rows = stable_subset(train_rows, spec.id_column, limit)
+    if spec.group_column is None:
+        raise ConfigError(f"{dataset} has no group column: the demo forgets a user")
+    chosen = make_canaries([str(r[spec.group_column]) for r in train_rows], canaries, never,
+                           repeats=repeats, seed=config.partition.seed)
+    rows = train_rows + chosen.rows(spec)
+    with tempfile.TemporaryDirectory(prefix="sisa-demo-") as tmp:
+        root = Path(workdir) if workdir is not None else Path(tmp)
+        started = time.perf_counter()
+        sisa = Sisa.train(root / "sisa", rows, config, spec, progress=progress)
+        train_seconds = time.perf_counter() - started
+        report = sisa.training_report_
+        test_rows, _ = resolve_source(f"{dataset}:test", None)
+        # The opening words of held-out turns: a whole turn is followed by its end-of-text token.
+        prompts = [" ".join(str(r["text"]).split()[:4]) for r in stable_subset(test_rows, spec.id_column, 2)]
+        generated = sisa.generate(prompts, max_new_tokens=24, stop=["\n"])
+        forget_user = chosen.canaries[0].group
+        proof = prove(sisa, chosen, f"{dataset}:test", [forget_user], holdout_limit=32,
+                      retain_limit=32)
+        audit = sisa.audit()
+        sisa.close()
+    return {
+        "dataset": dataset,
+        "backend": config.training.backend,
+        "model": getattr(config.training, "model", None),
+        "shards": config.partition.shards,
+        "slices": config.partition.slices,
+        "epochs_per_slice": config.training.epochs_per_slice,
+        "top_k_layers": getattr(config.training, "top_k_layers", 0),
+        "records": len(rows),
+        "canary_records": len(rows) - len(train_rows),
+        "train_seconds": round(train_seconds, 3),
+        "train_samples": report.samples,
+        "generated": [g.to_dict() for g in generated],
+        "forgotten_user": forget_user,
+        "proof": proof,
         "audit_ok": audit.ok,
     }

@@ -2,7 +2,8 @@
 
 For a backend with a frozen text encoder (`head`), texts become embeddings, cached in the store per
 (encoder fingerprint, input digest), so retraining after a deletion never re-encodes a text and a
-deleted text's embedding is purged with it. For the other backends inputs pass through unchanged.
+deleted text's embedding is purged with it. A causal LM adapted on its top layers only gets the
+frozen lower layers' outputs through the same cache. Other backends' inputs pass through unchanged.
 """
 
 from __future__ import annotations
@@ -32,10 +33,49 @@ class Features:
         self.encoder = encoder
         self.progress = progress
 
-    def model_inputs(self, inputs: Sequence[Any] | np.ndarray) -> Any:
+    def model_inputs(self, inputs: Sequence[Any] | np.ndarray,
+                     contexts: Sequence[str | None] | None = None) -> Any:
+        """`contexts`: what each input follows (a causal LM's prompts)."""
         if self.encoder is None:
             return inputs
+        if getattr(self.encoder, "per_token", False):
+            return self.lm_inputs(inputs, contexts)
         return self.embeddings(inputs)
+
+    def lm_inputs(self, texts: Sequence[Any] | np.ndarray,
+                  prompts: Sequence[str | None] | None = None) -> Any:
+        """A causal LM's tokens, with the frozen lower layers' outputs through the store's cache
+        (where the backend adapts only the top layers)."""
+        encoder: Any = self.encoder
+        examples = encoder.examples(texts, prompts)
+        if not encoder.caches:
+            return encoder.inputs(examples, None)
+        prompts = list(prompts) if prompts is not None else [None] * len(texts)
+        digests = [input_digest(t, prompt=p) for t, p in zip(texts, prompts, strict=True)]
+        index = {d: i for i, d in enumerate(digests)}
+        vectors = self._cached(
+            encoder.fingerprint, encoder.dim, digests,
+            lambda missing, tick: [a.astype("<f4").tobytes()
+                                   for a in encoder.lower([examples[index[d]] for d in missing], tick)],
+            "running the frozen layers")
+        lower = [np.frombuffer(v, dtype="<f4").reshape(-1, encoder.dim) for v in vectors]
+        return encoder.inputs(examples, lower)
+
+    def _cached(self, model: str, dim: int, digests: list[str],
+                compute: Callable[[list[str], Callable[[int], None] | None], list[bytes]],
+                description: str) -> list[bytes]:
+        """The cached vectors of these input digests, computing (and caching) only the misses."""
+        cached = self.store.get_embeddings(model, digests)
+        missing = list(dict.fromkeys(d for d in digests if d not in cached))
+        if missing:
+            tick = None
+            if self.progress is not None:
+                bar = self.progress(description, len(missing))
+                tick = lambda _i: bar(None)  # noqa: E731 - one tick per input
+            new = dict(zip(missing, compute(missing, tick), strict=True))
+            self.store.put_embeddings(model, dim, new)
+            cached.update(new)
+        return [cached[d] for d in digests]
 
     def embeddings(self, texts: Sequence[Any] | np.ndarray) -> np.ndarray:
         """(n, dim) float32 embeddings through the store's cache; encodes only the misses."""
@@ -46,18 +86,12 @@ class Features:
             if not isinstance(t, str):
                 raise InputKindError("the head backend needs texts, not numeric features")
         digests = [input_digest(t) for t in texts]
-        cached = self.store.get_embeddings(encoder.fingerprint, digests)
-        missing = list(dict.fromkeys(d for d in digests if d not in cached))
-        if missing:
-            first = {d: t for d, t in zip(digests, texts, strict=True)}
-            tick = None
-            if self.progress is not None:
-                bar = self.progress("encoding texts", len(missing))
-                tick = lambda _i: bar(None)  # noqa: E731 - one tick per text
-            fresh = encoder.encode([first[d] for d in missing], tick)
-            new = {d: fresh[i].astype("<f4").tobytes() for i, d in enumerate(missing)}
-            self.store.put_embeddings(encoder.fingerprint, fresh.shape[1], new)
-            cached.update(new)
+        first = {d: t for d, t in zip(digests, texts, strict=True)}
+        vectors = self._cached(
+            encoder.fingerprint, encoder.dim, digests,
+            lambda missing, tick: [v.astype("<f4").tobytes()
+                                   for v in encoder.encode([first[d] for d in missing], tick)],
+            "encoding texts")
         if not digests:
             return np.zeros((0, encoder.dim), dtype=np.float32)
-        return np.stack([np.frombuffer(cached[d], dtype="<f4") for d in digests])
+        return np.stack([np.frombuffer(v, dtype="<f4") for v in vectors])

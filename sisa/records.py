@@ -45,7 +45,8 @@ def paused_gc() -> Iterator[None]:
 class Record:
     id: RecordId
     group: GroupId | None
-    target: str | None  # canonical string form (a class label); None where the task has none
+    # A class label (canonical string form), or a causal LM's prompt; None where there is none.
+    target: str | None
     input: Input
     digest: str  # digest of (input, target, group[, prior]): a changed record is another record
     input_digest: str  # digest of the input alone: the key of its cached embedding
@@ -74,8 +75,12 @@ def content_digest(inp: Input, target: str | None, group: str | None, prior: flo
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def input_digest(inp: Input, packed: bytes | None = None) -> str:
-    if isinstance(inp, str):  # the key of a cached embedding: keep it stable across versions
+def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = None) -> str:
+    """The key of an input's cached features. A prompt changes what the model computes for the
+    text after it, so it enters the key (and a deletion purges the pair's cached activations)."""
+    if prompt is not None and isinstance(inp, str):
+        data = json.dumps(["prompt", prompt, inp], separators=(",", ":"), ensure_ascii=False).encode()
+    elif isinstance(inp, str):  # the key of a cached embedding: keep it stable across versions
         data = json.dumps(inp, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     else:
         data = b"f8\0" + (packed or pack_features(inp))
@@ -83,7 +88,8 @@ def input_digest(inp: Input, packed: bytes | None = None) -> str:
 
 
 def make_record(record_id: str, group: str | None, target: str | None, inp: Input,
-                prior: float | None = None) -> Record:
+                prior: float | None = None, prompted: bool = False) -> Record:
+    """`prompted`: the target is the prompt the input text follows (a causal LM's records)."""
     packed = None if isinstance(inp, str) else pack_features(inp)
     return Record(
         id=RecordId(record_id),
@@ -91,7 +97,7 @@ def make_record(record_id: str, group: str | None, target: str | None, inp: Inpu
         target=target,
         input=inp,
         digest=content_digest(inp, target, group, prior, packed),
-        input_digest=input_digest(inp, packed),
+        input_digest=input_digest(inp, packed, target if prompted else None),
         prior=prior,
         features=packed,
     )
@@ -136,9 +142,10 @@ def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec,
     label_column = spec.label_column
     if label_column is not None and not require_target and label_column not in rows[0]:
         label_column = None
+    prompt_column = spec.prompt_column  # a causal LM's records: the prompt is the target
     wanted = [spec.id_column, *spec.feature_columns]
-    wanted += [c for c in (label_column, spec.text_column, spec.group_column, spec.prior_column)
-               if c is not None]
+    wanted += [c for c in (label_column, spec.text_column, spec.group_column, spec.prior_column,
+                           prompt_column) if c is not None]
     missing_columns = [c for c in wanted if c not in rows[0]]
     if missing_columns:
         raise ColumnError(f"input has no column(s) {missing_columns}; it has {sorted(rows[0])}")
@@ -148,6 +155,7 @@ def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec,
     missing_labels: list[int] = []
     bad_inputs: list[int] = []
     bad_priors: list[int] = []
+    bad_prompts: list[int] = []
     seen: dict[str, list[int]] = {}
     records: list[Record] = []
     for row_number, row in enumerate(rows):
@@ -157,7 +165,13 @@ def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec,
             continue
         seen.setdefault(record_id, []).append(row_number)
         label = _canonical_label(row[label_column]) if label_column is not None else None
-        if label is None and label_column is not None and require_target:
+        if prompt_column is not None:
+            prompt = row[prompt_column]
+            if prompt is not None and not isinstance(prompt, str):
+                bad_prompts.append(row_number)
+                continue
+            label = prompt or None  # an empty prompt: the whole text is learned
+        elif label is None and label_column is not None and require_target:
             missing_labels.append(row_number)
             continue
         inp: Input
@@ -188,7 +202,7 @@ def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec,
             if not math.isfinite(prior):
                 bad_priors.append(row_number)
                 continue
-        records.append(make_record(record_id, group, label, inp, prior))
+        records.append(make_record(record_id, group, label, inp, prior, prompt_column is not None))
 
     duplicates = {key: idx for key, idx in seen.items() if len(idx) > 1}
     if duplicates:
@@ -205,6 +219,8 @@ def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec,
     if bad_priors:
         problems.append(
             _name_rows(f"missing or non-numeric priors in {spec.prior_column!r} at rows", bad_priors))
+    if bad_prompts:
+        problems.append(_name_rows(f"non-text prompts in {prompt_column!r} at rows", bad_prompts))
     if problems:
         raise RecordError("invalid records (nothing was written): " + "; ".join(problems))
     return records

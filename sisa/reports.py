@@ -72,3 +72,30 @@ class AuditReport(_Dict):
     ok: bool
     checkpoints_checked: int
     violations: list[Violation] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RecordScore(_Dict):
+    id: str
+    tokens: int  # learned tokens (after the prompt, if any)
+    logprob: float  # their summed log-probability under the ensemble
+    perplexity: float
+
+
+@dataclass(frozen=True)
+class ScoreReport(_Dict):
+    combine: str
+    records: list[RecordScore]
+    tokens: int
+    perplexity: float  # over all tokens of all records
+    model_version: str
+    shards: list[int]  # the shards that served
+
+
+@dataclass(frozen=True)
+class Generation(_Dict):
+    prompt: str
+    text: str
+    tokens: int
+    model_version: str
+    shards: list[int]  # the shards that served

@@ -29,6 +29,7 @@ class ShardData:
     lines: list[bytes]  # each member's digest line (see schedule.digest_line)
     targets: np.ndarray  # training targets (class indices)
     inputs: np.ndarray | list[Any]  # (n, d) float64 features, or texts
+    contexts: list[str | None] | None = None  # what each input follows (a causal LM's prompts)
     model_inputs: Any = field(default=None, repr=False)  # after featurisation, once asked
 
     def without(self, ids: Collection[str], version: int) -> ShardData:
@@ -41,6 +42,7 @@ class ShardData:
             lines=[self.lines[i] for i in keep],
             targets=self.targets[keep],
             inputs=_take(self.inputs, keep),
+            contexts=None if self.contexts is None else _take(self.contexts, keep),
             model_inputs=None if self.model_inputs is None else _take(self.model_inputs, keep),
         )
 
@@ -48,6 +50,8 @@ class ShardData:
 def _take(values: Any, keep: list[int]) -> Any:
     if isinstance(values, np.ndarray):
         return values[keep]
+    if hasattr(values, "take"):  # model inputs of a causal LM
+        return values.take(keep)
     return [values[i] for i in keep]
 
 
@@ -58,6 +62,7 @@ def load_shard(store: ShardStore, shard: int, version: int, task: Task,
         rows = store.shard_rows(shard)
         members = [Member(r[0], r[1], r[2], r[3]) for r in rows]
         targets = task.encode_targets([r[4] for r in rows])
+        contexts = task.contexts([r[4] for r in rows])
         inputs: np.ndarray | list[Any]
         if input_dim is not None:
             if any(r[5] is None for r in rows):
@@ -67,7 +72,8 @@ def load_shard(store: ShardStore, shard: int, version: int, task: Task,
             inputs = flat.reshape(len(rows), input_dim)
         else:
             inputs = [r[6] for r in rows]
-        return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs)
+        return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs,
+                         contexts)
 
 
 def from_records(shard: int, version: int, records: Sequence[tuple[Member, Record]], task: Task,
@@ -81,13 +87,15 @@ def from_records(shard: int, version: int, records: Sequence[tuple[Member, Recor
         # out of order (it made writing a 200k-id manifest four times slower).
         members = [Member(m.id.encode().decode(), m.digest, m.slice, m.order) for m, _ in ordered]
         targets = task.encode_targets([r.target for _, r in ordered])
+        contexts = task.contexts([r.target for _, r in ordered])
         inputs: np.ndarray | list[Any]
         if input_dim is not None:
             packed = b"".join(r.features or pack_features(r.input) for _, r in ordered)  # type: ignore[arg-type]
             inputs = np.frombuffer(packed, dtype="<f8").reshape(len(ordered), input_dim)
         else:
             inputs = [r.input for _, r in ordered]
-        return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs)
+        return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs,
+                         contexts)
 
 
 class ShardCache:

@@ -1,19 +1,21 @@
 """What a store learns: the task. The deletion manager, the store and the executor never look inside it.
 
 A task turns stored targets into training targets, gives the model its shape, and aggregates the
-shard models' outputs. `ClassificationTask` (labels, soft or hard voting, accuracy) is the one
-task today; a causal-LM task (scoring and generating text) implements the same interface.
+shard models' outputs. `ClassificationTask`: labels, soft or hard voting, accuracy.
+`LanguageModelingTask`: a causal LM learns the texts (after their prompts, where given); the
+ensemble scores and generates text (`sisa.training.causal_lm`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from sisa.config import Voting
+from sisa.config import Combine, Voting
 from sisa.errors import ConfigError, RecordError, StoreError, name_some
 from sisa.reports import EvaluationReport, Scores
 
@@ -40,6 +42,9 @@ class Task(Protocol):
 
     def model_spec(self, input_dim: int | None) -> ModelSpec:
         """The shape of each shard's model."""
+
+    def contexts(self, values: Sequence[str | None]) -> list[str | None] | None:
+        """What the inputs are conditioned on (a causal LM's prompts), or None."""
 
 
 def _sort_classes(labels: set[str]) -> tuple[str, ...]:
@@ -72,6 +77,9 @@ class ClassificationTask:
 
     def model_spec(self, input_dim: int | None) -> ModelSpec:
         return ModelSpec(num_classes=len(self.classes), input_dim=input_dim)
+
+    def contexts(self, values: Sequence[str | None]) -> None:
+        return None
 
     def _index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.classes)}
@@ -140,11 +148,53 @@ class ClassificationTask:
         )
 
 
-TASKS: dict[str, type[ClassificationTask]] = {ClassificationTask.kind: ClassificationTask}
+@dataclass(frozen=True)
+class LanguageModelingTask:
+    """A causal LM learns each record's text (after its prompt, if the record has one). Nothing to
+    vote on: the ensemble mixes the shards' next-token distributions (see `combine_logprobs`)."""
+
+    kind: ClassVar[str] = "causal_lm"
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def model_spec(self, input_dim: int | None) -> ModelSpec:
+        return ModelSpec(num_classes=0, input_dim=None)
+
+    def encode_targets(self, values: Sequence[str | None]) -> np.ndarray:
+        # The prompts travel as contexts; the tokens to learn are the inputs themselves.
+        return np.zeros(len(values), dtype=np.int64)
+
+    def contexts(self, values: Sequence[str | None]) -> list[str | None]:
+        return list(values)
+
+    def check_new(self, targets: Sequence[str | None]) -> list[str]:
+        return []
 
 
-def task_from_meta(meta: Mapping[str, Any]) -> ClassificationTask:
+def combine_logprobs(per_shard: np.ndarray | Any, combine: Combine) -> Any:
+    """The ensemble's next-token log-distribution from the shards' ones (shards on axis 0, the
+    vocabulary last; numpy arrays or torch tensors). `mean`: the mixture of the shards'
+    probabilities. `product`: their normalised geometric mean (mean of log-probabilities)."""
+    import torch
+
+    x = torch.as_tensor(per_shard)
+    if combine == "mean":
+        return torch.logsumexp(x, dim=0) - math.log(x.shape[0])
+    if combine == "product":
+        return torch.log_softmax(x.mean(dim=0), dim=-1)
+    raise ConfigError(f"combine must be 'mean' or 'product', got {combine!r}")
+
+
+AnyTask = ClassificationTask | LanguageModelingTask
+TASKS: dict[str, type[ClassificationTask] | type[LanguageModelingTask]] = {
+    ClassificationTask.kind: ClassificationTask, LanguageModelingTask.kind: LanguageModelingTask}
+
+
+def task_from_meta(meta: Mapping[str, Any]) -> AnyTask:
     kind = meta.get("kind")
     if kind not in TASKS:
         raise ConfigError(f"unknown task {kind!r}; this version knows {sorted(TASKS)}")
+    if kind == LanguageModelingTask.kind:
+        return LanguageModelingTask()
     return ClassificationTask(tuple(meta["classes"]))

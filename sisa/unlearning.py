@@ -285,7 +285,7 @@ class DeletionManager:
                 return None
             resume = self.read_checkpoint(row.key, row)
         if data.model_inputs is None:
-            data.model_inputs = self.features.model_inputs(data.inputs)
+            data.model_inputs = self.features.model_inputs(data.inputs, data.contexts)
         return ShardJob(
             schedule=plan.schedule,
             training=self.config.training,

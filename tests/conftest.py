@@ -152,3 +152,46 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture
 def text_rows() -> list[dict[str, Any]]:
     return make_text_rows()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> str:
+    """A two-layer Llama with random weights and a character-level tokenizer (digits are single
+    tokens, as in SmolLM2's): no download."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable[:95]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            unk_token="<unk>").save_pretrained(root)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=2,
+                         pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(root)
+    return str(root)
+
+
+def make_chat_rows(n: int = 48, users: int = 8) -> list[dict[str, Any]]:
+    """Short chat turns: a prompt, a reply, and the user who wrote it."""
+    rng = random.Random(5)
+    words = ["hi", "ok", "sure", "tea", "cat", "sun", "go", "yes", "no", "fun"]
+    rows = []
+    for i in range(n):
+        reply = " ".join(rng.choice(words) for _ in range(rng.randint(2, 5)))
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        rows.append({"id": f"m{i:03d}", "text": reply, "prompt": prompt if i % 4 else "",
+                     "user": f"u{i % users}"})
+    return rows
+
+
+CHAT_SPEC = DataSpec(id_column="id", label_column=None, text_column="text", group_column="user",
+                     prompt_column="prompt")

@@ -47,3 +47,19 @@ def test_tiny_run_writes_results_plots_and_summary(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| benchmark | figure | value |" in summary and "| overhead |" in summary
     assert "| streams |" in summary and "python -m benchmarks run --tiny" in summary
+
+
+def test_llm_unlearning_tiny_run_writes_its_figures(tmp_path, tiny_lm):
+    out = tmp_path / "llm"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.llm_unlearning", "--tiny", "--model",
+                           tiny_lm, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {"sisa", "monolith", "baselines", "decoding", "perplexity", "retrain_cost",
+            "top_k"} <= set(results)
+    methods = [b["method"] for b in results["baselines"]]
+    assert {"gradient_ascent", "gradient_difference", "npo"} <= set(methods)
+    assert results["sisa"]["after"] is not None and results["retrain_cost"]["one_record_samples"] > 0
+    assert (out / "exposure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| SISA after (exact) |" in (out / "summary.md").read_text()

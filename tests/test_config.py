@@ -19,7 +19,7 @@ from sisa import (
     TrainingConfig,
     training_config,
 )
-from sisa.config import TRAINING_CONFIGS
+from sisa.config import TRAINING_CONFIGS, CausalLMConfig
 from sisa.training import BACKENDS
 
 CLASSES = [PartitionConfig, MLPConfig, HeadConfig, LoraConfig, ExecutionConfig, DataSpec]
@@ -100,7 +100,7 @@ def test_every_field_has_help(cls):
 def test_the_base_training_config_is_abstract_and_every_backend_has_one():
     with pytest.raises(ConfigError, match="base class"):
         TrainingConfig()
-    assert set(TRAINING_CONFIGS) == set(BACKENDS) == {"mlp", "head", "lora"}
+    assert set(TRAINING_CONFIGS) == set(BACKENDS) == {"mlp", "head", "lora", "causal_lm"}
     with pytest.raises(ConfigError, match=r"\['lora_r'\] do not apply to backend 'mlp'"):
         training_config("mlp", lora_r=4)
     with pytest.raises(ConfigError, match="unknown backend 'svm'"):
@@ -108,7 +108,8 @@ def test_the_base_training_config_is_abstract_and_every_backend_has_one():
 
 
 @pytest.mark.parametrize("training", [MLPConfig(hidden_sizes=(16, 8)), HeadConfig(),
-                                      LoraConfig(lora_target_modules=("q", "v"))],
+                                      LoraConfig(lora_target_modules=("q", "v")),
+                                      CausalLMConfig(top_k_layers=2)],
                          ids=lambda t: t.backend)
 def test_dict_round_trip(training):
     config = SisaConfig(partition=PartitionConfig(shards=8, placement="late_slices", late_slices=2),

@@ -56,3 +56,17 @@ def test_the_main_job_runs_end_to_end(tmp_path):
     assert result["backend"] == "head" and result["audit_ok"]
     assert result["sisa_accuracy"] >= result["monolith_accuracy"] - 0.02
     assert result["forget_samples"] < result["sisa_train_samples"]
+
+
+@pytest.mark.slow
+def test_the_language_model_demo_runs_end_to_end(tmp_path):
+    """`sisa demo --backend causal_lm` as a fresh process (SmolLM2 on chitchat): the canaries were
+    memorised before forgetting, the forgotten ones are no longer exposed, and the audit is clean."""
+    proc = subprocess.run([sys.executable, "-m", "sisa.cli", "demo", "--backend", "causal_lm",
+                           "--json", "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    proof = result["proof"]
+    assert result["audit_ok"] and proof["memorised"]
+    assert proof["forgotten_mean_exposure"] < proof["mean_exposure_before"] - 5

@@ -5,7 +5,8 @@ stay within what its floor allows, so the rules survive the next contributor.
   `sisa`, no torch.
 - Inside `sisa`, a module imports only modules of a lower floor (`FLOORS`), and the training package
   imports neither `ray` nor `shard_store`: shard tasks run anywhere without the store.
-- Only `sisa.execution` imports `ray`; only `sisa.training.lora` imports `peft`.
+- Only `sisa.execution` imports `ray`; only the adapter backends (`sisa.training.lora`,
+  `sisa.training.causal_lm`) import `peft`.
 - Benchmarks and tests use public names only (no `_private` imports), and tests never import
   benchmarks.
 """
@@ -26,18 +27,20 @@ FLOORS: dict[str, int] = {
     "sisa.errors": 0,
     "sisa.config": 1, "sisa.partition": 1, "sisa.schedule": 1,
     "sisa.records": 2, "sisa.checkpoint": 2, "sisa.reports": 2, "sisa.models": 2,
-    "sisa.builtin": 2,
+    "sisa.builtin": 2, "sisa.evidence": 2,
     "sisa.tasks": 3,
-    "sisa.training": 4,  # the package: protocol, state, encoder, mlp, head, lora, shard_trainer
+    "sisa.training": 4,  # the package: protocol, state, encoder, mlp, head, lora, causal_lm, shard_trainer
     "sisa.execution": 5, "sisa.features": 5, "sisa.shard_data": 5,
     "sisa.ensemble": 6,
     "sisa.unlearning": 7,
     "sisa.audit": 8,
     "sisa.api": 9,
-    "sisa.demo": 10, "sisa.options": 10,
-    "sisa.cli": 11,
+    "sisa.proof": 10, "sisa.approximate": 10, "sisa.options": 10,
+    "sisa.demo": 11,
+    "sisa.cli": 12,
 }
-THIRD_PARTY_ONLY_IN = {"ray": {"sisa.execution"}, "peft": {"sisa.training.lora"}}
+THIRD_PARTY_ONLY_IN = {"ray": {"sisa.execution"},
+                       "peft": {"sisa.training.lora", "sisa.training.causal_lm"}}
 STORE_MAY_IMPORT = {"sqlite_utils", "shard_store"}
 
 

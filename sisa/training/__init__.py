@@ -15,7 +15,8 @@ from sisa.training.protocol import Backend, ShardModel
 
 # backend name -> (module, class); modules load on first use (lora pulls in peft).
 BACKENDS = {"mlp": ("sisa.training.mlp", "MLPBackend"), "head": ("sisa.training.head", "HeadBackend"),
-            "lora": ("sisa.training.lora", "LoraBackend")}
+            "lora": ("sisa.training.lora", "LoraBackend"),
+            "causal_lm": ("sisa.training.causal_lm", "CausalLMBackend")}
 
 
 def resolve_backend(config: TrainingConfig, spec: ModelSpec) -> Backend:

@@ -1,10 +1,11 @@
 """The `lora` backend: one frozen `AutoModelForSequenceClassification` base, one peft LoRA adapter
 per shard (the classification head trains with it, as a peft `modules_to_save`).
 
-The only module that imports peft. Checkpoints hold the adapter and head weights, optimizer and RNG
-state in `weights.safetensors`, plus the adapter saved the peft way in `adapter/` (load it with
-`PeftModel.from_pretrained(base, ".../adapter")`). Ensemble inference loads the base once with
-every shard's adapter as a named adapter and scores all shards in one mixed-adapter forward pass.
+With sisa.training.causal_lm, the only modules that import peft. Checkpoints hold the adapter and
+head weights, optimizer and RNG state in `weights.safetensors`, plus the adapter saved the peft way
+in `adapter/` (load it with `PeftModel.from_pretrained(base, ".../adapter")`). Ensemble inference
+loads the base once with every shard's adapter as a named adapter and scores all shards in one
+mixed-adapter forward pass.
 """
 
 from __future__ import annotations

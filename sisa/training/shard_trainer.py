@@ -120,7 +120,7 @@ def train_shard(job: ShardJob, backend: Backend | None = None) -> ShardResult:
         samples_seen = 0
 
     inputs = backend.prepare(job.inputs)
-    targets = torch.as_tensor(np.asarray(job.targets, dtype=np.int64))
+    targets = torch.as_tensor(np.asarray(job.targets, dtype=np.int64))  # unused by a causal LM
     counts = job.schedule.cumulative_counts()
     checkpoints: list[Checkpoint] = []
     samples = 0

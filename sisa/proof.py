@@ -1,0 +1,348 @@
+"""Proof of forgetting on a causal-LM store: canary exposure and membership inference, measured
+before and after a deletion (`sisa prove`).
+
+The evidence counts only if the model memorised first: the report states the inserted canaries'
+exposure on their own shard before forgetting and says plainly when it is below the bar. After an
+exact deletion the forgotten canaries should look like canaries that were never inserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sisa import evidence
+from sisa.api import Sisa, resolve_source
+from sisa.builtin import stable_subset
+from sisa.config import Combine, DataSpec
+from sisa.errors import ConfigError, InputKindError, RecordError
+from sisa.partition import place
+from sisa.records import records_from_rows
+from sisa.reports import _Dict
+
+MEMORISED_BITS = 10.0  # the bar: inserted canaries' mean exposure on their own shard, before
+# ... or, for secrets too short to reach it, this share of the largest exposure there is.
+MEMORISED_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class Canary(_Dict):
+    id: str  # record id (with repeats: the ids are `<id>#<r>`)
+    group: str
+    secret: str
+    inserted: bool
+
+
+@dataclass(frozen=True)
+class CanarySet(_Dict):
+    template: str
+    digits: int
+    repeats: int  # copies of each inserted canary in the training data
+    canaries: list[Canary]
+
+    def record_ids(self, canary: Canary) -> list[str]:
+        return [canary.id] if self.repeats == 1 else [f"{canary.id}#{r}" for r in range(self.repeats)]
+
+    def text(self, canary: Canary) -> str:
+        return self.template.format(secret=canary.secret)
+
+    def rows(self, spec: DataSpec) -> list[dict[str, Any]]:
+        """Training rows of the inserted canaries, in the data's columns."""
+        if spec.text_column is None:
+            raise InputKindError("canaries are texts: the data needs a text column")
+        rows = []
+        for c in self.canaries:
+            if not c.inserted:
+                continue
+            for record_id in self.record_ids(c):
+                row: dict[str, Any] = {spec.id_column: record_id, spec.text_column: self.text(c)}
+                if spec.group_column:
+                    row[spec.group_column] = c.group
+                if spec.prompt_column:
+                    row[spec.prompt_column] = ""
+                rows.append(row)
+        return rows
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CanarySet:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            found = cls(data["template"], int(data["digits"]), int(data["repeats"]),
+                        [Canary(**c) for c in data["canaries"]])
+            bad = [c.id for c in found.canaries
+                   if len(c.secret) != found.digits or not c.secret.isdigit()]
+            if bad or not found.canaries or "{secret}" not in found.template:
+                raise ValueError(f"secrets that are not {found.digits} digits: {bad[:5]}")
+            return found
+        except FileNotFoundError:
+            raise RecordError(f"canary file {str(path)!r} does not exist") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RecordError(f"canary file {str(path)!r} is not a canary set: "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def make_canaries(groups: Sequence[str], inserted: int = 8, never: int = 8, digits: int = 4,
+                  repeats: int = 1, seed: int = 0, template: str = evidence.TEMPLATE) -> CanarySet:
+    """One canary for each of `inserted` users chosen from `groups` (stably, by a hash keyed with
+    `seed`), and `never` canaries of made-up users that are never trained on."""
+    if "{secret}" not in template or not template.endswith("{secret}"):
+        raise ConfigError(f"the canary template must end with {{secret}}, got {template!r}")
+    if not 1 <= digits <= 5:
+        raise ConfigError(f"digits must be in 1..5 (every candidate secret is scored), got {digits}")
+    if inserted < 1 or never < 1 or repeats < 1:
+        raise ConfigError(f"inserted, never and repeats must be >= 1, got {inserted}, {never}, {repeats}")
+    if not template.split("{secret}")[0]:
+        raise ConfigError("the canary template needs text before {secret}")
+    unique = sorted(set(groups), key=lambda g: hashlib.blake2b(f"{seed}/{g}".encode(),
+                                                               digest_size=8).digest())
+    if len(unique) < inserted:
+        raise ConfigError(f"{inserted} canaries need {inserted} users; the data has {len(unique)}")
+    rng = random.Random(f"canaries/{seed}")
+    secrets: set[str] = set()
+    canaries = []
+    for i in range(inserted + never):
+        secret = evidence.random_secret(rng, digits)
+        while secret in secrets:
+            secret = evidence.random_secret(rng, digits)
+        secrets.add(secret)
+        if i < inserted:
+            canaries.append(Canary(f"canary-{i}", unique[i], secret, True))
+        else:
+            canaries.append(Canary(f"canary-never-{i - inserted}", f"never-user-{i - inserted}",
+                                   secret, False))
+    return CanarySet(template, digits, repeats, canaries)
+
+
+def insert_canaries(sisa: Sisa, inserted: int = 8, never: int = 8, digits: int = 4, repeats: int = 8,
+                    seed: int = 0) -> tuple[CanarySet, Any]:
+    """Make canaries for users of a causal-LM store and add the inserted ones as their records
+    (the affected shards retrain from the canaries' slices). Returns the set and the report."""
+    sisa.require_language_model()
+    groups = sisa.store.groups()
+    if not groups:
+        raise RecordError("the store's records have no groups (users): train with a group column")
+    canaries = make_canaries(groups, inserted, never, digits, repeats, seed)
+    return canaries, sisa.add(canaries.rows(sisa.data_spec))
+
+
+@dataclass(frozen=True)
+class CanaryEvidence(_Dict):
+    id: str
+    group: str
+    inserted: bool
+    shard: int
+    exposure_shard: float | None  # exact, under its own shard's adapter (None: shard not serving)
+    exposure_ensemble: float
+    estimate_shard: float | None  # from the reference secrets
+    extrapolated_shard: float | None
+    rank_shard: int | None
+    greedy_shard: bool | None  # greedy decoding from the prefix reproduces the secret
+    greedy_ensemble: bool
+
+
+@dataclass(frozen=True)
+class Evidence(_Dict):
+    canaries: list[CanaryEvidence]
+    membership_auc: dict[str, dict[str, float]]  # view -> score -> AUC of forget vs holdout
+    perplexity: dict[str, float]  # retain / holdout / forget, under the ensemble
+    candidates: int
+    references: int
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class ProofReport(_Dict):
+    before: Evidence
+    after: Evidence | None
+    forgotten_groups: list[str]
+    forgotten_records: int
+    deletion_seconds: float | None
+    memorised: bool  # before: inserted canaries' mean exposure on their shard >= MEMORISED_BITS
+    mean_exposure_before: float
+    forgotten_mean_exposure: float | None  # after, forgotten canaries (own shard)
+    never_mean_exposure: float | None  # after, never-inserted canaries (own shard)
+    ks_pvalue: float | None  # forgotten vs never-inserted exposures, after
+    forgotten_like_never: bool | None  # p > 0.05 and means within 0.5 bit
+    notes: list[str] = field(default_factory=list)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def candidate_tokens(tokenizer: Any, canaries: CanarySet) -> tuple[list[int], np.ndarray, list[str]]:
+    """The template's prefix tokens, and each candidate secret's tokens after it."""
+    prefix = canaries.template.split("{secret}")[0]
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    secrets = evidence.all_secrets(canaries.digits)
+    rows = []
+    for secret in secrets:
+        ids = tokenizer(prefix + secret, add_special_tokens=False)["input_ids"]
+        if ids[:len(prefix_ids)] != prefix_ids:
+            raise ConfigError(f"the tokenizer merges the template's end with the secret "
+                              f"({prefix!r} + {secret!r}): end the template with a space or colon")
+        rows.append(ids[len(prefix_ids):])
+    if len({len(r) for r in rows}) != 1:
+        raise ConfigError("the tokenizer splits secrets into different numbers of tokens; use a "
+                          "template whose secret digits tokenize one by one")
+    return prefix_ids, np.asarray(rows, dtype=np.int64), secrets
+
+
+def measure(scorer: Any, canaries: CanarySet, shard_of: dict[str, int],
+            forget: tuple[Any, list[str]] | None, holdout: tuple[Any, list[str]],
+            retain: tuple[Any, list[str]] | None, forget_shards: Sequence[int] = (),
+            combine: Combine = "mean", references: int = 1000, seed: int = 0) -> Evidence:
+    """Canary exposures and membership scores under `scorer`'s views (its shards and the
+    ensemble). `forget`, `holdout`, `retain`: (model inputs, texts)."""
+    prefix, cands, secrets = candidate_tokens(scorer.tokenizer, canaries)
+    logp, greedy = scorer.continuation_logprobs(prefix, cands, combine)
+    index = {s: i for i, s in enumerate(secrets)}
+    views = list(scorer.views)
+    ens = views.index("ensemble")
+    out = []
+    for c in canaries.canaries:
+        i = index[c.secret]
+        refs = evidence.reference_indices(len(secrets), i, references, seed)
+        name = f"shard-{shard_of[c.id]}"
+        e_ens = evidence.exposure(logp[ens], i, refs)
+        e_shard = evidence.exposure(logp[views.index(name)], i, refs) if name in views else None
+        out.append(CanaryEvidence(
+            c.id, c.group, c.inserted, shard_of[c.id],
+            e_shard.exact if e_shard else None, e_ens.exact,
+            e_shard.estimate if e_shard else None, e_shard.extrapolated if e_shard else None,
+            e_shard.rank if e_shard else None,
+            bool(greedy[views.index(name), i]) if name in views else None, bool(greedy[ens, i])))
+
+    def scored(part: tuple[Any, list[str]] | None) -> list[Any]:
+        return scorer.scores(part[0], combine) if part is not None and len(part[1]) else []
+
+    s_forget, s_holdout, s_retain = scored(forget), scored(holdout), scored(retain)
+    aucs: dict[str, dict[str, float]] = {}
+    if s_forget and s_holdout:
+        for view in ["ensemble", *(f"shard-{s}" for s in forget_shards)]:
+            if view not in views:
+                continue
+            v = views.index(view)
+
+            def member_scores(scores: list[Any], texts: list[str], v: int = v) -> list[dict[str, float]]:
+                return [evidence.membership_scores(s.logp[v], s.mu[v], s.sigma[v], t)
+                        for s, t in zip(scores, texts, strict=True)]
+
+            f = member_scores(s_forget, forget[1])  # type: ignore[index]
+            h = member_scores(s_holdout, holdout[1])
+            aucs[view] = {k: evidence.auc([x[k] for x in f], [x[k] for x in h]) for k in f[0]}
+
+    def ppl(scores: list[Any]) -> float:
+        total = sum(float(s.logp[ens].sum()) for s in scores)
+        tokens = sum(s.logp.shape[1] for s in scores)
+        return math.exp(-total / tokens) if tokens else math.nan
+
+    return Evidence(out, aucs, {"retain": ppl(s_retain), "holdout": ppl(s_holdout),
+                                "forget": ppl(s_forget)}, len(secrets), min(references, len(secrets) - 1))
+
+
+# -- on a store --------------------------------------------------------------------------------
+
+
+def canary_shards(sisa: Sisa, canaries: CanarySet) -> dict[str, int]:
+    """Each canary's shard: where its records are (live or deleted), or where its made-up user
+    would be placed."""
+    p = sisa.config.partition
+    rows = sisa.store.find_records([sisa_id for c in canaries.canaries for sisa_id in canaries.record_ids(c)])
+    out = {}
+    for c in canaries.canaries:
+        first = rows.get(canaries.record_ids(c)[0])
+        if first is not None:
+            out[c.id] = first.shard
+        else:
+            out[c.id] = place(c.id, c.group, seed=p.seed, shards=p.shards, slices=p.slices).shard
+    return out
+
+
+def text_inputs(sisa: Sisa, texts: list[str], prompts: list[str | None] | None) -> tuple[Any, list[str]]:
+    encoder: Any = sisa.backend.encoder
+    return encoder.inputs(encoder.examples(texts, prompts), None), texts
+
+
+def stored_inputs(sisa: Sisa, ids: Sequence[str]) -> tuple[Any, list[str]]:
+    found = sisa.store.record_texts(ids)
+    live = list(dict.fromkeys(found[i] for i in ids if i in found))  # a repeated text counts once
+    prompted = sisa.data_spec.prompt_column is not None
+    return text_inputs(sisa, [t for t, _ in live], [p for _, p in live] if prompted else None)
+
+
+def evidence_of(sisa: Sisa, canaries: CanarySet, forget: tuple[Any, list[str]] | None,
+                holdout: tuple[Any, list[str]], retain: tuple[Any, list[str]] | None,
+                forget_shards: Sequence[int], combine: Combine, references: int, seed: int) -> Evidence:
+    scorer = sisa.language_model()
+    found = measure(scorer, canaries, canary_shards(sisa, canaries), forget, holdout, retain,
+                    forget_shards, combine, references, seed)
+    return dataclasses.replace(found, model_version=sisa.ensemble().version)
+
+
+def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: Sequence[str] = (),
+          holdout_limit: int = 64, retain_limit: int = 64, combine: Combine = "mean",
+          references: int = 1000, seed: int = 0) -> ProofReport:
+    """Measure, forget `forget_groups` (if any), measure again, and judge: did the model memorise
+    the canaries, and do the forgotten ones now look like those never inserted?"""
+    sisa.require_language_model()
+    rows, spec = resolve_source(holdout_source, sisa.data_spec)
+    spec = dataclasses.replace(spec, label_column=None)
+    held = records_from_rows(stable_subset(rows, spec.id_column, holdout_limit), spec, require_target=False)
+    holdout = text_inputs(sisa, [r.input for r in held],  # type: ignore[misc]
+                     [r.target for r in held] if spec.prompt_column else None)
+    if references < 1:
+        raise ConfigError(f"references must be >= 1, got {references}")
+    groups = list(forget_groups) or sorted({c.group for c in canaries.canaries if c.inserted})
+    all_ids = [i for g in groups for i in sisa.store.group_record_ids(g)]
+    found = sisa.store.find_records(all_ids)
+    forget_ids = [i for i in all_ids if found[i].deleted_at is None]
+    if forget_groups and not forget_ids:
+        raise RecordError(f"no live records of group(s) {list(forget_groups)} in the store")
+    forget = stored_inputs(sisa, forget_ids)
+    forget_set = set(forget_ids)
+    live = [r.id for r in sisa.store.live_records() if r.id not in forget_set]
+    retain_ids = [r["id"] for r in stable_subset([{"id": i} for i in live], "id", retain_limit)]
+    retain = stored_inputs(sisa, retain_ids)
+    shards = sorted({r.shard for r in sisa.store.find_records(forget_ids).values()})
+
+    before = evidence_of(sisa, canaries, forget, holdout, retain, shards, combine, references, seed)
+    inserted = [c for c in before.canaries if c.inserted and c.group in set(groups)]
+    exposures = [c.exposure_shard for c in inserted if c.exposure_shard is not None]
+    mean_before = float(np.mean(exposures)) if exposures else math.nan
+    bar = min(MEMORISED_BITS, MEMORISED_SHARE * math.log2(10 ** canaries.digits))
+    memorised = bool(exposures) and mean_before >= bar
+    notes = []
+    if not memorised:
+        notes.append(f"the model did not memorise the canaries: their mean exposure on their own "
+                     f"shard is {mean_before:.1f} bits, below {bar:.1f}; insert them more "
+                     "often (repeats) or train longer before this evidence means anything")
+    if not forget_groups:
+        return ProofReport(before, None, [], 0, None, memorised, mean_before, None, None, None, None,
+                           notes)
+
+    receipt = sisa.forget(forget_ids)  # one request: each affected shard retrains once
+    after = evidence_of(sisa, canaries, forget, holdout, retain, shards, combine, references, seed)
+    gone = [c.exposure_shard for c in after.canaries if c.inserted and c.group in set(groups)
+            and c.exposure_shard is not None]
+    never = [c.exposure_shard for c in after.canaries if not c.inserted and c.exposure_shard is not None]
+    p = evidence.ks_pvalue(gone, never)
+    if len(gone) < 5:
+        notes.append(f"only {len(gone)} forgotten canaries: the KS test and the mean comparison "
+                     "with never-inserted canaries are weak at this size (forget more canary users)")
+    m_gone = float(np.mean(gone)) if gone else math.nan
+    m_never = float(np.mean(never)) if never else math.nan
+    alike = bool(gone and never and p > 0.05 and abs(m_gone - m_never) <= 0.5)
+    return ProofReport(before, after, groups, len(forget_ids), receipt.seconds,
+                       memorised, mean_before, m_gone, m_never, p, alike, notes)

@@ -1,0 +1,349 @@
+"""The causal-LM backend on a tiny random two-layer Llama: exact deletion (with and without top-k
+adaptation), the ensemble's mixture and product, mixed-adapter batches, generation, exposure, the
+approximate baselines, and the CLI end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sisa import PartitionConfig, Sisa, SisaConfig
+from sisa import evidence as ev
+from sisa.approximate import METHODS, scorer_for, unlearn
+from sisa.cli import app
+from sisa.config import CausalLMConfig
+from sisa.errors import InputKindError
+from sisa.models import fix_tokenizer
+from sisa.proof import CanarySet, candidate_tokens, insert_canaries, make_canaries, prove
+from sisa.records import input_digest
+from sisa.tasks import combine_logprobs
+from sisa.training.causal_lm import (
+    PROMPT_SEPARATOR,
+    CausalLMScorer,
+    LMInputs,
+    load_tokenizer,
+    make_example,
+)
+
+from .conftest import CHAT_SPEC, assert_exact, live_shas, make_chat_rows
+
+
+def lm_config(model: str, top_k: int = 0, shards: int = 2, slices: int = 2, **training: Any) -> SisaConfig:
+    return SisaConfig(
+        partition=PartitionConfig(shards=shards, slices=slices, seed=3),
+        training=CausalLMConfig(model=model, epochs_per_slice=2, batch_size=4, learning_rate=1e-2,
+                                top_k_layers=top_k, max_length=48, **training),
+    )
+
+
+@pytest.fixture
+def rows() -> list[dict[str, Any]]:
+    return make_chat_rows()
+
+
+@pytest.mark.parametrize("top_k", [0, 1])
+def test_forget_and_add_are_exact(tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]],
+                                  top_k: int) -> None:
+    config = lm_config(tiny_lm, top_k)
+    sisa = Sisa.train(tmp_path / "s", rows[:40], config, CHAT_SPEC)
+    receipt = sisa.forget_group("u1")
+    assert receipt.record_ids and len(receipt.checkpoints_changed) == 1
+    sisa.forget(["m002"])
+    sisa.add(rows[40:])  # u1's later records are new: they stay
+    kept = [r for r in rows[:40] if r["user"] != "u1" and r["id"] != "m002"] + rows[40:]
+    assert_exact(sisa, kept, config, CHAT_SPEC, tmp_path / "scratch")
+    assert sisa.audit().ok
+
+
+def test_top_k_caches_the_frozen_layers_and_purges_them(tmp_path: Path, tiny_lm: str,
+                                                        rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, top_k=1), CHAT_SPEC)
+    encoder: Any = sisa.backend.encoder
+    assert sisa.store.embedding_count() == len(rows)
+    ran = encoder.encoded
+    sisa.forget_group("u2")
+    assert encoder.encoded == ran  # retraining read the cache, ran no lower layer again
+    assert sisa.store.embedding_count() == len(rows) - len(sisa.store.group_record_ids("u2"))
+    assert sisa.store.deleted_embeddings() == 0
+
+
+def test_a_prompt_enters_the_input_digest() -> None:
+    assert input_digest("hi there", prompt="hello") != input_digest("hi there")
+    assert input_digest("hi there", prompt="hello") != input_digest("hi there", prompt="hey")
+
+
+def test_top_k_training_path_equals_the_served_full_model(tmp_path: Path, tiny_lm: str,
+                                                          rows: list[dict[str, Any]]) -> None:
+    """Training runs only the adapted top layer on cached activations; serving runs the whole
+    model with the adapter on that layer: the same log-probabilities."""
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, top_k=1), CHAT_SPEC)
+    shard = min(sisa.servable_shards())
+    row = sisa.store.live()[shard]
+    from sisa.training.shard_trainer import load_model
+
+    model: Any = load_model(sisa.backend, sisa.manager.read_checkpoint(row.key, row), 3)
+    model.model.eval()
+    texts, prompts = [r["text"] for r in rows[:6]], [r["prompt"] or None for r in rows[:6]]
+    cached = sisa.features.model_inputs(texts, prompts)
+    with torch.no_grad():
+        trained = model.sequence_logprobs(cached, list(range(6)))[0].numpy()
+    scored = sisa.language_model().scores(LMInputs(cached.examples))
+    served = [s.logp[s.view(f"shard-{shard}")].sum() for s in scored]
+    np.testing.assert_allclose(trained, served, rtol=1e-4, atol=1e-4)
+
+
+def _scorers(sisa: Sisa) -> tuple[CausalLMScorer, dict[int, CausalLMScorer]]:
+    states = {s: sisa.manager.read_checkpoint(row.key, row) for s, row in sisa.servable_shards().items()}
+    backend: Any = sisa.backend
+    both = backend.scorer({s: (c.tensors(), {}) for s, c in states.items()}, 0)
+    alone = {s: backend.scorer({s: (c.tensors(), {})}, 0) for s, c in states.items()}
+    return both, alone
+
+
+def test_mixed_adapter_batches_equal_one_adapter_at_a_time_and_combine_by_the_formulas(
+        tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm), CHAT_SPEC)
+    both, alone = _scorers(sisa)
+    inputs = LMInputs([make_example(both.tokenizer, r["text"], r["prompt"] or None, 48) for r in rows[:5]])
+    for combine in ("mean", "product"):
+        mixed = both.scores(inputs, combine)
+        for shard, scorer in alone.items():
+            single = scorer.scores(inputs, combine)
+            for m, s in zip(mixed, single, strict=True):
+                np.testing.assert_allclose(m.logp[m.view(f"shard-{shard}")], s.logp[0], atol=1e-5)
+    # The ensemble's token log-probabilities, from full distributions computed shard by shard.
+    batch_ids = torch.as_tensor(inputs.examples[0].tokens)[None]
+    per_shard = []
+    for scorer in alone.values():
+        with torch.no_grad():
+            logits = scorer.model(input_ids=batch_ids, adapter_names=scorer.names).logits[0, :-1]
+        per_shard.append(torch.log_softmax(logits.double(), -1).numpy())
+    stacked = np.stack(per_shard)  # (shards, T-1, V)
+    nxt = inputs.examples[0].tokens[1:]
+    mean = np.log(np.exp(stacked).mean(axis=0))
+    avg = stacked.mean(axis=0)
+    product = avg - np.log(np.exp(avg).sum(axis=-1, keepdims=True))
+    start = inputs.examples[0].start
+    for combine, expected in (("mean", mean), ("product", product)):
+        got = both.scores(inputs, combine)[0]
+        want = expected[np.arange(len(nxt)), nxt][max(start, 1) - 1:]
+        np.testing.assert_allclose(got.logp[got.view("ensemble")], want, atol=1e-4)
+
+
+def test_combine_logprobs_formulas() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 7))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    mixed = combine_logprobs(logp, "mean").numpy()
+    np.testing.assert_allclose(np.exp(mixed), np.exp(logp).mean(0), atol=1e-12)
+    product = combine_logprobs(logp, "product").numpy()
+    geo = np.exp(logp.mean(0))
+    np.testing.assert_allclose(np.exp(product), geo / geo.sum(), atol=1e-12)
+
+
+def test_generation_is_deterministic_for_a_seed_and_greedy_by_default(
+        tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm), CHAT_SPEC)
+    first = sisa.generate(["hi ok"], max_new_tokens=12, temperature=1.0, seed=5)
+    again = sisa.generate(["hi ok"], max_new_tokens=12, temperature=1.0, seed=5)
+    other = sisa.generate(["hi ok"], max_new_tokens=12, temperature=1.0, seed=6)
+    assert first == again and first[0].text != other[0].text
+    greedy = sisa.generate(["hi ok"], max_new_tokens=12)[0]
+    # Greedy: each generated token is the ensemble's most likely next token.
+    scorer = sisa.language_model()
+    # A store trained with prompts continues "prompt" + the separator, as it learned.
+    ids = scorer.tokenizer("hi ok" + PROMPT_SEPARATOR, add_special_tokens=False)["input_ids"]
+    new = scorer.tokenizer(greedy.text, add_special_tokens=False)["input_ids"]
+    if new:  # (an untrained model may end the text at once)
+        _, is_greedy = scorer.continuation_logprobs(ids, np.asarray([new]))
+        assert is_greedy[scorer.views.index("ensemble"), 0]
+    assert greedy.shards == sorted(sisa.servable_shards())
+
+
+def test_a_shard_with_a_pending_deletion_never_generates(tmp_path: Path, tiny_lm: str,
+                                                         rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm), CHAT_SPEC)
+    request = sisa.request_deletion(group="u3")
+    served = sisa.generate(["hi"], max_new_tokens=3)[0].shards
+    assert served and not set(served) & set(request.shards)
+    assert sisa.score(rows[:3]).shards == served
+
+
+def test_the_trie_scores_every_candidate_as_scoring_each_text_does(
+        tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm), CHAT_SPEC)
+    scorer = sisa.language_model()
+    canaries = make_canaries(["a", "b"], inserted=1, never=1, digits=2)
+    prefix, cands, secrets = candidate_tokens(scorer.tokenizer, canaries)
+    assert cands.shape == (100, 2)
+    for combine in ("mean", "product"):
+        logp, _ = scorer.continuation_logprobs(prefix, cands, combine)
+        # Brute force: each candidate's whole text, its last two tokens' log-probabilities.
+        examples = [make_example(scorer.tokenizer, canaries.template.format(secret=s), None, 48)
+                    for s in secrets[:12]]
+        brute = scorer.scores(LMInputs(examples), combine)
+        for i, b in enumerate(brute):
+            np.testing.assert_allclose(logp[:, i], b.logp[:, -3:-1].sum(axis=1), atol=1e-4)
+
+
+def test_exposure_on_a_known_ranking() -> None:
+    logp = -np.arange(1000, dtype=float)  # candidate i is the (i + 1)-th most likely
+    top = ev.exposure(logp, 0, np.arange(1, 1000))
+    assert top.rank == 1 and top.exact == pytest.approx(math.log2(1000))
+    assert top.estimate == pytest.approx(math.log2(1000))
+    mid = ev.exposure(logp, 499, ev.reference_indices(1000, 499, 999, seed=0))
+    assert mid.rank == 500 and mid.exact == pytest.approx(1.0)
+    assert mid.estimate == pytest.approx(-math.log2(500 / 1000))
+    assert ev.exposure(logp, 999, np.arange(999)).exact == 0.0
+
+
+def test_membership_scores_and_auc() -> None:
+    logp = np.log(np.array([0.5, 0.1, 0.9, 0.2, 0.05]))
+    assert ev.min_k(logp, 0.4) == pytest.approx(np.mean(np.log([0.05, 0.1])))
+    assert ev.loss_score(logp) == pytest.approx(-logp.mean())
+    assert ev.auc([3, 4, 5], [0, 1, 2]) == 1.0 and ev.auc([1, 2], [1, 2]) == 0.5
+    z = ev.min_k_plus_plus(logp, np.zeros(5), np.ones(5), 0.4)
+    assert z == pytest.approx(ev.min_k(logp, 0.4))
+
+
+def test_canaries_are_inserted_proven_and_forgotten(tmp_path: Path, tiny_lm: str,
+                                                    rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, top_k=1), CHAT_SPEC)
+    canaries, report = insert_canaries(sisa, inserted=2, never=2, digits=2, repeats=3)
+    assert report.retrained and len(canaries.canaries) == 4
+    path = tmp_path / "canaries.json"
+    canaries.save(path)
+    assert CanarySet.load(path) == canaries
+    user = canaries.canaries[0].group
+    proof = prove(sisa, canaries, rows[:8], [user], holdout_limit=8, retain_limit=8, references=50)
+    assert proof.after is not None and proof.forgotten_groups == [user]
+    assert not sisa.store.group_record_ids(user) or all(
+        r.deleted_at for r in sisa.store.find_records(sisa.store.group_record_ids(user)).values())
+    # A random two-layer model memorises nothing: the report says so rather than claiming proof.
+    assert not proof.memorised and proof.notes
+    assert set(proof.before.membership_auc) >= {"ensemble"}
+    assert all(0.0 <= v <= 1.0 for v in proof.before.membership_auc["ensemble"].values())
+    assert sisa.audit().ok
+
+
+def test_approximate_baselines_raise_the_forget_loss_and_leave_the_store(
+        tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
+    mono = Sisa.train(tmp_path / "m", rows, lm_config(tiny_lm, shards=1, slices=1), CHAT_SPEC)
+    before = live_shas(mono)
+    forget = mono.store.group_record_ids("u4")
+    retain = [r["id"] for r in rows if r["user"] != "u4"][:10]
+    texts = mono.score([r for r in rows if r["user"] == "u4"])
+    for method in METHODS:
+        result = unlearn(mono, forget, retain, method, steps=6, learning_rate=5e-2)
+        scorer = scorer_for(mono, result.adapter)
+        inputs = LMInputs([make_example(scorer.tokenizer, r["text"], r["prompt"] or None, 48)
+                           for r in rows if r["user"] == "u4"])
+        after = sum(float(s.logp[0].sum()) for s in scorer.scores(inputs))
+        assert after < sum(r.logprob for r in texts.records), method  # the forget set got less likely
+    assert live_shas(mono) == before
+
+
+def test_classifier_only_calls_refuse_a_causal_lm(tmp_path: Path, tiny_lm: str,
+                                                  rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, shards=1, slices=1), CHAT_SPEC)
+    assert sisa.classes_ == []
+    with pytest.raises(InputKindError, match="causal LM"):
+        sisa.predict(["hi"])
+
+
+def test_fix_tokenizer_sets_pad_and_eos(tiny_lm: str) -> None:
+    tok = load_tokenizer(tiny_lm)
+    tok.pad_token = None
+    fix_tokenizer(tok)
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    fix_tokenizer(tok, {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>"})
+    assert (tok.pad_token, tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    assert tok.pad_token_id != tok.eos_token_id
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_loads_with_the_chat_tokens() -> None:
+    pytest.importorskip("gguf")
+    tok = load_tokenizer("SmolLM2-135M-Instruct")
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    assert tok.tokenize(" 4821") == ["Ġ", "4", "8", "2", "1"]  # digits one by one (canaries)
+
+
+def test_cli_end_to_end(tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+        return result
+
+    run("train", "--store", store, "--data", str(data), "--backend", "causal_lm", "--model", tiny_lm,
+        "--text-column", "text", "--prompt-column", "prompt", "--group-column", "user",
+        "--shards", "2", "--slices", "2", "--epochs", "1", "--batch-size", "4", "--top-k-layers", "1",
+        "--no-progress")
+    gen = json.loads(run("generate", "--store", store, "--prompt", "hi", "--prompt", "ok",
+                         "--max-new-tokens", "4", "--json").stdout)
+    assert len(gen) == 2 and all(g["tokens"] <= 4 for g in gen)
+    scored = json.loads(run("score", "--store", store, "--data", str(data), "--json").stdout)
+    assert len(scored["records"]) == len(rows) and scored["perplexity"] > 1
+    canaries = tmp_path / "canaries.json"
+    run("canaries", "--store", store, "--out", str(canaries), "--inserted", "2", "--never", "2",
+        "--digits", "2", "--repeats", "2", "--no-progress")
+    user = CanarySet.load(canaries).canaries[0].group
+    proof = json.loads(run("prove", "--store", store, "--canaries", str(canaries), "--holdout",
+                           str(data), "--forget-group", user, "--references", "50",
+                           "--holdout-limit", "6", "--retain-limit", "6", "--json",
+                           "--no-progress").stdout)
+    assert proof["forgotten_groups"] == [user] and proof["after"] is not None
+    assert run("audit", "--store", store).exit_code == 0
+    refused = runner.invoke(app, ["predict", "--store", store, "--data", str(data)])
+    assert refused.exit_code == 1 and "causal LM" in refused.output
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path: Path, tiny_lm: str,
+                                                       rows: list[dict[str, Any]]) -> None:
+    from sisa import ConfigError, HeadConfig, RecordError
+
+    with pytest.raises(ConfigError, match="top_k_layers=2 but the model has 2 layers"):
+        Sisa.train(tmp_path / "deep", rows, lm_config(tiny_lm, top_k=2), CHAT_SPEC)
+    assert not (tmp_path / "deep").exists()
+    head = SisaConfig(training=HeadConfig(model=tiny_lm))
+    with pytest.raises(ConfigError, match=r"prompt column .* is for the causal_lm backend"):
+        Sisa.train(tmp_path / "head", rows, head, CHAT_SPEC)
+    plain = dataclasses.replace(CHAT_SPEC, prompt_column=None)
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, shards=1, slices=1), plain)
+    with pytest.raises(RecordError, match="prompt is empty"):
+        sisa.generate([""])
+    with pytest.raises(ConfigError, match="stop string must not be empty"):
+        sisa.generate(["hi"], stop=[""])
+    bad = tmp_path / "canaries.json"
+    bad.write_text('{"template": "pin {secret}", "digits": 4, "repeats": 1, "canaries": '
+                   '[{"id": "c", "group": "g", "secret": "12", "inserted": true}]}')
+    with pytest.raises(RecordError, match="is not a canary set"):
+        CanarySet.load(bad)
+    canaries = make_canaries(["u1"], inserted=1, never=1, digits=2)
+    sisa.forget_group("u1")
+    with pytest.raises(RecordError, match="no live records of group"):
+        prove(sisa, canaries, rows[:4], ["u1"], references=10)
+
+
+def test_builtin_chitchat_holds_each_users_own_words() -> None:
+    from sisa.builtin import load_builtin
+
+    rows, spec = load_builtin("builtin:chitchat")
+    assert spec.prompt_column is None and spec.group_column == "sender"
+    assert {"id", "text", "sender"} == set(rows[0]) and rows[0]["id"].startswith("chat-")
+    test, _ = load_builtin("builtin:chitchat:test")
+    conversation = lambda r: r["id"].split(":")[0]  # noqa: E731
+    assert not {conversation(r) for r in rows} & {conversation(r) for r in test}
