@@ -97,6 +97,16 @@ class PartitionConfig:
 _HIDDEN = "Hidden layer widths, comma-separated; empty for a logistic model."
 
 
+def _check_lora(config: Any, check: _Checks) -> None:
+    """The adapter options the lora and causal_lm backends share."""
+    check(config.lora_r >= 1, f"lora_r must be >= 1, got {config.lora_r!r}")
+    check(config.lora_alpha >= 1, f"lora_alpha must be >= 1, got {config.lora_alpha!r}")
+    if check.finite(config.lora_dropout, "lora_dropout"):
+        check(0 <= config.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {config.lora_dropout!r}")
+    check(bool(config.lora_target_modules) and all(config.lora_target_modules),
+          f"lora_target_modules must name at least one module, got {config.lora_target_modules!r}")
+
+
 def _check_hidden_sizes(sizes: tuple[int, ...], check: _Checks) -> None:
     check(all(isinstance(h, int) and h >= 1 for h in sizes),
           f"hidden_sizes must all be integers >= 1, got {sizes!r}")
@@ -215,12 +225,7 @@ class LoraConfig(TextModelConfig):
 
     def _validate(self, check: _Checks) -> None:
         super()._validate(check)
-        check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r!r}")
-        check(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha!r}")
-        if check.finite(self.lora_dropout, "lora_dropout"):
-            check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        check(bool(self.lora_target_modules) and all(self.lora_target_modules),
-              f"lora_target_modules must name at least one module, got {self.lora_target_modules!r}")
+        _check_lora(self, check)
 
 
 Combine = Literal["mean", "product"]
@@ -254,12 +259,7 @@ class CausalLMConfig(TextModelConfig):
 
     def _validate(self, check: _Checks) -> None:
         super()._validate(check)
-        check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r!r}")
-        check(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha!r}")
-        if check.finite(self.lora_dropout, "lora_dropout"):
-            check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        check(bool(self.lora_target_modules) and all(self.lora_target_modules),
-              f"lora_target_modules must name at least one module, got {self.lora_target_modules!r}")
+        _check_lora(self, check)
         check(self.top_k_layers >= 0, f"top_k_layers must be >= 0, got {self.top_k_layers!r}")
 
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -568,11 +567,3 @@ class CausalLMBackend:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return CausalLMScorer(self.config, self.tokenizer, adapters, seed, device)
 
-
-def perplexity(total_logp: float, tokens: int) -> float:
-    return math.exp(-total_logp / tokens) if tokens else math.nan
-
-
-def iter_chunks(n: int, size: int) -> Iterator[range]:
-    for start in range(0, n, size):
-        yield range(start, min(start + size, n))
