@@ -13,10 +13,20 @@ from typing import Any
 MAX_NAMED = 10  # values quoted in one message before "... and N more"
 
 
+MAX_ITEM_CHARS = 80  # an item longer than this is cut: an error never echoes a huge input back
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= MAX_ITEM_CHARS:
+        return text
+    return f"{text[:MAX_ITEM_CHARS]}... ({len(text):,} characters)"
+
+
 def name_some(items: Iterable[Any], limit: int = MAX_NAMED, quote: bool = False) -> str:
-    """Up to `limit` items, comma-separated, then "... and N more"."""
+    """Up to `limit` items, comma-separated, then "... and N more"; each item at most
+    MAX_ITEM_CHARS characters (the rest is counted, not shown)."""
     items = list(items)
-    shown = ", ".join(repr(i) if quote else str(i) for i in items[:limit])
+    shown = ", ".join(_shorten(repr(i) if quote else str(i)) for i in items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 

@@ -107,6 +107,9 @@ def test_unknown_id_is_a_clean_error(trained):
     assert result.exit_code == 1
     assert "unknown record id" in result.stderr and "'ghost'" in result.stderr
     assert "Traceback" not in result.output
+    huge = run("forget", "--store", str(store), "x" * 1_000_000, ok=False)
+    assert huge.exit_code == 1 and "(1,000,002 characters)" in huge.stderr  # the quoted length
+    assert len(huge.stderr) < 2_000  # an error never echoes a huge input back
     missing = run("status", "--store", str(store.parent / "elsewhere"), ok=False)
     assert "no store at" in missing.stderr and "hint: create one with `sisa train" in missing.stderr
     assert as_json(run("status", "--store", str(store), "--json"))["deleted_records"] == 0
