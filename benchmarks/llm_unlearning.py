@@ -32,6 +32,7 @@ from sisa.builtin import stable_subset
 from sisa.config import CausalLMConfig
 from sisa.evidence import ks_pvalue
 from sisa.proof import Evidence, make_canaries, measure, prove, stored_inputs, text_inputs
+from sisa.training.state import model_tensors
 from sisa.unlearning import expected_speedup
 
 
@@ -93,9 +94,7 @@ def _decode_latency(sisa: Sisa, tokens: int) -> dict[str, float]:
     against one adapter alone, same prompt, greedy."""
     scorer = sisa.language_model()
     row = next(iter(sisa.servable_shards().values()))
-    single = scorer_for(sisa, {k[len("model."):]: v for k, v in
-                               sisa.manager.read_checkpoint(row.key, row).tensors().items()
-                               if k.startswith("model.")})
+    single = scorer_for(sisa, model_tensors(sisa.manager.read_checkpoint(row.key, row).tensors()))
     prompt = scorer.tokenizer("how was your day?", add_special_tokens=False)["input_ids"]
     out = {}
     for name, s in (("ensemble", scorer), ("single", single)):

@@ -14,6 +14,7 @@ generating. Together with sisa.training.lora, the only modules that import peft.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import warnings
@@ -190,9 +191,13 @@ class LMEncoder:
     def split(self) -> int:
         return _split_layers(len(self.model.model.layers), self.config.top_k_layers)
 
-    @property
+    @functools.cached_property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        """The hidden size, from the model's config: a retrain that finds every activation cached
+        never loads the weights."""
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(resolve_model(self.config.model)).hidden_size)
 
     @property
     def fingerprint(self) -> str:
