@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from shard_store.errors import CheckpointFileError
 
 TMP_PREFIX = ".tmp-"
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # checkpoints are readable by the store's owner only
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -33,7 +34,8 @@ def dirname(shard: int, slice_: int, key: str) -> str:
 
 
 def _fsync_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, PRIVATE_FILE)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -67,14 +69,14 @@ def write_dir(root: Path, relative: str, blobs: Mapping[str, bytes]) -> dict[str
             return digests
         except CheckpointFileError:
             shutil.rmtree(final)  # a stale or damaged copy: replace it with the fresh one
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     # Beside its final place: the rename stays in one directory, and `entries` lists it.
     tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, mode=PRIVATE_DIR)
     try:
         for name, data in blobs.items():
             target = tmp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
             _fsync_file(target, data)
         _fsync_dir(tmp)
         os.replace(tmp, final)

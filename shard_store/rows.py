@@ -48,6 +48,7 @@ class CheckpointRow:
     files: dict[str, str]  # every file of the directory -> sha256
     record_count: int
     created_at: str
+    seal: str | None  # keyed digest of the registration (None: registered before schema 5)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class ShardRow:
 @dataclass(frozen=True)
 class DeletionRow:
     request_id: str
-    record_ids: list[str]
+    record_ids: list[str]  # keyed digests of the deleted ids (see ShardStore.id_digest)
     shards: list[int]
     before: dict[int, str | None]  # shard -> sha256 of its live weights when acknowledged
     status: str  # "pending" or "applied"
@@ -82,6 +83,7 @@ class Acknowledged:
     request_id: str
     requested_at: str
     record_ids: list[str]  # tombstoned by this request, in the order given
+    record_digests: list[str]  # their keyed digests: all that the store keeps of them
     shards: list[int]
     versions: dict[int, tuple[int, int]]  # shard -> its version before and after
 
@@ -101,6 +103,18 @@ class Committed:
     shards: set[int]  # shards swapped (the others changed since they were planned)
     applied: list[str]  # deletion requests marked applied
     dropped: int  # checkpoints unregistered
+    receipts: dict[str, dict[str, Any]]  # request id -> its receipt, as chained in the ledger
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What `ShardStore.verify_receipts` found in the receipt chain."""
+
+    receipts: int  # chained receipts checked
+    unchained: int  # receipts applied before the chain existed (schema 4)
+    pending: int  # deletions acknowledged, not yet applied (no receipt yet)
+    head: str | None  # digest of the last receipt: keep it elsewhere to detect a rewrite
+    problems: list[str]
 
 
 def record_row(row: Mapping[str, Any]) -> RecordRow:
@@ -111,6 +125,16 @@ def checkpoint_row(row: Mapping[str, Any]) -> CheckpointRow:
     values = {k: row[k] for k in CheckpointRow.__dataclass_fields__}
     values["files"] = json.loads(values["files"])
     return CheckpointRow(**values)
+
+
+def seal_text(row: CheckpointRow | Mapping[str, Any]) -> str:
+    """What a checkpoint's seal covers: its registration, with every file's sha256."""
+    get = row.get if isinstance(row, Mapping) else lambda k: getattr(row, k)
+    files = get("files")
+    files = json.loads(files) if isinstance(files, str) else files
+    return json.dumps([get("key"), get("shard"), get("slice"), get("parent"), get("path"),
+                       get("sha256"), files, get("record_count")], sort_keys=True,
+                      separators=(",", ":"))
 
 
 def deletion_row(row: Mapping[str, Any]) -> DeletionRow:

@@ -6,7 +6,13 @@ released one: versions 1 to 3 were pre-release and are not read (see CHANGELOG.m
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import sqlite3
+from collections.abc import Callable
+
+from shard_store.rows import seal_text
 
 FIRST_VERSION = 4  # the version the baseline script below creates
 
@@ -83,8 +89,77 @@ CREATE TRIGGER records_deleted AFTER DELETE ON records BEGIN
 END;
 """
 
-# Each entry takes the schema from version FIRST_VERSION + i - 1 to FIRST_VERSION + i.
-MIGRATIONS: list[str] = []
+# Schema 5: the ledger becomes a keyed hash chain and tombstones keep only keyed digests.
+# - meta `ledger_key`: 32 random bytes (hex), the key of every keyed digest (see `keyed` below);
+# - checkpoints.seal: keyed digest of the registration (its files' sha256 included), so the
+#   manifest's hash in the database cannot be swapped without the key;
+# - deletions.seq / receipt_digest: an applied deletion's place in the receipt chain, and the
+#   keyed digest of its receipt (which names the digest of the one before).
+# Existing tombstones (plain ids and content digests) are rewritten keyed in Python, after this.
+SCHEMA_5 = """
+INSERT INTO meta (key, value) VALUES ('ledger_key', json_quote(lower(hex(randomblob(32)))));
+ALTER TABLE checkpoints ADD COLUMN seal TEXT;
+ALTER TABLE deletions ADD COLUMN seq INTEGER;
+ALTER TABLE deletions ADD COLUMN receipt_digest TEXT;
+CREATE UNIQUE INDEX deletions_seq ON deletions (seq);
+"""
+
+# Each entry takes the schema from version FIRST_VERSION + i - 1 to FIRST_VERSION + i: SQL, or a
+# function of the connection (run inside the migration's transaction).
+Migration = str | Callable[[sqlite3.Connection], None]
+
+
+def _schema_5(conn: sqlite3.Connection) -> None:
+    for statement in statements(SCHEMA_5):
+        conn.execute(statement)
+    key = ledger_key(conn)
+    # A schema-4 store kept deleted records' ids, groups and content digests in clear: key them.
+    current = [s for (s,) in conn.execute(
+        "SELECT shard FROM shards WHERE live_key IS NOT NULL AND live_version = version")]
+    rows = conn.execute("SELECT id, group_id, digest, input_digest FROM records "
+                        "WHERE deleted_at IS NOT NULL").fetchall()
+    for record_id, group, digest, input_d in rows:
+        conn.execute(
+            "UPDATE records SET id = ?, group_id = ?, digest = ?, input_digest = ?, prior = NULL, "
+            "order_key = '' WHERE id = ?",
+            [keyed(key, "id", record_id), keyed(key, "group", group) if group is not None else None,
+             keyed(key, "content", digest),
+             keyed(key, "input", input_d) if input_d is not None else None, record_id])
+    # Checkpoints registered before the seal existed are sealed as they are registered now.
+    cols = ["key", "shard", "slice", "parent", "path", "sha256", "files", "record_count"]
+    for values in conn.execute(f"SELECT {', '.join(cols)} FROM checkpoints").fetchall():
+        row = dict(zip(cols, values, strict=True))
+        conn.execute("UPDATE checkpoints SET seal = ? WHERE key = ?",
+                     [keyed(key, "seal", seal_text(row)), row["key"]])
+    # Rewriting a tombstone changes no live record: shards current before stay current.
+    conn.executemany("UPDATE shards SET live_version = version WHERE shard = ?", [(s,) for s in current])
+    for request_id, ids, receipt in conn.execute(
+            "SELECT request_id, record_ids, receipt FROM deletions").fetchall():
+        digests = [keyed(key, "id", i) for i in json.loads(ids)]
+        # Receipts of schema 4 named the ids in clear and were not chained: they keep their
+        # figures, with keyed ids, outside the chain (`sisa receipts verify` counts them).
+        if receipt is not None:
+            old = json.loads(receipt)
+            old.pop("record_ids", None)
+            receipt = json.dumps({**old, "record_digests": digests}, sort_keys=True)
+        conn.execute("UPDATE deletions SET record_ids = ?, receipt = ? WHERE request_id = ?",
+                     [json.dumps(digests), receipt, request_id])
+
+
+MIGRATIONS: list[Migration] = [_schema_5]
+
+
+def ledger_key(conn: sqlite3.Connection) -> bytes:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'ledger_key'").fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError("the store has no ledger key")
+    return bytes.fromhex(json.loads(row[0]))
+
+
+def keyed(key: bytes, domain: str, value: str) -> str:
+    """The keyed digest (HMAC-SHA256) of a value in a domain (id, group, content, input, receipt,
+    seal): it proves a value to whoever has the key and confirms no guess to anyone else."""
+    return hmac.new(key, f"{domain}\0{value}".encode(), hashlib.sha256).hexdigest()
 
 SCHEMA_VERSION = FIRST_VERSION + len(MIGRATIONS)
 
@@ -105,14 +180,17 @@ def statements(script: str) -> list[str]:
     return out
 
 
-def _apply(conn: sqlite3.Connection, script: str, start: int) -> None:
+def _apply(conn: sqlite3.Connection, script: Migration, start: int) -> None:
     """Take the schema from version `start` to `start + 1` in one transaction, unless another
     connection did it first (the version is read again once the transaction holds the lock)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         if current_version(conn) == start:
-            for statement in statements(script):
-                conn.execute(statement)
+            if callable(script):
+                script(conn)
+            else:
+                for statement in statements(script):
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {FIRST_VERSION if start == 0 else start + 1}")
         conn.execute("COMMIT")
     except BaseException:

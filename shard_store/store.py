@@ -9,6 +9,11 @@ exclusive lock on the store that also serialises the removal of files.
 The invariant the transactions keep: a registered checkpoint never derives from a deleted record.
 Files on disk that the database does not register (a crash between a transaction and the removal
 of the files it dropped, a half-written temporary) are removed by `sweep`, under the lock.
+
+What a deletion leaves: a tombstone holding keyed digests (HMAC with the store's ledger key) of the
+record's id, group and content, never the values; `secure_delete` zeroes the freed bytes and the
+WAL is checkpointed and truncated, so nothing of the record stays readable in the files. Store
+files are created readable by their owner only. A store opened `read_only` never writes.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import shutil
 import sqlite3
 import threading
+import urllib.parse
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -38,6 +45,7 @@ from shard_store.errors import (
 )
 from shard_store.rows import (
     Acknowledged,
+    ChainReport,
     CheckpointRow,
     Committed,
     DeletionRow,
@@ -48,25 +56,56 @@ from shard_store.rows import (
     checkpoint_row,
     deletion_row,
     record_row,
+    seal_text,
 )
-from shard_store.schema import FIRST_VERSION, SCHEMA_VERSION, current_version, migrate
+from shard_store.schema import (
+    FIRST_VERSION,
+    SCHEMA_VERSION,
+    current_version,
+    keyed,
+    ledger_key,
+    migrate,
+)
 
 DB_NAME = "store.db"
 LOCK_NAME = "writer.lock"
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "complete"  # meta key written in the transaction that stores the first records
 _CHUNK = 500  # ids per `IN (...)` query: well below SQLite's variable limit
+# What a store directory holds; anything else is reported by the audit.
+STORE_FILES = frozenset({DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME, CHECKPOINT_DIR})
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+
+
+def _private_file(path: Path) -> None:
+    """Create `path` empty, readable and writable by its owner only, unless it exists."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE))
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def _keyed_or_none(key: bytes, domain: str, value: str | None) -> str | None:
+    return None if value is None else keyed(key, domain, value)
+
+
+def _ro_uri(path: Path) -> str:
+    return f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+
+
 class ShardStore:
     """One SISA store on disk. `ShardStore.create` makes one; `ShardStore.open` reopens it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, read_only: bool = False) -> None:
         self.root = root
+        self.read_only = read_only
+        self._key: bytes | None = None
         self._local = threading.local()  # per thread: its connection, its writer-lock depth
         # Every thread's connection, to close them all; a thread's goes with the thread.
         self._connections: weakref.WeakSet[Database] = weakref.WeakSet()
@@ -90,15 +129,17 @@ class ShardStore:
         elif root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir()):
             raise StoreExists(f"{str(root)!r} is not empty and holds no store; give an empty or new "
                               "directory")
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
         store = cls(root)
         with store.writer():
             if (root / DB_NAME).exists():
                 if cls._is_complete(root):  # another process finished creating it meanwhile
                     raise StoreExists(f"a store already exists at {str(root)!r}")
                 store._wipe()
+            # SQLite gives the -wal and -shm files the database file's mode: owner only.
+            _private_file(root / DB_NAME)
             store._migrate()
-            (root / CHECKPOINT_DIR).mkdir(exist_ok=True)
+            (root / CHECKPOINT_DIR).mkdir(exist_ok=True, mode=PRIVATE_DIR)
             with store.transaction() as conn:
                 for key, value in meta.items():
                     conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)",
@@ -113,22 +154,58 @@ class ShardStore:
         return store
 
     @classmethod
-    def open(cls, root: str | Path) -> ShardStore:
+    def open(cls, root: str | Path, read_only: bool = False) -> ShardStore:
+        """Reopen a store; a writer applies pending schema migrations, a `read_only` store never
+        writes (it works where the process may not write) and refuses an older schema."""
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise StoreNotFound(f"{str(root)!r} is a file, not a store directory")
         if not (root / DB_NAME).is_file():
             raise StoreNotFound(f"no store at {str(root)!r}")
-        store = cls(root)
-        store._migrate()
+        incomplete = StoreIncomplete(
+            f"the store at {str(root)!r} is incomplete: its creation was interrupted before its "
+            "records were written; create it again (the incomplete store is replaced)")
+        if (root / DB_NAME).stat().st_size == 0:
+            raise incomplete  # never write a schema into it: only `create` may
+        store = cls(root, read_only)
+        if read_only:
+            store._check_version()
+        else:
+            try:
+                empty = current_version(store.conn) == 0
+            except sqlite3.DatabaseError as exc:
+                raise StoreCorrupt(f"{str(root / DB_NAME)!r} is not a readable SQLite store: "
+                                   f"{exc}") from exc
+            if empty:
+                store.close()
+                raise incomplete
+            store._migrate()
         if not cls._is_complete(root):
-            raise StoreIncomplete(
-                f"the store at {str(root)!r} is incomplete: its creation was interrupted before its "
-                "records were written; create it again (the incomplete store is replaced)")
+            store.close()
+            raise incomplete
         return store
+
+    def _check_version(self) -> None:
+        """A read-only store must already be at this code's schema (it cannot migrate)."""
+        where = str(self.root / DB_NAME)
+        try:
+            version = current_version(self.conn)
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"{where!r} is not a readable SQLite store: {exc}") from exc
+        if version == 0:
+            raise StoreIncomplete(f"the store at {str(self.root)!r} is incomplete: its creation "
+                                  "was interrupted; create it again")
+        if version != SCHEMA_VERSION:
+            raise StoreVersionError(
+                f"{where!r} has schema version {version}; this code reads {SCHEMA_VERSION}. "
+                + ("Open it once with write access (any writer command, e.g. recover) to upgrade it"
+                   if FIRST_VERSION <= version < SCHEMA_VERSION else
+                   "It cannot be read by this version"))
 
     @staticmethod
     def _is_complete(root: Path) -> bool:
         try:
-            with contextlib.closing(sqlite3.connect(root / DB_NAME)) as conn:
+            with contextlib.closing(sqlite3.connect(_ro_uri(root / DB_NAME), uri=True)) as conn:
                 if current_version(conn) < FIRST_VERSION:
                     return current_version(conn) > 0  # a pre-release store: complete, refused later
                 found = conn.execute("SELECT value FROM meta WHERE key = ?", [COMPLETE]).fetchone()
@@ -161,16 +238,39 @@ class ShardStore:
 
     def _connect(self) -> Database:
         try:
-            conn = sqlite3.connect(self.root / DB_NAME, isolation_level=None, timeout=60,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")  # an acknowledged deletion survives power loss
-            conn.execute("PRAGMA foreign_keys = ON")
+            if self.read_only:
+                conn = self._connect_read_only()
+            else:
+                conn = sqlite3.connect(self.root / DB_NAME, isolation_level=None, timeout=60,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")  # an acknowledged deletion survives power loss
+                conn.execute("PRAGMA secure_delete = ON")  # a deleted record's bytes are zeroed
+                conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages: shards are read whole
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"{str(self.root / DB_NAME)!r} is not a readable SQLite store: "
                                f"{exc}") from exc
         return Database(conn)
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection that cannot write. Reading a WAL database needs its -shm file: where it is
+        missing and this process may not create it, a database with no WAL content (no writer
+        has it open) is read as immutable."""
+        path = self.root / DB_NAME
+        conn = sqlite3.connect(_ro_uri(path), uri=True, isolation_level=None, timeout=60,
+                               check_same_thread=False)
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError:
+            conn.close()
+            wal = path.with_name(f"{DB_NAME}-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise
+            conn = sqlite3.connect(_ro_uri(path) + "&immutable=1", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+        conn.execute("PRAGMA query_only = ON")
+        return conn
 
     @property
     def db(self) -> Database:
@@ -193,6 +293,24 @@ class ShardStore:
                 db.close()
             self._connections = weakref.WeakSet()
             self._generation += 1
+
+    @property
+    def key(self) -> bytes:
+        """The ledger key: every keyed digest of this store (tombstones, receipts, seals)."""
+        if self._key is None:
+            self._key = ledger_key(self.conn)
+        return self._key
+
+    def id_digest(self, record_id: str) -> str:
+        """The keyed digest a tombstone keeps of a deleted record's id."""
+        return keyed(self.key, "id", record_id)
+
+    def truncate_wal(self) -> None:
+        """Copy the WAL into the database and truncate it, so bytes a deletion removed (zeroed by
+        secure_delete in the database) stay in no WAL frame. A reader holding an old snapshot can
+        keep it from completing; the next deletion or commit tries again."""
+        if not self.read_only:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -224,7 +342,8 @@ class ShardStore:
             finally:
                 self._local.lock_depth = depth
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+        _private_file(self.root / LOCK_NAME)
         with open(self.root / LOCK_NAME, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -239,9 +358,31 @@ class ShardStore:
                 self._local.lock_depth = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A shared lock for a reader that must see no writer at work (the audit): writers wait
+        for it, and it for them. Needs no write: without a lock file, no writer ever ran."""
+        if self.locked:
+            yield
+            return
+        try:
+            handle = open(self.root / LOCK_NAME)  # noqa: SIM115 - held for the block
+        except FileNotFoundError:
+            yield
+            return
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def tidy(self) -> list[str]:
         """Sweep, if no writer is at work (else the writer does before it lets go); returns what
-        was removed."""
+        was removed. (A store opened read-only is tidied too, where this process may remove
+        files: the database is not written.)"""
+        if not os.access(self.root, os.W_OK) or not os.access(self.root / CHECKPOINT_DIR, os.W_OK):
+            return []
         with self.writer(wait=False) as locked:
             return self.sweep() if locked else []
 
@@ -288,9 +429,16 @@ class ShardStore:
             yield from self.db.query(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk])
 
     def find_records(self, ids: Iterable[str]) -> dict[str, RecordRow]:
-        """The stored rows (live or deleted) of the given ids that exist."""
-        return {row["id"]: record_row(row)
-                for row in self._chunked("SELECT * FROM records WHERE id IN ({marks})", ids)}
+        """The stored rows (live, or the tombstones of deleted ones) of the given ids that exist,
+        by the id given (a tombstone's row holds keyed digests, not the id)."""
+        ids = list(dict.fromkeys(ids))
+        found = {row["id"]: record_row(row)
+                 for row in self._chunked("SELECT * FROM records WHERE id IN ({marks})", ids)}
+        by_digest = {self.id_digest(i): i for i in ids if i not in found}
+        sql = "SELECT * FROM records WHERE deleted_at IS NOT NULL AND id IN ({marks})"
+        for row in self._chunked(sql, by_digest):
+            found[by_digest[row["id"]]] = record_row(row)
+        return found
 
     def record_texts(self, ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:
         """(text, target) of the live text records among `ids` (a deleted record's are purged)."""
@@ -304,12 +452,20 @@ class ShardStore:
         return sorted(row[0] for row in self.conn.execute(sql))
 
     def group_record_ids(self, group_id: str) -> list[str]:
+        """The ids of a group's live records."""
         return [r["id"] for r in self.db.query(
-            "SELECT id FROM records WHERE group_id = ? ORDER BY id", [group_id])]
+            "SELECT id FROM records WHERE group_id = ? AND deleted_at IS NULL ORDER BY id", [group_id])]
+
+    def group_deleted_count(self, group_id: str) -> int:
+        """How many of a group's records were deleted (their tombstones key the group)."""
+        return int(self.conn.execute(
+            "SELECT COUNT(*) FROM records WHERE group_id = ? AND deleted_at IS NOT NULL",
+            [keyed(self.key, "group", group_id)]).fetchone()[0])
 
     def group_shards(self, groups: Sequence[str]) -> dict[str, int]:
-        """The shard each of these groups already lives in (groups not in the store are absent)."""
-        sql = "SELECT DISTINCT group_id, shard FROM records WHERE group_id IN ({marks})"
+        """The shard each of these groups' live records are in (others are absent)."""
+        sql = ("SELECT DISTINCT group_id, shard FROM records WHERE deleted_at IS NULL AND "
+               "group_id IN ({marks})")
         return {row["group_id"]: row["shard"] for row in self._chunked(sql, groups)}
 
     def live_records(self, shard: int | None = None) -> Iterator[RecordRow]:
@@ -322,8 +478,9 @@ class ShardStore:
 
     def shard_rows(self, shard: int) -> list[tuple[Any, ...]]:
         """A shard's live records in training order, as plain tuples (this is on the hot path):
-        (id, content digest, slice, order key, target, features as float64 bytes or None, text)."""
-        sql = ("SELECT id, digest, slice, order_key, target, features, text FROM records "
+        (id, content digest, slice, order key, target, features as float64 bytes or None, text,
+        group, prior)."""
+        sql = ("SELECT id, digest, slice, order_key, target, features, text, group_id, prior FROM records "
                "WHERE deleted_at IS NULL AND shard = ? ORDER BY slice, order_key, id")
         return self.conn.execute(sql, [shard]).fetchall()
 
@@ -336,8 +493,10 @@ class ShardStore:
             counts[row["shard"]] = {"live": row["live"], "deleted": row["deleted"]}
         return counts
 
-    def deleted_ids(self) -> set[str]:
+    def deleted_digests(self) -> set[str]:
+        """The keyed id digests of every deleted record (see `id_digest`)."""
         return {r[0] for r in self.conn.execute("SELECT id FROM records WHERE deleted_at IS NOT NULL")}
+
 
     # -- shards ----------------------------------------------------------------------------------
 
@@ -383,27 +542,38 @@ class ShardStore:
             shards = sorted(earliest)
             before_rows = {s: r.sha256 for s, r in self.live().items() if s in earliest}
             before = self._versions(conn, shards)
+            key = self.key
+            digests = [keyed(key, "id", i) for i in ids]
             conn.execute(
                 "INSERT INTO deletions (request_id, record_ids, shards, before, status, requested_at) "
                 "VALUES (?, ?, ?, ?, 'pending', ?)",
-                [request_id, json.dumps(ids), json.dumps(shards),
+                [request_id, json.dumps(digests), json.dumps(shards),
                  json.dumps({str(s): before_rows.get(s) for s in shards}, sort_keys=True), now])
+            # The tombstone: keyed digests of the id, group, content and input, never the values
+            # (nor the order key, which anyone with the seed could recompute from a guessed id).
+            old = {row["id"]: row for row in self._chunked(
+                "SELECT id, group_id, digest, input_digest FROM records WHERE id IN ({marks})", ids)}
             conn.executemany(
-                "UPDATE records SET deleted_at = ?, deletion_request = ?, target = NULL, text = NULL, "
-                "features = NULL WHERE id = ?", [(now, request_id, i) for i in ids])
+                "UPDATE records SET id = ?, group_id = ?, digest = ?, input_digest = ?, deleted_at = ?, "
+                "deletion_request = ?, target = NULL, text = NULL, features = NULL, prior = NULL, "
+                "order_key = '' WHERE id = ?",
+                [(d, _keyed_or_none(key, "group", old[i]["group_id"]),
+                  keyed(key, "content", old[i]["digest"]),
+                  _keyed_or_none(key, "input", old[i]["input_digest"]), now, request_id, i)
+                 for i, d in zip(ids, digests, strict=True)])
             # Embeddings derive from the deleted content: purge them too, unless a live record
             # has the very same input.
-            conn.execute(
-                "DELETE FROM embeddings WHERE input_digest IN "
-                "(SELECT input_digest FROM records WHERE deletion_request = ?) "
-                "AND input_digest NOT IN (SELECT input_digest FROM records "
-                "WHERE deleted_at IS NULL AND input_digest IS NOT NULL)", [request_id])
+            inputs = {row["input_digest"] for row in old.values() if row["input_digest"] is not None}
+            conn.executemany(
+                "DELETE FROM embeddings WHERE input_digest = ? AND NOT EXISTS (SELECT 1 FROM records "
+                "WHERE input_digest = ? AND deleted_at IS NULL)", [(d, d) for d in inputs])
             conn.executemany("UPDATE shards SET live_key = NULL, updated_at = ? WHERE shard = ?",
                              [(now, s) for s in shards])
             for shard, slice_ in earliest.items():
                 conn.execute("DELETE FROM checkpoints WHERE shard = ? AND slice >= ?", [shard, slice_])
             after = self._versions(conn, shards)
-        return Acknowledged(request_id, now, ids, shards,
+        self.truncate_wal()
+        return Acknowledged(request_id, now, ids, digests, shards,
                             {s: (before[s], after[s]) for s in shards})
 
     def pending_deletions(self) -> list[DeletionRow]:
@@ -435,22 +605,31 @@ class ShardStore:
 
     def put_embeddings(self, model: str, dim: int, vectors: Mapping[str, bytes]) -> None:
         """Cache vectors; never one of an input only deleted records had (a deletion may have been
-        acknowledged while the vector was being computed)."""
+        acknowledged while the vector was being computed). A read-only store caches nothing."""
+        if self.read_only:
+            return
+        key = self.key
         with self.transaction() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO embeddings (model, input_digest, dim, vector) "
                 f"SELECT ?, ?, ?, ? WHERE NOT ({self._DELETED_ONLY})",
-                [(model, d, dim, v, d, d) for d, v in vectors.items()])
+                [(model, d, dim, v, keyed(key, "input", d), d) for d, v in vectors.items()])
 
-    # An input digest that deleted records have and no live record has.
+    # An input digest (keyed, then plain) that deleted records have and no live record has.
     _DELETED_ONLY = ("EXISTS (SELECT 1 FROM records WHERE input_digest = ? AND deleted_at IS NOT NULL) "
                      "AND NOT EXISTS (SELECT 1 FROM records WHERE input_digest = ? AND deleted_at IS NULL)")
 
     def deleted_embeddings(self) -> int:
         """Cached vectors of inputs that only deleted records had (there should be none)."""
-        sql = ("SELECT COUNT(*) FROM embeddings e WHERE "
-               + self._DELETED_ONLY.replace("?", "e.input_digest"))
-        return int(self.conn.execute(sql).fetchone()[0])
+        key = self.key
+        deleted = {r[0] for r in self.conn.execute(
+            "SELECT input_digest FROM records WHERE deleted_at IS NOT NULL AND input_digest IS NOT NULL")}
+        if not deleted:
+            return 0
+        live = {r[0] for r in self.conn.execute(
+            "SELECT input_digest FROM records WHERE deleted_at IS NULL AND input_digest IS NOT NULL")}
+        return sum(1 for (d,) in self.conn.execute("SELECT input_digest FROM embeddings")
+                   if d not in live and keyed(key, "input", d) in deleted)
 
     def embedding_count(self, model: str | None = None) -> int:
         where, params = ("WHERE model = ?", [model]) if model else ("", [])
@@ -481,16 +660,33 @@ class ShardStore:
         self._require_lock("writing checkpoints")
         relative = f"{CHECKPOINT_DIR}/{files.dirname(shard, slice_, key)}"
         digests = files.write_dir(self.root, relative, blobs)
-        row = {"key": key, "shard": shard, "slice": slice_, "parent": parent, "path": relative,
-               "sha256": digests[weights], "files": json.dumps(digests, sort_keys=True),
-               "record_count": record_count, "created_at": utcnow()}
+        row: dict[str, Any] = {
+            "key": key, "shard": shard, "slice": slice_, "parent": parent, "path": relative,
+            "sha256": digests[weights], "files": json.dumps(digests, sort_keys=True),
+            "record_count": record_count, "created_at": utcnow()}
+        row["seal"] = keyed(self.key, "seal", seal_text(row))
         with self.transaction() as conn:
             if self._versions(conn, [shard]).get(shard) == version:
                 conn.execute("INSERT OR REPLACE INTO checkpoints (key, shard, slice, parent, path, "
-                             "sha256, files, record_count, created_at) VALUES (:key, :shard, :slice, "
-                             ":parent, :path, :sha256, :files, :record_count, :created_at)", row)
+                             "sha256, files, record_count, created_at, seal) VALUES (:key, :shard, "
+                             ":slice, :parent, :path, :sha256, :files, :record_count, :created_at, "
+                             ":seal)", row)
                 return checkpoint_row(row)
         return None
+
+    def sealed(self, row: CheckpointRow) -> bool:
+        """The checkpoint's registration (its files' sha256 included) is as it was written: no
+        one without the ledger key changed it."""
+        return row.seal is not None and row.seal == keyed(self.key, "seal", seal_text(row))
+
+    def integrity(self) -> list[str]:
+        """SQLite's own check of every page of the database ([] when sound)."""
+        found = [r[0] for r in self.conn.execute("PRAGMA quick_check(20)")]
+        return [] if found == ["ok"] else found
+
+    def stray_files(self) -> list[str]:
+        """Entries in the store directory that are not the store's own (anything may hide there)."""
+        return sorted(p.name for p in self.root.iterdir() if p.name not in STORE_FILES)
 
     def checkpoint(self, key: str) -> CheckpointRow | None:
         rows = list(self.db.query("SELECT * FROM checkpoints WHERE key = ?", [key]))
@@ -516,8 +712,10 @@ class ShardStore:
                receipts: Mapping[str, Mapping[str, Any]] | None = None) -> Committed:
         """In one transaction: swap the live checkpoint of every shard still at its planned
         version, unregister its checkpoints that are no longer wanted, and mark applied, with its
-        receipt, each pending request in `receipts` whose shards are now all current. (`sweep`
-        then removes the files of what was unregistered.)"""
+        receipt, each pending request in `receipts` whose shards are now all current. Each
+        receipt joins the chain: its sequence number, the time, the digest of the receipt before
+        and its own keyed digest are added. (`sweep` then removes the files of what was
+        unregistered.)"""
         self._require_lock("committing checkpoints")
         now = utcnow()
         with self.transaction() as conn:
@@ -533,16 +731,85 @@ class ShardStore:
                         dropped += conn.execute("DELETE FROM checkpoints WHERE key = ?", [key]).rowcount
             current = {r[0] for r in conn.execute(
                 "SELECT shard FROM shards WHERE live_key IS NOT NULL AND live_version = version")}
-            applied = []
+            applied, chained = [], {}
             for request_id, receipt in (receipts or {}).items():
                 row = conn.execute("SELECT shards FROM deletions WHERE request_id = ? AND "
                                    "status = 'pending'", [request_id]).fetchone()
                 if row is not None and set(json.loads(row[0])) <= current:
-                    conn.execute("UPDATE deletions SET status = 'applied', applied_at = ?, receipt = ? "
-                                 "WHERE request_id = ?",
-                                 [now, json.dumps(receipt, sort_keys=True), request_id])
+                    seq, previous = conn.execute(
+                        "SELECT COALESCE(MAX(seq), 0) + 1, (SELECT receipt_digest FROM deletions "
+                        "WHERE seq = (SELECT MAX(seq) FROM deletions)) FROM deletions").fetchone()
+                    body = {**receipt, "sequence": seq, "previous": previous, "applied_at": now}
+                    digest = self.receipt_digest(body)
+                    chained[request_id] = {**body, "digest": digest}
+                    conn.execute("UPDATE deletions SET status = 'applied', applied_at = ?, receipt = ?, "
+                                 "seq = ?, receipt_digest = ? WHERE request_id = ?",
+                                 [now, _canonical(chained[request_id]), seq, digest, request_id])
                     applied.append(request_id)
-        return Committed(done, applied, dropped)
+        if applied:
+            self.truncate_wal()
+        return Committed(done, applied, dropped, chained)
+
+    def receipt_digest(self, body: Mapping[str, Any]) -> str:
+        """The keyed digest of a receipt (every field but `digest`)."""
+        return keyed(self.key, "receipt", _canonical({k: v for k, v in body.items() if k != "digest"}))
+
+    def orphan_tombstones(self) -> int:
+        """Tombstones whose deletion request is not in the ledger (there should be none)."""
+        return int(self.conn.execute(
+            "SELECT COUNT(*) FROM records r WHERE deleted_at IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM deletions d WHERE d.request_id = r.deletion_request)").fetchone()[0])
+
+    def verify_receipts(self) -> ChainReport:
+        """Re-check the receipt chain: sequence numbers without gaps, each receipt's digest, the
+        link to the one before, and that each deleted id's keyed digest is a tombstone of that
+        request and its ledger entry names the same ids and shards."""
+        problems: list[str] = []
+        rows = self.deletions()
+        chained = sorted((r for r in rows if r.receipt and "sequence" in r.receipt),
+                         key=lambda r: r.receipt["sequence"])  # type: ignore[index]
+        stored = {r[0]: (r[1], r[2]) for r in self.conn.execute(
+            "SELECT request_id, seq, receipt_digest FROM deletions WHERE seq IS NOT NULL")}
+        previous: str | None = None
+        for n, row in enumerate(chained, start=1):
+            receipt = row.receipt or {}
+            name = f"receipt {n} (deletion {row.request_id})"
+            if receipt.get("sequence") != n or stored.get(row.request_id, (None,))[0] != n:
+                problems.append(f"{name}: sequence number {receipt.get('sequence')} where {n} "
+                                "belongs: a receipt is missing or was reordered")
+            if receipt.get("request_id") != row.request_id:
+                problems.append(f"{name}: names deletion {receipt.get('request_id')!r}")
+            digest = self.receipt_digest(receipt)
+            if digest != receipt.get("digest") or digest != stored.get(row.request_id, (0, None))[1]:
+                problems.append(f"{name}: its digest does not match its content: it was edited")
+            if receipt.get("previous") != previous:
+                problems.append(f"{name}: does not link to the receipt before it: the chain was "
+                                "cut or rewritten")
+            previous = receipt.get("digest")
+            digests = receipt.get("record_digests", [])
+            if digests != row.record_ids:
+                problems.append(f"{name}: its deleted ids differ from the ledger entry's")
+            found = {r["id"] for r in self._chunked(
+                "SELECT id FROM records WHERE deleted_at IS NOT NULL AND deletion_request = ? AND "
+                "id IN ({marks})", digests, [row.request_id])} if digests else set()
+            if len(found) != len(digests):
+                problems.append(f"{name}: {len(digests) - len(found)} of its {len(digests)} deleted "
+                                "ids have no tombstone of this deletion in the store")
+            affected = sorted(int(a["shard"]) for a in receipt.get("affected_shards", []))
+            if not set(affected) <= set(row.shards):
+                problems.append(f"{name}: retrained shards {affected} that the ledger entry "
+                                f"({row.shards}) does not name")
+        unchained = sum(1 for r in rows if r.status == "applied" and r.receipt is not None
+                        and "sequence" not in r.receipt)
+        stray = sorted(set(stored) - {r.request_id for r in chained})
+        if stray:
+            problems.append(f"ledger entries {stray[:5]} hold a chain position but no receipt")
+        orphans = self.orphan_tombstones()
+        if orphans:  # e.g. the last receipt removed with its ledger entry: no link shows it
+            problems.append(f"{orphans} deleted record(s) name a deletion the ledger does not hold: "
+                            "a ledger entry and its receipt were removed")
+        pending = sum(1 for r in rows if r.status == "pending")
+        return ChainReport(len(chained), unchained, pending, previous, problems)
 
     def drop_checkpoints(self, keys: Iterable[str]) -> int:
         """Unregister checkpoints (a shard whose live checkpoint goes has none until retrained);

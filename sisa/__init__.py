@@ -37,6 +37,7 @@ _EXPORTS = {
     "AuditReport": "sisa.reports",
     "EvaluationReport": "sisa.reports",
     "StatusReport": "sisa.reports",
+    "ReceiptsReport": "sisa.reports",
     "place": "sisa.partition",
     "SisaError": "sisa.errors",
     "ConfigError": "sisa.errors",
@@ -44,6 +45,9 @@ _EXPORTS = {
     "UnknownRecordError": "sisa.errors",
     "StoreError": "sisa.errors",
     "CheckpointError": "sisa.errors",
+    "RecordCorruptError": "sisa.errors",
+    "StoreCorruptError": "sisa.errors",
+    "UnknownReceiptError": "sisa.errors",
     "ShardTrainingError": "sisa.errors",
     "DatasetUnavailableError": "sisa.errors",
 }
@@ -69,6 +73,8 @@ __all__ = [
     "MLPConfig",
     "PartitionConfig",
     "ProofReport",
+    "ReceiptsReport",
+    "RecordCorruptError",
     "RecordError",
     "ScoreReport",
     "ShardTrainingError",
@@ -76,9 +82,11 @@ __all__ = [
     "SisaConfig",
     "SisaError",
     "StatusReport",
+    "StoreCorruptError",
     "StoreError",
     "TrainingConfig",
     "TrainingReport",
+    "UnknownReceiptError",
     "UnknownRecordError",
     "__version__",
     "make_canaries",
@@ -106,15 +114,25 @@ if TYPE_CHECKING:
         CheckpointError,
         ConfigError,
         DatasetUnavailableError,
+        RecordCorruptError,
         RecordError,
         ShardTrainingError,
         SisaError,
+        StoreCorruptError,
         StoreError,
+        UnknownReceiptError,
         UnknownRecordError,
     )
     from sisa.partition import place
     from sisa.proof import CanarySet, ProofReport, make_canaries, prove
-    from sisa.reports import AuditReport, EvaluationReport, Generation, ScoreReport, StatusReport
+    from sisa.reports import (
+        AuditReport,
+        EvaluationReport,
+        Generation,
+        ReceiptsReport,
+        ScoreReport,
+        StatusReport,
+    )
     from sisa.tasks import ClassificationTask, LanguageModelingTask
     from sisa.unlearning import DeletionReceipt, DeletionRequest, TrainingReport
 

@@ -11,6 +11,7 @@ import functools
 import gc
 import hashlib
 import math
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,17 +32,30 @@ from sisa.errors import (
     IncompleteStoreError,
     InputKindError,
     RecordError,
+    StoreCorruptError,
     StoreError,
     StoreExistsError,
     StoreNotFoundError,
+    UnknownReceiptError,
+    name_some,
 )
 from sisa.features import Features
 from sisa.partition import place
-from sisa.records import Record, load_rows, paused_gc, records_from_rows
+from sisa.records import (
+    Record,
+    check_partition,
+    empty_shards,
+    load_rows,
+    paused_gc,
+    records_from_rows,
+    refuse_new_columns,
+    unused_columns,
+)
 from sisa.reports import (
     AuditReport,
     EvaluationReport,
     Generation,
+    ReceiptsReport,
     RecordScore,
     ScoreReport,
     ShardStatus,
@@ -64,6 +78,7 @@ _STORE_ERRORS: dict[type[shard_store.StoreError], type[StoreError]] = {
     shard_store.StoreExists: StoreExistsError,
     shard_store.StoreIncomplete: IncompleteStoreError,
     shard_store.CheckpointFileError: CheckpointError,
+    shard_store.StoreCorrupt: StoreCorruptError,
 }
 
 P = ParamSpec("P")
@@ -71,18 +86,33 @@ R = TypeVar("R")
 
 
 @contextmanager
-def _store_errors() -> Iterator[None]:
+def _store_errors(where: str) -> Iterator[None]:
     try:
         yield
     except shard_store.StoreError as exc:
         raise _STORE_ERRORS.get(type(exc), StoreError)(str(exc)) from exc
+    except sqlite3.DatabaseError as exc:  # a damaged page met mid-query, a locked file, ...
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            raise StoreError(f"the store database {where} stayed locked by another process: "
+                             f"{exc}") from exc
+        raise StoreCorruptError(f"the store database {where} is damaged or unreadable "
+                                f"({_printable(str(exc))})") from exc
+
+
+def _printable(text: str, limit: int = 160) -> str:
+    """A message from SQLite may quote a damaged value: keep it short and printable."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else f"{clean[:limit]}..."
 
 
 def _mapped(method: Callable[P, R]) -> Callable[P, R]:
-    """The boundary: errors of the store become the matching `SisaError`."""
+    """The boundary: errors of the store (and of SQLite under it) become the matching
+    `SisaError`."""
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with _store_errors():
+        owner = args[0] if args else None
+        root = owner.store.root if isinstance(owner, Sisa) else (args[1] if len(args) > 1 else "")
+        with _store_errors(repr(str(Path(str(root)) / "store.db"))):
             return method(*args, **kwargs)
     return wrapper
 
@@ -194,6 +224,7 @@ class Sisa:
             raise ConfigError(f"a prompt column ({spec.prompt_column!r}) is for the causal_lm "
                               f"backend; backend {config.training.backend!r} learns labels")
         records = records_from_rows(rows, spec)
+        check_partition(records, config)  # no shard or slice that nothing could fill
         if config.training.input_kind != spec.kind:
             need = "a text column" if config.training.input_kind == "text" else "numeric feature columns"
             raise InputKindError(
@@ -213,8 +244,12 @@ class Sisa:
         if validate is not None:
             validate()
         placed = _placed(records, config)
+        empty = empty_shards((p.shard for p in placed), config.partition.shards)
+        # The columns the training data had and the spec does not read: `add` accepts these, and
+        # refuses any other column rather than drop it silently.
         meta = {"config": config.to_dict(), "data_spec": spec.to_dict(), "task": task.to_meta(),
-                "model_spec": dataclasses.asdict(backend.spec)}
+                "model_spec": dataclasses.asdict(backend.spec),
+                "unused_columns": unused_columns(rows, spec)}
         store = ShardStore.create(store_dir, meta, placed, config.partition.shards)
         if embeddings_from is not None:
             store.copy_embeddings_from(embeddings_from)
@@ -225,15 +260,25 @@ class Sisa:
         # than have the cycle collector walk them again and again during training.
         gc.collect()
         sisa.training_report_ = sisa.manager.update("training shards")[0]
+        if empty:
+            sisa.training_report_.warnings.append(
+                f"{len(empty)} of {config.partition.shards} shards received no record (shards "
+                f"{name_some(empty)}): they train on nothing and never serve; fewer shards would "
+                "use the data better")
         return sisa
 
     @classmethod
     @_mapped
     def open(cls, store_dir: str | Path, execution: ExecutionConfig | None = None,
-             progress: Progress | None = None, recover: bool = True) -> Sisa:
+             progress: Progress | None = None, recover: bool = True,
+             read_only: bool = False) -> Sisa:
         """Open a store. With `recover` (a writer), finish whatever a crash interrupted (the
-        receipts are `recovered_`); without, change nothing (see `tidy`)."""
-        sisa = cls(ShardStore.open(store_dir), execution, progress)
+        receipts are `recovered_`); without, change nothing (see `tidy`). `read_only`: never
+        write the database (serving, status and the audit work on a store this process may
+        not write); it cannot recover."""
+        if read_only and recover:
+            raise ConfigError("a store opened read-only cannot recover: pass recover=False")
+        sisa = cls(ShardStore.open(store_dir, read_only=read_only), execution, progress)
         if recover:
             sisa.recovered_ = sisa.recover()
         return sisa
@@ -296,13 +341,16 @@ class Sisa:
         row = self.store.deletion(request.request_id)
         if row is None or row.receipt is None:
             raise StoreError(f"deletion {request.request_id} was not applied")
-        receipt = DeletionReceipt(**row.receipt)
-        return dataclasses.replace(receipt, already_deleted=request.already_deleted)
+        return DeletionReceipt.from_ledger(row.receipt, request.record_ids, request.already_deleted)
 
     @_mapped
     def add(self, source: Any) -> TrainingReport:
         """Add new records; each affected shard retrains from its earliest affected slice."""
         rows, _ = resolve_source(source, self.data_spec)
+        known = self.store.get_meta("unused_columns")
+        # A store trained before its columns were kept: accept what it would have (unknown).
+        refuse_new_columns(rows, self.data_spec, unused_columns(rows, self.data_spec)
+                           if known is None else known)
         records = records_from_rows(rows, self.data_spec)
         # Checked under the lock: a concurrent `add` cannot slip the same ids or groups in between.
         with self.store.writer():
@@ -481,6 +529,34 @@ class Sisa:
             shards=rows,
             model_version=model_version({s: r.sha256 for s, r in self.servable_shards().items()}),
         )
+
+    @_mapped
+    def verify_receipts(self) -> ReceiptsReport:
+        """Re-check the receipt chain against the store: every receipt's keyed digest, its link to
+        the one before, its deleted ids' tombstones and its config digest."""
+        chain = self.store.verify_receipts()
+        problems = list(chain.problems)
+        for d in self.store.deletions():
+            digest = (d.receipt or {}).get("config_digest")
+            if digest not in (None, "", self.manager.config_digest):
+                problems.append(f"receipt of deletion {d.request_id} names another configuration "
+                                f"({digest}) than the store's")
+        return ReceiptsReport(ok=not problems, receipts=chain.receipts, unchained=chain.unchained,
+                              pending=chain.pending, head=chain.head, problems=problems)
+
+    @_mapped
+    def receipt(self, which: str) -> dict[str, Any]:
+        """One stored receipt, by deletion request id or by its sequence number in the chain."""
+        for d in self.store.deletions():
+            if d.receipt is not None and (d.request_id == which
+                                          or str(d.receipt.get("sequence")) == which):
+                return d.receipt
+        pending = self.store.deletion(which)
+        if pending is not None:
+            raise UnknownReceiptError(f"deletion {which!r} is acknowledged but not applied yet: "
+                                      "it has no receipt until it is")
+        raise UnknownReceiptError(f"no receipt {which!r}: give a deletion request id or a sequence number "
+                          f"(1..{self.store.verify_receipts().receipts})")
 
     @_mapped
     def audit(self) -> AuditReport:

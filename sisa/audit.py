@@ -1,24 +1,30 @@
-"""The audit: proof, from the database and the files on disk, that no checkpoint holds a deleted record.
+"""The audit: proof, from the database and the files on disk, that no file of the store holds or
+derives from a deleted record, and that nothing it relies on was altered.
 
-It checks every registered checkpoint's files against their recorded sha256 (and that no other file
-is in its directory), its manifest against its registration, the deleted records against every
-manifest, the parent chain of every checkpoint, that each shard's live checkpoint is the one its
-current records give, and that nothing on disk is unregistered (a leftover could derive from a
-deleted record), and that no cached embedding is of a deleted input. It reads what the store
-holds now, never what a process has kept in memory, and it holds the writer lock while it reads:
-a writer at work would have files in flight, and nothing it audits changes meanwhile.
+Everything it checks is covered by a digest it recomputes: SQLite's own page check; every live
+record's content against its content digest; every registered checkpoint's seal (a keyed digest of
+its registration, the sha256 of each of its files included), its files against those sha256, its
+manifest against its registration and against the records its shard holds now (key, parent, record
+ids, record-set digest); the parent chain of every live checkpoint back to slice 0; every entry on
+disk, in `checkpoints/` and in the store directory, registered or reported; no cached embedding of
+a deleted input; no deletion pending; and the receipt chain. It reads what the store holds now,
+never what a process kept in memory, under a shared lock that no writer holds meanwhile, and writes
+nothing (it runs on a store the process may not write).
 """
 
 from __future__ import annotations
 
 from shard_store import CheckpointFileError, CheckpointRow
-from sisa.errors import CheckpointError
+from shard_store.schema import keyed
+from sisa.checkpoint import Manifest
+from sisa.errors import CheckpointError, RecordCorruptError, name_some
 from sisa.reports import AuditReport, Violation
+from sisa.schedule import ShardSchedule
 from sisa.unlearning import DeletionManager
 
 
 def audit(manager: DeletionManager) -> AuditReport:
-    with manager.store.writer():
+    with manager.store.reading():
         return _audit(manager)
 
 
@@ -27,50 +33,133 @@ def _audit(manager: DeletionManager) -> AuditReport:
     manager.data.clear()  # check against what the store holds, not what was loaded
     violations: list[Violation] = []
 
-    def flag(row: CheckpointRow, problem: str) -> None:
-        violations.append(Violation(row.shard, row.slice, row.key, str(store.root / row.path), problem))
+    def note(problem: str, shard: int | None = None, path: str | None = None) -> None:
+        violations.append(Violation(shard, None, None, path, problem))
 
-    deleted = store.deleted_ids()
-    rows = store.checkpoints()
-    known = {row.key: row for row in rows}
-    for row in rows:
-        try:
-            store.verify_files(row)
-            checkpoint = manager.read_checkpoint(row.key, row)
-        except (CheckpointFileError, CheckpointError) as exc:
-            flag(row, str(exc))
-            continue
-        m = checkpoint.manifest
-        if (m.shard, m.slice, m.parent, m.record_count) != (row.shard, row.slice, row.parent,
-                                                            row.record_count):
-            flag(row, f"manifest (shard {m.shard}, slice {m.slice}, parent {m.parent}, "
-                      f"{m.record_count} records) differs from the registered checkpoint")
-        if m.config_digest != manager.config_digest:
-            flag(row, "trained with another configuration or base model than the store's")
-        held = set(m.records) & deleted
-        if held:
-            flag(row, f"holds {len(held)} deleted record(s), e.g. {sorted(held)[:3]}")
-        if row.parent is not None and row.parent not in known:
-            flag(row, f"parent checkpoint {row.parent} is missing: the records it trained on "
-                      "cannot be accounted for")
+    damage = store.integrity()
+    if damage:  # nothing read from a damaged database can be trusted
+        note(f"the database {str(store.root / 'store.db')!r} is damaged: {'; '.join(damage[:3])}")
+        return AuditReport(ok=False, checkpoints_checked=0, violations=violations)
+    for name in store.stray_files():
+        note("in the store directory but not part of the store: it may hold a deleted record",
+             path=str(store.root / name))
 
     shards = store.shards()
-    expected = {s: sched.keys[-1] for s, sched in manager.schedules(shards).items()}
+    schedules: dict[int, ShardSchedule] = {}
+    records = 0
+    for s in shards:
+        try:
+            schedules.update(manager.schedules([s]))
+            records += len(schedules[s].members)
+        except RecordCorruptError as exc:
+            note(str(exc), shard=s)
+
+    rows = store.checkpoints()
+    known = {row.key: row for row in rows}
+    sound: set[str] = set()
+    tombstones = store.deleted_digests()
+    for row in rows:
+        problems = _checkpoint_problems(manager, row, schedules.get(row.shard), tombstones)
+        if row.parent is not None and row.parent not in known:
+            problems.append(f"parent checkpoint {row.parent} is missing: the records it trained on "
+                            "cannot be accounted for")
+        for problem in problems:
+            violations.append(Violation(row.shard, row.slice, row.key, str(store.root / row.path),
+                                        problem))
+        if not problems:
+            sound.add(row.key)
+
     live = store.live()
     for s in shards:
         if s not in live:
-            violations.append(Violation(s, None, None, None, "shard has no live checkpoint"))
-        elif live[s].key != expected[s]:
-            flag(live[s], "live checkpoint does not match the shard's current records")
+            note("shard has no live checkpoint", shard=s)
+            continue
+        row = live[s]
+        if s in schedules and row.key != schedules[s].keys[-1]:
+            _flag(violations, store.root, row, "live checkpoint does not match the shard's current "
+                                               "records")
+        chain = 0
+        key: str | None = row.key
+        while key is not None:  # back through the parents to slice 0, each registered and sound
+            if key not in known or key not in sound:
+                _flag(violations, store.root, row, f"the chain of parents of the live checkpoint is "
+                                                   f"broken at {key}: "
+                                                   + ("not registered" if key not in known else
+                                                      "that checkpoint fails the audit"))
+                break
+            chain += 1
+            key = known[key].parent
+        else:
+            if chain != row.slice + 1:
+                _flag(violations, store.root, row, f"the live checkpoint's chain has {chain} "
+                                                   f"checkpoints for {row.slice + 1} slices")
+
     for relative in store.unregistered():
-        violations.append(Violation(None, None, None, str(store.root / relative),
-                                    "on disk but not registered: it may derive from a deleted record"))
+        note("on disk but not registered: it may derive from a deleted record",
+             path=str(store.root / relative))
     embeddings = store.deleted_embeddings()
     if embeddings:
-        violations.append(Violation(None, None, None, None, f"{embeddings} cached embedding(s) of "
-                                    "inputs that only deleted records had"))
+        note(f"{embeddings} cached embedding(s) of inputs that only deleted records had")
     for d in store.pending_deletions():
-        violations.append(Violation(None, None, None, None,
-                                    f"deletion {d.request_id} is pending on shards {d.shards}"))
-    return AuditReport(ok=not violations, checkpoints_checked=len(rows), violations=violations)
+        note(f"deletion {d.request_id} is pending on shards {d.shards}")
+    chain_report = store.verify_receipts()
+    for problem in chain_report.problems:
+        note(f"receipt chain: {problem}")
+    for d in store.deletions():
+        if d.receipt and d.receipt.get("config_digest") not in (None, "", manager.config_digest):
+            note(f"receipt of deletion {d.request_id} names another configuration "
+                 f"({d.receipt.get('config_digest')}) than the store's")
+    return AuditReport(ok=not violations, checkpoints_checked=len(rows), violations=violations,
+                       records_checked=records, receipts_checked=chain_report.receipts,
+                       receipt_head=chain_report.head)
 
+
+def _flag(violations: list[Violation], root: object, row: CheckpointRow, problem: str) -> None:
+    violations.append(Violation(row.shard, row.slice, row.key, f"{root}/{row.path}", problem))
+
+
+def _checkpoint_problems(manager: DeletionManager, row: CheckpointRow,
+                         schedule: ShardSchedule | None, tombstones: set[str]) -> list[str]:
+    """What is wrong with one registered checkpoint ([] if nothing)."""
+    store = manager.store
+    problems = []
+    if not store.sealed(row):
+        problems.append("its registration (files and their sha256) does not match its seal: the "
+                        "database entry was altered")
+    try:
+        store.verify_files(row)
+        m: Manifest = manager.read_checkpoint(row.key, row).manifest
+    except (CheckpointFileError, CheckpointError) as exc:
+        return [*problems, str(exc)]
+    if (m.shard, m.slice, m.parent, m.record_count) != (row.shard, row.slice, row.parent,
+                                                        row.record_count):
+        problems.append(f"manifest (shard {m.shard}, slice {m.slice}, parent {m.parent}, "
+                        f"{m.record_count} records) differs from the registered checkpoint")
+    if m.config_digest != manager.config_digest:
+        problems.append("trained with another configuration or base model than the store's")
+    held = [r for r in m.records if keyed(store.key, "id", r) in tombstones]
+    if held:
+        problems.append(f"holds {len(held)} deleted record(s)")
+    if schedule is None:
+        return problems
+    if row.slice >= len(schedule.keys) or schedule.keys[row.slice] != row.key:
+        problems.append("not trained on the shard's current records (a stale checkpoint)")
+        return problems
+    expected = [mem.id for mem in schedule.slices[row.slice]]
+    if list(m.records) != expected:
+        extra, missing = set(m.records) - set(expected), set(expected) - set(m.records)
+        problems.append(f"its manifest lists other records than the slice holds ({len(extra)} "
+                        f"extra, {len(missing)} missing, e.g. "
+                        f"{name_some(sorted(extra | missing), limit=3)})")
+    if m.record_set_digest != schedule.set_digests[row.slice]:
+        problems.append("its manifest's record-set digest does not match the shard's records")
+    if m.record_count != schedule.cumulative_counts()[row.slice]:
+        problems.append(f"its manifest counts {m.record_count} records; slices 0..{row.slice} hold "
+                        f"{schedule.cumulative_counts()[row.slice]}")
+    parent = schedule.keys[row.slice - 1] if row.slice else None
+    if m.parent != parent:
+        problems.append("its manifest names another parent than the slice before")
+    return problems
+
+
+__all__ = ["audit"]

@@ -8,6 +8,8 @@ errors become one clean message, with the command that fixes them, and exit stat
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -25,8 +27,12 @@ from sisa.options import build_config, build_execution, build_spec, with_options
 if TYPE_CHECKING:
     from sisa.api import Sisa
 
-out = Console()
-err = Console(stderr=True)
+# No emoji codes: an id such as ":cat:" prints as typed. soft_wrap: a message longer than the
+# terminal (or than 80 columns, when piped) stays one line, so tools and logs can grep it whole.
+# markup=False: an id, a path or a prompt such as "[/]" prints as typed, in tables too; the few
+# deliberate styles pass markup=True (with everything else escaped).
+out = Console(emoji=False, markup=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False, markup=False)
 
 # What to do about each kind of error, in CLI terms (the library's messages name no commands).
 HINTS: list[tuple[type[errors.SisaError], str]] = [
@@ -37,6 +43,13 @@ HINTS: list[tuple[type[errors.SisaError], str]] = [
     (errors.CheckpointError, "`sisa repair --store DIR` retrains the shard from its last intact "
                              "checkpoint, bit-identically"),
     (errors.NoServableShardError, "`sisa recover --store DIR` applies pending deletions"),
+    (errors.RayExposureError, "use --executor local, or --ray-address of a Ray cluster you have "
+                              "secured"),
+    (errors.StoreCorruptError, "restore store.db (with its store.db-wal) from a backup, or train the "
+                               "store again from its data without the deleted records; nothing in "
+                               "a damaged store can be trusted"),
+    (errors.RecordCorruptError, "`sisa forget --store DIR ID...` the records named, then `sisa add` "
+                                "them again from the source data"),
     (errors.ColumnError, "name the columns with --id-column, --label-column, --text-column or "
                          "--feature-columns (and --group-column, --prior-column)"),
     (errors.InputKindError, "for a --text-column use --backend head, lora or causal_lm; for numeric "
@@ -50,17 +63,35 @@ def hint(exc: errors.SisaError) -> str | None:
     return next((text for cls, text in HINTS if isinstance(exc, cls)), None)
 
 
+# Typer's base of command-line errors (click's ClickException, which newer typers vendor): found
+# from the public BadParameter, so this works with either.
+_CommandLineError: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _fail(message: str, hint_text: str | None) -> None:
+    err.print("[bold red]error:[/bold red] " + escape(message), highlight=False, markup=True)
+    if hint_text:
+        err.print("[bold]hint:[/bold] " + escape(hint_text), highlight=False, markup=True)
+
+
 class _Group(TyperGroup):
-    """Turns every library error into one clean message and exit status 1."""
+    """Turns every library error (and a file the system cannot read or write) into one clean
+    message and exit status 1, and a malformed command line into one clean message and status 2."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except errors.SisaError as exc:
-            text = hint(exc)
-            err.print("[bold red]error:[/bold red] " + escape(str(exc)), highlight=False)
-            if text:
-                err.print("[bold]hint:[/bold] " + escape(text), highlight=False)
+            _fail(str(exc), hint(exc))
+            raise typer.Exit(1) from None
+        except _CommandLineError as exc:  # typer's own panel spans many lines: keep to one
+            context = getattr(exc, "ctx", None)
+            where = context.command_path if context is not None else "sisa"
+            _fail(exc.format_message(), f"`{where} --help` lists the options")  # type: ignore[attr-defined]
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+        except OSError as exc:  # e.g. an --output path in a missing directory
+            _fail(str(exc), None)
             raise typer.Exit(1) from None
 
 
@@ -103,9 +134,30 @@ class ShardProgress:
         return tick
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (at any depth) replaced by None: JSON has no NaN or
+    infinity, so a diverged model's probabilities print as null, never as bare NaN."""
+    if isinstance(value, dict):
+        return {_json_key(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays and scalars
+        return json_safe(value.tolist())
+    if isinstance(value, float) or (isinstance(value, numbers.Real) and not isinstance(value, int)):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return value
+
+
+def _json_key(key: Any) -> Any:
+    if isinstance(key, float) and not math.isfinite(key):
+        return str(key)  # a key cannot be null
+    return key
+
+
 def _emit(as_json: bool, payload: Any, table: Table | None = None) -> None:
     if as_json:
-        out.print_json(json.dumps(payload, default=str))
+        out.print_json(json.dumps(json_safe(payload), default=str, allow_nan=False))
     elif table is not None:
         out.print(table)
 
@@ -113,24 +165,29 @@ def _emit(as_json: bool, payload: Any, table: Table | None = None) -> None:
 def _kv_table(title: str, rows: dict[str, Any]) -> Table:
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # digests in full: they are there to be copied
     for key, value in rows.items():
         table.add_row(key, str(value))
     return table
 
 
 def _open(store: Path, values: dict[str, Any] | None = None, no_progress: bool = False,
-          recover: bool = True, tidy: bool = True) -> Sisa:
-    """A writer recovers on opening; a reader only removes files a crash left unregistered
-    (unless it is the audit, which reports them)."""
+          recover: bool = True, tidy: bool = True, read_only: bool = False) -> Sisa:
+    """A writer recovers on opening. A reader (`read_only`) never writes the database; where it
+    may, it removes files a crash left unregistered (unless it is the audit, which reports them)."""
     from sisa.api import Sisa
 
     execution = build_execution(values, progress=not no_progress) if values is not None else None
     sisa = Sisa.open(store, execution=execution, progress=ShardProgress(not no_progress),
-                     recover=recover)
+                     recover=recover, read_only=read_only)
     if not recover and tidy:
         sisa.tidy()
     return sisa
+
+
+def _read(store: Path, tidy: bool = True) -> Sisa:
+    """Open a store for a command that only reads it."""
+    return _open(store, recover=False, tidy=tidy, read_only=True)
 
 
 def _retrain_payload(report: Any) -> dict[str, Any]:
@@ -176,8 +233,10 @@ def train(
     payload = {"store": str(store), "records": sisa.status().live_records,
                "shards": sisa.config.partition.shards, "slices": sisa.config.partition.slices,
                "samples": report.samples, "seconds": round(report.seconds, 3),
-               "checkpoints_written": report.checkpoints_written}
+               "checkpoints_written": report.checkpoints_written, "warnings": report.warnings}
     sisa.close()
+    for warning in report.warnings:
+        err.print("[bold yellow]warning:[/bold yellow] " + escape(warning), markup=True)
     _emit(as_json, payload, _kv_table("trained", payload))
 
 
@@ -199,7 +258,7 @@ def predict(
     as_json: Json = False,
 ) -> None:
     """Predict with the ensemble (never with a shard whose deletion is pending)."""
-    with _open(store, recover=False) as sisa:
+    with _read(store) as sisa:
         ids, inputs, _ = sisa.load_inputs(data)
         proba = sisa.predict_proba(inputs)  # one ensemble for both: predict is its argmax
         classes = sisa.classes_
@@ -223,7 +282,7 @@ def predict(
 @app.command()
 def evaluate(store: Store, data: Data, as_json: Json = False) -> None:
     """Accuracy and macro-F1 of the ensemble (soft and hard voting) and of each shard."""
-    with _open(store, recover=False) as sisa:
+    with _read(store) as sisa:
         result = sisa.evaluate(data)
     table = Table("model", "accuracy", "macro-F1", title=f"{result.examples} examples")
     for name, s in [("ensemble", result.ensemble), ("ensemble_soft", result.ensemble_soft),
@@ -234,11 +293,19 @@ def evaluate(store: Store, data: Data, as_json: Json = False) -> None:
 
 
 def _read_lines(path: Path, flag: str, what: str) -> list[str]:
+    """The file's lines; one that cannot be read (missing, a directory, not UTF-8) is a usage
+    error naming the file and why."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first line
-    except (OSError, UnicodeDecodeError) as exc:
-        raise typer.BadParameter(f"cannot read {what} {str(path)!r}: {exc}", param_hint=flag) from None
-    return text.splitlines()
+    except UnicodeDecodeError as exc:
+        raise typer.BadParameter(
+            f"cannot read {what} {str(path)!r}: it is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+            f"at offset {exc.start}); save it as UTF-8", param_hint=flag) from None
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}",
+                                 param_hint=flag) from None
+    # Only a newline ends a line: an id may hold other characters that str.splitlines() splits at.
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _read_ids(path: Path) -> list[str]:
@@ -292,7 +359,7 @@ def forget(
 def status(store: Store, as_json: Json = False) -> None:
     """Per shard: live slice checkpoint, its weights file and sha256, live and deleted records,
     pending deletions."""
-    with _open(store, recover=False) as sisa:
+    with _read(store) as sisa:
         result = sisa.status()
     table = Table("shard", "live slice", "live", "deleted", "pending", "sha256", "weights",
                   title=f"{result.store}: {result.live_records} live, "
@@ -308,7 +375,7 @@ def audit(store: Store, as_json: Json = False) -> None:
     """Verify every checkpoint's files and manifest, that none holds a deleted record, that each
     live checkpoint matches its shard's records, and that nothing unregistered is on disk; exit 1
     on any violation."""
-    with _open(store, recover=False, tidy=False) as sisa:
+    with _read(store, tidy=False) as sisa:
         result = sisa.audit()
     table = Table("shard", "slice", "problem",
                   title=f"audit: {'OK' if result.ok else 'VIOLATIONS'} "
@@ -318,6 +385,52 @@ def audit(store: Store, as_json: Json = False) -> None:
     _emit(as_json, result.to_dict(), table)
     if not result.ok:
         raise typer.Exit(1)
+
+
+receipts_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="The deletion receipts: a hash chain, each receipt keyed and linked to the one before.")
+app.add_typer(receipts_app, name="receipts")
+
+
+@receipts_app.command("verify")
+def receipts_verify(store: Store, as_json: Json = False) -> None:
+    """Re-check the receipt chain against the store: each receipt's keyed digest, its link to the
+    one before, its deleted ids' tombstones and its config digest; exit 1 on any problem. Keep the
+    head digest it prints somewhere else: a rewritten chain will not end in it.
+
+    Example: sisa receipts verify --store stores/digits
+    """
+    with _read(store, tidy=False) as sisa:
+        result = sisa.verify_receipts()
+    summary = {"chain": "OK" if result.ok else "BROKEN", "receipts checked": result.receipts,
+               "head digest": result.head or "-", "pending deletions": result.pending,
+               "unchained (schema 4) receipts": result.unchained}
+    if not as_json:
+        out.print(_kv_table("receipts", summary))
+        for problem in result.problems:
+            err.print("[bold red]problem:[/bold red] " + escape(problem), highlight=False, markup=True)
+    _emit(as_json, result.to_dict())
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@receipts_app.command("show")
+def receipts_show(
+    store: Store,
+    which: Annotated[str, typer.Argument(help="Deletion request id, or the receipt's sequence number.")],
+    as_json: Json = False,
+) -> None:
+    """Print one receipt: keyed digests of the deleted ids, the shards retrained with their
+    weights' sha256 before and after, the untouched shards' sha256, the config digest, the times,
+    and the digests that chain it.
+
+    Example: sisa receipts show --store stores/digits 1
+    """
+    with _read(store, tidy=False) as sisa:
+        receipt = sisa.receipt(which)
+    rows = {k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in receipt.items()}
+    _emit(as_json, receipt, _kv_table(f"receipt {receipt.get('sequence', '-')}", rows))
 
 
 @app.command()
@@ -386,7 +499,7 @@ def generate(
         prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise typer.BadParameter("give --prompt or --prompts-file")
-    with _open(store, recover=False) as sisa:
+    with _read(store) as sisa:
         result = sisa.generate(prompts, max_new_tokens, _check_combine(combine), temperature, seed,
                                list(stop or []))
     table = Table("prompt", "generated", "tokens",
@@ -404,7 +517,7 @@ def score(
 ) -> None:
     """Log-likelihood and perplexity of each record's text (after its prompt) under the ensemble
     of a causal-LM store."""
-    with _open(store, recover=False) as sisa:
+    with _read(store) as sisa:
         result = sisa.score(data, _check_combine(combine))
     if output is not None:
         output.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in result.records))
@@ -521,7 +634,7 @@ def _print_proof(report: Any) -> None:
         })
     out.print(_kv_table("verdict", summary))
     for note in report.notes:
-        err.print(f"[bold yellow]note:[/bold yellow] {escape(note)}")
+        err.print(f"[bold yellow]note:[/bold yellow] {escape(note)}", markup=True)
 
 
 @app.command()
@@ -559,7 +672,7 @@ def demo(
             return
         for g in lm["generated"]:
             out.print(f"[bold]prompt:[/bold] {escape(g['prompt'])}\n[bold]ensemble:[/bold] "
-                      f"{escape(g['text'])}")
+                      f"{escape(g['text'])}", markup=True)
         out.print(f"trained {lm['records']} records ({lm['canary_records']} canary copies) on "
                   f"S={lm['shards']}, R={lm['slices']} in {lm['train_seconds']:.1f} s; forgot user "
                   f"{lm['forgotten_user']}; audit {'OK' if lm['audit_ok'] else 'VIOLATIONS'}")

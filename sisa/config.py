@@ -13,10 +13,16 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from sisa.errors import ConfigError
+
+# Above these, a run cannot be meant: AdamW moves each weight by about the learning rate every
+# step (so the model only diverges, to NaN), and torch crashes when asked for a million threads.
+MAX_LEARNING_RATE = 10.0
+MAX_TORCH_THREADS = 1024
 
 Executor = Literal["local", "ray"]
 Voting = Literal["soft", "hard"]
@@ -39,6 +45,10 @@ def _override(cls: type, name: str, default: Any) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class _Checks:
     """Collects every problem of a config, so a user fixes it in one pass."""
 
@@ -46,14 +56,24 @@ class _Checks:
         self.name = name
         self.errors: list[str] = []
 
-    def __call__(self, ok: bool, message: str) -> None:
+    def __call__(self, ok: bool, message: str) -> bool:
         if not ok:
             self.errors.append(message)
+        return ok
 
     def finite(self, value: float, name: str) -> bool:
-        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         self(ok, f"{name} must be a finite number, got {value!r}")
         return ok
+
+    def integer(self, value: int, name: str, minimum: int) -> bool:
+        """`value` is an integer >= `minimum` (a config file may hold "4" or 4.0: refuse them
+        with this message rather than fail on a comparison)."""
+        if not _is_int(value):
+            self(False, f"{name} must be an integer >= {minimum}, got {value!r}")
+            return False
+        self(value >= minimum, f"{name} must be >= {minimum}, got {value!r}")
+        return value >= minimum
 
     def raise_all(self) -> None:
         if self.errors:
@@ -78,20 +98,29 @@ class PartitionConfig:
 
     def __post_init__(self) -> None:
         check = _Checks("partition config")
-        check(self.shards >= 1, f"shards must be >= 1, got {self.shards!r}")
-        check(self.slices >= 1, f"slices must be >= 1, got {self.slices!r}")
-        check(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed!r}")
+        shards_ok = check.integer(self.shards, "shards", 1)
+        slices_ok = check.integer(self.slices, "slices", 1)
+        if check.integer(self.seed, "seed", 0):
+            check(self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed!r}")
         check(self.placement in ("uniform", "late_slices", "dedicated_shards"),
               f"placement must be uniform, late_slices or dedicated_shards, got {self.placement!r}")
         check.finite(self.prior_threshold, "prior_threshold")
-        if self.placement == "late_slices":
-            check(1 <= self.late_slices < self.slices, f"late_slices must be in [1, slices), got "
-                                                       f"{self.late_slices!r} with slices={self.slices}")
-        if self.placement == "dedicated_shards":
-            check(1 <= self.dedicated_shards < self.shards,
+        if self.placement == "late_slices" and slices_ok:
+            check(_is_int(self.late_slices) and 1 <= self.late_slices < self.slices,
+                  f"late_slices must be in [1, slices), got {self.late_slices!r} with "
+                  f"slices={self.slices}")
+        if self.placement == "dedicated_shards" and shards_ok:
+            check(_is_int(self.dedicated_shards) and 1 <= self.dedicated_shards < self.shards,
                   f"dedicated_shards must be in [1, shards), got {self.dedicated_shards!r} "
                   f"with shards={self.shards}")
         check.raise_all()
+
+
+def _check_amount(value: float, name: str, check: _Checks) -> None:
+    """A Ray resource amount: finite, >= 0, and whole above 1 (Ray refuses 1.5 CPUs)."""
+    if check.finite(value, name) and check(value >= 0, f"{name} must be >= 0, got {value!r}"):
+        check(value <= 1 or float(value).is_integer(),
+              f"{name} must be a whole number when above 1 (Ray's rule), got {value!r}")
 
 
 _HIDDEN = "Hidden layer widths, comma-separated; empty for a logistic model."
@@ -99,8 +128,8 @@ _HIDDEN = "Hidden layer widths, comma-separated; empty for a logistic model."
 
 def _check_lora(config: Any, check: _Checks) -> None:
     """The adapter options the lora and causal_lm backends share."""
-    check(config.lora_r >= 1, f"lora_r must be >= 1, got {config.lora_r!r}")
-    check(config.lora_alpha >= 1, f"lora_alpha must be >= 1, got {config.lora_alpha!r}")
+    check.integer(config.lora_r, "lora_r", 1)
+    check.integer(config.lora_alpha, "lora_alpha", 1)
     if check.finite(config.lora_dropout, "lora_dropout"):
         check(0 <= config.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {config.lora_dropout!r}")
     check(bool(config.lora_target_modules) and all(config.lora_target_modules),
@@ -108,7 +137,7 @@ def _check_lora(config: Any, check: _Checks) -> None:
 
 
 def _check_hidden_sizes(sizes: tuple[int, ...], check: _Checks) -> None:
-    check(all(isinstance(h, int) and h >= 1 for h in sizes),
+    check(all(_is_int(h) and h >= 1 for h in sizes),
           f"hidden_sizes must all be integers >= 1, got {sizes!r}")
 
 
@@ -142,13 +171,20 @@ class TrainingConfig:
         check.raise_all()
 
     def _validate(self, check: _Checks) -> None:
-        check(self.epochs_per_slice >= 1, f"epochs_per_slice must be >= 1, got {self.epochs_per_slice!r}")
-        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
-        if check.finite(self.learning_rate, "learning_rate"):
-            check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if check.finite(self.weight_decay, "weight_decay"):
-            check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        check(self.torch_threads >= 1, f"torch_threads must be >= 1, got {self.torch_threads!r}")
+        check.integer(self.epochs_per_slice, "epochs_per_slice", 1)
+        check.integer(self.batch_size, "batch_size", 1)
+        lr = self.learning_rate
+        lr_ok = check.finite(lr, "learning_rate") and check(
+            0 < lr <= MAX_LEARNING_RATE, f"learning_rate must be > 0 and <= {MAX_LEARNING_RATE:g} "
+                                         f"(AdamW moves each weight by about that much a step), got {lr!r}")
+        wd = self.weight_decay
+        if check.finite(wd, "weight_decay") and check(wd >= 0, f"weight_decay must be >= 0, got {wd!r}") \
+                and lr_ok:
+            check(lr * wd <= 1, f"weight_decay * learning_rate must be <= 1 (AdamW multiplies each "
+                                f"weight by 1 - their product every step), got {wd!r} * {lr!r}")
+        if check.integer(self.torch_threads, "torch_threads", 1):
+            check(self.torch_threads <= MAX_TORCH_THREADS, f"torch_threads must be <= "
+                  f"{MAX_TORCH_THREADS} (torch crashes on far more), got {self.torch_threads!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, **dataclasses.asdict(self)}
@@ -182,8 +218,8 @@ class TextModelConfig(TrainingConfig):
 
     def _validate(self, check: _Checks) -> None:
         super()._validate(check)
-        check(bool(self.model), "model must be given")
-        check(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length!r}")
+        check(isinstance(self.model, str) and bool(self.model), f"model must be given, got {self.model!r}")
+        check.integer(self.max_length, "max_length", 8)
 
 
 @dataclass(frozen=True)
@@ -260,7 +296,7 @@ class CausalLMConfig(TextModelConfig):
     def _validate(self, check: _Checks) -> None:
         super()._validate(check)
         _check_lora(self, check)
-        check(self.top_k_layers >= 0, f"top_k_layers must be >= 0, got {self.top_k_layers!r}")
+        check.integer(self.top_k_layers, "top_k_layers", 0)
 
 
 TRAINING_CONFIGS: dict[str, type[TrainingConfig]] = {
@@ -288,7 +324,9 @@ class ExecutionConfig:
     executor: Executor = option("local", "local (in this process) or ray (one Ray task per shard).")
     ray_address: str | None = option(None, "An existing Ray cluster's address; default: start a "
                                            "private one on 127.0.0.1.")
-    ray_temp_dir: str | None = option(None, "Local Ray's temp dir; default: <system temp>/sisa-ray-<uid>.")
+    ray_temp_dir: str | None = option(
+        None, "Local Ray's temp dir: yours, not group- or world-writable; default: a fresh private "
+        "dir under the system temp dir, removed after.")
     cpus_per_shard: float = option(1.0, "Ray CPUs reserved by each shard task.")
     gpus_per_shard: float = option(0.0, "Ray GPUs reserved by each shard task (0.25: four shards "
                                         "share a GPU); 0 trains on the CPU.")
@@ -300,11 +338,14 @@ class ExecutionConfig:
     def __post_init__(self) -> None:
         check = _Checks("execution config")
         check(self.executor in ("local", "ray"), f"executor must be 'local' or 'ray', got {self.executor!r}")
-        if check.finite(self.cpus_per_shard, "cpus_per_shard"):
-            check(self.cpus_per_shard >= 0, f"cpus_per_shard must be >= 0, got {self.cpus_per_shard!r}")
-        if check.finite(self.gpus_per_shard, "gpus_per_shard"):
-            check(self.gpus_per_shard >= 0, f"gpus_per_shard must be >= 0, got {self.gpus_per_shard!r}")
-        check(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries!r}")
+        for name in ("cpus_per_shard", "gpus_per_shard"):
+            _check_amount(getattr(self, name), name, check)
+        resources = self.resources_per_shard
+        if check(isinstance(resources, dict), f"resources_per_shard must map resource names to "
+                                              f"amounts, got {resources!r}"):
+            for key, amount in resources.items():
+                _check_amount(amount, f"resources_per_shard[{key!r}]", check)
+        check.integer(self.max_retries, "max_retries", 0)
         check.raise_all()
 
     @property

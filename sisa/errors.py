@@ -60,6 +60,10 @@ class UnknownRecordError(SisaError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownReceiptError(UnknownRecordError):
+    """No applied deletion has the receipt asked for (by request id or sequence number)."""
+
+
 class StoreError(SisaError, RuntimeError):
     """The store on disk is missing, of another version, or inconsistent."""
 
@@ -80,8 +84,20 @@ class NoServableShardError(StoreError):
     """Every shard is empty, or has a deletion pending: the ensemble has nothing to serve."""
 
 
+class RecordCorruptError(StoreError):
+    """A stored record's content no longer matches its content digest (damage or tampering)."""
+
+
+class StoreCorruptError(StoreError):
+    """The store's SQLite database is damaged or is not a database."""
+
+
 class CheckpointError(StoreError):
     """A checkpoint file is missing, malformed, or does not match its recorded sha256."""
+
+
+class RayExposureError(SisaError, RuntimeError):
+    """A local Ray would listen on more than the loopback interface, so sisa does not start it."""
 
 
 class DatasetUnavailableError(SisaError, RuntimeError):

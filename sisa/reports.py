@@ -72,6 +72,21 @@ class AuditReport(_Dict):
     ok: bool
     checkpoints_checked: int
     violations: list[Violation] = field(default_factory=list)
+    records_checked: int = 0  # live records whose content was re-digested
+    receipts_checked: int = 0  # links of the receipt chain re-verified
+    receipt_head: str | None = None  # digest of the last receipt: keep it to detect a rewrite
+
+
+@dataclass(frozen=True)
+class ReceiptsReport(_Dict):
+    """`sisa receipts verify`: the receipt chain re-checked against the store."""
+
+    ok: bool
+    receipts: int  # chained receipts checked
+    unchained: int  # applied before the chain existed (schema 4): not covered
+    pending: int  # acknowledged, not yet applied: no receipt yet
+    head: str | None  # digest of the last receipt
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

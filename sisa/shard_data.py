@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from shard_store import ShardStore
-from sisa.errors import StoreError
-from sisa.records import Record, pack_features, paused_gc
+from sisa.errors import RecordCorruptError, StoreError, name_some
+from sisa.records import Record, content_digest, pack_features, paused_gc
 from sisa.schedule import Member, digest_line, training_order
 from sisa.tasks import Task
 
@@ -57,9 +57,16 @@ def _take(values: Any, keep: list[int]) -> Any:
 
 def load_shard(store: ShardStore, shard: int, version: int, task: Task,
                input_dim: int | None) -> ShardData:
-    """Read one shard's live records (one query; numeric inputs straight from their bytes)."""
+    """Read one shard's live records (one query; numeric inputs straight from their bytes),
+    each checked against its content digest: nothing trains on a damaged or altered record."""
     with paused_gc():
         rows = store.shard_rows(shard)
+        bad = altered(rows)
+        if bad:
+            raise RecordCorruptError(
+                f"shard {shard}: {len(bad)} record(s) no longer match their content digest (the "
+                f"stored content was damaged or altered): {name_some(bad, quote=True)}; forget "
+                "them and add them again from the source data")
         members = [Member(r[0], r[1], r[2], r[3]) for r in rows]
         targets = task.encode_targets([r[4] for r in rows])
         contexts = task.contexts([r[4] for r in rows])
@@ -74,6 +81,22 @@ def load_shard(store: ShardStore, shard: int, version: int, task: Task,
             inputs = [r[6] for r in rows]
         return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs,
                          contexts)
+
+
+def altered(rows: Sequence[tuple[Any, ...]]) -> list[str]:
+    """The ids of `ShardStore.shard_rows` rows whose content does not give their digest."""
+    bad = []
+    for r in rows:
+        record_id, digest, target, features, text, group, prior = r[0], r[1], r[4], r[5], r[6], r[7], r[8]
+        if text is not None:
+            actual = content_digest(text, target, group, prior)
+        elif features:
+            actual = content_digest((), target, group, prior, packed=features)
+        else:
+            actual = None  # no input at all
+        if actual != digest:
+            bad.append(record_id)
+    return bad
 
 
 def from_records(shard: int, version: int, records: Sequence[tuple[Member, Record]], task: Task,

@@ -17,6 +17,7 @@ import numpy as np
 
 from sisa.config import Combine, Voting
 from sisa.errors import ConfigError, RecordError, StoreError, name_some
+from sisa.records import odd_labels
 from sisa.reports import EvaluationReport, Scores
 
 
@@ -67,7 +68,13 @@ class ClassificationTask:
         """The task of a training set's labels."""
         if any(t is None for t in targets):
             raise RecordError("classification needs a label for every record (name the label column)")
-        classes = _sort_classes({t for t in targets if t is not None})
+        labels = [t for t in targets if t is not None]
+        odd, others = odd_labels(labels)
+        if odd:
+            shown = name_some(sorted({labels[i] for i in odd}), quote=True)
+            raise RecordError(f"labels mix numbers and text: {shown} among {others} ones; fix or "
+                              "remove those records")
+        classes = _sort_classes(set(labels))
         if len(classes) < 2:
             raise RecordError(f"need at least two classes to train, found {list(classes)}")
         return cls(classes)

@@ -60,38 +60,65 @@ class DeletionRequest:
     """An acknowledged deletion (or, with an empty `request_id`, one with nothing left to do)."""
 
     request_id: str
-    record_ids: list[str]  # deleted by this request
+    record_ids: list[str]  # deleted by this request, in clear (empty when read back from the ledger)
     shards: list[int]  # whose models must be retrained
     requested_at: str | None
     already_deleted: list[str] = field(default_factory=list)  # repeated ids: a no-op
     status: str = "pending"
+    record_digests: list[str] = field(default_factory=list)  # keyed: all the ledger keeps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_row(cls, row: DeletionRow) -> DeletionRequest:
-        return cls(row.request_id, row.record_ids, row.shards, row.requested_at, status=row.status)
+        return cls(row.request_id, [], row.shards, row.requested_at, status=row.status,
+                   record_digests=row.record_ids)
 
 
 @dataclass(frozen=True)
 class DeletionReceipt:
-    """What a deletion did: returned to the caller and stored in the ledger."""
+    """What a deletion did: returned to the caller and, but for the ids in clear, stored in the
+    ledger as a link of the receipt chain (see `ShardStore.verify_receipts`)."""
 
     request_id: str
-    record_ids: list[str]  # deleted by this request
-    already_deleted: list[str]  # repeated ids: a no-op
+    # The ids deleted, in clear: only the process that acknowledged the deletion knows them (the
+    # ledger keeps `record_digests`); empty in a receipt read back from the ledger.
+    record_ids: list[str]
+    already_deleted: list[str]  # repeated ids: a no-op (not in the ledger either)
     affected_shards: list[dict[str, Any]]  # shard, start_slice, samples, seconds
     samples_retrained: int
     seconds: float
     checkpoints_changed: dict[str, dict[str, str | None]]  # shard -> {before, after} sha256
-    checkpoints_unchanged: dict[str, str]  # shard -> sha256
+    checkpoints_unchanged: dict[str, str]  # shard -> sha256 of an untouched shard's weights
     # Applied by another process (or Sisa object) than the one that acknowledged it, e.g. after
     # that one was interrupted, or by a service's worker.
     recovered: bool = False
+    record_digests: list[str] = field(default_factory=list)  # keyed digests of the deleted ids
+    config_digest: str = ""  # of the config and base model every shard is trained with
+    requested_at: str | None = None  # when the deletion was acknowledged
+    # Set by the ledger when the receipt joins the chain:
+    applied_at: str | None = None
+    sequence: int | None = None  # 1, 2, ... in the order deletions were applied
+    previous: str | None = None  # digest of the receipt before (None for the first)
+    digest: str | None = None  # keyed digest of every field above but the ids in clear
+
+    _CLEAR = ("record_ids", "already_deleted")  # what the ledger never stores
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def ledger_dict(self) -> dict[str, Any]:
+        """The receipt as the ledger stores and chains it: no id in clear."""
+        return {k: v for k, v in asdict(self).items() if k not in self._CLEAR}
+
+    @classmethod
+    def from_ledger(cls, stored: Mapping[str, Any], record_ids: Sequence[str] = (),
+                    already_deleted: Sequence[str] = ()) -> DeletionReceipt:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in stored.items() if k in known and k not in cls._CLEAR}
+        return cls(**{"record_ids": list(record_ids), "already_deleted": list(already_deleted),
+                      **values})
 
 
 @dataclass
@@ -113,6 +140,7 @@ class TrainingReport:
     checkpoints_dropped: int = 0
     seconds: float = 0.0
     live: dict[int, str] = field(default_factory=dict)  # shard -> sha256 of its new live weights
+    warnings: list[str] = field(default_factory=list)  # e.g. shards that received no record
 
     @property
     def samples(self) -> int:
@@ -170,8 +198,9 @@ class DeletionManager:
         self.progress = progress
         input_dim = backend.spec.input_dim if backend.encoder is None else None
         self.data = ShardCache(store, task, input_dim)
-        # Requests this manager acknowledged: a receipt for any other says it was recovered.
-        self.acknowledged: set[str] = set()
+        # Requests this manager acknowledged, with their ids in clear: a receipt for any other
+        # says it was recovered.
+        self.acknowledged: dict[str, list[str]] = {}
 
     # -- acknowledge -----------------------------------------------------------------------------
 
@@ -184,6 +213,8 @@ class DeletionManager:
         if group is not None:
             wanted = self.store.group_record_ids(group)
             if not wanted:
+                if self.store.group_deleted_count(group):
+                    return DeletionRequest("", [], [], None, already_deleted=[f"group {group}"])
                 raise UnknownRecordError(f"unknown group id {group!r}, nothing was deleted")
         elif isinstance(ids, str):
             raise RecordError(f"give a list of record ids, not the string {ids[:100]!r}")
@@ -200,13 +231,13 @@ class DeletionManager:
         ack = self.store.acknowledge(uuid.uuid4().hex, fresh) if fresh else None
         if ack is None:
             return DeletionRequest("", [], [], None, already_deleted=wanted)
-        self.acknowledged.add(ack.request_id)
+        self.acknowledged[ack.request_id] = ack.record_ids
         self.data.removed(ack.record_ids, ack.versions)
         self.store.tidy()  # the files of the checkpoints it unregistered
         deleted = set(ack.record_ids)
         already = [i for i in wanted if i not in deleted]
         return DeletionRequest(ack.request_id, ack.record_ids, ack.shards, ack.requested_at,
-                               already_deleted=already)
+                               already_deleted=already, record_digests=ack.record_digests)
 
     def pending(self) -> list[DeletionRequest]:
         """Deletions acknowledged but not applied."""
@@ -351,12 +382,13 @@ class DeletionManager:
         after = {s: row.sha256 for s, row in self.store.live().items()}
         after.update({s: existing[c.live_key].sha256 for s, c in commits.items()})
         seconds = round(time.perf_counter() - started, 4)
-        receipts = {r.request_id: _receipt(r, retrains, after, seconds,
+        receipts = {r.request_id: _receipt(r, retrains, after, seconds, self.config_digest,
                                            recovered=r.request_id not in self.acknowledged)
                     for r in plan.requests}
-        done = self.store.commit(commits, {rid: rc.to_dict() for rid, rc in receipts.items()})
+        done = self.store.commit(commits, {rid: rc.ledger_dict() for rid, rc in receipts.items()})
         self.store.sweep()  # the files of what the transaction unregistered
-        return done, [receipts[rid] for rid in done.applied]
+        return done, [DeletionReceipt.from_ledger(done.receipts[rid], self.acknowledged.get(rid, ()))
+                      for rid in done.applied]
 
     def update(self, description: str) -> tuple[TrainingReport, list[DeletionReceipt]]:
         """Plan, retrain and commit until every shard is current and every deletion applied."""
@@ -397,12 +429,12 @@ def _record_retrain(retrains: dict[int, ShardRetrain], result: ShardResult, star
 
 
 def _receipt(request: DeletionRow, retrains: Mapping[int, ShardRetrain], after: Mapping[int, str],
-             seconds: float, recovered: bool) -> DeletionReceipt:
+             seconds: float, config_digest: str, recovered: bool) -> DeletionReceipt:
     affected = [retrains[s] for s in request.shards if s in retrains]
     before = {**after, **request.before}
     return DeletionReceipt(
         request_id=request.request_id,
-        record_ids=request.record_ids,
+        record_ids=[],
         already_deleted=[],
         affected_shards=[{"shard": r.shard, "start_slice": r.start_slice, "samples": r.samples,
                           "seconds": r.seconds} for r in affected],
@@ -413,4 +445,7 @@ def _receipt(request: DeletionRow, retrains: Mapping[int, ShardRetrain], after: 
         checkpoints_unchanged={str(s): sha for s, sha in sorted(after.items())
                                if before.get(s) == sha},
         recovered=recovered,
+        record_digests=request.record_ids,  # the ledger keeps keyed digests only
+        config_digest=config_digest,
+        requested_at=request.requested_at,
     )

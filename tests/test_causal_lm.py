@@ -69,9 +69,11 @@ def test_top_k_caches_the_frozen_layers_and_purges_them(tmp_path: Path, tiny_lm:
     encoder: Any = sisa.backend.encoder
     assert sisa.store.embedding_count() == len(rows)
     ran = encoder.encoded
+    user_records = len(sisa.store.group_record_ids("u2"))
     sisa.forget_group("u2")
     assert encoder.encoded == ran  # retraining read the cache, ran no lower layer again
-    assert sisa.store.embedding_count() == len(rows) - len(sisa.store.group_record_ids("u2"))
+    assert sisa.store.embedding_count() == len(rows) - user_records
+    assert sisa.store.group_record_ids("u2") == []  # live records only
     assert sisa.store.deleted_embeddings() == 0
 
 

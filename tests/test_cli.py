@@ -16,7 +16,10 @@ from .conftest import make_rows, write_csv
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
-COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)  # type: ignore[union-attr]
+COMMANDS = sorted(
+    [c.name or c.callback.__name__ for c in app.registered_commands]  # type: ignore[union-attr]
+    + [f"{g.name} {c.name}" for g in app.registered_groups
+       for c in g.typer_instance.registered_commands])  # type: ignore[union-attr]
 TRAIN = ["--id-column", "id", "--label-column", "label", "--feature-columns", "f0,f1,f2,f3",
          "--group-column", "user", "--shards", "3", "--slices", "2", "--epochs", "2", "--seed", "3",
          "--backend", "mlp", "--executor", "local", "--no-progress"]
@@ -35,12 +38,12 @@ def as_json(result) -> object:
 
 def test_the_command_list_comes_from_the_app():
     assert {"train", "add", "predict", "evaluate", "forget", "status", "audit", "recover", "repair",
-            "demo"} <= set(COMMANDS)
+            "demo", "receipts verify", "receipts show"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_and_is_documented(command):
-    result = run(command, "--help")
+    result = run(*command.split(), "--help")
     assert "Usage" in result.output and len(result.output) > 200
     assert f"sisa {command}" in README.read_text(), f"README does not document `sisa {command}`"
 

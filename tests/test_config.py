@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import pytest
 
@@ -63,6 +64,27 @@ INVALID = [
     (ExecutionConfig, {}, "cpus_per_shard", -1.0, "cpus_per_shard must be >= 0"),
     (ExecutionConfig, {}, "gpus_per_shard", math.nan, "gpus_per_shard must be a finite number"),
     (ExecutionConfig, {}, "max_retries", -1, "max_retries must be >= 0"),
+    # Finite and in range (a learning rate of 1e300 overflows AdamW; NaN trains NaN models), and
+    # integers that a config file gave as text or floats are refused, not compared.
+    (PartitionConfig, {}, "prior_threshold", math.inf, "prior_threshold must be a finite number, got inf"),
+    (PartitionConfig, {}, "shards", "4", "shards must be an integer >= 1, got '4'"),
+    (PartitionConfig, {}, "slices", 2.0, "slices must be an integer >= 1, got 2.0"),
+    (PartitionConfig, {"placement": "late_slices"}, "late_slices", "1", "late_slices must be in [1, slices)"),
+    (MLPConfig, {}, "learning_rate", math.nan, "learning_rate must be a finite number, got nan"),
+    (MLPConfig, {}, "learning_rate", 1e300, "learning_rate must be > 0 and <= 10"),
+    (MLPConfig, {}, "learning_rate", True, "learning_rate must be a finite number, got True"),
+    (MLPConfig, {}, "weight_decay", -math.inf, "weight_decay must be a finite number, got -inf"),
+    (MLPConfig, {"learning_rate": 0.5}, "weight_decay", 3.0, "weight_decay * learning_rate must be <= 1"),
+    (MLPConfig, {}, "torch_threads", 10**6, "torch_threads must be <= 1024"),
+    (MLPConfig, {}, "batch_size", 8.5, "batch_size must be an integer >= 1, got 8.5"),
+    (LoraConfig, {}, "lora_dropout", math.nan, "lora_dropout must be a finite number, got nan"),
+    (LoraConfig, {}, "lora_dropout", -0.1, "lora_dropout must be in [0, 1)"),
+    (CausalLMConfig, {}, "top_k_layers", -1, "top_k_layers must be >= 0, got -1"),
+    (ExecutionConfig, {}, "cpus_per_shard", math.inf, "cpus_per_shard must be a finite number, got inf"),
+    (ExecutionConfig, {}, "cpus_per_shard", 1.5, "cpus_per_shard must be a whole number when above 1"),
+    (ExecutionConfig, {}, "gpus_per_shard", -0.25, "gpus_per_shard must be >= 0"),
+    (ExecutionConfig, {}, "resources_per_shard", {"tpu": math.nan},
+     "resources_per_shard['tpu'] must be a finite number, got nan"),
     (DataSpec, {"feature_columns": ("f0",)}, "id_column", "", "id_column must be given"),
     (DataSpec, {"feature_columns": ("f0",)}, "text_column", "text",
      "give exactly one of text_column or feature_columns"),
@@ -131,11 +153,20 @@ def test_digest_is_stable_and_covers_exactly_what_changes_the_weights():
     assert base.replace(execution=ExecutionConfig(executor="ray", max_retries=5)).digest() == base.digest()
     assert base.replace(voting="hard").digest() == base.digest()
     for name, value in [("shards", 5), ("slices", 2), ("seed", 1)]:
-        changed = base.replace(partition=dataclasses.replace(base.partition, **{name: value}))
+        change: dict[str, Any] = {name: value}
+        changed = base.replace(partition=dataclasses.replace(base.partition, **change))
         assert changed.digest() != base.digest(), name
     for f in dataclasses.fields(MLPConfig):
         value = getattr(base.training, f.name)
         other = (16,) if isinstance(value, tuple) else value * 2 if value else 0.5
-        changed = base.replace(training=dataclasses.replace(base.training, **{f.name: other}))
+        change = {f.name: other}
+        changed = base.replace(training=dataclasses.replace(base.training, **change))
         assert changed.digest() != base.digest(), f.name
     assert SisaConfig(training=HeadConfig()).digest() != SisaConfig(training=LoraConfig()).digest()
+
+
+def test_values_at_the_edges_of_their_ranges_are_accepted():
+    MLPConfig(learning_rate=10.0, weight_decay=0.1, torch_threads=1024)
+    MLPConfig(learning_rate=0.5, weight_decay=2.0)  # their product is 1: still a valid AdamW step
+    ExecutionConfig(cpus_per_shard=0.5, gpus_per_shard=2.0, resources_per_shard={"tpu": 0.25})
+    PartitionConfig(prior_threshold=-3.0)

@@ -45,7 +45,7 @@ def test_bad_requests_change_nothing(tmp_path, rows, config):
         sisa.request_deletion()
     with pytest.raises(RecordError, match="no record ids"):
         sisa.request_deletion([])
-    assert sisa.pending() == [] and sisa.store.deleted_ids() == set()
+    assert sisa.pending() == [] and sisa.store.deleted_digests() == set()
     sisa.forget([rows[0]["id"]])
     again = sisa.request_deletion([rows[0]["id"]])
     assert again.request_id == "" and again.already_deleted == [rows[0]["id"]]
@@ -65,7 +65,7 @@ def test_acknowledgement_does_not_wait_for_a_writer(tmp_path, rows, config):
         worker.start()
         worker.join(timeout=30)
         assert "request" in answer, "the acknowledgement waited for the writer"
-        assert [p.record_ids for p in sisa.pending()] == [[victim]]
+        assert [p.record_digests for p in sisa.pending()] == [[sisa.store.id_digest(victim)]]
     [receipt] = sisa.apply_pending()
     assert receipt.recovered  # acknowledged by another process's manager, applied here
     assert_exact(sisa, [r for r in rows if r["id"] != victim], config, SPEC, tmp_path / "scratch")

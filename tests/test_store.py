@@ -151,7 +151,8 @@ def test_audit_flags_a_checkpoint_holding_a_deleted_record(tmp_path, rows, confi
     victim = rows[0]["id"]
     # Simulate a bug or tampering: the record is tombstoned, but no retrain happened.
     with sisa.store.transaction() as conn:
-        conn.execute("UPDATE records SET deleted_at = 'x' WHERE id = ?", [victim])
+        conn.execute("UPDATE records SET deleted_at = 'x', id = ? WHERE id = ?",
+                     [sisa.store.id_digest(victim), victim])
     result = sisa.audit()
     assert not result.ok
     assert any("deleted record" in v.problem for v in result.violations)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sisa import DataSpec, MLPConfig, PartitionConfig, RecordError, Sisa, SisaConfig, UnknownRecordError
+from sisa.records import records_from_rows
 from sisa.schedule import Member, shard_schedule
 from sisa.unlearning import expected_retrain_fraction, expected_speedup, plan_shard
 
@@ -69,7 +70,7 @@ def test_repeated_id_is_a_noop_and_unknown_id_changes_nothing(tmp_path, rows, co
     assert again.samples_retrained == 0
     with pytest.raises(UnknownRecordError, match="'nope'"):
         sisa.forget([rows[11]["id"], "nope"])
-    assert rows[11]["id"] not in sisa.store.deleted_ids()  # the valid id was not deleted either
+    assert sisa.store.find_records([rows[11]["id"]])[rows[11]["id"]].deleted_at is None  # nor the valid id
     assert live_shas(sisa) == live_before
     assert len(sisa.store.deletions()) == 1
     with pytest.raises(KeyError):  # UnknownRecordError is also a KeyError
@@ -90,9 +91,15 @@ def test_deleted_content_is_purged_and_stale_checkpoints_removed(tmp_path, rows,
     sisa.forget([victim])
     row = sisa.store.find_records([victim])[victim]
     assert row.target is None and row.deleted_at is not None
-    content = sisa.store.conn.execute("SELECT text, features, target FROM records WHERE id = ?",
-                                      [victim]).fetchone()
-    assert content == (None, None, None)
+    content = sisa.store.conn.execute(
+        "SELECT text, features, target, group_id, digest FROM records WHERE id = ?",
+        [sisa.store.id_digest(victim)]).fetchone()
+    assert content[:3] == (None, None, None)
+    # The tombstone keeps keyed digests only: not the id, the group or the content digest.
+    user = next(r["user"] for r in rows if r["id"] == victim)
+    assert content[3] != user and content[4] != next(
+        r.digest for r in records_from_rows(rows, SPEC) if r.id == victim)
+    assert sisa.store.conn.execute("SELECT COUNT(*) FROM records WHERE id = ?", [victim]).fetchone()[0] == 0
     for c in sisa.store.checkpoints():
         manifest = (sisa.store.root / c.path / "manifest.json").read_text()
         assert f'"{victim}"' not in manifest
