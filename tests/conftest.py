@@ -3,6 +3,7 @@ BERT, a fast config, all on CPU; `assert_exact`, the one exactness check every t
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections.abc import Iterator
@@ -195,3 +196,23 @@ def make_chat_rows(n: int = 48, users: int = 8) -> list[dict[str, Any]]:
 
 CHAT_SPEC = DataSpec(id_column="id", label_column=None, text_column="text", group_column="user",
                      prompt_column="prompt")
+
+
+def derived_from(store: Path, ids: set[str]) -> list[str]:
+    """Checkpoint directories on disk (registered or not) whose record set, followed through the
+    parent chain of manifests on disk, holds one of `ids`; a directory whose chain cannot be
+    followed counts too (nothing on disk proves it clean)."""
+    manifests = {}
+    for path in (store / "checkpoints").rglob("manifest.json"):
+        m = json.loads(path.read_text())
+        manifests[m["key"]] = (path.parent, m["parent"], set(m["records"]))
+    bad = [str(p) for p in (store / "checkpoints").glob("*/*") if not (p / "manifest.json").is_file()]
+    bad += [str(p) for p in store.rglob(".tmp-*")]  # a temporary anywhere in the store
+    for directory, parent, records in manifests.values():
+        seen = set(records)
+        while parent is not None and parent in manifests:
+            _, parent, more = manifests[parent]
+            seen |= more
+        if parent is not None or seen & ids:
+            bad.append(str(directory))
+    return sorted(bad)

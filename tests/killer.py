@@ -1,10 +1,14 @@
-"""Run the `sisa` CLI in this process and kill it with SIGKILL at a chosen point (for test_crash.py).
+"""Run the `sisa` CLI in this process and kill it with SIGKILL at a chosen point (for test_crash.py,
+test_faults.py and benchmarks/faults.py).
 
     python tests/killer.py MODULE:ATTRIBUTE:WHEN:N -- sisa arguments...
+    python tests/killer.py time:SECONDS -- sisa arguments...
 
 The process dies (no clean-up, no `finally`) just before or just after the N-th call of the named
 function, e.g. `shard_store.store:ShardStore.commit:after:1`: after the first commit transaction,
-before the files it unregistered are removed.
+before the files it unregistered are removed. With `time:SECONDS` it dies that many seconds after
+the command starts (torch and the library already imported), wherever it is then; a command that
+finishes first exits as usual.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import functools
 import importlib
 import os
 import signal
+import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def arm(point: str) -> None:
@@ -41,11 +50,30 @@ def arm(point: str) -> None:
     setattr(owner, name, wrapper)
 
 
+def arm_timer(seconds: float) -> None:
+    """SIGKILL this process `seconds` from now, once the slow imports are done (so the time is
+    spent in the command, not in importing torch)."""
+    importlib.import_module("sisa.api")
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGKILL))
+    timer.daemon = True  # a command that finishes first is not held up by it
+    timer.start()
+
+
+def run(point: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`sisa argv` as a fresh process, armed at `point` (a named step or `time:SECONDS`); its
+    return code is -SIGKILL when it died there."""
+    return subprocess.run([sys.executable, __file__, point, "--", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def main() -> None:
     point, separator, *argv = sys.argv[1:]
     if separator != "--":
         raise SystemExit(__doc__)
-    arm(point)
+    if point.startswith("time:"):
+        arm_timer(float(point.removeprefix("time:")))
+    else:
+        arm(point)
     from sisa.cli import app
 
     app(argv, prog_name="sisa")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from sisa import Sisa
 
-from .conftest import SPEC, assert_exact, make_rows, small_config, write_csv
+from .conftest import SPEC, assert_exact, derived_from, make_rows, small_config, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = Path(__file__).with_name("killer.py")
@@ -40,26 +40,6 @@ def cli(*argv: str, ok: bool = True) -> dict | list:
     if ok:
         assert result.exit_code == 0, result.output
     return json.loads(result.stdout) if "--json" in argv and result.exit_code == 0 else {}
-
-
-def derived_from(store: Path, ids: set[str]) -> list[str]:
-    """Checkpoint directories on disk (registered or not) whose record set, followed through the
-    parent chain of manifests on disk, holds one of `ids`; a directory whose chain cannot be
-    followed counts too (nothing on disk proves it clean)."""
-    manifests = {}
-    for path in (store / "checkpoints").rglob("manifest.json"):
-        m = json.loads(path.read_text())
-        manifests[m["key"]] = (path.parent, m["parent"], set(m["records"]))
-    bad = [str(p) for p in (store / "checkpoints").glob("*/*") if not (p / "manifest.json").is_file()]
-    bad += [str(p) for p in store.rglob(".tmp-*")]  # a temporary anywhere in the store
-    for directory, parent, records in manifests.values():
-        seen = set(records)
-        while parent is not None and parent in manifests:
-            _, parent, more = manifests[parent]
-            seen |= more
-        if parent is not None or seen & ids:
-            bad.append(str(directory))
-    return sorted(bad)
 
 
 @pytest.fixture(scope="module")
