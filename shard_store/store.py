@@ -73,7 +73,13 @@ CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "complete"  # meta key written in the transaction that stores the first records
 _CHUNK = 500  # ids per `IN (...)` query: well below SQLite's variable limit
 # What a store directory holds; anything else is reported by the audit.
-STORE_FILES = frozenset({DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME, CHECKPOINT_DIR})
+# The deletion journal: one line per acknowledged deletion (keyed digests only), appended and
+# fsynced before the acknowledgement commits. SQLite's durability is the database and its WAL
+# together; the journal survives losing either (a WAL deleted after a crash, a database restored
+# from a backup): a writer re-applies every journalled deletion the database lacks.
+JOURNAL_NAME = "deletions.journal"
+STORE_FILES = frozenset({DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME, CHECKPOINT_DIR,
+                         JOURNAL_NAME})
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
@@ -138,6 +144,7 @@ class ShardStore:
                 store._wipe()
             # SQLite gives the -wal and -shm files the database file's mode: owner only.
             _private_file(root / DB_NAME)
+            _private_file(root / JOURNAL_NAME)
             store._migrate()
             (root / CHECKPOINT_DIR).mkdir(exist_ok=True, mode=PRIVATE_DIR)
             with store.transaction() as conn:
@@ -216,8 +223,8 @@ class ShardStore:
     def _wipe(self) -> None:
         """Remove an incomplete store's files (under the writer lock)."""
         self.close()
-        for suffix in ("", "-wal", "-shm"):
-            path = self.root / f"{DB_NAME}{suffix}"
+        for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", JOURNAL_NAME):
+            path = self.root / name
             if path.exists():
                 path.unlink()
         shutil.rmtree(self.root / CHECKPOINT_DIR, ignore_errors=True)
@@ -225,6 +232,7 @@ class ShardStore:
     def _migrate(self) -> None:
         where = str(self.root / DB_NAME)
         try:
+            was = current_version(self.conn)
             version = migrate(self.conn)
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"{where!r} is not a readable SQLite store: {exc}") from exc
@@ -235,6 +243,9 @@ class ShardStore:
         if version > SCHEMA_VERSION:
             raise StoreVersionError(f"{where!r} has schema version {version}, newer than this "
                                     f"code reads ({SCHEMA_VERSION})")
+        if FIRST_VERSION <= was < 5 <= version and not (self.root / JOURNAL_NAME).exists():
+            for row in self.deletions():  # schema 4 had no journal: start it from the ledger
+                self._journal(row.request_id, row.requested_at, row.record_ids)
 
     def _connect(self) -> Database:
         try:
@@ -309,8 +320,15 @@ class ShardStore:
         """Copy the WAL into the database and truncate it, so bytes a deletion removed (zeroed by
         secure_delete in the database) stay in no WAL frame. A reader holding an old snapshot can
         keep it from completing; the next deletion or commit tries again."""
-        if not self.read_only:
+        if self.read_only:
+            return
+        # Never wait for a reader (the busy handler would, up to the connection's timeout): an
+        # acknowledgement returns at once; the next deletion or commit tries again.
+        self.conn.execute("PRAGMA busy_timeout = 0")
+        try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 60000")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -524,9 +542,10 @@ class ShardStore:
         """The acknowledgement of a deletion, in one transaction: write the ledger entry, tombstone
         the records and purge their content and embeddings, and unregister every checkpoint that
         derives from them (those of their shards from the earliest slice they are in; a shard's
-        live checkpoint is its last slice, so it goes too). After this returns, the deletion
-        survives any crash, and no registered checkpoint holds the records. Ids already deleted
-        are skipped; None if no id was live."""
+        live checkpoint is its last slice, so it goes too). The deletion journal gets the
+        request first. After this returns, the deletion survives any crash (and the loss of the
+        WAL), and no registered checkpoint holds the records. Ids already deleted are skipped;
+        None if no id was live."""
         now = utcnow()
         with self.transaction() as conn:
             live: dict[str, tuple[int, int]] = {}
@@ -536,45 +555,130 @@ class ShardStore:
             ids = [i for i in dict.fromkeys(record_ids) if i in live]
             if not ids:
                 return None
-            earliest: dict[int, int] = {}
-            for shard, slice_ in live.values():
-                earliest[shard] = min(slice_, earliest.get(shard, slice_))
-            shards = sorted(earliest)
-            before_rows = {s: r.sha256 for s, r in self.live().items() if s in earliest}
-            before = self._versions(conn, shards)
             key = self.key
             digests = [keyed(key, "id", i) for i in ids]
-            conn.execute(
-                "INSERT INTO deletions (request_id, record_ids, shards, before, status, requested_at) "
-                "VALUES (?, ?, ?, ?, 'pending', ?)",
-                [request_id, json.dumps(digests), json.dumps(shards),
-                 json.dumps({str(s): before_rows.get(s) for s in shards}, sort_keys=True), now])
-            # The tombstone: keyed digests of the id, group, content and input, never the values
-            # (nor the order key, which anyone with the seed could recompute from a guessed id).
-            old = {row["id"]: row for row in self._chunked(
-                "SELECT id, group_id, digest, input_digest FROM records WHERE id IN ({marks})", ids)}
-            conn.executemany(
-                "UPDATE records SET id = ?, group_id = ?, digest = ?, input_digest = ?, deleted_at = ?, "
-                "deletion_request = ?, target = NULL, text = NULL, features = NULL, prior = NULL, "
-                "order_key = '' WHERE id = ?",
-                [(d, _keyed_or_none(key, "group", old[i]["group_id"]),
-                  keyed(key, "content", old[i]["digest"]),
-                  _keyed_or_none(key, "input", old[i]["input_digest"]), now, request_id, i)
-                 for i, d in zip(ids, digests, strict=True)])
-            # Embeddings derive from the deleted content: purge them too, unless a live record
-            # has the very same input.
-            inputs = {row["input_digest"] for row in old.values() if row["input_digest"] is not None}
-            conn.executemany(
-                "DELETE FROM embeddings WHERE input_digest = ? AND NOT EXISTS (SELECT 1 FROM records "
-                "WHERE input_digest = ? AND deleted_at IS NULL)", [(d, d) for d in inputs])
-            conn.executemany("UPDATE shards SET live_key = NULL, updated_at = ? WHERE shard = ?",
-                             [(now, s) for s in shards])
-            for shard, slice_ in earliest.items():
-                conn.execute("DELETE FROM checkpoints WHERE shard = ? AND slice >= ?", [shard, slice_])
-            after = self._versions(conn, shards)
+            # Durable outside SQLite first: a crash before the commit leaves a journalled
+            # deletion the database lacks, which the next writer applies (the request was valid).
+            self._journal(request_id, now, digests)
+            before, after = self._tombstone(conn, request_id, now, ids, digests, live)
         self.truncate_wal()
+        shards = sorted(before)
         return Acknowledged(request_id, now, ids, digests, shards,
                             {s: (before[s], after[s]) for s in shards})
+
+    def _tombstone(self, conn: sqlite3.Connection, request_id: str, now: str, ids: Sequence[str],
+                   digests: Sequence[str], live: Mapping[str, tuple[int, int]]
+                   ) -> tuple[dict[int, int], dict[int, int]]:
+        """Inside the acknowledgement's transaction: the ledger entry, the tombstones, the purge
+        of their embeddings and of every checkpoint derived from them. `live`: each id's (shard,
+        slice). Returns the affected shards' versions before and after."""
+        earliest: dict[int, int] = {}
+        for i in ids:
+            shard, slice_ = live[i]
+            earliest[shard] = min(slice_, earliest.get(shard, slice_))
+        shards = sorted(earliest)
+        before_rows = {s: r.sha256 for s, r in self.live().items() if s in earliest}
+        before = self._versions(conn, shards)
+        key = self.key
+        conn.execute(
+            "INSERT INTO deletions (request_id, record_ids, shards, before, status, requested_at) "
+            "VALUES (?, ?, ?, ?, 'pending', ?)",
+            [request_id, json.dumps(list(digests)), json.dumps(shards),
+             json.dumps({str(s): before_rows.get(s) for s in shards}, sort_keys=True), now])
+        # The tombstone: keyed digests of the id, group, content and input, never the values
+        # (nor the order key, which anyone with the seed could recompute from a guessed id).
+        old = {row["id"]: row for row in self._chunked(
+            "SELECT id, group_id, digest, input_digest FROM records WHERE id IN ({marks})", ids)}
+        conn.executemany(
+            "UPDATE records SET id = ?, group_id = ?, digest = ?, input_digest = ?, deleted_at = ?, "
+            "deletion_request = ?, target = NULL, text = NULL, features = NULL, prior = NULL, "
+            "order_key = '' WHERE id = ?",
+            [(d, _keyed_or_none(key, "group", old[i]["group_id"]),
+              keyed(key, "content", old[i]["digest"]),
+              _keyed_or_none(key, "input", old[i]["input_digest"]), now, request_id, i)
+             for i, d in zip(ids, digests, strict=True)])
+        # Embeddings derive from the deleted content: purge them too, unless a live record
+        # has the very same input.
+        inputs = {row["input_digest"] for row in old.values() if row["input_digest"] is not None}
+        conn.executemany(
+            "DELETE FROM embeddings WHERE input_digest = ? AND NOT EXISTS (SELECT 1 FROM records "
+            "WHERE input_digest = ? AND deleted_at IS NULL)", [(d, d) for d in inputs])
+        conn.executemany("UPDATE shards SET live_key = NULL, updated_at = ? WHERE shard = ?",
+                         [(now, s) for s in shards])
+        for shard, slice_ in earliest.items():
+            conn.execute("DELETE FROM checkpoints WHERE shard = ? AND slice >= ?", [shard, slice_])
+        return before, self._versions(conn, shards)
+
+    # -- the deletion journal --------------------------------------------------------------------
+
+    def _journal(self, request_id: str, requested_at: str, digests: Sequence[str]) -> None:
+        entry = {"request_id": request_id, "requested_at": requested_at,
+                 "record_digests": list(digests)}
+        line = _canonical({**entry, "mac": keyed(self.key, "journal", _canonical(entry))}) + "\n"
+        path = self.root / JOURNAL_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def journal(self) -> list[dict[str, Any]]:
+        """The journalled deletions, each checked against its keyed digest. A last line cut short
+        is a write a crash interrupted before its acknowledgement could commit: ignored."""
+        path = self.root / JOURNAL_NAME
+        if not path.exists():
+            return []
+        complete = path.read_bytes().split(b"\n")[:-1]  # what follows the last newline: cut short
+        entries = []
+        for number, raw in enumerate(complete, start=1):
+            try:
+                entry = json.loads(raw)
+                body = {k: entry[k] for k in ("request_id", "requested_at", "record_digests")}
+                sound = entry["mac"] == keyed(self.key, "journal", _canonical(body))
+            except (ValueError, KeyError, TypeError):
+                sound = False
+            if not sound:
+                raise StoreCorrupt(f"{str(path)!r} line {number} is damaged or was edited: the "
+                                   "deletions it records cannot be trusted")
+            entries.append(body)
+        return entries
+
+    def journal_missing(self) -> list[dict[str, Any]]:
+        """Journalled deletions the database does not hold (its WAL was lost, or it was restored
+        from a backup): a writer applies them again on opening; until then nothing may serve."""
+        entries = self.journal()
+        if not entries:
+            return []
+        known = {r[0] for r in self.conn.execute("SELECT request_id FROM deletions")}
+        return [e for e in entries if e["request_id"] not in known]
+
+    def journal_lacks(self) -> list[str]:
+        """Deletions in the database that the journal does not record (it was cut or removed)."""
+        journalled = {e["request_id"] for e in self.journal()}
+        return sorted(r[0] for r in self.conn.execute("SELECT request_id FROM deletions")
+                      if r[0] not in journalled)
+
+    def replay_journal(self) -> list[str]:
+        """Acknowledge again, under their own request ids, the journalled deletions the database
+        lacks (the records are found by their keyed id digests); returns the request ids."""
+        missing = self.journal_missing()
+        if not missing:
+            return []
+        key = self.key
+        by_digest = {keyed(key, "id", r[0]): r[0] for r in self.conn.execute(
+            "SELECT id FROM records WHERE deleted_at IS NULL")}
+        with self.transaction() as conn:
+            for entry in missing:
+                ids = [by_digest[d] for d in entry["record_digests"] if d in by_digest]
+                live = {row["id"]: (row["shard"], row["slice"]) for row in self._chunked(
+                    "SELECT id, shard, slice FROM records WHERE deleted_at IS NULL AND id IN ({marks})",
+                    ids)}
+                ids = [i for i in ids if i in live]
+                self._tombstone(conn, entry["request_id"], entry["requested_at"], ids,
+                                [keyed(key, "id", i) for i in ids], live)
+        self.truncate_wal()
+        return [e["request_id"] for e in missing]
 
     def pending_deletions(self) -> list[DeletionRow]:
         return [deletion_row(r) for r in self.db.query(

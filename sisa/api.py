@@ -383,7 +383,11 @@ class Sisa:
     # -- serving ---------------------------------------------------------------------------------
 
     def servable_shards(self) -> dict[int, CheckpointRow]:
-        """Live checkpoints that may serve: non-empty, and with no deletion pending."""
+        """Live checkpoints that may serve: non-empty, and with no deletion pending. None while
+        the deletion journal holds a deletion the database lacks (which shards it touches is
+        unknown until a writer applies it again)."""
+        if self.store.journal_missing():
+            return {}
         pending = self.store.pending_shards()
         return {s: row for s, row in self.store.live().items()
                 if s not in pending and row.record_count > 0}
@@ -499,6 +503,9 @@ class Sisa:
         counts = self.store.record_counts()
         pending = self.store.pending_deletions()
         pending_shards = self.store.pending_shards()
+        lost = [e["request_id"] for e in self.store.journal_missing()]
+        if lost:  # which shards they touch is unknown until a writer applies them again
+            pending_shards = set(shards)
         rows = []
         for s, state in shards.items():
             row = live.get(s)
@@ -522,7 +529,7 @@ class Sisa:
             live_records=sum(r.live_records for r in rows),
             deleted_records=sum(r.deleted_records for r in rows),
             deletion_requests=self.store.deletion_count(),
-            pending_deletions=[d.request_id for d in pending],
+            pending_deletions=[d.request_id for d in pending] + lost,
             clean_shards=sorted(set(shards) - pending_shards),
             checkpoints=self.store.checkpoint_count(),
             embeddings_cached=self.store.embedding_count(),

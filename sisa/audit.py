@@ -102,6 +102,14 @@ def _audit(manager: DeletionManager) -> AuditReport:
         note(f"{embeddings} cached embedding(s) of inputs that only deleted records had")
     for d in store.pending_deletions():
         note(f"deletion {d.request_id} is pending on shards {d.shards}")
+    for entry in store.journal_missing():
+        note(f"deletion {entry['request_id']} was acknowledged (the deletion journal holds it) but "
+             "the database lacks it: its WAL was lost or it was restored from a backup; `recover` "
+             "applies it again")
+    lacking = store.journal_lacks()
+    if lacking:
+        note(f"the deletion journal lacks {len(lacking)} deletion(s) the database holds (e.g. "
+             f"{lacking[0]}): it was cut or removed")
     chain_report = store.verify_receipts()
     for problem in chain_report.problems:
         note(f"receipt chain: {problem}")

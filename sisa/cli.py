@@ -331,7 +331,9 @@ def forget(
         wanted += _read_ids(ids_file)
     if not wanted and group is None:
         raise typer.BadParameter("give record ids, --ids-file, or --group")
-    with _open(store, values, no_progress) as sisa:
+    # Not recovered on opening: the deletion is acknowledged first, so forgetting a damaged record
+    # (which recovery would stop at) works; applying it then finishes anything a crash left.
+    with _open(store, values, no_progress, recover=False, tidy=False) as sisa:
         receipts = []
         if wanted:
             receipts.append(sisa.forget(wanted))

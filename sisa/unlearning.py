@@ -398,6 +398,8 @@ class DeletionManager:
         retrains: dict[int, ShardRetrain] = {}
         with self.store.writer():
             self.store.sweep()
+            # Deletions the journal holds and the database lost (a lost WAL, a restored backup).
+            self.store.replay_journal()
             for _ in range(_MAX_ROUNDS):
                 plan = self.plan()
                 if not plan.shards and not plan.requests:

@@ -150,7 +150,8 @@ def _readers_work(outer: Path, tmp_path: Path, trained: Path) -> None:
         assert proc.returncode == 0, f"{argv}: {proc.stderr[-1500:]}"
         json.loads(proc.stdout)
     assert digests(shared) == before
-    assert sorted(p.name for p in shared.iterdir()) == ["checkpoints", "store.db"]  # nothing new
+    assert sorted(p.name for p in shared.iterdir()) == ["checkpoints", "deletions.journal",
+                                                        "store.db"]  # nothing new
 
 
 def test_an_empty_store_db_is_named_and_left_empty(tmp_path):
@@ -332,6 +333,7 @@ def test_a_schema_4_store_is_migrated_with_keyed_tombstones(tmp_path):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute("DELETE FROM meta WHERE key = 'ledger_key'")
         conn.execute("PRAGMA user_version = 4")
+    (store / "deletions.journal").unlink()  # schema 4 had none
     read_only = CliRunner().invoke(app, ["status", "--store", str(store)])
     assert read_only.exit_code == 1 and "schema version 4" in read_only.stderr
     with Sisa.open(store) as sisa:  # a writer migrates
@@ -341,3 +343,4 @@ def test_a_schema_4_store_is_migrated_with_keyed_tombstones(tmp_path):
         assert sisa.audit().ok, sisa.audit().violations
         assert sisa.forget([rows[6]["id"]]).sequence == 1  # the chain starts after the migration
         assert sisa.verify_receipts().ok
+        assert len(sisa.store.journal()) == 2 and sisa.audit().ok  # started from the ledger
