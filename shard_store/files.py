@@ -41,7 +41,7 @@ def _fsync_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,9 +78,9 @@ def write_dir(root: Path, relative: str, blobs: Mapping[str, bytes]) -> dict[str
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
             _fsync_file(target, data)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

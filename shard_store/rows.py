@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from shard_store.errors import StoreCorrupt
+
 
 class NewRecord(NamedTuple):
     """A placed record to insert."""
@@ -121,9 +123,19 @@ def record_row(row: Mapping[str, Any]) -> RecordRow:
     return RecordRow(**{k: row[k] for k in RecordRow.__dataclass_fields__})
 
 
+def _loads(text: str, what: str) -> Any:
+    """JSON from a column; damage in it is a damaged store, never a traceback."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise StoreCorrupt(f"the store database's {what} is damaged: {str(exc)[:120]}") from exc
+
+
 def checkpoint_row(row: Mapping[str, Any]) -> CheckpointRow:
     values = {k: row[k] for k in CheckpointRow.__dataclass_fields__}
-    values["files"] = json.loads(values["files"])
+    values["files"] = _loads(values["files"], f"checkpoint {row['key']} files")
+    if not isinstance(values["files"], dict):
+        raise StoreCorrupt(f"the store database's checkpoint {row['key']} files are damaged")
     return CheckpointRow(**values)
 
 
@@ -138,13 +150,21 @@ def seal_text(row: CheckpointRow | Mapping[str, Any]) -> str:
 
 
 def deletion_row(row: Mapping[str, Any]) -> DeletionRow:
-    return DeletionRow(
-        request_id=row["request_id"],
-        record_ids=json.loads(row["record_ids"]),
-        shards=json.loads(row["shards"]),
-        before={int(s): sha for s, sha in json.loads(row["before"]).items()},
-        status=row["status"],
-        requested_at=row["requested_at"],
-        applied_at=row["applied_at"],
-        receipt=json.loads(row["receipt"]) if row["receipt"] else None,
-    )
+    what = f"ledger entry {row['request_id']}"
+    try:
+        out = DeletionRow(
+            request_id=row["request_id"],
+            record_ids=_loads(row["record_ids"], what),
+            shards=_loads(row["shards"], what),
+            before={int(s): sha for s, sha in _loads(row["before"], what).items()},
+            status=row["status"],
+            requested_at=row["requested_at"],
+            applied_at=row["applied_at"],
+            receipt=_loads(row["receipt"], what) if row["receipt"] else None,
+        )
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise StoreCorrupt(f"the store database's {what} is damaged: {str(exc)[:120]}") from exc
+    if not isinstance(out.record_ids, list) or not isinstance(out.shards, list) or not (
+            out.receipt is None or isinstance(out.receipt, dict)):
+        raise StoreCorrupt(f"the store database's {what} is damaged")
+    return out

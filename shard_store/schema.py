@@ -153,7 +153,10 @@ def ledger_key(conn: sqlite3.Connection) -> bytes:
     row = conn.execute("SELECT value FROM meta WHERE key = 'ledger_key'").fetchone()
     if row is None:
         raise sqlite3.DatabaseError("the store has no ledger key")
-    return bytes.fromhex(json.loads(row[0]))
+    try:
+        return bytes.fromhex(json.loads(row[0]))
+    except (ValueError, TypeError) as exc:
+        raise sqlite3.DatabaseError(f"the store's ledger key is damaged: {exc}") from exc
 
 
 def keyed(key: bytes, domain: str, value: str) -> str:

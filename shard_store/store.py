@@ -38,6 +38,7 @@ from shard_store import files
 from shard_store.errors import (
     NotLocked,
     StoreCorrupt,
+    StoreError,
     StoreExists,
     StoreIncomplete,
     StoreNotFound,
@@ -71,6 +72,8 @@ DB_NAME = "store.db"
 LOCK_NAME = "writer.lock"
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "complete"  # meta key written in the transaction that stores the first records
+SCRUB_OWED = "scrub_owed"  # meta key: a WAL truncation after a deletion is still to be done
+JOURNAL_STARTED = "journal_started"  # meta key: every ledger entry is in the deletion journal
 _CHUNK = 500  # ids per `IN (...)` query: well below SQLite's variable limit
 # What a store directory holds; anything else is reported by the audit.
 # The deletion journal: one line per acknowledged deletion (keyed digests only), appended and
@@ -87,6 +90,19 @@ def _private_file(path: Path) -> None:
     """Create `path` empty, readable and writable by its owner only, unless it exists."""
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE))
+
+
+def _loads(text: str, what: str) -> Any:
+    """JSON from a column; damage in it is a damaged store, never a traceback."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise StoreCorrupt(f"the store database's {what} is damaged: {str(exc)[:120]}") from exc
+
+
+def _sequence(receipt: Mapping[str, Any] | None) -> int:
+    value = (receipt or {}).get("sequence")
+    return value if isinstance(value, int) else -1  # a malformed one sorts first, then fails
 
 
 def _canonical(value: Any) -> str:
@@ -136,6 +152,7 @@ class ShardStore:
             raise StoreExists(f"{str(root)!r} is not empty and holds no store; give an empty or new "
                               "directory")
         root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+        root.chmod(PRIVATE_DIR)  # also a directory the user made for it: the store is private
         store = cls(root)
         with store.writer():
             if (root / DB_NAME).exists():
@@ -243,9 +260,24 @@ class ShardStore:
         if version > SCHEMA_VERSION:
             raise StoreVersionError(f"{where!r} has schema version {version}, newer than this "
                                     f"code reads ({SCHEMA_VERSION})")
-        if FIRST_VERSION <= was < 5 <= version and not (self.root / JOURNAL_NAME).exists():
-            for row in self.deletions():  # schema 4 had no journal: start it from the ledger
-                self._journal(row.request_id, row.requested_at, row.record_ids)
+        if was != version:
+            if FIRST_VERSION <= was < 5:
+                # Schema 4 may have freed deleted records' bytes without zeroing them: rewrite
+                # the whole file (secure_delete is on now).
+                self.conn.execute("VACUUM")
+            # The migration (and the ledger key it made) must not live only in the WAL: a lost
+            # WAL would take back the key the journal is keyed with.
+            self.truncate_wal()
+        if self.get_meta(JOURNAL_STARTED) is None:
+            # Schema 4 had no journal (and a crash may have cut its start short): journal every
+            # ledger entry it lacks, then say so.
+            journalled = {e["request_id"] for e in self.journal()}
+            for row in self.deletions():
+                if row.request_id not in journalled:
+                    self._journal(row.request_id, row.requested_at, row.record_ids)
+            with self.transaction() as conn:
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 'true')",
+                             [JOURNAL_STARTED])
 
     def _connect(self) -> Database:
         try:
@@ -277,7 +309,10 @@ class ShardStore:
             conn.close()
             wal = path.with_name(f"{DB_NAME}-wal")
             if wal.exists() and wal.stat().st_size > 0:
-                raise
+                raise StoreError(
+                    f"the store at {str(self.root)!r} cannot be read without write access while "
+                    "its WAL holds changes (a writer was interrupted): open it once with write "
+                    "access (e.g. `recover`), or read it as its owner") from None
             conn = sqlite3.connect(_ro_uri(path) + "&immutable=1", uri=True, isolation_level=None,
                                    check_same_thread=False)
         conn.execute("PRAGMA query_only = ON")
@@ -316,19 +351,41 @@ class ShardStore:
         """The keyed digest a tombstone keeps of a deleted record's id."""
         return keyed(self.key, "id", record_id)
 
-    def truncate_wal(self) -> None:
+    def truncate_wal(self) -> bool:
         """Copy the WAL into the database and truncate it, so bytes a deletion removed (zeroed by
-        secure_delete in the database) stay in no WAL frame. A reader holding an old snapshot can
-        keep it from completing; the next deletion or commit tries again."""
+        secure_delete in the database) stay in no WAL frame. Never waits for a reader (the busy
+        handler would, up to the connection's timeout); False if one kept it from completing."""
         if self.read_only:
-            return
-        # Never wait for a reader (the busy handler would, up to the connection's timeout): an
-        # acknowledgement returns at once; the next deletion or commit tries again.
+            return False
         self.conn.execute("PRAGMA busy_timeout = 0")
         try:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         finally:
             self.conn.execute("PRAGMA busy_timeout = 60000")
+        return not busy
+
+    def scrub(self) -> bool:
+        """Truncate the WAL after a deletion; if a reader prevents it, record that a scrub is owed
+        (the audit reports it) and let the next writer try again. Returns whether it is done."""
+        if self.read_only:
+            return False
+        done = self.truncate_wal()
+        owed = self.get_meta(SCRUB_OWED) is not None
+        if done and owed:
+            with self.transaction() as conn:
+                conn.execute("DELETE FROM meta WHERE key = ?", [SCRUB_OWED])
+            done = self.truncate_wal()
+        if not done and not owed:
+            with self.transaction() as conn:
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             [SCRUB_OWED, json.dumps(utcnow())])
+        return done
+
+    def scrub_owed(self) -> str | None:
+        """When a WAL truncation after a deletion was first kept from completing (None if none is
+        owed)."""
+        value = self.get_meta(SCRUB_OWED)
+        return str(value) if value is not None else None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -417,7 +474,7 @@ class ShardStore:
 
     def get_meta(self, key: str) -> Any:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
-        return json.loads(row[0]) if row else None
+        return _loads(row[0], f"meta {key!r}") if row else None
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -561,7 +618,7 @@ class ShardStore:
             # deletion the database lacks, which the next writer applies (the request was valid).
             self._journal(request_id, now, digests)
             before, after = self._tombstone(conn, request_id, now, ids, digests, live)
-        self.truncate_wal()
+        self.scrub()
         shards = sorted(before)
         return Acknowledged(request_id, now, ids, digests, shards,
                             {s: (before[s], after[s]) for s in shards})
@@ -614,14 +671,36 @@ class ShardStore:
     def _journal(self, request_id: str, requested_at: str, digests: Sequence[str]) -> None:
         entry = {"request_id": request_id, "requested_at": requested_at,
                  "record_digests": list(digests)}
-        line = _canonical({**entry, "mac": keyed(self.key, "journal", _canonical(entry))}) + "\n"
+        data = (_canonical({**entry, "mac": keyed(self.key, "journal", _canonical(entry))})
+                + "\n").encode()
         path = self.root / JOURNAL_NAME
+        created = not path.exists()
+        self.cut_journal_tail()  # a line a crash cut short must not swallow this one
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
         try:
-            os.write(fd, line.encode())
+            view = memoryview(data)
+            while view:  # a short write (a full disk) must not pass for a whole line
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
+        if created:
+            files.fsync_dir(self.root)
+
+    def journal_tail(self) -> int:
+        """Bytes after the journal's last newline: a line a crash cut short (0 when whole)."""
+        path = self.root / JOURNAL_NAME
+        if not path.exists():
+            return 0
+        data = path.read_bytes()
+        return len(data) - (data.rfind(b"\n") + 1)
+
+    def cut_journal_tail(self) -> None:
+        """Cut a line a crash left unfinished (its acknowledgement never committed)."""
+        tail = self.journal_tail()
+        if tail:
+            path = self.root / JOURNAL_NAME
+            os.truncate(path, path.stat().st_size - tail)
 
     def journal(self) -> list[dict[str, Any]]:
         """The journalled deletions, each checked against its keyed digest. A last line cut short
@@ -629,6 +708,10 @@ class ShardStore:
         path = self.root / JOURNAL_NAME
         if not path.exists():
             return []
+        stat = path.stat()
+        cached = getattr(self, "_journal_cache", None)
+        if cached is not None and cached[0] == (stat.st_size, stat.st_mtime_ns, stat.st_ino):
+            return list(cached[1])
         complete = path.read_bytes().split(b"\n")[:-1]  # what follows the last newline: cut short
         entries = []
         for number, raw in enumerate(complete, start=1):
@@ -642,7 +725,8 @@ class ShardStore:
                 raise StoreCorrupt(f"{str(path)!r} line {number} is damaged or was edited: the "
                                    "deletions it records cannot be trusted")
             entries.append(body)
-        return entries
+        self._journal_cache = ((stat.st_size, stat.st_mtime_ns, stat.st_ino), entries)
+        return list(entries)
 
     def journal_missing(self) -> list[dict[str, Any]]:
         """Journalled deletions the database does not hold (its WAL was lost, or it was restored
@@ -662,13 +746,16 @@ class ShardStore:
     def replay_journal(self) -> list[str]:
         """Acknowledge again, under their own request ids, the journalled deletions the database
         lacks (the records are found by their keyed id digests); returns the request ids."""
-        missing = self.journal_missing()
-        if not missing:
+        self.cut_journal_tail()
+        if not self.journal_missing():
             return []
         key = self.key
-        by_digest = {keyed(key, "id", r[0]): r[0] for r in self.conn.execute(
-            "SELECT id FROM records WHERE deleted_at IS NULL")}
         with self.transaction() as conn:
+            # Read again under the write lock: another process may have committed its own
+            # journalled deletion meanwhile.
+            missing = self.journal_missing()
+            by_digest = {keyed(key, "id", r[0]): r[0] for r in conn.execute(
+                "SELECT id FROM records WHERE deleted_at IS NULL")} if missing else {}
             for entry in missing:
                 ids = [by_digest[d] for d in entry["record_digests"] if d in by_digest]
                 live = {row["id"]: (row["shard"], row["slice"]) for row in self._chunked(
@@ -677,7 +764,7 @@ class ShardStore:
                 ids = [i for i in ids if i in live]
                 self._tombstone(conn, entry["request_id"], entry["requested_at"], ids,
                                 [keyed(key, "id", i) for i in ids], live)
-        self.truncate_wal()
+        self.scrub()
         return [e["request_id"] for e in missing]
 
     def pending_deletions(self) -> list[DeletionRow]:
@@ -851,7 +938,7 @@ class ShardStore:
                                  [now, _canonical(chained[request_id]), seq, digest, request_id])
                     applied.append(request_id)
         if applied:
-            self.truncate_wal()
+            self.scrub()
         return Committed(done, applied, dropped, chained)
 
     def receipt_digest(self, body: Mapping[str, Any]) -> str:
@@ -871,7 +958,7 @@ class ShardStore:
         problems: list[str] = []
         rows = self.deletions()
         chained = sorted((r for r in rows if r.receipt and "sequence" in r.receipt),
-                         key=lambda r: r.receipt["sequence"])  # type: ignore[index]
+                         key=lambda r: _sequence(r.receipt))
         stored = {r[0]: (r[1], r[2]) for r in self.conn.execute(
             "SELECT request_id, seq, receipt_digest FROM deletions WHERE seq IS NOT NULL")}
         previous: str | None = None
@@ -899,7 +986,11 @@ class ShardStore:
             if len(found) != len(digests):
                 problems.append(f"{name}: {len(digests) - len(found)} of its {len(digests)} deleted "
                                 "ids have no tombstone of this deletion in the store")
-            affected = sorted(int(a["shard"]) for a in receipt.get("affected_shards", []))
+            try:
+                affected = sorted(int(a["shard"]) for a in receipt.get("affected_shards", []))
+            except (KeyError, TypeError, ValueError):
+                problems.append(f"{name}: its retrained shards are malformed")
+                continue
             if not set(affected) <= set(row.shards):
                 problems.append(f"{name}: retrained shards {affected} that the ledger entry "
                                 f"({row.shards}) does not name")

@@ -102,6 +102,13 @@ def _audit(manager: DeletionManager) -> AuditReport:
         note(f"{embeddings} cached embedding(s) of inputs that only deleted records had")
     for d in store.pending_deletions():
         note(f"deletion {d.request_id} is pending on shards {d.shards}")
+    owed = store.scrub_owed()
+    if owed:
+        note(f"the WAL could not be truncated after a deletion (since {owed}; a reader held it): "
+             "it may still hold a deleted record's old pages until a writer retries (`recover`)")
+    if store.journal_tail():
+        note("the deletion journal ends in a line cut short (a crash during an acknowledgement, or "
+             "an edit); `recover` removes it")
     for entry in store.journal_missing():
         note(f"deletion {entry['request_id']} was acknowledged (the deletion journal holds it) but "
              "the database lacks it: its WAL was lost or it was restored from a backup; `recover` "

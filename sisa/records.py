@@ -95,6 +95,8 @@ def make_record(record_id: str, group: str | None, target: str | None, inp: Inpu
                 prior: float | None = None, prompted: bool = False) -> Record:
     """`prompted`: the target is the prompt the input text follows (a causal LM's records)."""
     packed = None if isinstance(inp, str) else pack_features(inp)
+    if prior is not None:
+        prior = prior + 0.0  # -0.0 becomes 0.0: SQLite stores it so, and the digest must agree
     return Record(
         id=RecordId(record_id),
         group=GroupId(group) if group is not None else None,

@@ -400,6 +400,8 @@ class DeletionManager:
             self.store.sweep()
             # Deletions the journal holds and the database lost (a lost WAL, a restored backup).
             self.store.replay_journal()
+            if self.store.scrub_owed():
+                self.store.scrub()
             for _ in range(_MAX_ROUNDS):
                 plan = self.plan()
                 if not plan.shards and not plan.requests:

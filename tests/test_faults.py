@@ -398,7 +398,7 @@ def wal_store(receipted, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wal")
     shutil.copytree(receipted, root / "live")
     with pytest.MonkeyPatch.context() as patch:  # the process "dies" before either
-        patch.setattr(ShardStore, "truncate_wal", lambda self: None)
+        patch.setattr(ShardStore, "scrub", lambda self: False)
         patch.setattr(ShardStore, "tidy", lambda self: [])
         sisa = Sisa.open(root / "live", recover=False)
         sisa.request_deletion(["r0010"])

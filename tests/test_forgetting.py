@@ -4,6 +4,7 @@ the audit relies on is caught (manifests, their registration, record content, th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -331,7 +332,7 @@ def test_a_schema_4_store_is_migrated_with_keyed_tombstones(tmp_path):
         for table, column in (("checkpoints", "seal"), ("deletions", "seq"),
                               ("deletions", "receipt_digest")):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-        conn.execute("DELETE FROM meta WHERE key = 'ledger_key'")
+        conn.execute("DELETE FROM meta WHERE key IN ('ledger_key', 'journal_started')")
         conn.execute("PRAGMA user_version = 4")
     (store / "deletions.journal").unlink()  # schema 4 had none
     read_only = CliRunner().invoke(app, ["status", "--store", str(store)])
@@ -344,3 +345,38 @@ def test_a_schema_4_store_is_migrated_with_keyed_tombstones(tmp_path):
         assert sisa.forget([rows[6]["id"]]).sequence == 1  # the chain starts after the migration
         assert sisa.verify_receipts().ok
         assert len(sisa.store.journal()) == 2 and sisa.audit().ok  # started from the ledger
+
+
+def test_a_journal_line_cut_short_neither_halts_the_store_nor_swallows_the_next(store):
+    journal = store / "deletions.journal"
+    with journal.open("ab") as f:
+        f.write(b'{"mac":"ab')  # a crash in the middle of an acknowledgement's journal write
+    with Sisa.open(store, recover=False, read_only=True) as sisa:
+        assert any("cut short" in v.problem for v in sisa.audit().violations)
+    with Sisa.open(store) as sisa:
+        sisa.forget(["r0020"])
+        assert [e["request_id"] for e in sisa.store.journal()][-1] == sisa.store.deletions()[-1].request_id
+        assert sisa.audit().ok, sisa.audit().violations
+
+
+def test_a_damaged_ledger_value_is_one_line(store):
+    with sqlite3.connect(store / "store.db") as conn:
+        conn.execute("UPDATE deletions SET receipt = '{not json' WHERE seq = 1")
+    for argv in (["receipts", "verify"], ["audit"]):
+        result = CliRunner().invoke(app, [*argv, "--store", str(store)])
+        assert result.exit_code == 1, (argv, result.output)
+        assert "Traceback" not in result.output and "damaged" in result.stderr
+
+
+def test_a_negative_zero_prior_is_not_mistaken_for_damage(tmp_path):
+    spec = dataclasses.replace(SPEC, prior_column="prior")
+    rows = [{**r, "prior": -0.0 if i % 2 else 0.25} for i, r in enumerate(make_rows(60))]
+    with Sisa.train(tmp_path / "store", rows, small_config(), spec) as sisa:
+        sisa.forget([rows[2]["id"], rows[40]["id"]])  # shards reloaded from the store, re-digested
+        assert sisa.audit().ok
+
+
+def test_a_store_directory_made_by_the_user_becomes_private(tmp_path):
+    (tmp_path / "store").mkdir(mode=0o755)
+    Sisa.train(tmp_path / "store", make_rows(30), small_config(shards=2, slices=2), SPEC).close()
+    assert (tmp_path / "store").stat().st_mode & 0o077 == 0
