@@ -12,8 +12,9 @@ of the files it dropped, a half-written temporary) are removed by `sweep`, under
 
 What a deletion leaves: a tombstone holding keyed digests (HMAC with the store's ledger key) of the
 record's id, group and content, never the values; `secure_delete` zeroes the freed bytes and the
-WAL is checkpointed and truncated, so nothing of the record stays readable in the files. Store
-files are created readable by their owner only. A store opened `read_only` never writes.
+WAL is checkpointed and truncated, so nothing of the record stays readable in the files; and a
+line in the deletion journal, so that losing the WAL never takes the deletion back. Store files
+are created readable by their owner only. A store opened `read_only` never writes.
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ COMPLETE = "complete"  # meta key written in the transaction that stores the fir
 SCRUB_OWED = "scrub_owed"  # meta key: a WAL truncation after a deletion is still to be done
 JOURNAL_STARTED = "journal_started"  # meta key: every ledger entry is in the deletion journal
 _CHUNK = 500  # ids per `IN (...)` query: well below SQLite's variable limit
-# What a store directory holds; anything else is reported by the audit.
 # The deletion journal: one line per acknowledged deletion (keyed digests only), appended and
 # fsynced before the acknowledgement commits. SQLite's durability is the database and its WAL
 # together; the journal survives losing either (a WAL deleted after a crash, a database restored
 # from a backup): a writer re-applies every journalled deletion the database lacks.
 JOURNAL_NAME = "deletions.journal"
+# What a store directory holds; anything else is reported by the audit.
 STORE_FILES = frozenset({DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME, CHECKPOINT_DIR,
                          JOURNAL_NAME})
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
