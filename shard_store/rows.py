@@ -123,7 +123,7 @@ def record_row(row: Mapping[str, Any]) -> RecordRow:
     return RecordRow(**{k: row[k] for k in RecordRow.__dataclass_fields__})
 
 
-def _loads(text: str, what: str) -> Any:
+def column_json(text: str, what: str) -> Any:
     """JSON from a column; damage in it is a damaged store, never a traceback."""
     try:
         return json.loads(text)
@@ -133,7 +133,7 @@ def _loads(text: str, what: str) -> Any:
 
 def checkpoint_row(row: Mapping[str, Any]) -> CheckpointRow:
     values = {k: row[k] for k in CheckpointRow.__dataclass_fields__}
-    values["files"] = _loads(values["files"], f"checkpoint {row['key']} files")
+    values["files"] = column_json(values["files"], f"checkpoint {row['key']} files")
     if not isinstance(values["files"], dict):
         raise StoreCorrupt(f"the store database's checkpoint {row['key']} files are damaged")
     return CheckpointRow(**values)
@@ -154,13 +154,13 @@ def deletion_row(row: Mapping[str, Any]) -> DeletionRow:
     try:
         out = DeletionRow(
             request_id=row["request_id"],
-            record_ids=_loads(row["record_ids"], what),
-            shards=_loads(row["shards"], what),
-            before={int(s): sha for s, sha in _loads(row["before"], what).items()},
+            record_ids=column_json(row["record_ids"], what),
+            shards=column_json(row["shards"], what),
+            before={int(s): sha for s, sha in column_json(row["before"], what).items()},
             status=row["status"],
             requested_at=row["requested_at"],
             applied_at=row["applied_at"],
-            receipt=_loads(row["receipt"], what) if row["receipt"] else None,
+            receipt=column_json(row["receipt"], what) if row["receipt"] else None,
         )
     except (AttributeError, ValueError, TypeError) as exc:
         raise StoreCorrupt(f"the store database's {what} is damaged: {str(exc)[:120]}") from exc

@@ -56,6 +56,7 @@ from shard_store.rows import (
     ShardCommit,
     ShardRow,
     checkpoint_row,
+    column_json,
     deletion_row,
     record_row,
     seal_text,
@@ -91,14 +92,6 @@ def _private_file(path: Path) -> None:
     """Create `path` empty, readable and writable by its owner only, unless it exists."""
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE))
-
-
-def _loads(text: str, what: str) -> Any:
-    """JSON from a column; damage in it is a damaged store, never a traceback."""
-    try:
-        return json.loads(text)
-    except (ValueError, TypeError) as exc:
-        raise StoreCorrupt(f"the store database's {what} is damaged: {str(exc)[:120]}") from exc
 
 
 def _sequence(receipt: Mapping[str, Any] | None) -> int:
@@ -475,7 +468,7 @@ class ShardStore:
 
     def get_meta(self, key: str) -> Any:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
-        return _loads(row[0], f"meta {key!r}") if row else None
+        return column_json(row[0], f"meta {key!r}") if row else None
 
     # -- records ---------------------------------------------------------------------------------
 
