@@ -40,7 +40,7 @@ from sisa.schedule import Member, ShardSchedule, shard_schedule
 from sisa.shard_data import ShardCache, ShardData, from_records
 from sisa.tasks import Task
 from sisa.training.protocol import Backend
-from sisa.training.shard_trainer import ShardJob, ShardResult
+from sisa.training.shard_trainer import ShardJob, ShardResult, setup_process
 
 _MAX_ROUNDS = 100  # plan/retrain/commit rounds before a store that keeps changing is reported
 
@@ -391,7 +391,10 @@ class DeletionManager:
                       for rid in done.applied]
 
     def update(self, description: str) -> tuple[TrainingReport, list[DeletionReceipt]]:
-        """Plan, retrain and commit until every shard is current and every deletion applied."""
+        """Plan, retrain and commit until every shard is current and every deletion applied.
+        The seconds (a receipt's too) count from after the process set-up for training."""
+        if self.config.execution.executor != "ray":  # a Ray task sets up its own process
+            setup_process(self.config.training.torch_threads, self.config.execution.device)
         started = time.perf_counter()
         report = TrainingReport()
         receipts: list[DeletionReceipt] = []

@@ -99,19 +99,28 @@ def _checkpoint(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int
     return Checkpoint.create(manifest, tensors, model.export_files())
 
 
-def train_shard(job: ShardJob, backend: Backend | None = None) -> ShardResult:
-    """Run one shard job; pure apart from the seeded RNG it owns. `backend`: the driver's, when
-    the job runs in-process (a Ray task resolves its own from the job's training config)."""
-    started = time.perf_counter()
-    training = job.training
-    if backend is None:
-        backend = resolve_backend(training, job.spec)
+def setup_process(torch_threads: int, device: str) -> str:
+    """The process-wide torch settings every shard trains under; returns the device used. Cheap
+    once done, but the first `use_deterministic_algorithms` call of a process costs about a
+    second: callers run it before they start timing a retrain."""
     # Thread count changes float summation order: fix it so every executor gets the same bits.
-    torch.set_num_threads(training.torch_threads)
-    device = job.device if job.device == "cpu" or torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(torch_threads)
+    device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
     if device == "cuda":  # deterministic cuBLAS needs this before the first CUDA call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=device == "cpu")
+    return device
+
+
+def train_shard(job: ShardJob, backend: Backend | None = None) -> ShardResult:
+    """Run one shard job; pure apart from the seeded RNG it owns. `backend`: the driver's, when
+    the job runs in-process (a Ray task resolves its own from the job's training config). The
+    result's seconds cover the training, not the process set-up."""
+    training = job.training
+    device = setup_process(training.torch_threads, job.device)
+    started = time.perf_counter()
+    if backend is None:
+        backend = resolve_backend(training, job.spec)
     if job.resume is not None:
         model = load_model(backend, job.resume, job.seed, device)
         samples_seen = job.resume.manifest.samples_seen
