@@ -11,31 +11,24 @@ import functools
 import gc
 import hashlib
 import math
-import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-import shard_store
 from shard_store import CheckpointRow, NewRecord, ShardStore
 from sisa import builtin
 from sisa.audit import audit
 from sisa.config import Combine, DataSpec, ExecutionConfig, SisaConfig
-from sisa.ensemble import Ensemble, model_version
+from sisa.ensemble import Ensemble
 from sisa.errors import (
     CheckpointError,
     ColumnError,
     ConfigError,
-    IncompleteStoreError,
     InputKindError,
     RecordError,
-    StoreCorruptError,
     StoreError,
-    StoreExistsError,
-    StoreNotFoundError,
     UnknownReceiptError,
     name_some,
 )
@@ -58,9 +51,9 @@ from sisa.reports import (
     ReceiptsReport,
     RecordScore,
     ScoreReport,
-    ShardStatus,
     StatusReport,
 )
+from sisa.status import CONFIG_DIGEST, model_version, servable, store_errors, store_status
 from sisa.tasks import ClassificationTask, LanguageModelingTask, ModelSpec, task_from_meta
 from sisa.training import resolve_backend
 from sisa.training.causal_lm import PROMPT_SEPARATOR
@@ -73,36 +66,8 @@ from sisa.unlearning import (
     TrainingReport,
 )
 
-_STORE_ERRORS: dict[type[shard_store.StoreError], type[StoreError]] = {
-    shard_store.StoreNotFound: StoreNotFoundError,
-    shard_store.StoreExists: StoreExistsError,
-    shard_store.StoreIncomplete: IncompleteStoreError,
-    shard_store.CheckpointFileError: CheckpointError,
-    shard_store.StoreCorrupt: StoreCorruptError,
-}
-
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@contextmanager
-def _store_errors(where: str) -> Iterator[None]:
-    try:
-        yield
-    except shard_store.StoreError as exc:
-        raise _STORE_ERRORS.get(type(exc), StoreError)(str(exc)) from exc
-    except sqlite3.DatabaseError as exc:  # a damaged page met mid-query, a locked file, ...
-        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-            raise StoreError(f"the store database {where} stayed locked by another process: "
-                             f"{exc}") from exc
-        raise StoreCorruptError(f"the store database {where} is damaged or unreadable "
-                                f"({_printable(str(exc))})") from exc
-
-
-def _printable(text: str, limit: int = 160) -> str:
-    """A message from SQLite may quote a damaged value: keep it short and printable."""
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= limit else f"{clean[:limit]}..."
 
 
 def _mapped(method: Callable[P, R]) -> Callable[P, R]:
@@ -112,7 +77,7 @@ def _mapped(method: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         owner = args[0] if args else None
         root = owner.store.root if isinstance(owner, Sisa) else (args[1] if len(args) > 1 else "")
-        with _store_errors(repr(str(Path(str(root)) / "store.db"))):
+        with store_errors(repr(str(Path(str(root)) / "store.db"))):
             return method(*args, **kwargs)
     return wrapper
 
@@ -170,9 +135,7 @@ class Sisa:
         self.backend = backend or resolve_backend(self.config.training,
                                                   ModelSpec(**store.get_meta("model_spec")))
         self.features = Features(store, self.backend.encoder, progress)
-        fingerprint = self.backend.fingerprint()
-        digest = self.config.digest() if not fingerprint else \
-            _digest(f"{self.config.digest()}/{fingerprint}")
+        digest = config_digest(self.config, self.backend)
         self.manager = DeletionManager(store, self.task, self.backend, self.features, self.config,
                                        digest, progress)
         self._ensemble: Ensemble | None = None
@@ -249,6 +212,7 @@ class Sisa:
         # refuses any other column rather than drop it silently.
         meta = {"config": config.to_dict(), "data_spec": spec.to_dict(), "task": task.to_meta(),
                 "model_spec": dataclasses.asdict(backend.spec),
+                CONFIG_DIGEST: config_digest(config, backend),  # status reads it, with no model
                 "unused_columns": unused_columns(rows, spec)}
         store = ShardStore.create(store_dir, meta, placed, config.partition.shards)
         if embeddings_from is not None:
@@ -386,11 +350,7 @@ class Sisa:
         """Live checkpoints that may serve: non-empty, and with no deletion pending. None while
         the deletion journal holds a deletion the database lacks (which shards it touches is
         unknown until a writer applies it again)."""
-        if self.store.journal_missing():
-            return {}
-        pending = self.store.pending_shards()
-        return {s: row for s, row in self.store.live().items()
-                if s not in pending and row.record_count > 0}
+        return servable(self.store)
 
     @_mapped
     def ensemble(self) -> Ensemble:
@@ -498,44 +458,7 @@ class Sisa:
 
     @_mapped
     def status(self) -> StatusReport:
-        shards = self.store.shards()
-        live = self.store.live()
-        counts = self.store.record_counts()
-        pending = self.store.pending_deletions()
-        pending_shards = self.store.pending_shards()
-        lost = [e["request_id"] for e in self.store.journal_missing()]
-        if lost:  # which shards they touch is unknown until a writer applies them again
-            pending_shards = set(shards)
-        rows = []
-        for s, state in shards.items():
-            row = live.get(s)
-            c = counts.get(s, {"live": 0, "deleted": 0})
-            rows.append(ShardStatus(
-                shard=s,
-                live_slice=row.slice if row else None,
-                checkpoint_key=row.key if row else None,
-                weights_path=str(self.store.root / row.path / "weights.safetensors") if row else None,
-                sha256=row.sha256 if row else None,
-                live_records=c["live"],
-                deleted_records=c["deleted"],
-                deletion_pending=s in pending_shards,
-                current=state.current,
-            ))
-        return StatusReport(
-            store=str(self.store.root),
-            config=self.config.to_dict(),
-            config_digest=self.manager.config_digest,
-            task=self.task.to_meta(),
-            live_records=sum(r.live_records for r in rows),
-            deleted_records=sum(r.deleted_records for r in rows),
-            deletion_requests=self.store.deletion_count(),
-            pending_deletions=[d.request_id for d in pending] + lost,
-            clean_shards=sorted(set(shards) - pending_shards),
-            checkpoints=self.store.checkpoint_count(),
-            embeddings_cached=self.store.embedding_count(),
-            shards=rows,
-            model_version=model_version({s: r.sha256 for s, r in self.servable_shards().items()}),
-        )
+        return store_status(self.store, self.config.to_dict(), self.manager.config_digest)
 
     @_mapped
     def verify_receipts(self) -> ReceiptsReport:
@@ -575,6 +498,13 @@ class Sisa:
 
 def _perplexity(logprob: float, tokens: int) -> float:
     return math.exp(-logprob / tokens) if tokens else math.nan
+
+
+def config_digest(config: SisaConfig, backend: Backend) -> str:
+    """Digest of the partition and training config and of the base model the weights depend on
+    (the execution config does not enter it)."""
+    fingerprint = backend.fingerprint()
+    return config.digest() if not fingerprint else _digest(f"{config.digest()}/{fingerprint}")
 
 
 def _digest(text: str) -> str:

@@ -20,6 +20,7 @@ from sisa.checkpoint import Manifest
 from sisa.errors import CheckpointError, RecordCorruptError, name_some
 from sisa.reports import AuditReport, Violation
 from sisa.schedule import ShardSchedule
+from sisa.status import CONFIG_DIGEST
 from sisa.unlearning import DeletionManager
 
 
@@ -40,6 +41,10 @@ def _audit(manager: DeletionManager) -> AuditReport:
     if damage:  # nothing read from a damaged database can be trusted
         note(f"the database {str(store.root / 'store.db')!r} is damaged: {'; '.join(damage[:3])}")
         return AuditReport(ok=False, checkpoints_checked=0, violations=violations)
+    recorded = store.get_meta(CONFIG_DIGEST)
+    if recorded is not None and recorded != manager.config_digest:
+        note(f"the store was trained with config digest {recorded}; its config and base model now "
+             f"give {manager.config_digest}: the base model changed on disk")
     for name in store.stray_files():
         note("in the store directory but not part of the store: it may hold a deleted record",
              path=str(store.root / name))

@@ -361,8 +361,12 @@ def forget(
 def status(store: Store, as_json: Json = False) -> None:
     """Per shard: live slice checkpoint, its weights file and sha256, live and deleted records,
     pending deletions."""
-    with _read(store) as sisa:
-        result = sisa.status()
+    from sisa.status import quick_status
+
+    result = quick_status(store)  # no model loaded, no torch imported
+    if result is None:  # a store trained before its config digest was recorded
+        with _read(store) as sisa:
+            result = sisa.status()
     table = Table("shard", "live slice", "live", "deleted", "pending", "sha256", "weights",
                   title=f"{result.store}: {result.live_records} live, "
                         f"{result.deleted_records} deleted records")

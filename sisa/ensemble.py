@@ -8,7 +8,6 @@ shards' outputs mean (votes, a next-token mixture) is the task's business.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,14 +16,9 @@ import numpy as np
 from sisa.checkpoint import Checkpoint
 from sisa.errors import NoServableShardError
 from sisa.features import Features
+from sisa.status import model_version
 from sisa.training.protocol import Backend
 from sisa.training.shard_trainer import init_seed
-
-
-def model_version(live: Mapping[int, str]) -> str:
-    """Digest of the (shard, weights sha256) pairs that serve: the model's version."""
-    text = ";".join(f"{s}:{sha}" for s, sha in sorted(live.items()))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 class Ensemble:

@@ -192,3 +192,25 @@ def test_text_backend_end_to_end(tmp_path, tiny_model):
     assert as_json(run("audit", "--store", str(store), "--json"))["ok"]
     evaluation = as_json(run("evaluate", "--store", str(store), "--data", str(data), "--json"))
     assert evaluation["examples"] == 40
+
+
+def test_status_loads_no_model_and_agrees_with_the_library(tmp_path):
+    """`sisa status` reads the store alone (no torch import: it starts fast), and reports what
+    `Sisa.status()` does."""
+    import subprocess
+    import sys
+
+    from sisa import Sisa
+
+    data = write_csv(tmp_path / "train.csv", make_rows(30))
+    run("train", "--store", str(tmp_path / "s"), "--data", str(data), *TRAIN)
+    run("forget", "--store", str(tmp_path / "s"), "r0004", "--no-progress")
+    code = ("import json, sys; from sisa.cli import app\n"
+            f"app(['status', '--store', {str(tmp_path / 's')!r}, '--json'], standalone_mode=False)\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    *report, flags = proc.stdout.strip().splitlines()
+    assert json.loads(flags) == {"torch": False}
+    with Sisa.open(tmp_path / "s", recover=False, read_only=True) as sisa:
+        assert json.loads("\n".join(report)) == json.loads(json.dumps(sisa.status().to_dict()))
