@@ -945,12 +945,19 @@ class ShardStore:
             "SELECT COUNT(*) FROM records r WHERE deleted_at IS NOT NULL AND NOT EXISTS "
             "(SELECT 1 FROM deletions d WHERE d.request_id = r.deletion_request)").fetchone()[0])
 
-    def verify_receipts(self) -> ChainReport:
+    def verify_receipts(self, config_digest: str | None = None) -> ChainReport:
         """Re-check the receipt chain: sequence numbers without gaps, each receipt's digest, the
         link to the one before, and that each deleted id's keyed digest is a tombstone of that
-        request and its ledger entry names the same ids and shards."""
+        request and its ledger entry names the same ids and shards; with `config_digest`, that
+        every receipt names it."""
         problems: list[str] = []
         rows = self.deletions()
+        if config_digest is not None:
+            for d in rows:
+                named = (d.receipt or {}).get("config_digest")
+                if named not in (None, "", config_digest):
+                    problems.append(f"receipt of deletion {d.request_id} names another "
+                                    f"configuration ({named}) than the store's")
         chained = sorted((r for r in rows if r.receipt and "sequence" in r.receipt),
                          key=lambda r: _sequence(r.receipt))
         stored = {r[0]: (r[1], r[2]) for r in self.conn.execute(
