@@ -3,6 +3,7 @@ BERT, a fast config, all on CPU; `assert_exact`, the one exactness check every t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import threading
@@ -216,3 +217,19 @@ def derived_from(store: Path, ids: set[str]) -> list[str]:
         if parent is not None or seen & ids:
             bad.append(str(directory))
     return sorted(bad)
+
+
+def store_snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (and each directory, by name). store.db-shm is left out:
+    it is SQLite's shared-memory index of the WAL, which any connection (a reader too) may rewrite
+    when it opens the database; it holds no data. So is an empty store.db-wal: SQLite creates it
+    when a connection opens the database and removes it when the last one closes; with no frames
+    it holds nothing. store.db and a non-empty store.db-wal are compared byte for byte."""
+    if not root.exists():
+        return {}
+
+    def housekeeping(p: Path) -> bool:
+        return p.name == "store.db-shm" or (p.name == "store.db-wal" and p.stat().st_size == 0)
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*")) if not housekeeping(p)}

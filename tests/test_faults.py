@@ -37,6 +37,7 @@ from .conftest import (
     make_rows,
     make_text_rows,
     small_config,
+    store_snapshot,
     write_csv,
 )
 
@@ -307,14 +308,6 @@ def plant(path: Path) -> None:
     path.write_text("r0006,0,u0,1.0,2.0,3.0,4.0\n")
 
 
-def tree(store: Path) -> dict[str, str]:
-    """Every file's sha256 (store.db-shm aside; an empty store.db-wal, which a reader's SQLite
-    creates, counts as none)."""
-    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file() and p.name != "store.db-shm"
-            and not (p.name == "store.db-wal" and p.stat().st_size == 0)}
-
-
 FILES = ("corrupt", "missing")
 DAMAGED = ("damaged", "malformed", "not a readable")
 RESEAL = ("whoever can write store.db can read the ledger key in its meta table and re-seal an "
@@ -366,14 +359,14 @@ CASES = [
 def assert_audit_names(store: Path, words: tuple[str, ...]) -> None:
     """`sisa audit` exits 1 naming the damage (in its report or its one-line error), with no
     traceback, and leaves the store's files as they were."""
-    before = tree(store)
+    before = store_snapshot(store)
     result = cli("audit", "--store", str(store), "--json")
     assert isinstance(result.exception, SystemExit | None), result.exception
     assert result.exit_code == 1, result.output
     said = result.output.replace(str(store), "STORE").lower()  # the words, never in a path
     assert any(w in said for w in words), said[-3000:]
     assert "traceback" not in said
-    assert tree(store) == before
+    assert store_snapshot(store) == before
 
 
 @pytest.mark.parametrize(("damage", "words"), CASES)

@@ -13,6 +13,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from sisa import HeadConfig, PartitionConfig, RecordCorruptError, Sisa, SisaConf
 from sisa.cli import app
 from sisa.records import records_from_rows
 
-from .conftest import SPEC, TEXT_SPEC, make_rows, make_text_rows, small_config, write_csv
+from .conftest import SPEC, TEXT_SPEC, make_rows, make_text_rows, small_config, store_snapshot, write_csv
 
 SECRET = "zqxjvwk"  # letters no other record has: its bytes anywhere in a file would be the record
 
@@ -36,8 +38,16 @@ def file_bytes(root: Path) -> dict[str, bytes]:
             and not (p.name == "store.db-wal" and p.stat().st_size == 0)}
 
 
-def digests(root: Path) -> dict[str, str]:
-    return {k: hashlib.sha256(v).hexdigest() for k, v in file_bytes(root).items()}
+@contextmanager
+def database(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain SQLite connection, committed and closed at the end (an unclosed one, collected
+    later, would remove the WAL file in the middle of a later snapshot)."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -138,7 +148,7 @@ def _readers_work(outer: Path, tmp_path: Path, trained: Path) -> None:
     home = outer / "home"  # the other user's own home (caches of `datasets`)
     home.mkdir()
     home.chmod(0o777)
-    before = digests(shared)
+    before = store_snapshot(shared)
     python = [sys.executable, "-m", "sisa.cli"]
     for argv in (["status"], ["audit"], ["receipts", "verify"], ["predict", "--data", str(test_csv)],
                  ["evaluate", "--data", str(test_csv)]):
@@ -150,7 +160,7 @@ def _readers_work(outer: Path, tmp_path: Path, trained: Path) -> None:
                               env={**os.environ, "HOME": str(home), "HF_HOME": str(home / "hf")})
         assert proc.returncode == 0, f"{argv}: {proc.stderr[-1500:]}"
         json.loads(proc.stdout)
-    assert digests(shared) == before
+    assert store_snapshot(shared) == before
     assert sorted(p.name for p in shared.iterdir()) == ["checkpoints", "deletions.journal",
                                                         "store.db"]  # nothing new
 
@@ -173,7 +183,7 @@ def _flip(path: Path, offset: int, count: int = 64) -> None:
 
 
 def _page_offset(db: Path, table: str) -> int:
-    with sqlite3.connect(db) as conn:
+    with database(db) as conn:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", [table]).fetchone()[0]
     return (root - 1) * page_size
@@ -183,7 +193,7 @@ def _page_offset(db: Path, table: str) -> int:
 def test_a_damaged_database_is_one_line_error_and_left_as_it_was(store, where):
     db = store / "store.db"
     _flip(db, 20 if where == "header" else _page_offset(db, "records"), 48)
-    before = digests(store)
+    before = store_snapshot(store)
     for argv in (["status"], ["audit"], ["forget", "r0010"], ["receipts", "verify"]):
         command = argv[:1] + (["verify"] if argv[0] == "receipts" else []) + \
             ["--store", str(store)] + [a for a in argv[1:] if a != "verify"]
@@ -193,7 +203,7 @@ def test_a_damaged_database_is_one_line_error_and_left_as_it_was(store, where):
         assert "Traceback" not in proc.stderr and lines[0].startswith("error:"), proc.stderr
         assert "damaged" in lines[0] or "not a readable" in lines[0] or "malformed" in lines[0]
         assert len(lines) <= 2  # the error, and the hint
-    assert digests(store) == before
+    assert store_snapshot(store) == before
 
 
 def _manifest(store: Path) -> Path:
@@ -224,7 +234,7 @@ def test_valid_json_edits_of_a_manifest_are_caught(store, edit, reregistered):
     _edit_manifest(path, edit)
     if reregistered:  # the tamperer updates the database too, without the ledger key
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        with sqlite3.connect(store / "store.db") as conn:
+        with database(store / "store.db") as conn:
             relative = str(path.parent.relative_to(store))
             files = json.loads(conn.execute("SELECT files FROM checkpoints WHERE path = ?",
                                             [relative]).fetchone()[0])
@@ -247,7 +257,7 @@ def test_valid_json_edits_of_a_manifest_are_caught(store, edit, reregistered):
 
 
 def test_a_flipped_byte_in_a_records_content_is_caught_and_never_trained_on(store):
-    with sqlite3.connect(store / "store.db") as conn:
+    with database(store / "store.db") as conn:
         record_id, shard, blob = conn.execute(
             "SELECT id, shard, features FROM records WHERE deleted_at IS NULL ORDER BY id").fetchone()
         flipped = bytearray(blob)
@@ -292,7 +302,7 @@ def _receipts_swapped(conn: sqlite3.Connection) -> None:
 def test_the_receipt_chain_catches_tampering(store, tamper):
     ok = CliRunner().invoke(app, ["receipts", "verify", "--store", str(store), "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout)["receipts"] == 2
-    with sqlite3.connect(store / "store.db") as conn:
+    with database(store / "store.db") as conn:
         tamper(conn)
     result = CliRunner().invoke(app, ["receipts", "verify", "--store", str(store), "--json"])
     assert result.exit_code == 1, result.output
@@ -324,7 +334,7 @@ def test_a_schema_4_store_is_migrated_with_keyed_tombstones(tmp_path):
         sisa.forget([victim])
         key = sisa.store.key
     # Make it what schema 4 wrote: a tombstone in clear, no seal, no chain, no ledger key.
-    with sqlite3.connect(store / "store.db") as conn:
+    with database(store / "store.db") as conn:
         conn.execute("UPDATE records SET id = ?, group_id = ? WHERE id = ?",
                      [victim, rows[5]["user"], keyed(key, "id", victim)])
         conn.execute("UPDATE deletions SET record_ids = ?, receipt = NULL", [json.dumps([victim])])
@@ -360,7 +370,7 @@ def test_a_journal_line_cut_short_neither_halts_the_store_nor_swallows_the_next(
 
 
 def test_a_damaged_ledger_value_is_one_line(store):
-    with sqlite3.connect(store / "store.db") as conn:
+    with database(store / "store.db") as conn:
         conn.execute("UPDATE deletions SET receipt = '{not json' WHERE seq = 1")
     for argv in (["receipts", "verify"], ["audit"]):
         result = CliRunner().invoke(app, [*argv, "--store", str(store)])

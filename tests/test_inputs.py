@@ -4,7 +4,6 @@ CLI with arbitrary values and check it never crashes and never touches a store w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from sisa.records import (
 )
 from sisa.tasks import ClassificationTask
 
-from .conftest import SPEC, make_rows, small_config, write_csv
+from .conftest import SPEC, make_rows, small_config, store_snapshot, write_csv
 
 runner = CliRunner()
 COLUMNS = ["--id-column", "id", "--label-column", "label", "--feature-columns", "f0,f1,f2,f3",
@@ -70,22 +69,6 @@ def assert_clean_error(result: Any, code: int = 1, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root` (and each directory, by name). store.db-shm is left out:
-    it is SQLite's shared-memory index of the WAL, which any connection (a reader too) may rewrite
-    when it opens the database; it holds no data. So is an empty store.db-wal: SQLite creates it
-    when a connection opens the database and removes it when the last one closes; with no frames
-    it holds nothing. store.db and a non-empty store.db-wal are compared byte for byte."""
-    if not root.exists():
-        return {}
-
-    def housekeeping(p: Path) -> bool:
-        return p.name == "store.db-shm" or (p.name == "store.db-wal" and p.stat().st_size == 0)
-
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*")) if not housekeeping(p)}
 
 
 @pytest.fixture(scope="module")
@@ -281,10 +264,10 @@ def test_unused_columns_are_found_in_rows_and_tables():
 
 def test_add_refuses_a_column_the_store_does_not_read(store, tmp_path):
     new = write_csv(tmp_path / "new.csv", [{**r, "extra": 1} for r in make_rows(3, prefix="n")])
-    before = snapshot(store)
+    before = store_snapshot(store)
     result = invoke("add", "--store", str(store), "--data", str(new), "--no-progress")
     assert_clean_error(result, 1, "'extra'")
-    assert snapshot(store) == before
+    assert store_snapshot(store) == before
 
 
 # 6. A non-empty directory that is not a store ------------------------------------------------------
@@ -293,10 +276,10 @@ def test_train_into_a_non_empty_directory_is_refused_and_leaves_it_as_it_was(tra
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep me\n")
-    before = snapshot(target)
+    before = store_snapshot(target)
     result = invoke("train", "--store", str(target), "--data", str(trained[1]), *TRAIN)
     assert_clean_error(result, 1, "is not empty and holds no store")
-    assert snapshot(target) == before
+    assert store_snapshot(target) == before
 
 
 # 7. Unreadable files and odd --store paths: an error line, no traceback ----------------------------
@@ -307,12 +290,12 @@ def test_an_unreadable_ids_file_is_a_usage_error(store, tmp_path, kind):
         else tmp_path / "ids.txt"
     if kind == "latin-1":
         path.write_bytes("r0001\ncaf\u00e9\n".encode("latin-1"))
-    before = snapshot(store)
+    before = store_snapshot(store)
     result = invoke("forget", "--store", str(store), "--ids-file", str(path), "--no-progress")
     reason = {"missing": "No such file or directory", "directory": "Is a directory",
               "latin-1": "it is not UTF-8 text (byte 0xe9 at offset 9); save it as UTF-8"}[kind]
     assert_clean_error(result, 2, "cannot read ids file", reason)
-    assert snapshot(store) == before
+    assert store_snapshot(store) == before
 
 
 def test_a_bom_does_not_hide_the_first_id_and_only_newlines_end_lines(store, tmp_path):
@@ -432,7 +415,7 @@ def test_train_never_crashes_on_an_option_value(trained, tmp_path, option):
     result = invoke("train", "--store", str(target), "--data", str(trained[1]), *TRAIN, f"{flag}={value}")
     assert_no_crash(result)
     if result.exit_code != 0:
-        assert snapshot(target) == {}, "a failed train left files behind"
+        assert store_snapshot(target) == {}, "a failed train left files behind"
 
 
 ids_files = st.one_of(
@@ -449,11 +432,11 @@ ids_files = st.one_of(
 def test_forget_never_crashes_and_a_failure_changes_nothing(store, tmp_path, content, args):
     ids = tmp_path / "ids.txt"
     ids.write_bytes(content)
-    before = snapshot(store)
+    before = store_snapshot(store)
     result = invoke("forget", "--store", str(store), "--ids-file", str(ids), "--no-progress", "--", *args)
     assert_no_crash(result)
     if result.exit_code != 0:
-        assert snapshot(store) == before
+        assert store_snapshot(store) == before
 
 
 @FAST
@@ -463,11 +446,11 @@ def test_forget_never_crashes_and_a_failure_changes_nothing(store, tmp_path, con
 def test_random_bytes_as_data_never_crash_and_change_nothing(store, tmp_path, content, suffix, command):
     data = tmp_path / f"data{suffix}"
     data.write_bytes(content)
-    before = snapshot(store)
+    before = store_snapshot(store)
     result = invoke(command, "--store", str(store), "--data", str(data),
                     *(["--no-progress"] if command == "add" else []))
     assert_no_crash(result)
-    assert result.exit_code != 0 and snapshot(store) == before
+    assert result.exit_code != 0 and store_snapshot(store) == before
 
 
 cells = st.one_of(st.none(), st.text(max_size=8), st.floats(allow_nan=True, allow_infinity=True),
@@ -500,11 +483,11 @@ def test_add_of_odd_rows_never_crashes_and_a_failure_changes_nothing(store, tmp_
         write_csv(data, rows)
     else:
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    before = snapshot(store)
+    before = store_snapshot(store)
     result = invoke("add", "--store", str(store), "--data", str(data), "--no-progress")
     assert_no_crash(result)
     if result.exit_code != 0:
-        assert snapshot(store) == before
+        assert store_snapshot(store) == before
 
 
 # Paths: a command line cannot hold NUL, so neither do these names.
@@ -524,9 +507,9 @@ def test_an_odd_store_path_is_one_error(trained, tmp_path, name, kind, command):
         path.mkdir()
         if kind == "dir with a file":
             (path / "f").write_text("x")
-    before = snapshot(path.parent)
+    before = store_snapshot(path.parent)
     extra = {"predict": ["--data", str(trained[1])], "forget": ["r0001", "--no-progress"],
              "recover": ["--no-progress"]}.get(command, [])
     result = invoke(command, "--store", str(path), *extra)
     assert_no_crash(result)
-    assert result.exit_code != 0 and snapshot(path.parent) == before
+    assert result.exit_code != 0 and store_snapshot(path.parent) == before
