@@ -10,8 +10,12 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import importlib
 import math
-from collections.abc import Callable, Sequence
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -33,17 +37,8 @@ from sisa.errors import (
     name_some,
 )
 from sisa.features import Features
-from sisa.partition import place
-from sisa.records import (
-    Record,
-    check_partition,
-    empty_shards,
-    load_rows,
-    paused_gc,
-    records_from_rows,
-    refuse_new_columns,
-    unused_columns,
-)
+from sisa.intake import Placer, prefetched
+from sisa.records import Batch, Ingest, load_records, refuse_new_columns, unused_columns, wanted
 from sisa.reports import (
     AuditReport,
     EvaluationReport,
@@ -53,10 +48,10 @@ from sisa.reports import (
     ScoreReport,
     StatusReport,
 )
+from sisa.sources import rows_of
 from sisa.status import CONFIG_DIGEST, model_version, servable, store_errors, store_status
 from sisa.tasks import ClassificationTask, LanguageModelingTask, ModelSpec, task_from_meta
 from sisa.training import resolve_backend
-from sisa.training.causal_lm import PROMPT_SEPARATOR
 from sisa.training.protocol import Backend
 from sisa.unlearning import (
     DeletionManager,
@@ -83,38 +78,34 @@ def _mapped(method: Callable[P, R]) -> Callable[P, R]:
 
 
 def resolve_source(source: Any, spec: DataSpec | None) -> tuple[list[dict[str, Any]], DataSpec]:
-    """Rows and column spec of a data source; built-ins bring their own spec."""
+    """Rows and column spec of a data source; built-ins bring their own spec. For small inputs:
+    `data_source` reads large ones a chunk at a time."""
+    source, spec = data_source(source, spec)
+    return rows_of(source, wanted(spec)), spec
+
+
+def preload_torch() -> None:
+    """Import torch, and the torch._dynamo that every optimizer step imports (together about
+    2.3 s of a fresh process here), on a helper thread while this one opens the store, reads,
+    validates and writes records, which need neither; the trainer's own imports then find them
+    loaded, or wait for the helper to finish them."""
+    if "torch._dynamo" not in sys.modules:
+        threading.Thread(target=_import_torch, daemon=True, name="sisa-import-torch").start()
+
+
+def _import_torch() -> None:
+    importlib.import_module("torch")
+    importlib.import_module("torch._dynamo")
+
+
+def data_source(source: Any, spec: DataSpec | None) -> tuple[Any, DataSpec]:
+    """What to read (a built-in becomes its rows) and the column spec."""
     if builtin.is_builtin(source):
         rows, builtin_spec = builtin.load_builtin(str(source))
         return rows, spec or builtin_spec
     if spec is None:
         raise ColumnError("name the data's columns (a DataSpec): its id, label and text or features")
-    return load_rows(source, spec), spec
-
-
-def _placed(records: Sequence[Record], config: SisaConfig,
-            known_groups: dict[str, int] | None = None) -> list[NewRecord]:
-    """Placement of every record; a group whose records would straddle shards is an error."""
-    p = config.partition
-    rows = []
-    group_shard: dict[str, int] = dict(known_groups or {})
-    straddling: set[str] = set()
-    with paused_gc():
-        for r in records:
-            likely = r.prior is not None and r.prior >= p.prior_threshold
-            where = place(r.id, r.group, seed=p.seed, shards=p.shards, slices=p.slices,
-                          likely=likely, strategy=p.placement, late_slices=p.late_slices,
-                          dedicated_shards=p.dedicated_shards)
-            if r.group is not None and group_shard.setdefault(r.group, where.shard) != where.shard:
-                straddling.add(r.group)
-            rows.append(NewRecord(r.id, r.group, r.digest, where.shard, where.slice, where.order,
-                                  r.target, r.text, r.features, r.prior, r.input_digest))
-    if straddling:
-        raise RecordError(
-            "with dedicated_shards placement every record of a group needs the same prior side of "
-            f"the threshold; these groups mix both (nothing was written): {sorted(straddling)[:10]}"
-        )
-    return rows
+    return source, spec
 
 
 class Sisa:
@@ -180,50 +171,68 @@ class Sisa:
         """Validate the data, create the store, and train every shard from scratch; the report is
         `training_report_`. `embeddings_from` seeds the embedding cache from another store (same
         keys, same vectors), so a second store on the same texts never re-encodes them."""
-        rows, spec = resolve_source(source, spec)
+        started = time.perf_counter()
+        source, spec = data_source(source, spec)
         if config.training.task == LanguageModelingTask.kind and spec.label_column is not None:
             spec = dataclasses.replace(spec, label_column=None)  # a causal LM learns text, not labels
         if config.training.task != LanguageModelingTask.kind and spec.prompt_column is not None:
             raise ConfigError(f"a prompt column ({spec.prompt_column!r}) is for the causal_lm "
                               f"backend; backend {config.training.backend!r} learns labels")
-        records = records_from_rows(rows, spec)
-        check_partition(records, config)  # no shard or slice that nothing could fill
         if config.training.input_kind != spec.kind:
             need = "a text column" if config.training.input_kind == "text" else "numeric feature columns"
             raise InputKindError(
                 f"backend {config.training.backend!r} needs {need}; the data has "
                 f"{'a text column' if spec.kind == 'text' else 'feature columns'}")
-        task: ClassificationTask | LanguageModelingTask
-        if config.training.task == LanguageModelingTask.kind:
-            task = LanguageModelingTask()
-        else:
-            task = ClassificationTask.fit([r.target for r in records])
-        # Build the backend before writing anything: a bad model fails here. It also resolves the
-        # input width (an encoder's embedding size for the head backend).
-        backend = resolve_backend(config.training, task.model_spec(
-            len(spec.feature_columns) if spec.kind == "features" else None))
-        backend.fingerprint()
-        validate = getattr(backend, "validate", None)  # e.g. a causal LM's layers against top-k
-        if validate is not None:
-            validate()
-        placed = _placed(records, config)
-        empty = empty_shards((p.shard for p in placed), config.partition.shards)
-        # The columns the training data had and the spec does not read: `add` accepts these, and
-        # refuses any other column rather than drop it silently.
-        meta = {"config": config.to_dict(), "data_spec": spec.to_dict(), "task": task.to_meta(),
-                "model_spec": dataclasses.asdict(backend.spec),
-                CONFIG_DIGEST: config_digest(config, backend),  # status reads it, with no model
-                "unused_columns": unused_columns(rows, spec)}
-        store = ShardStore.create(store_dir, meta, placed, config.partition.shards)
+        ingest = Ingest(source, spec)
+        preload_torch()  # while this thread reads the input
+        placer = Placer(config.partition, keep=True)
+
+        def placed() -> Iterator[list[NewRecord]]:
+            """The input, validated and placed a chunk at a time, as the store writes it."""
+            for batch in ingest:
+                yield placer.place(batch)
+            placer.finish()
+            placer.check_partition()  # no shard or slice that nothing could fill
+
+        built: dict[str, Any] = {}
+
+        def meta() -> dict[str, Any]:
+            """Once every record is read: the task (its classes), then the backend (a bad model
+            fails here, before the store is complete; it also resolves the input width, an
+            encoder's embedding size for the head backend)."""
+            task: ClassificationTask | LanguageModelingTask
+            if config.training.task == LanguageModelingTask.kind:
+                task = LanguageModelingTask()
+            else:
+                task = ClassificationTask.fit(sorted(placer.labels, key=lambda x: (x is None, x or "")))
+            backend = resolve_backend(config.training, task.model_spec(
+                len(spec.feature_columns) if spec.kind == "features" else None))
+            backend.fingerprint()
+            validate = getattr(backend, "validate", None)  # e.g. a causal LM's layers against top-k
+            if validate is not None:
+                validate()
+            built["backend"] = backend
+            # The columns the training data had and the spec does not read: `add` accepts these,
+            # and refuses any other column rather than drop it silently.
+            return {"config": config.to_dict(), "data_spec": spec.to_dict(), "task": task.to_meta(),
+                    "model_spec": dataclasses.asdict(backend.spec),
+                    CONFIG_DIGEST: config_digest(config, backend),  # status reads it, with no model
+                    "unused_columns": unused_columns(ingest, spec)}
+
+        store = ShardStore.create(store_dir, meta, prefetched(placed()), config.partition.shards)
+        ingest_seconds = time.perf_counter() - started
         if embeddings_from is not None:
             store.copy_embeddings_from(embeddings_from)
-        sisa = cls(store, config.execution, progress, backend)
-        sisa.manager.keep_records(records, placed, store.created_versions)
-        del rows, records, placed
+        empty = placer.empty_shards()
+        sisa = cls(store, config.execution, progress, built["backend"])
+        if placer.kept is not None:
+            sisa.manager.data.keep(placer.kept, store.created_versions)
+            placer.kept = None
         # Ingestion made and dropped millions of tracked objects: collect them once now, rather
         # than have the cycle collector walk them again and again during training.
         gc.collect()
         sisa.training_report_ = sisa.manager.update("training shards")[0]
+        sisa.training_report_.ingest_seconds = ingest_seconds
         if empty:
             sisa.training_report_.warnings.append(
                 f"{len(empty)} of {config.partition.shards} shards received no record (shards "
@@ -242,6 +251,8 @@ class Sisa:
         not write); it cannot recover."""
         if read_only and recover:
             raise ConfigError("a store opened read-only cannot recover: pass recover=False")
+        if not read_only:
+            preload_torch()  # a writer is about to train, most likely
         sisa = cls(ShardStore.open(store_dir, read_only=read_only), execution, progress)
         if recover:
             sisa.recovered_ = sisa.recover()
@@ -291,11 +302,13 @@ class Sisa:
     def forget(self, record_ids: Sequence[str]) -> DeletionReceipt:
         """Forget records by id: acknowledge, then apply; returns once the affected shards are
         retrained and swapped in."""
+        preload_torch()  # while the deletion is validated and made durable
         return self._forget(self.manager.request_deletion(ids=record_ids))
 
     @_mapped
     def forget_group(self, group_id: str) -> DeletionReceipt:
         """Forget every record of a group (e.g. a user)."""
+        preload_torch()
         return self._forget(self.manager.request_deletion(group=group_id))
 
     def _forget(self, request: DeletionRequest) -> DeletionReceipt:
@@ -310,24 +323,33 @@ class Sisa:
     @_mapped
     def add(self, source: Any) -> TrainingReport:
         """Add new records; each affected shard retrains from its earliest affected slice."""
-        rows, _ = resolve_source(source, self.data_spec)
+        source, spec = data_source(source, self.data_spec)
+        ingest = Ingest(source, spec)
+        preload_torch()  # while this thread reads the input
         known = self.store.get_meta("unused_columns")
         # A store trained before its columns were kept: accept what it would have (unknown).
-        refuse_new_columns(rows, self.data_spec, unused_columns(rows, self.data_spec)
-                           if known is None else known)
-        records = records_from_rows(rows, self.data_spec)
+        refuse_new_columns(ingest, spec, unused_columns(ingest, spec) if known is None else known)
         # Checked under the lock: a concurrent `add` cannot slip the same ids or groups in between.
         with self.store.writer():
-            existing = self.store.find_records([r.id for r in records])
-            problems = []
-            if existing:
-                problems.append(f"ids already in the store (live or deleted): {sorted(existing)[:10]}")
-            problems += self.task.check_new([r.target for r in records])
-            if problems:
-                raise RecordError("cannot add records (nothing was written): " + "; ".join(problems))
-            groups = sorted({r.group for r in records if r.group is not None})
-            placed = _placed(records, self.config, self.store.group_shards(groups))
-            return self.manager.add(placed)
+            placer = Placer(self.config.partition)
+
+            def placed() -> Iterator[list[NewRecord]]:
+                problems: list[str] = []
+                for batch in ingest:
+                    existing = self.store.find_records(batch.ids)
+                    if existing:
+                        problems.append(f"ids already in the store (live or deleted): "
+                                        f"{sorted(existing)[:10]}")
+                    problems += self.task.check_new(batch.targets)
+                    if problems:
+                        raise RecordError("cannot add records (nothing was written): "
+                                          + "; ".join(problems))
+                    fresh = sorted({g for g in batch.groups if g is not None} - set(placer.group_shard))
+                    placer.group_shard.update(self.store.group_shards(fresh))
+                    yield placer.place(batch)
+                placer.finish()
+
+            return self.manager.add(placed())
 
     @_mapped
     def repair(self, shards: Sequence[int] | None = None, from_scratch: bool = False) -> TrainingReport:
@@ -370,10 +392,15 @@ class Sisa:
         return self._ensemble
 
     def load_inputs(self, source: Any) -> tuple[list[str], list[Any], list[str | None]]:
-        """Ids, model inputs and (where present) labels of records to predict on."""
-        rows, _ = resolve_source(source, self.data_spec)
-        records = records_from_rows(rows, self.data_spec, require_target=False)
+        """Ids, model inputs and (where present) labels of records to predict on (all in memory:
+        `input_batches` reads a large input a chunk at a time)."""
+        records = load_records(*data_source(source, self.data_spec), require_target=False)
         return [r.id for r in records], [r.input for r in records], [r.target for r in records]
+
+    def input_batches(self, source: Any) -> Iterator[Batch]:
+        """Validated records to predict on, a chunk at a time (numeric inputs as one array); a
+        problem anywhere in the input raises once all of it was read."""
+        return iter(Ingest(*data_source(source, self.data_spec), require_target=False))
 
     def predict_proba(self, inputs: list[Any]) -> np.ndarray:
         """Class probabilities (columns in `classes_` order); argmax is always `predict`."""
@@ -389,9 +416,15 @@ class Sisa:
     def evaluate(self, source: Any) -> EvaluationReport:
         """Accuracy and macro-F1 of the ensemble (soft and hard voting) and of each shard."""
         task = self._classifier()
-        _, inputs, labels = self.load_inputs(source)
+        ensemble = self.ensemble()
+        parts: list[dict[int, np.ndarray]] = []
+        labels: list[str | None] = []
+        for batch in self.input_batches(source):
+            labels += batch.targets
+            parts.append(ensemble.shard_proba(batch.inputs))  # type: ignore[arg-type]
         y = task.labels(labels)
-        return task.evaluate(self.ensemble().shard_proba(inputs), y, self.config.voting)
+        proba = {s: np.concatenate([p[s] for p in parts]) for s in parts[0]} if parts else {}
+        return task.evaluate(proba, y, self.config.voting)
 
     # -- causal LMs ------------------------------------------------------------------------------
 
@@ -407,6 +440,8 @@ class Sisa:
             raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if any(not s for s in stop):
             raise ConfigError("a stop string must not be empty")
+        from sisa.training.causal_lm import PROMPT_SEPARATOR  # torch and peft: a causal LM's own
+
         prompted = self.data_spec.prompt_column is not None
         if not prompted and any(not p for p in prompts):
             raise RecordError("a prompt is empty: give some text to continue")
@@ -438,9 +473,9 @@ class Sisa:
         self.require_language_model()
         ensemble = self.ensemble()
         scorer: Any = ensemble.scorer
-        rows, spec = resolve_source(source, self.data_spec)
-        records = records_from_rows(rows, dataclasses.replace(spec, label_column=None),
-                                    require_target=False)
+        source, spec = data_source(source, self.data_spec)
+        records = load_records(source, dataclasses.replace(spec, label_column=None),
+                               require_target=False)
         prompts = [r.target for r in records] if spec.prompt_column else None
         inputs = self.backend.encoder.inputs(  # type: ignore[union-attr]
             self.backend.encoder.examples([r.input for r in records], prompts), None)  # type: ignore[union-attr]

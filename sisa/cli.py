@@ -7,9 +7,12 @@ errors become one clean message, with the command that fixes them, and exit stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
+import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -193,7 +196,8 @@ def _read(store: Path, tidy: bool = True) -> Sisa:
 def _retrain_payload(report: Any) -> dict[str, Any]:
     return {"shards_retrained": [r.shard for r in report.retrained],
             "start_slices": {str(r.shard): r.start_slice for r in report.retrained},
-            "samples": report.samples, "seconds": round(report.seconds, 3)}
+            "samples": report.samples, "seconds": round(report.seconds, 3),
+            **({"ingest_seconds": round(report.ingest_seconds, 3)} if report.ingest_seconds else {})}
 
 
 @app.callback()
@@ -233,6 +237,7 @@ def train(
     payload = {"store": str(store), "records": sisa.status().live_records,
                "shards": sisa.config.partition.shards, "slices": sisa.config.partition.slices,
                "samples": report.samples, "seconds": round(report.seconds, 3),
+               "ingest_seconds": round(report.ingest_seconds, 3),
                "checkpoints_written": report.checkpoints_written, "warnings": report.warnings}
     sisa.close()
     for warning in report.warnings:
@@ -257,19 +262,35 @@ def predict(
     output: Annotated[Path | None, typer.Option(help="Write predictions as JSON lines here.")] = None,
     as_json: Json = False,
 ) -> None:
-    """Predict with the ensemble (never with a shard whose deletion is pending)."""
+    """Predict with the ensemble (never with a shard whose deletion is pending). The input is
+    read a chunk at a time; with --output, predictions are written as they come (to a temporary
+    file, renamed once the whole input was read and found valid)."""
     with _read(store) as sisa:
-        ids, inputs, _ = sisa.load_inputs(data)
-        proba = sisa.predict_proba(inputs)  # one ensemble for both: predict is its argmax
         classes = sisa.classes_
-        labels = [classes[i] for i in proba.argmax(axis=1)]
-        rows: list[dict[str, Any]] = [
-            {"id": i, "prediction": p,
-             "probabilities": {c: round(float(v), 6) for c, v in zip(classes, pr, strict=True)}}
-            for i, p, pr in zip(ids, labels, proba, strict=True)]
+        rows: list[dict[str, Any]] = []
+        sink = None if output is None else output.with_name(f".{output.name}.partial")
+        written = 0
+        try:
+            with contextlib.ExitStack() as stack:
+                handle = None if sink is None else stack.enter_context(sink.open("w"))
+                for batch in sisa.input_batches(data):
+                    proba = sisa.predict_proba(batch.inputs)  # type: ignore[arg-type]
+                    chunk = [{"id": i, "prediction": classes[int(pr.argmax())],
+                              "probabilities": {c: round(float(v), 6)
+                                                for c, v in zip(classes, pr, strict=True)}}
+                             for i, pr in zip(batch.ids, proba, strict=True)]
+                    if handle is not None:
+                        handle.write("".join(json.dumps(r) + "\n" for r in chunk))
+                        written += len(chunk)
+                    if handle is None or as_json:
+                        rows += chunk
+            if sink is not None and output is not None:
+                sink.replace(output)
+        finally:
+            if sink is not None:
+                sink.unlink(missing_ok=True)
     if output is not None:
-        output.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        err.print(f"wrote {len(rows)} predictions to {output}")
+        err.print(f"wrote {written} predictions to {output}")
     if as_json:
         _emit(True, rows)
     elif output is None:
@@ -712,7 +733,20 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """The `sisa` command. Once a command has returned (its stores closed, its output written),
+    the process ends without the interpreter's teardown, which only frees memory: torch's alone
+    takes half a second, a large store's data as long again."""
+    try:
+        app()
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

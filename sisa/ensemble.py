@@ -17,8 +17,8 @@ from sisa.checkpoint import Checkpoint
 from sisa.errors import NoServableShardError
 from sisa.features import Features
 from sisa.status import model_version
+from sisa.training.jobs import init_seed
 from sisa.training.protocol import Backend
-from sisa.training.shard_trainer import init_seed
 
 
 class Ensemble:

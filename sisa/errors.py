@@ -22,12 +22,16 @@ def _shorten(text: str) -> str:
     return f"{text[:MAX_ITEM_CHARS]}... ({len(text):,} characters)"
 
 
-def name_some(items: Iterable[Any], limit: int = MAX_NAMED, quote: bool = False) -> str:
+def name_some(items: Iterable[Any], limit: int = MAX_NAMED, quote: bool = False,
+              total: int | None = None) -> str:
     """Up to `limit` items, comma-separated, then "... and N more"; each item at most
-    MAX_ITEM_CHARS characters (the rest is counted, not shown)."""
+    MAX_ITEM_CHARS characters (the rest is counted, not shown). `total`: how many there are, where
+    `items` holds only the first few."""
     items = list(items)
-    shown = ", ".join(_shorten(repr(i) if quote else str(i)) for i in items[:limit])
-    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+    shown = items[:limit]
+    more = (len(items) if total is None else total) - len(shown)
+    text = ", ".join(_shorten(repr(i) if quote else str(i)) for i in shown)
+    return text + (f" ... and {more} more" if more > 0 else "")
 
 
 class SisaError(Exception):

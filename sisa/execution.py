@@ -23,8 +23,8 @@ from typing import Any
 
 from sisa.config import ExecutionConfig
 from sisa.errors import ConfigError, RayExposureError, ShardTrainingError
+from sisa.training.jobs import ShardJob, ShardResult
 from sisa.training.protocol import Backend
-from sisa.training.shard_trainer import ShardJob, ShardResult, train_shard
 
 
 def run_jobs(jobs: Sequence[ShardJob], execution: ExecutionConfig,
@@ -41,6 +41,8 @@ def run_jobs(jobs: Sequence[ShardJob], execution: ExecutionConfig,
 
 def _run_local(jobs: Sequence[ShardJob], execution: ExecutionConfig,
                backend: Backend | None) -> Iterator[ShardResult]:
+    from sisa.training.shard_trainer import train_shard  # torch: only where shards train
+
     for job in jobs:
         attempts = 0
         while True:
@@ -178,6 +180,8 @@ def private_dir(path: str) -> str:
 
 def _ray_task(job: ShardJob) -> ShardResult:
     import ray
+
+    from sisa.training.shard_trainer import train_shard
 
     result = train_shard(job)
     return replace(result, node=ray.get_runtime_context().get_node_id())

@@ -1,8 +1,10 @@
-"""Stage 1 of the pipeline: read input records (through `datasets`) and validate them.
+"""Stage 1 of the pipeline: validate input records, a chunk of columns at a time (see
+`sisa.sources` for the reading).
 
 Every record gets a stable string id, an optional group id, a target (a class label, or none for a
 task that learns its inputs), its input (a text or a tuple of floats) and a content digest; invalid
-input raises `RecordError` naming the offending rows.
+input raises `RecordError` naming the offending rows, after the whole input was read, so that it
+names every problem at once.
 """
 
 from __future__ import annotations
@@ -11,22 +13,22 @@ import contextlib
 import gc
 import hashlib
 import json
-import logging
 import math
 import numbers
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sisa.config import DataSpec, PartitionConfig, SisaConfig
-from sisa.errors import ColumnError, ConfigError, RecordError, name_some
+from sisa.errors import MAX_NAMED, ColumnError, ConfigError, RecordError, name_some
 from sisa.partition import GroupId, RecordId
+from sisa.sources import CHUNK_ROWS, Chunk, Wanted, open_source
 
 Input = str | tuple[float, ...]
 
-_LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # The largest float32: the models compute in float32, so a larger feature becomes inf (then NaN).
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -109,11 +111,9 @@ def make_record(record_id: str, group: str | None, target: str | None, inp: Inpu
     )
 
 
-def _name_rows(problem: str, rows: Mapping[str, list[int]] | list[int]) -> str:
-    if isinstance(rows, Mapping):
-        return f"{problem}: " + name_some(
-            f"{key!r} (rows {', '.join(map(str, idx[:5]))})" for key, idx in rows.items())
-    return f"{problem}: {name_some(rows)}"
+def _name_rows(problem: str, rows: Mapping[str, list[int]]) -> str:
+    return f"{problem}: " + name_some(
+        f"{key!r} (rows {', '.join(map(str, idx[:5]))})" for key, idx in rows.items())
 
 
 _KINDS = {bool: "boolean", list: "list", tuple: "list", dict: "object"}
@@ -165,218 +165,327 @@ def _canonical_id(value: Any) -> str:
     return str(value).strip()
 
 
+class _Few:
+    """The first few of many items (for an error message) and how many there were."""
+
+    __slots__ = ("count", "items")
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.count = 0
+
+    def add(self, item: Any) -> None:
+        self.count += 1
+        if len(self.items) < MAX_NAMED:
+            self.items.append(item)
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def named(self) -> str:
+        return name_some(self.items, total=self.count)
+
+
+@dataclass
+class Batch:
+    """The valid records of one chunk of the input, as columns, in input order."""
+
+    ids: list[str]
+    groups: list[str | None]
+    targets: list[str | None]  # labels, or a causal LM's prompts
+    inputs: list[str] | np.ndarray  # texts, or (n, features) float64
+    priors: list[float | None]
+    digests: list[str]
+    input_digests: list[str]
+    packed: list[bytes] | None  # each row of numeric inputs as pack_features gives it
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def input(self, i: int) -> Input:
+        if isinstance(self.inputs, np.ndarray):
+            return tuple(self.inputs[i].tolist())
+        return self.inputs[i]
+
+    def records(self) -> list[Record]:
+        packed = self.packed
+        return [Record(RecordId(self.ids[i]), GroupId(g) if (g := self.groups[i]) is not None else None,
+                       self.targets[i], self.input(i), self.digests[i], self.input_digests[i],
+                       self.priors[i], None if packed is None else packed[i])
+                for i in range(len(self.ids))]
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class Validator:
+    """Validates an input chunk by chunk into batches of records; `finish` raises one
+    `RecordError` naming every problem (so a caller writes nothing until it returns). Whole-input
+    checks (duplicate ids, labels that mix numbers and text) span the chunks."""
+
+    def __init__(self, spec: DataSpec, columns: Sequence[str], require_target: bool = True):
+        if not columns:
+            raise RecordError("no records in the input")
+        label_column = spec.label_column
+        if label_column is not None and not require_target and label_column not in columns:
+            label_column = None  # records to predict on: the label may be absent
+        self.spec = spec
+        self.label_column = label_column
+        self.require_target = require_target
+        self.prompted = spec.prompt_column is not None
+        wanted = [spec.id_column, *spec.feature_columns]
+        wanted += [c for c in (label_column, spec.text_column, spec.group_column, spec.prior_column,
+                               spec.prompt_column) if c is not None]
+        missing = [c for c in wanted if c not in set(columns)]
+        if missing:
+            raise ColumnError(f"input has no column(s) {missing}; it has {sorted(columns)}")
+        # Columns whose values must be numbers or text (the text and prompt columns check their own).
+        self.checked = list(dict.fromkeys(
+            c for c in (spec.id_column, label_column, spec.group_column, spec.prior_column)
+            if c is not None and c != spec.prompt_column))
+        self.rows = 0
+        self.seen: dict[str, int] = {}  # id -> its first row
+        self.duplicates: dict[str, list[int]] = {}
+        self.odd_values: dict[str, _Few] = {}
+        self.empty_ids, self.missing_labels, self.bad_inputs = _Few(), _Few(), _Few()
+        self.out_of_range, self.bad_priors, self.bad_prompts = _Few(), _Few(), _Few()
+        self.label_kinds = {True: _Few(), False: _Few()}  # numeric?: (row, id, label)
+        self._numeric: dict[str, bool] = {}
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.odd_values or self.duplicates or self.empty_ids or self.missing_labels
+                    or self.bad_inputs or self.out_of_range or self.bad_priors or self.bad_prompts
+                    or (self.label_kinds[True] and self.label_kinds[False]))
+
+    def _odd(self, column: str, row: int, raw_id: Any, kind: str, value: Any) -> None:
+        where = f"row {row}"
+        if _odd_kind(raw_id) is None and _canonical_id(raw_id):
+            where = f"record {_canonical_id(raw_id)!r} (row {row})"
+        self.odd_values.setdefault(column, _Few()).add(f"{where}: {kind} {value!r}")
+
+    def feed(self, chunk: Chunk) -> Batch:
+        with paused_gc():
+            return self._feed(chunk)
+
+    def _feed(self, chunk: Chunk) -> Batch:
+        spec, n, base, values = self.spec, chunk.size, chunk.start, chunk.values
+        self.rows += n
+        raw_ids = values[spec.id_column]
+        skip = np.zeros(n, dtype=bool)
+        for column in self.checked:
+            col = values[column]
+            if not _PLAIN.issuperset(map(type, col)):
+                for i, v in enumerate(col):
+                    if kind := _odd_kind(v):
+                        self._odd(column, base + i, raw_ids[i], kind, v)
+                        skip[i] = True
+        for column, found in chunk.odd_features.items():
+            for i, v in found:
+                self._odd(column, base + i, raw_ids[i], _odd_kind(v) or type(v).__name__, v)
+                skip[i] = True
+        features = chunk.features
+        finite: list[bool] = []
+        huge: list[bool] = []
+        if features is not None:  # per row, as Python lists: the loop below reads them fast
+            finite = np.isfinite(features).all(axis=1).tolist()
+            huge = ((features > FLOAT32_MAX) | (features < -FLOAT32_MAX)).any(axis=1).tolist()  # type: ignore[assignment]
+        skipped = skip.tolist()
+        labels = values.get(self.label_column) if self.label_column is not None else None
+        prompts = values.get(spec.prompt_column) if spec.prompt_column is not None else None
+        texts = values.get(spec.text_column) if spec.text_column is not None else None
+        groups = values.get(spec.group_column) if spec.group_column is not None else None
+        priors = values.get(spec.prior_column) if spec.prior_column is not None else None
+        keep: list[int] = []
+        ids: list[str] = []
+        out_groups: list[str | None] = []
+        targets: list[str | None] = []
+        out_priors: list[float | None] = []
+        for i in range(n):
+            if skipped[i]:
+                continue
+            row = base + i
+            record_id = _canonical_id(raw_ids[i])
+            if not record_id:
+                self.empty_ids.add(row)
+                continue
+            first = self.seen.setdefault(record_id, row)
+            if first != row:
+                self.duplicates.setdefault(record_id, [first]).append(row)
+            label = _canonical_label(labels[i]) if labels is not None else None
+            if prompts is not None:
+                prompt = prompts[i]
+                if prompt is not None and not isinstance(prompt, str):
+                    self.bad_prompts.add(row)
+                    continue
+                label = prompt or None  # an empty prompt: the whole text is learned
+            elif label is None and labels is not None and self.require_target:
+                self.missing_labels.add(row)
+                continue
+            elif label is not None and self.require_target:
+                numeric = self._numeric.get(label)
+                if numeric is None:
+                    numeric = self._numeric[label] = _is_number(label)
+                self.label_kinds[numeric].add((row, record_id, label))
+            if texts is not None:
+                text = texts[i]
+                if not isinstance(text, str) or not text.strip():
+                    self.bad_inputs.add(row)
+                    continue
+            elif not finite[i]:
+                self.bad_inputs.add(row)
+                continue
+            elif huge[i]:
+                self.out_of_range.add(row)
+                continue
+            group = None
+            if groups is not None:
+                group = _canonical_id(groups[i]) or None
+            prior = None
+            if priors is not None:
+                try:
+                    prior = float(priors[i])
+                except (TypeError, ValueError, OverflowError):
+                    prior = math.nan
+                if not math.isfinite(prior):
+                    self.bad_priors.add(row)
+                    continue
+                prior = prior + 0.0  # -0.0 becomes 0.0: SQLite stores it so, and the digest must agree
+            keep.append(i)
+            ids.append(record_id)
+            out_groups.append(group)
+            targets.append(label)
+            out_priors.append(prior)
+        return self._digested(keep, ids, out_groups, targets, out_priors, texts, features)
+
+    def _digested(self, keep: list[int], ids: list[str], groups: list[str | None],
+                  targets: list[str | None], priors: list[float | None], texts: list[Any] | None,
+                  features: np.ndarray | None) -> Batch:
+        prompted = self.prompted
+        if texts is not None:
+            kept = [texts[i] for i in keep]
+            digests = [content_digest(t, y, g, p) for t, y, g, p in zip(kept, targets, groups, priors,
+                                                                       strict=True)]
+            input_digests = [input_digest(t, None, y if prompted else None)
+                             for t, y in zip(kept, targets, strict=True)]
+            return Batch(ids, groups, targets, kept, priors, digests, input_digests, None)
+        assert features is not None
+        matrix = np.ascontiguousarray(features[keep], dtype="<f8")
+        width = matrix.shape[1] * 8
+        flat = matrix.reshape(-1).view(np.uint8).data  # each row's bytes copied once, from here
+        packed = [flat[k:k + width].tobytes() for k in range(0, len(flat), width)]
+        heads: dict[tuple[Any, ...], bytes] = {}  # the JSON part, shared by records alike
+        digests = []
+        for y, g, p, row in zip(targets, groups, priors, packed, strict=True):
+            key = (y, g, p)
+            head = heads.get(key)
+            if head is None:
+                fields = ["f8", y, g] if p is None else ["f8", y, g, p]
+                head = heads[key] = json.dumps(fields, separators=(",", ":")).encode() + b"\0"
+            digests.append(_digest(head + row))
+        input_digests = [_digest(b"f8\0" + row) for row in packed]
+        return Batch(ids, groups, targets, matrix, priors, digests, input_digests, packed)
+
+    def finish(self) -> None:
+        """Raise the input's problems, if any."""
+        spec = self.spec
+        self.seen = {}  # every id was checked: free them (a million ids hold about 100 MB)
+        if not self.rows:
+            raise RecordError("no records in the input")
+        problems: list[str] = []
+        for column, places in self.odd_values.items():
+            problems.append(f"column {column!r} holds values that are neither numbers nor text (give "
+                            f"numbers or text there): {places.named()}")
+        if self.duplicates:
+            problems.append(_name_rows(f"duplicate ids in column {spec.id_column!r}", self.duplicates))
+        if self.empty_ids:
+            problems.append(f"empty ids in column {spec.id_column!r} at rows: {self.empty_ids.named()}")
+        if self.missing_labels:
+            problems.append(f"missing labels in column {spec.label_column!r} at rows: "
+                            f"{self.missing_labels.named()}")
+        if self.bad_inputs:
+            what = spec.text_column or ",".join(spec.feature_columns)
+            problems.append(f"missing or non-numeric inputs in {what!r} at rows: "
+                            f"{self.bad_inputs.named()}")
+        if self.out_of_range:
+            problems.append(f"inputs in {','.join(spec.feature_columns)!r} beyond float32's range "
+                            f"(|x| > {FLOAT32_MAX:.3g}) at rows: {self.out_of_range.named()}")
+        numeric, text = self.label_kinds[True], self.label_kinds[False]
+        if numeric and text:
+            stray, others, kind = (text, "numeric", "text") if text.count <= numeric.count else (
+                numeric, "text", "numeric")
+            problems.append(
+                f"labels in column {self.label_column!r} mix numbers and text: {kind} label(s) "
+                + name_some([f"{label!r} (record {rid!r}, row {row})" for row, rid, label in stray.items],
+                            total=stray.count)
+                + f" among {numeric.count + text.count - stray.count} {others} ones; fix or remove "
+                "those rows")
+        if self.bad_priors:
+            problems.append(f"missing or non-numeric priors in {spec.prior_column!r} at rows: "
+                            f"{self.bad_priors.named()}")
+        if self.bad_prompts:
+            problems.append(f"non-text prompts in {spec.prompt_column!r} at rows: "
+                            f"{self.bad_prompts.named()}")
+        if problems:
+            raise RecordError("invalid records (nothing was written): " + "; ".join(problems))
+
+
+class Ingest:
+    """An input read chunk by chunk into validated batches. Iterating yields the batches (none
+    after the first problem) and ends by raising the input's problems, if any; `column_names` are
+    the input's."""
+
+    def __init__(self, source: Any, spec: DataSpec, require_target: bool = True,
+                 rows_per_chunk: int = CHUNK_ROWS):
+        self._source = open_source(source, wanted(spec), rows_per_chunk)
+        self.column_names = self._source.columns
+        self.validator = Validator(spec, self.column_names, require_target)
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[Batch]:
+        for chunk in self._source.chunks():
+            batch = self.validator.feed(chunk)
+            if len(batch) and not self.validator.failed:
+                yield batch
+        self.validator.finish()
+
+
 def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec,
                       require_target: bool = True) -> list[Record]:
     """Validate rows (dicts of column -> value) into records; all problems are reported at once.
     Without `require_target` (records to predict on) the label column may be absent or empty."""
-    with paused_gc():
-        return _records_from_rows(list(rows), spec, require_target)
-
-
-def _records_from_rows(rows: list[Mapping[str, Any]], spec: DataSpec,
-                       require_target: bool) -> list[Record]:
-    if not rows:
-        raise RecordError("no records in the input")
-    label_column = spec.label_column
-    if label_column is not None and not require_target and label_column not in rows[0]:
-        label_column = None
-    prompt_column = spec.prompt_column  # a causal LM's records: the prompt is the target
-    wanted = [spec.id_column, *spec.feature_columns]
-    wanted += [c for c in (label_column, spec.text_column, spec.group_column, spec.prior_column,
-                           prompt_column) if c is not None]
-    missing_columns = [c for c in wanted if c not in rows[0]]
-    if missing_columns:
-        raise ColumnError(f"input has no column(s) {missing_columns}; it has {sorted(rows[0])}")
-
-    problems: list[str] = []
-    # Columns whose values must be numbers or text (the text and prompt columns check their own).
-    scalar_columns = list(dict.fromkeys(
-        c for c in (spec.id_column, label_column, spec.group_column, spec.prior_column,
-                    *spec.feature_columns) if c is not None and c != prompt_column))
-    odd_values: dict[str, list[str]] = {}
-    labelled: list[tuple[int, str, str]] = []  # (row, id, label): mixed numbers and text?
-    out_of_range: list[int] = []
-    empty_ids: list[int] = []
-    missing_labels: list[int] = []
-    bad_inputs: list[int] = []
-    bad_priors: list[int] = []
-    bad_prompts: list[int] = []
-    seen: dict[str, list[int]] = {}
-    records: list[Record] = []
-    for row_number, row in enumerate(rows):
-        odd = [] if _PLAIN.issuperset(map(type, map(row.__getitem__, scalar_columns))) else \
-            [(c, kind) for c in scalar_columns if (kind := _odd_kind(row[c]))]
-        if odd:
-            where = f"row {row_number}"
-            if _odd_kind(row[spec.id_column]) is None and _canonical_id(row[spec.id_column]):
-                where = f"record {_canonical_id(row[spec.id_column])!r} (row {row_number})"
-            for column, kind in odd:
-                odd_values.setdefault(column, []).append(f"{where}: {kind} {row[column]!r}")
-            continue
-        record_id = _canonical_id(row[spec.id_column])
-        if not record_id:
-            empty_ids.append(row_number)
-            continue
-        seen.setdefault(record_id, []).append(row_number)
-        label = _canonical_label(row[label_column]) if label_column is not None else None
-        if prompt_column is not None:
-            prompt = row[prompt_column]
-            if prompt is not None and not isinstance(prompt, str):
-                bad_prompts.append(row_number)
-                continue
-            label = prompt or None  # an empty prompt: the whole text is learned
-        elif label is None and label_column is not None and require_target:
-            missing_labels.append(row_number)
-            continue
-        elif label is not None and require_target:
-            labelled.append((row_number, record_id, label))
-        inp: Input
-        if spec.text_column is not None:
-            text = row[spec.text_column]
-            if not isinstance(text, str) or not text.strip():
-                bad_inputs.append(row_number)
-                continue
-            inp = text
-        else:
-            try:
-                inp = tuple(float(row[c]) for c in spec.feature_columns)
-            except (TypeError, ValueError):
-                bad_inputs.append(row_number)
-                continue
-            # sum() is finite when every value is (and cannot overflow below float32's range):
-            # one C-speed pass for the common case.
-            if not math.isfinite(sum(inp)) and not all(math.isfinite(v) for v in inp):
-                bad_inputs.append(row_number)
-                continue
-            if max(map(abs, inp)) > FLOAT32_MAX:
-                out_of_range.append(row_number)
-                continue
-        group = None
-        if spec.group_column is not None:
-            group = _canonical_id(row[spec.group_column]) or None
-        prior = None
-        if spec.prior_column is not None:
-            try:
-                prior = float(row[spec.prior_column])
-            except (TypeError, ValueError):
-                prior = math.nan
-            if not math.isfinite(prior):
-                bad_priors.append(row_number)
-                continue
-        records.append(make_record(record_id, group, label, inp, prior, prompt_column is not None))
-
-    for column, places in odd_values.items():
-        problems.append(f"column {column!r} holds values that are neither numbers nor text (give "
-                        f"numbers or text there): {name_some(places)}")
-    duplicates = {key: idx for key, idx in seen.items() if len(idx) > 1}
-    if duplicates:
-        problems.append(_name_rows(f"duplicate ids in column {spec.id_column!r}", duplicates))
-    if empty_ids:
-        problems.append(_name_rows(f"empty ids in column {spec.id_column!r} at rows", empty_ids))
-    if missing_labels:
-        problems.append(
-            _name_rows(f"missing labels in column {spec.label_column!r} at rows", missing_labels)
-        )
-    if bad_inputs:
-        what = spec.text_column or ",".join(spec.feature_columns)
-        problems.append(_name_rows(f"missing or non-numeric inputs in {what!r} at rows", bad_inputs))
-    if out_of_range:
-        problems.append(_name_rows(f"inputs in {','.join(spec.feature_columns)!r} beyond float32's "
-                                   f"range (|x| > {FLOAT32_MAX:.3g}) at rows", out_of_range))
-    stray, others = odd_labels([label for _, _, label in labelled])
-    if stray:
-        kind = "text" if others == "numeric" else "numeric"
-        problems.append(
-            f"labels in column {label_column!r} mix numbers and text: {kind} label(s) "
-            + name_some(f"{labelled[i][2]!r} (record {labelled[i][1]!r}, row {labelled[i][0]})"
-                        for i in stray)
-            + f" among {len(labelled) - len(stray)} {others} ones; fix or remove those rows")
-    if bad_priors:
-        problems.append(
-            _name_rows(f"missing or non-numeric priors in {spec.prior_column!r} at rows", bad_priors))
-    if bad_prompts:
-        problems.append(_name_rows(f"non-text prompts in {prompt_column!r} at rows", bad_prompts))
-    if problems:
-        raise RecordError("invalid records (nothing was written): " + "; ".join(problems))
-    return records
-
-
-def load_rows(source: Any, spec: DataSpec) -> list[dict[str, Any]]:
-    """Rows from a local csv/json(l)/parquet file, a `datasets.Dataset`, or a list of dicts."""
-    if isinstance(source, Sequence) and not isinstance(source, str):
-        return [dict(r) for r in source]
-    if not isinstance(source, (str, Path)):  # a datasets.Dataset (or anything iterable of rows)
-        return [dict(r) for r in source]
-    path = Path(source)
-    if path.is_dir():
-        raise RecordError(f"data file {str(path)!r} is a directory: give a .csv, .json, .jsonl or "
-                          ".parquet file")
-    if not path.is_file():
-        raise RecordError(f"data file {str(path)!r} does not exist")
-    loader = _LOADERS.get(path.suffix.lower())
-    if loader is None:
-        raise RecordError(
-            f"cannot read {str(path)!r}: use a .csv, .json, .jsonl or .parquet file"
-        )
-    import datasets  # heavy import, only when reading files
-
-    kwargs: dict[str, Any] = {}
-    if loader == "csv":
-        # Ids such as "007" must stay strings: never let the CSV reader parse them as numbers.
-        kwargs["converters"] = {c: str for c in (spec.id_column, spec.group_column) if c}
-    datasets.disable_progress_bars()
-    # datasets logs a failed read itself (to a stream it captured when first imported): keep it
-    # quiet, so the one error below says it.
-    log = logging.getLogger("datasets")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        dataset = datasets.load_dataset(
-            loader, data_files=str(path), split="train", keep_in_memory=True, **kwargs
-        )
-    except Exception as exc:  # datasets raises many types for malformed files
-        cause = _root_cause(exc)  # "An error occurred while generating the dataset" says nothing
-        raise RecordError(f"cannot read {str(path)!r}: {type(cause).__name__}: {cause}") from exc
-    finally:
-        log.setLevel(level)
-    return [dict(r) for r in dataset]
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    while True:
-        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-        if inner is None:
-            return exc
-        exc = inner
+    return load_records(list(rows), spec, require_target)
 
 
 def load_records(source: Any, spec: DataSpec, require_target: bool = True) -> list[Record]:
-    """Read and validate records from any supported source."""
-    return records_from_rows(load_rows(source, spec), spec, require_target)
-
-
-def _placement_key(record: Record) -> str:
-    # What placement hashes for the shard (see sisa.partition.place): the group, else the id.
-    return f"g:{record.group}" if record.group is not None else f"r:{record.id}"
+    """Read and validate records from any supported source (all in memory: for small inputs;
+    `Ingest` streams)."""
+    return [r for batch in Ingest(source, spec, require_target) for r in batch.records()]
 
 
 def check_partition(records: Sequence[Record], config: SisaConfig | PartitionConfig) -> None:
-    """Refuse a partition the records cannot fill: more shards than records (or than groups and
-    ungrouped records, since a group stays in one shard), or more slices than records. Call it
-    before creating a store: such shards (slices) would train on nothing."""
-    partition = config.partition if isinstance(config, SisaConfig) else config
-    units = len({_placement_key(r) for r in records})
+    """Refuse a partition these records cannot fill (see `check_counts`)."""
     groups = len({r.group for r in records if r.group is not None})
+    ungrouped = sum(r.group is None for r in records)
+    check_counts(len(records), ungrouped + groups, groups, config)
+
+
+def check_counts(records: int, units: int, groups: int, config: SisaConfig | PartitionConfig) -> None:
+    """Refuse a partition the records cannot fill: more shards than placement `units` (a group
+    stays in one shard, so a group is one unit, and each ungrouped record another), or more slices
+    than records. Call it before a store is complete: such shards (slices) would train on nothing."""
+    partition = config.partition if isinstance(config, SisaConfig) else config
     problems = []
     if partition.shards > units:
-        what = f"{len(records)} records" if not groups else (
-            f"{len(records)} records in {units} placement units ({groups} groups, a group stays in "
+        what = f"{records} records" if not groups else (
+            f"{records} records in {units} placement units ({groups} groups, a group stays in "
             "one shard, and the ungrouped records)")
         problems.append(f"shards={partition.shards} is more than the data can fill: there are {what}; "
                         f"give shards <= {units}")
-    if partition.slices > len(records):
-        problems.append(f"slices={partition.slices} is more than the {len(records)} records: every "
-                        f"shard would have empty slices; give slices <= {len(records)}")
+    if partition.slices > records:
+        problems.append(f"slices={partition.slices} is more than the {records} records: every "
+                        f"shard would have empty slices; give slices <= {records}")
     if problems:
         raise ConfigError("invalid partition for this data (nothing was written): "
                           + "; ".join(problems))
@@ -385,6 +494,13 @@ def check_partition(records: Sequence[Record], config: SisaConfig | PartitionCon
 def empty_shards(placed: Iterable[int], shards: int) -> list[int]:
     """The shards of 0..shards-1 that no record was placed in (`placed`: each record's shard)."""
     return sorted(set(range(shards)) - set(placed))
+
+
+def wanted(spec: DataSpec) -> Wanted:
+    """The columns of the input that the spec reads, as the readers take them."""
+    named = [spec.id_column, spec.label_column, spec.text_column, spec.group_column,
+             spec.prior_column, spec.prompt_column]
+    return Wanted(tuple(dict.fromkeys(c for c in named if c is not None)), spec.feature_columns)
 
 
 def spec_columns(spec: DataSpec) -> list[str]:

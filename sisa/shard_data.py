@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from shard_store import ShardStore
+from shard_store import NewRecord, ShardStore
 from sisa.errors import RecordCorruptError, StoreError, name_some
-from sisa.records import Record, content_digest, pack_features, paused_gc
-from sisa.schedule import Member, digest_line, training_order
+from sisa.records import content_digest, paused_gc
+from sisa.schedule import Member, digest_line
 from sisa.tasks import Task
 
 
@@ -67,20 +67,40 @@ def load_shard(store: ShardStore, shard: int, version: int, task: Task,
                 f"shard {shard}: {len(bad)} record(s) no longer match their content digest (the "
                 f"stored content was damaged or altered): {name_some(bad, quote=True)}; forget "
                 "them and add them again from the source data")
-        members = [Member(r[0], r[1], r[2], r[3]) for r in rows]
-        targets = task.encode_targets([r[4] for r in rows])
-        contexts = task.contexts([r[4] for r in rows])
-        inputs: np.ndarray | list[Any]
-        if input_dim is not None:
-            if any(r[5] is None for r in rows):
-                raise StoreError(f"shard {shard} holds a record without numeric features; the "
-                                 "store is inconsistent")
-            flat = np.frombuffer(b"".join(r[5] for r in rows), dtype="<f8")
-            inputs = flat.reshape(len(rows), input_dim)
-        else:
-            inputs = [r[6] for r in rows]
-        return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs,
-                         contexts)
+        return from_rows(shard, version, rows, task, input_dim)
+
+
+def written(shard: int, version: int, records: Sequence[NewRecord], task: Task,
+            input_dim: int | None) -> ShardData:
+    """The shard data of records this process has just written (and digested from these very
+    bytes), equal to what `load_shard` would read back."""
+    with paused_gc():
+        ordered = sorted(records, key=lambda r: (r.slice, r.order_key, r.id))
+        # Fresh copies of the ids, laid out in training order: the records' own strings lie in
+        # input order, and every later pass over the shard (keys, manifests) would read memory
+        # out of order (it made writing a 200k-id manifest four times slower).
+        rows = [(r.id.encode().decode(), r.digest, r.slice, r.order_key, r.target, r.features,
+                 r.text, r.group_id, r.prior) for r in ordered]
+        return from_rows(shard, version, rows, task, input_dim)
+
+
+def from_rows(shard: int, version: int, rows: Sequence[tuple[Any, ...]], task: Task,
+              input_dim: int | None) -> ShardData:
+    """Shard data from rows as `ShardStore.shard_rows` gives them, in training order."""
+    members = [Member(r[0], r[1], r[2], r[3]) for r in rows]
+    targets = task.encode_targets([r[4] for r in rows])
+    contexts = task.contexts([r[4] for r in rows])
+    inputs: np.ndarray | list[Any]
+    if input_dim is not None:
+        if any(r[5] is None for r in rows):
+            raise StoreError(f"shard {shard} holds a record without numeric features; the "
+                             "store is inconsistent")
+        flat = np.frombuffer(b"".join(r[5] for r in rows), dtype="<f8")
+        inputs = flat.reshape(len(rows), input_dim)
+    else:
+        inputs = [r[6] for r in rows]
+    return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs,
+                     contexts)
 
 
 def altered(rows: Sequence[tuple[Any, ...]]) -> list[str]:
@@ -97,28 +117,6 @@ def altered(rows: Sequence[tuple[Any, ...]]) -> list[str]:
         if actual != digest:
             bad.append(record_id)
     return bad
-
-
-def from_records(shard: int, version: int, records: Sequence[tuple[Member, Record]], task: Task,
-                 input_dim: int | None) -> ShardData:
-    """A shard built from records in memory (those just written), equal to what `load_shard`
-    would read back: training order, float64 features, texts as they are."""
-    with paused_gc():
-        ordered = sorted(records, key=lambda mr: training_order(mr[0]))
-        # Fresh copies of the ids, laid out in training order: the records' own strings lie in
-        # input order, and every later pass over the shard (keys, manifests) would read memory
-        # out of order (it made writing a 200k-id manifest four times slower).
-        members = [Member(m.id.encode().decode(), m.digest, m.slice, m.order) for m, _ in ordered]
-        targets = task.encode_targets([r.target for _, r in ordered])
-        contexts = task.contexts([r.target for _, r in ordered])
-        inputs: np.ndarray | list[Any]
-        if input_dim is not None:
-            packed = b"".join(r.features or pack_features(r.input) for _, r in ordered)  # type: ignore[arg-type]
-            inputs = np.frombuffer(packed, dtype="<f8").reshape(len(ordered), input_dim)
-        else:
-            inputs = [r.input for _, r in ordered]
-        return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs,
-                         contexts)
 
 
 class ShardCache:
@@ -138,9 +136,11 @@ class ShardCache:
                 self._shards[s] = load_shard(self.store, s, versions[s], self.task, self.input_dim)
         return {s: self._shards[s] for s in shards}
 
-    def keep(self, data: Mapping[int, ShardData]) -> None:
-        """Keep shards built in memory (from records just written)."""
-        self._shards.update(data)
+    def keep(self, records: Mapping[int, Sequence[NewRecord]], versions: Mapping[int, int]) -> None:
+        """Keep the shards of records just written at these versions (a shard that another
+        process changes meanwhile is read again: its version moved)."""
+        for s, rows in records.items():
+            self._shards[s] = written(s, versions[s], rows, self.task, self.input_dim)
 
     def removed(self, ids: Collection[str], versions: Mapping[int, tuple[int, int]]) -> None:
         """Records `ids` were deleted, taking each shard in `versions` from its first version to its

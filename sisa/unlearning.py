@@ -35,12 +35,11 @@ from sisa.config import SisaConfig
 from sisa.errors import CheckpointError, RecordError, StoreError, UnknownRecordError, name_some
 from sisa.execution import run_jobs
 from sisa.features import Features, Progress
-from sisa.records import Record
-from sisa.schedule import Member, ShardSchedule, shard_schedule
-from sisa.shard_data import ShardCache, ShardData, from_records
+from sisa.schedule import ShardSchedule, shard_schedule
+from sisa.shard_data import ShardCache, ShardData
 from sisa.tasks import Task
+from sisa.training.jobs import ShardJob, ShardResult
 from sisa.training.protocol import Backend
-from sisa.training.shard_trainer import ShardJob, ShardResult, setup_process
 
 _MAX_ROUNDS = 100  # plan/retrain/commit rounds before a store that keeps changing is reported
 
@@ -138,7 +137,9 @@ class TrainingReport:
     retrained: list[ShardRetrain] = field(default_factory=list)
     checkpoints_written: int = 0
     checkpoints_dropped: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # planning, retraining and committing (from after the process set-up)
+    # Reading, validating and writing the new records (train, add), before any training.
+    ingest_seconds: float = 0.0
     live: dict[int, str] = field(default_factory=dict)  # shard -> sha256 of its new live weights
     warnings: list[str] = field(default_factory=list)  # e.g. shards that received no record
 
@@ -254,20 +255,15 @@ class DeletionManager:
         returns the receipts of the deletions applied."""
         return self.update("applying deletions")[1]
 
-    def keep_records(self, records: Sequence[Record], rows: Sequence[NewRecord],
-                     versions: Mapping[int, int]) -> None:
-        """Keep the shard data of a store just created from `records` (placed as `rows`, written
-        at shard `versions`), so training need not read back what was just written."""
-        by_shard: dict[int, list[tuple[Member, Record]]] = {s: [] for s in versions}
-        for row, record in zip(rows, records, strict=True):
-            by_shard[row.shard].append((Member(row.id, row.digest, row.slice, row.order_key), record))
-        self.data.keep({s: from_records(s, versions[s], items, self.task, self.data.input_dim)
-                        for s, items in by_shard.items()})
-
-    def add(self, rows: Sequence[NewRecord]) -> TrainingReport:
-        """Insert placed records; each affected shard retrains from its earliest affected slice."""
+    def add(self, rows: Sequence[NewRecord] | Iterable[Sequence[NewRecord]]) -> TrainingReport:
+        """Insert placed records (or chunks of them); each affected shard retrains from its
+        earliest affected slice."""
+        started = time.perf_counter()
         self.store.insert_records(rows)
-        return self.update("retraining shards")[0]
+        ingest = time.perf_counter() - started
+        report = self.update("retraining shards")[0]
+        report.ingest_seconds = ingest
+        return report
 
     def repair(self, shards: Iterable[int], from_scratch: bool = False) -> TrainingReport:
         """Retrain each shard from its first missing or damaged checkpoint (from slice 0 with
@@ -394,6 +390,8 @@ class DeletionManager:
         """Plan, retrain and commit until every shard is current and every deletion applied.
         The seconds (a receipt's too) count from after the process set-up for training."""
         if self.config.execution.executor != "ray":  # a Ray task sets up its own process
+            from sisa.training.shard_trainer import setup_process  # torch, now that it trains
+
             setup_process(self.config.training.torch_threads, self.config.execution.device)
         started = time.perf_counter()
         report = TrainingReport()

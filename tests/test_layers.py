@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # modules may import each other, bottom up, as the package's internal order allows).
 FLOORS: dict[str, int] = {
     "sisa.errors": 0,
-    "sisa.config": 1, "sisa.partition": 1, "sisa.schedule": 1,
+    "sisa.config": 1, "sisa.partition": 1, "sisa.schedule": 1, "sisa.sources": 1,
     "sisa.records": 2, "sisa.checkpoint": 2, "sisa.reports": 2, "sisa.models": 2,
     "sisa.builtin": 2, "sisa.evidence": 2,
-    "sisa.tasks": 3, "sisa.status": 3,
-    "sisa.training": 4,  # the package: protocol, state, encoder, mlp, head, lora, causal_lm, shard_trainer
+    "sisa.tasks": 3, "sisa.status": 3, "sisa.intake": 3,
+    "sisa.training": 4,  # the package: jobs, protocol, state, encoder, mlp, head, lora, causal_lm,
+    # shard_trainer
     "sisa.execution": 5, "sisa.features": 5, "sisa.shard_data": 5,
     "sisa.ensemble": 6,
     "sisa.unlearning": 7,
@@ -125,6 +126,19 @@ def test_import_sisa_stays_light():
             "print(','.join(m for m in ('torch', 'ray', 'transformers', 'shard_store') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"`import sisa` loaded {out.stdout.strip()}"
+
+
+def test_the_driver_imports_torch_only_to_train_or_serve():
+    """Reading, validating and writing records, the status, the audit, the receipts and a
+    deletion's acknowledgement run without torch (its import is two seconds of every command);
+    the trainer and the models import it when they are used."""
+    import subprocess
+
+    code = ("import sys, sisa.api, sisa.cli, sisa.audit, sisa.unlearning, sisa.execution, "
+            "sisa.ensemble, sisa.intake; "
+            "print(','.join(m for m in ('torch', 'transformers', 'peft', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing the driver loaded {out.stdout.strip()}"
 
 
 @pytest.mark.parametrize("path", files("benchmarks") + files("tests"), ids=module_name)

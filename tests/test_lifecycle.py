@@ -112,14 +112,15 @@ def test_a_deletion_acknowledged_while_a_store_is_created_is_not_trained_on(tmp_
     import sisa.unlearning as unlearning
 
     victim = rows[7]["id"]
-    real = unlearning.DeletionManager.keep_records
+    real = unlearning.DeletionManager.update
 
-    def acknowledged_first(self, records, placed, versions):
+    def acknowledged_first(self, *args, **kwargs):
         with Sisa.open(tmp_path / "store", recover=False) as other:  # the store is complete now
             other.request_deletion([victim])
-        real(self, records, placed, versions)
+        monkeypatch.undo()
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(unlearning.DeletionManager, "keep_records", acknowledged_first)
+    monkeypatch.setattr(unlearning.DeletionManager, "update", acknowledged_first)
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     monkeypatch.undo()
     assert sisa.pending() == [] and sisa.audit().ok

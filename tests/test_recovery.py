@@ -19,7 +19,7 @@ def test_crash_after_acknowledgement_is_recovered_on_open(tmp_path, rows, config
     def boom(job, backend=None):
         raise RuntimeError("simulated crash during retraining")
 
-    monkeypatch.setattr("sisa.execution.train_shard", boom)
+    monkeypatch.setattr("sisa.training.shard_trainer.train_shard", boom)
     with pytest.raises(ShardTrainingError, match="shard 1"):
         sisa.forget([victim])
     sisa.close()
@@ -68,7 +68,7 @@ def test_interrupted_add_is_completed_by_recovery(tmp_path, rows, config, monkey
     def boom(job, backend=None):
         raise RuntimeError("crash")
 
-    monkeypatch.setattr("sisa.execution.train_shard", boom)
+    monkeypatch.setattr("sisa.training.shard_trainer.train_shard", boom)
     with pytest.raises(ShardTrainingError):
         sisa.add(rows[120:])
     sisa.close()
@@ -88,7 +88,7 @@ def test_transient_failure_is_retried(tmp_path, rows, config, monkeypatch):
             raise RuntimeError("transient")
         return real(job, backend)
 
-    monkeypatch.setattr("sisa.execution.train_shard", flaky)
+    monkeypatch.setattr("sisa.training.shard_trainer.train_shard", flaky)
     report = Sisa.train(tmp_path / "store", rows, config, SPEC).training_report_
     assert report.retrained[0].attempts == 2
     assert all(r.attempts == 1 for r in report.retrained[1:])
@@ -98,7 +98,7 @@ def test_final_error_names_shard_and_carries_traceback(tmp_path, rows, config, m
     def boom(job, backend=None):
         raise ValueError(f"bad thing in shard {job.shard}")
 
-    monkeypatch.setattr("sisa.execution.train_shard", boom)
+    monkeypatch.setattr("sisa.training.shard_trainer.train_shard", boom)
     with pytest.raises(ShardTrainingError) as info:
         Sisa.train(tmp_path / "store", rows, config, SPEC)
     err = info.value

@@ -12,16 +12,18 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from sisa.config import TrainingConfig
 from sisa.records import Input
 from sisa.tasks import ModelSpec
 
 if TYPE_CHECKING:
+    import torch
+
     from sisa.training.encoder import TextEncoder
 
-State = tuple[dict[str, torch.Tensor], dict[str, Any]]  # tensors for safetensors, JSON metadata
+# torch is imported where a model is built, never by importing this module (nor the driver's).
+State = tuple[dict[str, "torch.Tensor"], dict[str, Any]]  # tensors for safetensors, JSON metadata
 
 
 class ShardModel(Protocol):
@@ -72,5 +74,7 @@ class PerShardScorer:
         self.models = dict(models)
 
     def shard_proba(self, inputs: Any) -> dict[int, np.ndarray]:
+        import torch
+
         with torch.no_grad():
             return {s: m.predict_proba(inputs).double().cpu().numpy() for s, m in self.models.items()}

@@ -8,56 +8,20 @@ slice, epoch); model init from (seed, shard).
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from sisa.checkpoint import FORMAT, RNG_TENSOR, Checkpoint, Manifest
-from sisa.config import TrainingConfig
 from sisa.errors import CheckpointError
-from sisa.schedule import ShardSchedule, derive_seed
-from sisa.tasks import ModelSpec
+from sisa.schedule import derive_seed
 from sisa.training import resolve_backend
+from sisa.training.jobs import ShardJob, ShardResult, init_seed
 from sisa.training.protocol import Backend, ShardModel
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """Train the shard of `schedule` from `start_slice` to its last slice (resuming from
-    `resume`, the checkpoint of slice start_slice - 1, if given)."""
-
-    schedule: ShardSchedule
-    training: TrainingConfig
-    spec: ModelSpec
-    seed: int
-    device: str  # "cpu", or "cuda" (the CPU where no GPU is visible)
-    config_digest: str  # enters every manifest
-    inputs: Any  # every record, in training order: an (n, d) array (features, embeddings) or texts
-    targets: np.ndarray  # training targets (class indices), in training order
-    start_slice: int
-    resume: Checkpoint | None = None
-
-    @property
-    def shard(self) -> int:
-        return self.schedule.shard
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    shard: int
-    checkpoints: list[Checkpoint]  # one per trained slice, in slice order
-    samples: int
-    seconds: float
-    attempts: int = 1
-    node: str = field(default="")
-
-
-def init_seed(seed: int, shard: int) -> int:
-    return derive_seed(seed, "init", shard)
 
 
 def load_model(backend: Backend, checkpoint: Checkpoint, seed: int, device: str = "cpu") -> ShardModel:
@@ -100,15 +64,23 @@ def _checkpoint(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int
 
 
 def setup_process(torch_threads: int, device: str) -> str:
-    """The process-wide torch settings every shard trains under; returns the device used. Cheap
-    once done, but the first `use_deterministic_algorithms` call of a process costs about a
-    second: callers run it before they start timing a retrain."""
+    """The process-wide torch settings every shard trains under; returns the device used. Callers
+    run it before they start timing a retrain."""
     # Thread count changes float summation order: fix it so every executor gets the same bits.
     torch.set_num_threads(torch_threads)
     device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
     if device == "cuda":  # deterministic cuBLAS needs this before the first CUDA call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=device == "cpu")
+    # What torch.use_deterministic_algorithms does for eager code, without its import of
+    # torch._inductor.config (about 1 s in a fresh process, for torch.compile, which sisa never
+    # uses); inductor's flag is set too where it is loaded.
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = True  # type: ignore[attr-defined]
+    torch._C._set_deterministic_algorithms(True, warn_only=device == "cpu")
+    # Every optimizer step imports torch._dynamo (about 1.2 s, once per process): here, before
+    # any retrain is timed, rather than inside the first one.
+    importlib.import_module("torch._dynamo")
     return device
 
 

@@ -1,0 +1,131 @@
+"""Placing validated batches of records for the store (stage 2 on whole batches), and the counts
+that training checks once the whole input was read: records, placement units, classes, shards."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+from shard_store import NewRecord
+from sisa.config import PartitionConfig
+from sisa.errors import RecordError
+from sisa.partition import place
+from sisa.records import Batch, check_counts, empty_shards
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """The items of `items`, each made on a helper thread while the caller uses the one before:
+    reading and validating the next chunk of an input overlaps with the store writing this one
+    (SQLite lets other threads run while it writes). An error of `items` is raised here."""
+    slot: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slot.put((True, item))
+            slot.put((True, done))
+        except BaseException as exc:  # handed to the caller's thread
+            slot.put((False, exc))
+
+    helper = threading.Thread(target=produce, daemon=True, name="sisa-read-ahead")
+    helper.start()
+    try:
+        while True:
+            ok, item = slot.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while helper.is_alive():  # a producer blocked on the full slot: free it
+            with contextlib.suppress(queue.Empty):
+                slot.get_nowait()
+            helper.join(0.05)
+
+
+# Inputs (feature bytes, text) a new store's placed records may hold in memory for its first
+# training, which then need not read back and re-check what was just written and digested.
+KEEP_BYTES = 1 << 30
+
+
+class Placer:
+    """Places batch after batch; a group keeps the shard its first record (or the store, through
+    `known_groups`) gave it. With `keep`, the placed records stay in `kept` (by shard) while
+    their inputs fit in KEEP_BYTES; beyond, `kept` becomes None."""
+
+    def __init__(self, partition: PartitionConfig, known_groups: Mapping[str, int] | None = None,
+                 keep: bool = False):
+        self.partition = partition
+        self.kept: dict[int, list[NewRecord]] | None = {} if keep else None
+        self._kept_bytes = 0
+        self.group_shard: dict[str, int] = dict(known_groups or {})
+        self.straddling: set[str] = set()
+        self.records = 0
+        self.ungrouped = 0
+        self.groups: set[str] = set()
+        self.labels: set[str | None] = set()
+        self.shards: Counter[int] = Counter()
+
+    def place(self, batch: Batch) -> list[NewRecord]:
+        p = self.partition
+        rows = []
+        texts = None if batch.packed is not None else batch.inputs
+        for i, record_id in enumerate(batch.ids):
+            group, prior = batch.groups[i], batch.priors[i]
+            likely = prior is not None and prior >= p.prior_threshold
+            where = place(record_id, group, seed=p.seed, shards=p.shards, slices=p.slices,
+                          likely=likely, strategy=p.placement, late_slices=p.late_slices,
+                          dedicated_shards=p.dedicated_shards)
+            if group is None:
+                self.ungrouped += 1
+            else:
+                self.groups.add(group)
+                if self.group_shard.setdefault(group, where.shard) != where.shard:
+                    self.straddling.add(group)
+            rows.append(NewRecord(record_id, group, batch.digests[i], where.shard, where.slice,
+                                  where.order, batch.targets[i], None if texts is None else texts[i],
+                                  None if batch.packed is None else batch.packed[i], prior,
+                                  batch.input_digests[i]))
+            self.shards[where.shard] += 1
+        self.records += len(batch)
+        self.labels.update(batch.targets)
+        if self.kept is not None:
+            self._kept_bytes += batch.inputs.nbytes if isinstance(batch.inputs, np.ndarray) else \
+                sum(map(len, batch.inputs))
+            if self._kept_bytes > KEEP_BYTES:
+                self.kept = None  # too large to hold: training reads it back
+            else:
+                for row in rows:
+                    self.kept.setdefault(row.shard, []).append(row)
+        return rows
+
+    def finish(self) -> None:
+        """Raise if a group's records went to different shards (dedicated_shards placement with
+        priors on both sides of the threshold)."""
+        if self.straddling:
+            raise RecordError(
+                "with dedicated_shards placement every record of a group needs the same prior side "
+                "of the threshold; these groups mix both (nothing was written): "
+                f"{sorted(self.straddling)[:10]}")
+
+    def check_partition(self) -> None:
+        """Refuse a partition that the records placed cannot fill."""
+        check_counts(self.records, self.ungrouped + len(self.groups), len(self.groups),
+                     self.partition)
+
+    def empty_shards(self) -> list[int]:
+        return empty_shards(self.shards, self.partition.shards)

@@ -1,0 +1,305 @@
+"""Reading input records in chunks, as columns: csv, json(l) and parquet files through Arrow, a
+`datasets.Dataset`, a `pyarrow.Table`, or a list of dicts.
+
+A chunk holds the wanted columns as Python lists and the numeric features as one float64 array
+(NaN where a value is missing or not a number), so validation, digests and placement work on whole
+columns. CSV and Parquet files stream a chunk at a time, so memory stays bounded for inputs larger
+than RAM; so does JSON Lines, unless its types vary between rows (then its remaining lines go
+through Python's JSON parser, still a chunk at a time). A JSON array is read whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from sisa.errors import RecordError
+
+CHUNK_BYTES = 32 << 20  # CSV and JSON text per chunk (Arrow's block size)
+CHUNK_ROWS = 65_536  # rows per chunk of a table or a list of dicts
+_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class Chunk:
+    """Consecutive rows of the input, as columns."""
+
+    start: int  # the input row number of its first row
+    size: int
+    values: dict[str, list[Any]]  # the wanted non-feature columns (those the input has)
+    features: np.ndarray | None  # (size, features) float64; NaN: missing or not a number
+    # feature column -> (row in the chunk, value) of values that are neither numbers nor text
+    odd_features: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
+
+
+class Wanted(NamedTuple):
+    """The columns to read: those read as Python values (id, label, text, group, prior,
+    prompt) and the numeric features."""
+
+    scalars: tuple[str, ...]
+    features: tuple[str, ...]
+
+
+def _float_or_nan(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def _odd(value: Any) -> bool:
+    """Neither a number nor text nor missing: a boolean, a list, an object..."""
+    if isinstance(value, bool):
+        return True
+    return value is not None and not isinstance(value, (str, int, float))
+
+
+def _list_features(column: list[Any], odd: list[tuple[int, Any]]) -> np.ndarray:
+    """A feature column of Python values as float64 (NaN: missing or not a number); booleans,
+    lists, objects go to `odd`."""
+    if {type(v) for v in column} <= {int, float}:  # the common case, at C speed
+        try:
+            return np.array(column, dtype=np.float64)
+        except OverflowError:
+            pass
+    out = np.empty(len(column))
+    for i, v in enumerate(column):
+        if _odd(v):
+            odd.append((i, v))
+            out[i] = math.nan
+        else:
+            out[i] = math.nan if v is None else _float_or_nan(v)
+    return out
+
+
+def _arrow_features(column: Any, odd: list[tuple[int, Any]]) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind) \
+            or pa.types.is_null(kind):
+        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass  # e.g. " 1" or "1_0", which Python reads: value by value, as Python does
+    return _list_features(column.to_pylist(), odd)
+
+
+def _from_columns(start: int, size: int, get: Any, names: Sequence[str], wanted: Wanted,
+                  arrow: bool) -> Chunk:
+    present = set(names)
+    values = {c: get(c) if not arrow else get(c).to_pylist()
+              for c in wanted.scalars if c in present}
+    features = None
+    odd: dict[str, list[tuple[int, Any]]] = {}
+    if wanted.features and all(c in present for c in wanted.features):
+        # Column-major: each column is written contiguously (the rows are gathered later).
+        features = np.empty((size, len(wanted.features)), order="F")
+        for j, c in enumerate(wanted.features):
+            found: list[tuple[int, Any]] = []
+            features[:, j] = _arrow_features(get(c), found) if arrow else _list_features(get(c), found)
+            if found:
+                odd[c] = found
+    return Chunk(start, size, values, features, odd)
+
+
+def _arrow_chunk(start: int, batch: Any, wanted: Wanted) -> Chunk:
+    return _from_columns(start, batch.num_rows, batch.column, batch.schema.names, wanted, arrow=True)
+
+
+def _rows_chunk(start: int, rows: Sequence[Mapping[str, Any]], wanted: Wanted) -> Chunk:
+    def get(column: str) -> list[Any]:
+        return [row.get(column) for row in rows]
+    names = list(rows[0]) if rows else []
+    return _from_columns(start, len(rows), get, names, wanted, arrow=False)
+
+
+class Source:
+    """An input opened for reading: its column names, then its chunks (read once)."""
+
+    def __init__(self, columns: list[str], chunks: Iterator[Chunk]):
+        self.columns = columns
+        self._chunks = chunks
+
+    def chunks(self) -> Iterator[Chunk]:
+        return self._chunks
+
+
+def _table_chunks(batches: Iterator[Any], wanted: Wanted, start: int = 0) -> Iterator[Chunk]:
+    for batch in batches:
+        if batch.num_rows:
+            yield _arrow_chunk(start, batch, wanted)
+            start += batch.num_rows
+
+
+def _rows_chunks(rows: Sequence[Mapping[str, Any]], wanted: Wanted, rows_per_chunk: int) -> Iterator[Chunk]:
+    for start in range(0, len(rows), rows_per_chunk):
+        yield _rows_chunk(start, rows[start:start + rows_per_chunk], wanted)
+
+
+def open_source(source: Any, wanted: Wanted, rows_per_chunk: int = CHUNK_ROWS) -> Source:
+    """Open a local csv/json(l)/parquet file, a `datasets.Dataset`, a `pyarrow.Table` or a list of
+    dicts; an unreadable file is a `RecordError` naming it and why."""
+    if isinstance(source, (str, Path)):
+        return _open_file(Path(source), wanted)
+    table = getattr(getattr(source, "data", None), "table", None)  # a datasets.Dataset
+    if table is None and hasattr(source, "to_batches") and hasattr(source, "schema"):
+        table = source  # a pyarrow.Table
+    if table is not None:
+        return Source(list(table.schema.names),
+                      _table_chunks(iter(table.to_batches(max_chunksize=rows_per_chunk)), wanted))
+    rows = source if isinstance(source, Sequence) else list(source)
+    if rows and not all(isinstance(r, Mapping) for r in rows[:1]):
+        raise RecordError(f"records must be mappings of column -> value, got {type(rows[0]).__name__}")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return Source(columns, _rows_chunks(rows, wanted, rows_per_chunk))
+
+
+def _unreadable(path: Path, exc: BaseException) -> RecordError:
+    return RecordError(f"cannot read {str(path)!r}: {type(exc).__name__}: {exc}")
+
+
+def _open_file(path: Path, wanted: Wanted) -> Source:
+    if path.is_dir():
+        raise RecordError(f"data file {str(path)!r} is a directory: give a .csv, .json, .jsonl or "
+                          ".parquet file")
+    if not path.is_file():
+        raise RecordError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise RecordError(f"cannot read {str(path)!r}: use a .csv, .json, .jsonl or .parquet file")
+    try:
+        if suffix == ".csv":
+            return _open_csv(path, wanted)
+        if suffix == ".parquet":
+            return _open_parquet(path, wanted)
+        return _open_json(path, wanted)
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:  # pyarrow's errors too
+        raise _unreadable(path, exc) from exc
+
+
+def _guarded(path: Path, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """A malformed row found mid-file is a RecordError naming the file, like one found first."""
+    try:
+        yield from chunks
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _open_csv(path: Path, wanted: Wanted) -> Source:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise RecordError(f"cannot read {str(path)!r}: the file is empty (no header row)")
+    present = [c for c in (*wanted.scalars, *wanted.features) if c in header]
+    # Every column as text: ids such as "007" stay strings, a type never changes between chunks,
+    # and the numbers are parsed (and checked) column by column: Arrow's cast from text is twice
+    # as fast as its CSV reader's own number parsing (50,000 rows x 600: 1.1 s against 2.2 s).
+    reader = pacsv.open_csv(
+        path, read_options=pacsv.ReadOptions(block_size=CHUNK_BYTES),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in present},
+                                             include_columns=present, strings_can_be_null=False))
+    return Source(header, _guarded(path, _table_chunks(iter(reader), wanted)))
+
+
+def _open_parquet(path: Path, wanted: Wanted) -> Source:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = list(parquet.schema_arrow.names)
+    present = [c for c in (*wanted.scalars, *wanted.features) if c in names]
+    batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=present)
+    return Source(names, _guarded(path, _table_chunks(batches, wanted)))
+
+
+def _open_json(path: Path, wanted: Wanted) -> Source:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):  # one JSON array: read whole
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise RecordError(f"cannot read {str(path)!r}: a JSON array of objects was expected")
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        return Source(columns, _rows_chunks(rows, wanted, CHUNK_ROWS))
+    first = _first_json_row(path)
+    return Source(list(first), _guarded(path, _json_lines(path, wanted)))
+
+
+def _first_json_row(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8-sig") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"line 1 is not a JSON object: {line[:80]!r}")
+                return row
+    raise ValueError("the file holds no records")
+
+
+def _json_lines(path: Path, wanted: Wanted) -> Iterator[Chunk]:
+    """Arrow's JSON reader while the types hold; if a column changes type (a number, then text),
+    Python's parser reads the rest, from the first row not yet given."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    done = 0
+    try:
+        reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=CHUNK_BYTES))
+        for batch in reader:
+            if batch.num_rows:
+                yield _arrow_chunk(done, batch, wanted)
+                done += batch.num_rows
+        return
+    except pa.ArrowInvalid:
+        pass  # mixed types: read on in Python
+    rows: list[dict[str, Any]] = []
+    seen = 0
+    with path.open(encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            seen += 1
+            if seen <= done:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"line {number} is not valid JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"line {number} is not a JSON object: {line[:80]!r}")
+            rows.append(row)
+            if len(rows) == CHUNK_ROWS:
+                yield _rows_chunk(done, rows, wanted)
+                done += len(rows)
+                rows = []
+    if rows:
+        yield _rows_chunk(done, rows, wanted)
+
+
+def rows_of(source: Any, wanted: Wanted) -> list[dict[str, Any]]:
+    """Every row of a small input as a dict (for callers that need rows, e.g. a holdout sample)."""
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        return [dict(r) for r in source]
+    opened = open_source(source, wanted)
+    rows: list[dict[str, Any]] = []
+    for chunk in opened.chunks():
+        columns = dict(chunk.values)
+        if chunk.features is not None:
+            for j, c in enumerate(wanted.features):
+                columns[c] = chunk.features[:, j].tolist()
+        rows += [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    return rows
+
