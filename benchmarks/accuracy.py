@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SYN_SPEC, Mode, mlp_config, save_figure, synthetic_rows
-from sisa import ExecutionConfig, HeadConfig, LoraConfig, PartitionConfig, Sisa, SisaConfig, TrainingConfig
+from benchmarks.common import SYN_SPEC, Mode, execution, mlp_config, save_figure, synthetic_rows
+from sisa import HeadConfig, LoraConfig, PartitionConfig, Sisa, SisaConfig, TrainingConfig
 from sisa.api import resolve_source
 from sisa.builtin import stable_subset
 
@@ -19,7 +19,7 @@ def text_config(shards: int, slices: int, training: TrainingConfig) -> SisaConfi
     """A text backend's own defaults (head: logistic, 10 epochs, lr 3e-3; lora: 2 epochs, batch
     16, lr 2e-3, 64 tokens)."""
     return SisaConfig(partition=PartitionConfig(shards=shards, slices=slices),
-                      training=training, execution=ExecutionConfig(progress=False))
+                      training=training, execution=execution())
 
 
 def _curve(name: str, work: Path, train: Any, test: Any, spec: Any, shard_counts: tuple[int, ...],

@@ -110,9 +110,19 @@ def timer() -> Iterator[dict[str, float]]:
         box["seconds"] = time.perf_counter() - started
 
 
+GPU_ENV = "SISA_BENCH_GPUS_PER_SHARD"  # set by benchmarks/gpu.py: shards train on the GPU
+
+
+def execution() -> ExecutionConfig:
+    """The benchmarks' execution config: in this process, no progress bars; on the GPU (this
+    share of it per shard) when the GPU script sets SISA_BENCH_GPUS_PER_SHARD."""
+    return ExecutionConfig(progress=False, gpus_per_shard=float(os.environ.get(GPU_ENV, "0")))
+
+
 def machine() -> str:
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}{gpu}")
 
 
 def save_figure(fig: Any, out: Path, name: str) -> Path:

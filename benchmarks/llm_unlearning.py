@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, save_figure, write_json
+from benchmarks.common import execution, machine, save_figure, write_json
 from sisa import PartitionConfig, Sisa, SisaConfig
 from sisa.api import resolve_source
 from sisa.approximate import METHODS, scorer_for, unlearn
@@ -71,7 +71,8 @@ def _config(s: Setting, shards: int, slices: int, top_k: int | None = None) -> S
         partition=PartitionConfig(shards=shards, slices=slices, seed=0),
         training=CausalLMConfig(model=s.model, epochs_per_slice=s.epochs, learning_rate=s.learning_rate,
                                 top_k_layers=s.top_k if top_k is None else top_k,
-                                max_length=s.max_length))
+                                max_length=s.max_length),
+        execution=execution())
 
 
 def _canary_summary(ev: Evidence, groups: set[str]) -> dict[str, Any]:
