@@ -37,7 +37,7 @@ from sisa.errors import (
     name_some,
 )
 from sisa.features import Features
-from sisa.intake import Placer, prefetched
+from sisa.intake import Placer
 from sisa.records import Batch, Ingest, load_records, refuse_new_columns, unused_columns, wanted
 from sisa.reports import (
     AuditReport,
@@ -186,6 +186,7 @@ class Sisa:
         ingest = Ingest(source, spec)
         preload_torch()  # while this thread reads the input
         placer = Placer(config.partition, keep=True)
+        backend_seconds: list[float] = []  # building the backend, within the store's creation
 
         def placed() -> Iterator[list[NewRecord]]:
             """The input, validated and placed a chunk at a time, as the store writes it."""
@@ -200,6 +201,7 @@ class Sisa:
             """Once every record is read: the task (its classes), then the backend (a bad model
             fails here, before the store is complete; it also resolves the input width, an
             encoder's embedding size for the head backend)."""
+            begun = time.perf_counter()
             task: ClassificationTask | LanguageModelingTask
             if config.training.task == LanguageModelingTask.kind:
                 task = LanguageModelingTask()
@@ -212,6 +214,7 @@ class Sisa:
             if validate is not None:
                 validate()
             built["backend"] = backend
+            backend_seconds.append(time.perf_counter() - begun)
             # The columns the training data had and the spec does not read: `add` accepts these,
             # and refuses any other column rather than drop it silently.
             return {"config": config.to_dict(), "data_spec": spec.to_dict(), "task": task.to_meta(),
@@ -219,8 +222,9 @@ class Sisa:
                     CONFIG_DIGEST: config_digest(config, backend),  # status reads it, with no model
                     "unused_columns": unused_columns(ingest, spec)}
 
-        store = ShardStore.create(store_dir, meta, prefetched(placed()), config.partition.shards)
-        ingest_seconds = time.perf_counter() - started
+        store = ShardStore.create(store_dir, meta, placed(), config.partition.shards)
+        # Reading, validating, placing and writing every record (the backend's set-up aside).
+        ingest_seconds = time.perf_counter() - started - sum(backend_seconds)
         if embeddings_from is not None:
             store.copy_embeddings_from(embeddings_from)
         empty = placer.empty_shards()

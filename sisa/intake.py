@@ -3,12 +3,8 @@ that training checks once the whole input was read: records, placement units, cl
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -17,45 +13,6 @@ from sisa.config import PartitionConfig
 from sisa.errors import RecordError
 from sisa.partition import place
 from sisa.records import Batch, check_counts, empty_shards
-
-T = TypeVar("T")
-
-
-def prefetched(items: Iterator[T]) -> Iterator[T]:
-    """The items of `items`, each made on a helper thread while the caller uses the one before:
-    reading and validating the next chunk of an input overlaps with the store writing this one
-    (SQLite lets other threads run while it writes). An error of `items` is raised here."""
-    slot: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                slot.put((True, item))
-            slot.put((True, done))
-        except BaseException as exc:  # handed to the caller's thread
-            slot.put((False, exc))
-
-    helper = threading.Thread(target=produce, daemon=True, name="sisa-read-ahead")
-    helper.start()
-    try:
-        while True:
-            ok, item = slot.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while helper.is_alive():  # a producer blocked on the full slot: free it
-            with contextlib.suppress(queue.Empty):
-                slot.get_nowait()
-            helper.join(0.05)
-
 
 # Inputs (feature bytes, text) a new store's placed records may hold in memory for its first
 # training, which then need not read back and re-check what was just written and digested.

@@ -138,7 +138,7 @@ class TrainingReport:
     checkpoints_written: int = 0
     checkpoints_dropped: int = 0
     seconds: float = 0.0  # planning, retraining and committing (from after the process set-up)
-    # Reading, validating and writing the new records (train, add), before any training.
+    # Reading, validating, placing and writing the new records (train, add), before training.
     ingest_seconds: float = 0.0
     live: dict[int, str] = field(default_factory=dict)  # shard -> sha256 of its new live weights
     warnings: list[str] = field(default_factory=list)  # e.g. shards that received no record
