@@ -86,9 +86,10 @@ def resolve_source(source: Any, spec: DataSpec | None) -> tuple[list[dict[str, A
 
 def preload_torch() -> None:
     """Import torch, and the torch._dynamo that every optimizer step imports (together about
-    2.3 s of a fresh process here), on a helper thread while this one opens the store, reads,
-    validates and writes records, which need neither; the trainer's own imports then find them
-    loaded, or wait for the helper to finish them."""
+    2.3 s of a fresh process here), on a helper thread while this one opens the store and
+    acknowledges a deletion, which need neither; the trainer's own imports then find them loaded,
+    or wait for the helper to finish them. (Not while records are read: both hold the GIL most of
+    the time, and on two cores `train` gained nothing measurable from it.)"""
     if "torch._dynamo" not in sys.modules:
         threading.Thread(target=_import_torch, daemon=True, name="sisa-import-torch").start()
 
@@ -184,7 +185,6 @@ class Sisa:
                 f"backend {config.training.backend!r} needs {need}; the data has "
                 f"{'a text column' if spec.kind == 'text' else 'feature columns'}")
         ingest = Ingest(source, spec)
-        preload_torch()  # while this thread reads the input
         placer = Placer(config.partition, keep=True)
         backend_seconds: list[float] = []  # building the backend, within the store's creation
 
@@ -329,7 +329,6 @@ class Sisa:
         """Add new records; each affected shard retrains from its earliest affected slice."""
         source, spec = data_source(source, self.data_spec)
         ingest = Ingest(source, spec)
-        preload_torch()  # while this thread reads the input
         known = self.store.get_meta("unused_columns")
         # A store trained before its columns were kept: accept what it would have (unknown).
         refuse_new_columns(ingest, spec, unused_columns(ingest, spec) if known is None else known)
