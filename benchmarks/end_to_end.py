@@ -36,7 +36,7 @@ def theory(shards: int, slices: int) -> float:
 
 
 def run(out: Path, rows: int, test_rows: int, features: int, epochs: int, shards: int = 8,
-        slices: int = 4) -> dict[str, Any]:
+        slices: int = 4, per_slice: int = 2, status_runs: int = 5) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train_cols, test_cols = purchase_like(rows, test_rows, features)
     train_csv = write_table(out / "train.csv", train_cols)
@@ -60,11 +60,11 @@ def run(out: Path, rows: int, test_rows: int, features: int, epochs: int, shards
                           "ingest_seconds": mono.output["ingest_seconds"],
                           "peak_mb": round(mono.peak_mb)}
 
-    walls = [sisa("status", "--store", str(store), "--json").wall for _ in range(5)]
+    walls = [sisa("status", "--store", str(store), "--json").wall for _ in range(status_runs)]
     result["status"] = {"walls": [round(w, 3) for w in walls], "median": round(statistics.median(walls), 3)}
 
     forgets = []
-    for record_id in pick_per_slice(store, per_slice=2, slices=slices):
+    for record_id in pick_per_slice(store, per_slice=per_slice, slices=slices):
         done = sisa("forget", "--store", str(store), record_id, "--json", "--no-progress")
         receipt = done.output
         forgets.append({"id": record_id, "wall": round(done.wall, 3), "receipt_seconds": receipt["seconds"],
@@ -110,8 +110,8 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
          f"{f['ratio_to_theory']:.3f}", f["ratio_to_theory"] >= 0.9, ">= 0.9"),
         ("forget wall - receipt seconds (worst of all)", f"{f['max_wall_minus_receipt']:.2f} s",
          f["max_wall_minus_receipt"] <= 1.5, "<= 1.5 s"),
-        ("sisa status wall (median of 5)", f"{r['status']['median']:.3f} s", r["status"]["median"] <= 0.8,
-         "<= 0.8 s"),
+        (f"sisa status wall (median of {len(r['status']['walls'])})", f"{r['status']['median']:.3f} s",
+         r["status"]["median"] <= 0.8, "<= 0.8 s"),
     ]
     return [{"goal": g, "measured": m, "met": bool(ok), "target": target} for g, m, ok, target in rows]
 
@@ -131,7 +131,7 @@ def summary(r: dict[str, Any]) -> str:
               f"| forget one record (mean of {len(f['runs'])}) | "
               f"{statistics.mean(x['wall'] for x in f['runs']):.3f} | receipt {f['mean_receipt_seconds']} | "
               f"{max(x['peak_mb'] for x in f['runs'])} |",
-              f"| status (median of 5) | {r['status']['median']} | | |",
+              f"| status (median of {len(r['status']['walls'])}) | {r['status']['median']} | | |",
               f"| evaluate {r['test_rows']:,} rows | {r['evaluate']['wall']} | accuracy "
               f"{r['evaluate']['accuracy']:.4f} | {r['evaluate']['peak_mb']} |",
               f"| predict {r['test_rows']:,} rows to a file | {r['predict']['wall']} | "
@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="seconds of work: checks the script")
     args = parser.parse_args(argv)
+    extra = {}
     if args.tiny:
         args.rows, args.test_rows, args.features, args.epochs = 800, 200, 12, 1
-    result = run(args.out, args.rows, args.test_rows, args.features, args.epochs)
+        extra = {"per_slice": 1, "status_runs": 2}
+    result = run(args.out, args.rows, args.test_rows, args.features, args.epochs, **extra)
     print(summary(result))
 
 

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.tiny:
-        sizes, args.shards, args.per_shard, args.test_rows = [400, 800], 4, 200, 100
+        sizes, args.shards, args.per_shard, args.test_rows = [800], 4, 200, 100
     r = run(args.out, sizes, args.shards, args.slices, args.epochs, args.batch_size, args.per_shard,
             args.test_rows)
     print(summary(r))

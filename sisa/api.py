@@ -38,7 +38,7 @@ from sisa.errors import (
 )
 from sisa.features import Features
 from sisa.intake import Placer
-from sisa.records import Batch, Ingest, load_records, refuse_new_columns, unused_columns, wanted
+from sisa.records import Batch, Ingest, load_records, paused_gc, refuse_new_columns, unused_columns, wanted
 from sisa.reports import (
     AuditReport,
     EvaluationReport,
@@ -222,7 +222,10 @@ class Sisa:
                     CONFIG_DIGEST: config_digest(config, backend),  # status reads it, with no model
                     "unused_columns": unused_columns(ingest, spec)}
 
-        store = ShardStore.create(store_dir, meta, placed(), config.partition.shards)
+        # Millions of small objects are made, and most kept: the cycle collector (which finds
+        # no cycle in them) would walk them again and again; it runs once, below.
+        with paused_gc():
+            store = ShardStore.create(store_dir, meta, placed(), config.partition.shards)
         # Reading, validating, placing and writing every record (the backend's set-up aside).
         ingest_seconds = time.perf_counter() - started - sum(backend_seconds)
         if embeddings_from is not None:

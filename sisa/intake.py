@@ -11,7 +11,7 @@ import numpy as np
 from shard_store import NewRecord
 from sisa.config import PartitionConfig
 from sisa.errors import RecordError
-from sisa.partition import place
+from sisa.partition import place_all
 from sisa.records import Batch, check_counts, empty_shards
 
 # Inputs (feature bytes, text) a new store's placed records may hold in memory for its first
@@ -39,25 +39,25 @@ class Placer:
 
     def place(self, batch: Batch) -> list[NewRecord]:
         p = self.partition
-        rows = []
         texts = None if batch.packed is not None else batch.inputs
-        for i, record_id in enumerate(batch.ids):
-            group, prior = batch.groups[i], batch.priors[i]
-            likely = prior is not None and prior >= p.prior_threshold
-            where = place(record_id, group, seed=p.seed, shards=p.shards, slices=p.slices,
-                          likely=likely, strategy=p.placement, late_slices=p.late_slices,
+        likely = [prior is not None and prior >= p.prior_threshold for prior in batch.priors]
+        where = place_all(batch.ids, batch.groups, likely, seed=p.seed, shards=p.shards,
+                          slices=p.slices, strategy=p.placement, late_slices=p.late_slices,
                           dedicated_shards=p.dedicated_shards)
+        rows = []
+        for i, (shard, slice_, order) in enumerate(where):
+            group = batch.groups[i]
             if group is None:
                 self.ungrouped += 1
             else:
                 self.groups.add(group)
-                if self.group_shard.setdefault(group, where.shard) != where.shard:
+                if self.group_shard.setdefault(group, shard) != shard:
                     self.straddling.add(group)
-            rows.append(NewRecord(record_id, group, batch.digests[i], where.shard, where.slice,
-                                  where.order, batch.targets[i], None if texts is None else texts[i],
-                                  None if batch.packed is None else batch.packed[i], prior,
+            rows.append(NewRecord(batch.ids[i], group, batch.digests[i], shard, slice_, order,
+                                  batch.targets[i], None if texts is None else texts[i],
+                                  None if batch.packed is None else batch.packed[i], batch.priors[i],
                                   batch.input_digests[i]))
-            self.shards[where.shard] += 1
+            self.shards[shard] += 1
         self.records += len(batch)
         self.labels.update(batch.targets)
         if self.kept is not None:

@@ -8,6 +8,7 @@ honouring a deletion re-reads nothing.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,32 +76,43 @@ def written(shard: int, version: int, records: Sequence[NewRecord], task: Task,
     """The shard data of records this process has just written (and digested from these very
     bytes), equal to what `load_shard` would read back."""
     with paused_gc():
-        ordered = sorted(records, key=lambda r: (r.slice, r.order_key, r.id))
+        ordered = sorted(records, key=operator.attrgetter("slice", "order_key", "id"))
+        if not ordered:
+            return from_rows(shard, version, [], task, input_dim)
+        c: list[Sequence[Any]] = list(zip(*ordered, strict=True))  # columns, transposed in C
+        f = {name: i for i, name in enumerate(NewRecord._fields)}
         # Fresh copies of the ids, laid out in training order: the records' own strings lie in
         # input order, and every later pass over the shard (keys, manifests) would read memory
         # out of order (it made writing a 200k-id manifest four times slower).
-        rows = [(r.id.encode().decode(), r.digest, r.slice, r.order_key, r.target, r.features,
-                 r.text, r.group_id, r.prior) for r in ordered]
-        return from_rows(shard, version, rows, task, input_dim)
+        ids = [i.encode().decode() for i in c[f["id"]]]
+        return _from_columns(shard, version, [ids, *(c[f[k]] for k in (
+            "digest", "slice", "order_key", "target", "features", "text"))], task, input_dim)
 
 
 def from_rows(shard: int, version: int, rows: Sequence[tuple[Any, ...]], task: Task,
               input_dim: int | None) -> ShardData:
     """Shard data from rows as `ShardStore.shard_rows` gives them, in training order."""
-    members = [Member(r[0], r[1], r[2], r[3]) for r in rows]
-    targets = task.encode_targets([r[4] for r in rows])
-    contexts = task.contexts([r[4] for r in rows])
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 9
+    return _from_columns(shard, version, columns[:7], task, input_dim)
+
+
+def _from_columns(shard: int, version: int, columns: Sequence[Sequence[Any]], task: Task,
+                  input_dim: int | None) -> ShardData:
+    """From columns in training order: ids, digests, slices, order keys, targets, features
+    (float64 bytes) and texts."""
+    ids, digests, slices, orders, targets, features, texts = columns
+    members = list(map(Member, ids, digests, slices, orders))
     inputs: np.ndarray | list[Any]
     if input_dim is not None:
-        if any(r[5] is None for r in rows):
+        if any(f is None for f in features):
             raise StoreError(f"shard {shard} holds a record without numeric features; the "
                              "store is inconsistent")
-        flat = np.frombuffer(b"".join(r[5] for r in rows), dtype="<f8")
-        inputs = flat.reshape(len(rows), input_dim)
+        flat = np.frombuffer(b"".join(features), dtype="<f8")
+        inputs = flat.reshape(len(members), input_dim)
     else:
-        inputs = [r[6] for r in rows]
-    return ShardData(shard, version, members, [digest_line(m) for m in members], targets, inputs,
-                     contexts)
+        inputs = list(texts)
+    return ShardData(shard, version, members, list(map(digest_line, members)),
+                     task.encode_targets(list(targets)), inputs, task.contexts(list(targets)))
 
 
 def altered(rows: Sequence[tuple[Any, ...]]) -> list[str]:
@@ -139,8 +151,9 @@ class ShardCache:
     def keep(self, records: Mapping[int, Sequence[NewRecord]], versions: Mapping[int, int]) -> None:
         """Keep the shards of records just written at these versions (a shard that another
         process changes meanwhile is read again: its version moved)."""
-        for s, rows in records.items():
-            self._shards[s] = written(s, versions[s], rows, self.task, self.input_dim)
+        with paused_gc():  # one collection after all the shards, not one after each
+            for s, rows in records.items():
+                self._shards[s] = written(s, versions[s], rows, self.task, self.input_dim)
 
     def removed(self, ids: Collection[str], versions: Mapping[int, tuple[int, int]]) -> None:
         """Records `ids` were deleted, taking each shard in `versions` from its first version to its

@@ -63,3 +63,44 @@ def test_llm_unlearning_tiny_run_writes_its_figures(tmp_path, tiny_lm):
     assert results["sisa"]["after"] is not None and results["retrain_cost"]["one_record_samples"] > 0
     assert (out / "exposure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| SISA after (exact) |" in (out / "summary.md").read_text()
+
+
+def run_tiny(module: str, out: Path, *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", module, "--tiny", "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(out.glob("*.json")).read_text())
+
+
+def test_end_to_end_tiny_run_measures_every_goal(tmp_path):
+    result = run_tiny("benchmarks.end_to_end", tmp_path / "e2e")
+    assert [g["goal"].split(" ")[0] for g in result["goals"]] == ["ingest", "train", "train", "one",
+                                                                  "forget", "sisa"]
+    assert all(isinstance(g["met"], bool) and g["measured"] for g in result["goals"])
+    assert len(result["forget"]["runs"]) == 4 and result["train"]["peak_mb"] > 0
+    assert {r["start_slice"] for r in result["forget"]["runs"]} == {0, 1, 2, 3}  # one per slice index
+    assert "| goal | target | measured | met |" in (tmp_path / "e2e" / "summary.md").read_text()
+
+
+def test_scaling_tiny_run_writes_its_series_and_plot(tmp_path):
+    result = run_tiny("benchmarks.scaling", tmp_path / "scaling")
+    assert [x["rows"] for x in result["series"]] == [800] and len(result["fixed"]) == 1
+    assert {"ingest_seconds", "train_peak_mb", "one_deletion_seconds", "hundred_deletions_seconds",
+            "predict_rows_per_second"} <= set(result["series"][0])
+    png = tmp_path / "scaling" / "scaling.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_script_runs_its_steps_within_its_budget(tmp_path):
+    """On a machine without a GPU: the device step fails or is missing, the gpu tests are all
+    deselected or skipped, and the budget stops the long steps; gpu.json says so."""
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--tiny", "--budget", "45",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu.json").read_text())
+    steps = {s["step"]: s for s in result["steps"]}
+    assert list(steps) == ["device", "torch", "gpu_tests", "text_accuracy", "llm_unlearning"]
+    assert steps["torch"]["outcome"] == "ok" and '"cuda"' in steps["torch"]["tail"]
+    assert (out / "logs" / "gpu_tests.log").is_file()

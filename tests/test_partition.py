@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sisa.partition import place
+from sisa.partition import place, place_all
 from sisa.schedule import Member, shard_schedule
 
 ids = st.text(min_size=1, max_size=20)
@@ -89,6 +89,19 @@ def test_deletion_aware_placement_separates_likely_records(record_ids, s, r, see
         dedicated = place(i, None, seed=seed, shards=s, slices=r, likely=likely,
                           strategy="dedicated_shards", dedicated_shards=1)
         assert (dedicated.shard == s - 1) if likely else (dedicated.shard < s - 1)
+
+
+@given(st.lists(st.tuples(ids, st.one_of(st.none(), ids), st.booleans()), max_size=40),
+       st.integers(2, 8), st.integers(2, 8), seeds,
+       st.sampled_from(["uniform", "late_slices", "dedicated_shards"]))
+def test_placing_many_at_once_equals_placing_each(records, s, r, seed, strategy):
+    """`place_all` (the ingestion's path) draws exactly what `place` draws, record by record."""
+    options = {"seed": seed, "shards": s, "slices": r, "strategy": strategy, "late_slices": 1,
+               "dedicated_shards": 1}
+    together = place_all([i for i, _, _ in records], [g for _, g, _ in records],
+                         [f for _, _, f in records], **options)
+    alone = [place(i, g, likely=f, **options) for i, g, f in records]
+    assert together == [(p.shard, p.slice, p.order) for p in alone]
 
 
 @given(st.lists(st.tuples(ids, st.integers(0, 3)), max_size=40, unique_by=lambda t: t[0]))
