@@ -20,6 +20,7 @@ Writes DIR/end_to_end.json and DIR/summary.md, and prints the summary.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ def run(out: Path, rows: int, test_rows: int, features: int, epochs: int, shards
     (out / "summary.md").write_text(summary(result))
     for name in ("train.csv", "test.csv", "predictions.jsonl"):
         (out / name).unlink(missing_ok=True)
+    for name in ("store", "monolith"):
+        shutil.rmtree(out / name, ignore_errors=True)
     return result
 
 

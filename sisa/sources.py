@@ -97,15 +97,19 @@ def _arrow_features(column: Any, odd: list[tuple[int, Any]]) -> np.ndarray:
 
 def _from_columns(start: int, size: int, get: Any, names: Sequence[str], wanted: Wanted,
                   arrow: bool) -> Chunk:
+    """A chunk's columns; a wanted column this chunk lacks (a later block of JSON lines without
+    it) is missing in every row, which validation names row by row."""
     present = set(names)
-    values = {c: get(c) if not arrow else get(c).to_pylist()
-              for c in wanted.scalars if c in present}
+    values = {c: (get(c).to_pylist() if arrow else get(c)) if c in present else [None] * size
+              for c in wanted.scalars}
     features = None
     odd: dict[str, list[tuple[int, Any]]] = {}
-    if wanted.features and all(c in present for c in wanted.features):
+    if wanted.features:
         # Column-major: each column is written contiguously (the rows are gathered later).
-        features = np.empty((size, len(wanted.features)), order="F")
+        features = np.full((size, len(wanted.features)), math.nan, order="F")
         for j, c in enumerate(wanted.features):
+            if c not in present:
+                continue
             found: list[tuple[int, Any]] = []
             features[:, j] = _arrow_features(get(c), found) if arrow else _list_features(get(c), found)
             if found:
@@ -119,9 +123,9 @@ def _arrow_chunk(start: int, batch: Any, wanted: Wanted) -> Chunk:
 
 def _rows_chunk(start: int, rows: Sequence[Mapping[str, Any]], wanted: Wanted) -> Chunk:
     def get(column: str) -> list[Any]:
-        return [row.get(column) for row in rows]
-    names = list(rows[0]) if rows else []
-    return _from_columns(start, len(rows), get, names, wanted, arrow=False)
+        return [row.get(column) for row in rows]  # a row without the column: missing there
+    return _from_columns(start, len(rows), get, [*wanted.scalars, *wanted.features], wanted,
+                         arrow=False)
 
 
 class Source:
@@ -234,8 +238,15 @@ def _open_json(path: Path, wanted: Wanted) -> Source:
             raise RecordError(f"cannot read {str(path)!r}: a JSON array of objects was expected")
         columns = list(dict.fromkeys(key for row in rows for key in row))
         return Source(columns, _rows_chunks(rows, wanted, CHUNK_ROWS))
-    first = _first_json_row(path)
-    return Source(list(first), _guarded(path, _json_lines(path, wanted)))
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    try:  # the columns of the first block (Arrow unifies its rows' keys)
+        reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=CHUNK_BYTES))
+        columns = list(reader.schema.names)
+    except pa.ArrowInvalid:  # types vary within the first block: Python reads it all
+        reader, columns = None, list(_first_json_row(path))
+    return Source(columns, _guarded(path, _json_lines(path, reader, wanted)))
 
 
 def _first_json_row(path: Path) -> dict[str, Any]:
@@ -249,22 +260,21 @@ def _first_json_row(path: Path) -> dict[str, Any]:
     raise ValueError("the file holds no records")
 
 
-def _json_lines(path: Path, wanted: Wanted) -> Iterator[Chunk]:
-    """Arrow's JSON reader while the types hold; if a column changes type (a number, then text),
-    Python's parser reads the rest, from the first row not yet given."""
+def _json_lines(path: Path, reader: Any, wanted: Wanted) -> Iterator[Chunk]:
+    """Arrow's JSON reader (`reader`) while the types hold; if a column changes type (a number,
+    then text), Python's parser reads the rest, from the first row not yet given."""
     import pyarrow as pa
-    import pyarrow.json as pj
 
     done = 0
-    try:
-        reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=CHUNK_BYTES))
-        for batch in reader:
-            if batch.num_rows:
-                yield _arrow_chunk(done, batch, wanted)
-                done += batch.num_rows
-        return
-    except pa.ArrowInvalid:
-        pass  # mixed types: read on in Python
+    if reader is not None:
+        try:
+            for batch in reader:
+                if batch.num_rows:
+                    yield _arrow_chunk(done, batch, wanted)
+                    done += batch.num_rows
+            return
+        except pa.ArrowInvalid:
+            pass  # mixed types: read on in Python
     rows: list[dict[str, Any]] = []
     seen = 0
     with path.open(encoding="utf-8-sig") as f:

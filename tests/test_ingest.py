@@ -158,3 +158,15 @@ def test_the_process_set_up_makes_torch_deterministic():
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.is_deterministic_algorithms_warn_only_enabled()  # on the CPU: warn, never fail
     assert torch.get_num_threads() == 1
+
+
+def test_a_column_some_rows_lack_is_missing_in_those_rows(tmp_path):
+    rows = make_rows(12)
+    del rows[0]["user"]  # the first JSON line lacks the (optional) group: the column still exists
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = {r.id: r for r in load_records(path, SPEC)}
+    assert records[rows[0]["id"]].group is None and records[rows[1]["id"]].group == "u0"
+    del rows[5]["label"]  # a row without its label, in a list of dicts
+    with pytest.raises(RecordError, match="missing labels in column 'label' at rows: 5"):
+        records_from_rows(rows, SPEC)
