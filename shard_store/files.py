@@ -129,12 +129,14 @@ def entries(root: Path, top: str) -> list[str]:
     if not base.is_dir():
         return []
     found = []
-    for entry in base.iterdir():
-        if entry.is_dir() and not entry.name.startswith(TMP_PREFIX):
-            found += list(entry.iterdir())  # shard-NNN/slice-... and shard-NNN/.tmp-...
-        else:
-            found.append(entry)  # a file (or temporary) that has no business here
-    return sorted(str(p.relative_to(root)) for p in found)
+    with os.scandir(base) as listing:  # scandir: no stat per entry (a store has S x R of them)
+        for entry in listing:
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(TMP_PREFIX):
+                with os.scandir(entry.path) as inner:  # shard-NNN/slice-... and shard-NNN/.tmp-...
+                    found += [f"{top}/{entry.name}/{e.name}" for e in inner]
+            else:
+                found.append(f"{top}/{entry.name}")  # a file (or temporary) with no business here
+    return sorted(found)
 
 
 def remove(root: Path, relative: str) -> None:
