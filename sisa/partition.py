@@ -62,25 +62,17 @@ def place(
     With a deletion-aware `strategy`, records `likely` to be deleted go to the last `late_slices`
     slices of their shard ("late_slices") or to the last `dedicated_shards` shards
     ("dedicated_shards"); the others fill the rest."""
-    key = group_id if group_id is not None else record_id
-    shard = shard_of(key, seed, shards)
-    slice_ = slice_of(record_id, seed, slices)
-    if strategy == "late_slices":
-        early = slices - late_slices
-        slice_ = early + slice_of(record_id, seed, late_slices) if likely else slice_of(
-            record_id, seed, early)
-    elif strategy == "dedicated_shards":
-        common = shards - dedicated_shards
-        shard = common + shard_of(key, seed, dedicated_shards) if likely else shard_of(
-            key, seed, common)
-    return Placement(shard=shard, slice=slice_, order=order_key(record_id, seed))
+    shard, slice_, order = place_all([record_id], [group_id], [likely], seed=seed, shards=shards,
+                                     slices=slices, strategy=strategy, late_slices=late_slices,
+                                     dedicated_shards=dedicated_shards)[0]
+    return Placement(shard=shard, slice=slice_, order=order)
 
 
 def place_all(record_ids: Sequence[str], group_ids: Sequence[str | None], likely: Sequence[bool], *,
               seed: int, shards: int, slices: int, strategy: str = "uniform", late_slices: int = 1,
               dedicated_shards: int = 1) -> list[tuple[int, int, str]]:
-    """`place` for many records at once, as (shard, slice, order) tuples: the same draws (each
-    keyed hasher is set up once and copied per record, which is what makes it faster)."""
+    """`place` for many records at once, as (shard, slice, order) tuples: `shard_of`, `slice_of`
+    and `order_key`'s draws, each keyed hasher set up once and copied per record."""
     key = seed.to_bytes(8, "big")
     shard_h, slice_h, order_h = (hashlib.blake2b(key=key, person=p, digest_size=16)
                                  for p in (b"sisa-shard", b"sisa-slice", b"sisa-order"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sisa.partition import place, place_all
+from sisa.partition import order_key, place, place_all, shard_of, slice_of
 from sisa.schedule import Member, shard_schedule
 
 ids = st.text(min_size=1, max_size=20)
@@ -94,14 +94,25 @@ def test_deletion_aware_placement_separates_likely_records(record_ids, s, r, see
 @given(st.lists(st.tuples(ids, st.one_of(st.none(), ids), st.booleans()), max_size=40),
        st.integers(2, 8), st.integers(2, 8), seeds,
        st.sampled_from(["uniform", "late_slices", "dedicated_shards"]))
-def test_placing_many_at_once_equals_placing_each(records, s, r, seed, strategy):
-    """`place_all` (the ingestion's path) draws exactly what `place` draws, record by record."""
-    options = {"seed": seed, "shards": s, "slices": r, "strategy": strategy, "late_slices": 1,
-               "dedicated_shards": 1}
+def test_placing_many_at_once_equals_the_keyed_draws_record_by_record(records, s, r, seed, strategy):
+    """`place_all` (what `place` and the ingestion use) draws what the single-record hashes
+    `shard_of`, `slice_of` and `order_key` give, strategy by strategy."""
     together = place_all([i for i, _, _ in records], [g for _, g, _ in records],
-                         [f for _, _, f in records], **options)
-    alone = [place(i, g, likely=f, **options) for i, g, f in records]
-    assert together == [(p.shard, p.slice, p.order) for p in alone]
+                         [f for _, _, f in records], seed=seed, shards=s, slices=r,
+                         strategy=strategy, late_slices=1, dedicated_shards=1)
+    expected = []
+    for i, g, likely in records:
+        unit = g if g is not None else i
+        shard, slice_ = shard_of(unit, seed, s), slice_of(i, seed, r)
+        if strategy == "late_slices":
+            slice_ = r - 1 if likely else slice_of(i, seed, r - 1)
+        if strategy == "dedicated_shards":
+            shard = s - 1 if likely else shard_of(unit, seed, s - 1)
+        expected.append((shard, slice_, order_key(i, seed)))
+    assert together == expected
+    assert [(p.shard, p.slice, p.order) for p in (
+        place(i, g, likely=f, seed=seed, shards=s, slices=r, strategy=strategy)
+        for i, g, f in records)] == expected
 
 
 @given(st.lists(st.tuples(ids, st.integers(0, 3)), max_size=40, unique_by=lambda t: t[0]))
