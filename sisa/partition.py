@@ -82,21 +82,17 @@ def place_all(record_ids: Sequence[str], group_ids: Sequence[str | None], likely
         h.update(value.encode("utf-8"))
         return int.from_bytes(h.digest(), "big") % n
 
+    def split(template: Any, value: str, n: int, last: int, flagged: bool) -> int:
+        """A draw among n where the last `last` are for flagged records, the rest for others."""
+        return n - last + draw(template, value, last) if flagged else draw(template, value, n - last)
+
     out = []
     for record_id, group_id, flagged in zip(record_ids, group_ids, likely, strict=True):
         unit = group_id if group_id is not None else record_id
-        if strategy == "late_slices":
-            early = slices - late_slices
-            slice_ = early + draw(slice_h, record_id, late_slices) if flagged else draw(
-                slice_h, record_id, early)
-        else:
-            slice_ = draw(slice_h, record_id, slices)
-        if strategy == "dedicated_shards":
-            common = shards - dedicated_shards
-            shard = common + draw(shard_h, unit, dedicated_shards) if flagged else draw(
-                shard_h, unit, common)
-        else:
-            shard = draw(shard_h, unit, shards)
+        slice_ = split(slice_h, record_id, slices, late_slices, flagged) \
+            if strategy == "late_slices" else draw(slice_h, record_id, slices)
+        shard = split(shard_h, unit, shards, dedicated_shards, flagged) \
+            if strategy == "dedicated_shards" else draw(shard_h, unit, shards)
         order = order_h.copy()
         order.update(record_id.encode("utf-8"))
         out.append((shard, slice_, order.hexdigest()))
