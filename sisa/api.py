@@ -408,12 +408,12 @@ class Sisa:
         problem anywhere in the input raises once all of it was read."""
         return iter(Ingest(*data_source(source, self.data_spec), require_target=False))
 
-    def predict_proba(self, inputs: list[Any]) -> np.ndarray:
+    def predict_proba(self, inputs: Sequence[Any] | np.ndarray) -> np.ndarray:
         """Class probabilities (columns in `classes_` order); argmax is always `predict`."""
         task = self._classifier()
         return task.predict_proba(self.ensemble().shard_proba(inputs), self.config.voting)
 
-    def predict(self, inputs: list[Any]) -> list[str]:
+    def predict(self, inputs: Sequence[Any] | np.ndarray) -> list[str]:
         task = self._classifier()
         indices = task.predict(self.ensemble().shard_proba(inputs), self.config.voting)
         return [task.classes[i] for i in indices]
@@ -427,7 +427,7 @@ class Sisa:
         labels: list[str | None] = []
         for batch in self.input_batches(source):
             labels += batch.targets
-            parts.append(ensemble.shard_proba(batch.inputs))  # type: ignore[arg-type]
+            parts.append(ensemble.shard_proba(batch.inputs))
         y = task.labels(labels)
         proba = {s: np.concatenate([p[s] for p in parts]) for s in parts[0]} if parts else {}
         return task.evaluate(proba, y, self.config.voting)

@@ -274,7 +274,7 @@ def predict(
             with contextlib.ExitStack() as stack:
                 handle = None if sink is None else stack.enter_context(sink.open("w"))
                 for batch in sisa.input_batches(data):
-                    proba = sisa.predict_proba(batch.inputs)  # type: ignore[arg-type]
+                    proba = sisa.predict_proba(batch.inputs)
                     chunk = [{"id": i, "prediction": classes[int(pr.argmax())],
                               "probabilities": {c: round(float(v), 6)
                                                 for c, v in zip(classes, pr, strict=True)}}

@@ -8,7 +8,7 @@ shards' outputs mean (votes, a next-token mixture) is the task's business.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,6 @@ class Ensemble:
         self.shards = sorted(states)
         self.version = model_version({s: c.sha256 for s, c in checkpoints.items()})
 
-    def shard_proba(self, inputs: list[Any]) -> dict[int, np.ndarray]:
+    def shard_proba(self, inputs: Sequence[Any] | np.ndarray) -> dict[int, np.ndarray]:
         """Each shard's class probabilities, shape (n, num_classes)."""
         return self.scorer.shard_proba(self.backend.prepare(self.features.model_inputs(inputs)))

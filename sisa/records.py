@@ -69,16 +69,24 @@ def pack_features(inp: Sequence[float]) -> bytes:
     return struct.pack(f"<{len(inp)}d", *inp)
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def features_prefix(target: str | None, group: str | None, prior: float | None) -> bytes:
+    """What a numeric record's content digest covers before its input's bytes: the other fields
+    as JSON (JSON of many floats is slow)."""
+    fields = ["f8", target, group] if prior is None else ["f8", target, group, prior]
+    return json.dumps(fields, separators=(",", ":")).encode() + b"\0"
+
+
 def content_digest(inp: Input, target: str | None, group: str | None, prior: float | None = None,
                    packed: bytes | None = None) -> str:
     """`packed`: pack_features(inp), if the caller has it already."""
     if isinstance(inp, str):
         fields: list[Any] = [inp, target, group] if prior is None else [inp, target, group, prior]
-        data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    else:  # JSON of many floats is slow: the other fields as JSON, then the input's bytes
-        fields = ["f8", target, group] if prior is None else ["f8", target, group, prior]
-        data = json.dumps(fields, separators=(",", ":")).encode() + b"\0" + (packed or pack_features(inp))
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+        return _digest(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    return _digest(features_prefix(target, group, prior) + (packed or pack_features(inp)))
 
 
 def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = None) -> str:
@@ -90,25 +98,7 @@ def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = N
         data = json.dumps(inp, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     else:
         data = b"f8\0" + (packed or pack_features(inp))
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def make_record(record_id: str, group: str | None, target: str | None, inp: Input,
-                prior: float | None = None, prompted: bool = False) -> Record:
-    """`prompted`: the target is the prompt the input text follows (a causal LM's records)."""
-    packed = None if isinstance(inp, str) else pack_features(inp)
-    if prior is not None:
-        prior = prior + 0.0  # -0.0 becomes 0.0: SQLite stores it so, and the digest must agree
-    return Record(
-        id=RecordId(record_id),
-        group=GroupId(group) if group is not None else None,
-        target=target,
-        input=inp,
-        digest=content_digest(inp, target, group, prior, packed),
-        input_digest=input_digest(inp, packed, target if prompted else None),
-        prior=prior,
-        features=packed,
-    )
+    return _digest(data)
 
 
 def _name_rows(problem: str, rows: Mapping[str, list[int]]) -> str:
@@ -213,10 +203,6 @@ class Batch:
                        self.targets[i], self.input(i), self.digests[i], self.input_digests[i],
                        self.priors[i], None if packed is None else packed[i])
                 for i in range(len(self.ids))]
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class Validator:
@@ -375,16 +361,14 @@ class Validator:
         width = matrix.shape[1] * 8
         flat = matrix.reshape(-1).view(np.uint8).data  # each row's bytes copied once, from here
         packed = [flat[k:k + width].tobytes() for k in range(0, len(flat), width)]
-        heads: dict[tuple[Any, ...], bytes] = {}  # the JSON part, shared by records alike
+        prefixes: dict[tuple[Any, ...], bytes] = {}  # one per (label, group, prior), made once
         digests = []
         for y, g, p, row in zip(targets, groups, priors, packed, strict=True):
-            key = (y, g, p)
-            head = heads.get(key)
-            if head is None:
-                fields = ["f8", y, g] if p is None else ["f8", y, g, p]
-                head = heads[key] = json.dumps(fields, separators=(",", ":")).encode() + b"\0"
-            digests.append(_digest(head + row))
-        input_digests = [_digest(b"f8\0" + row) for row in packed]
+            prefix = prefixes.get((y, g, p))
+            if prefix is None:
+                prefix = prefixes[(y, g, p)] = features_prefix(y, g, p)
+            digests.append(_digest(prefix + row))
+        input_digests = [input_digest((), row) for row in packed]
         return Batch(ids, groups, targets, matrix, priors, digests, input_digests, packed)
 
     def finish(self) -> None:
