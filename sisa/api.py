@@ -251,16 +251,17 @@ class Sisa:
     @_mapped
     def open(cls, store_dir: str | Path, execution: ExecutionConfig | None = None,
              progress: Progress | None = None, recover: bool = True,
-             read_only: bool = False) -> Sisa:
+             read_only: bool = False, backend: Backend | None = None) -> Sisa:
         """Open a store. With `recover` (a writer), finish whatever a crash interrupted (the
         receipts are `recovered_`); without, change nothing (see `tidy`). `read_only`: never
         write the database (serving, status and the audit work on a store this process may
-        not write); it cannot recover."""
+        not write); it cannot recover. `backend`: one resolved already for this store (shared
+        by several `Sisa`s of one store in a process, as the service's are)."""
         if read_only and recover:
             raise ConfigError("a store opened read-only cannot recover: pass recover=False")
         if not read_only:
             preload_torch()  # a writer is about to train, most likely
-        sisa = cls(ShardStore.open(store_dir, read_only=read_only), execution, progress)
+        sisa = cls(ShardStore.open(store_dir, read_only=read_only), execution, progress, backend)
         if recover:
             sisa.recovered_ = sisa.recover()
         return sisa
@@ -436,10 +437,12 @@ class Sisa:
 
     @_mapped
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 48, combine: Combine = "mean",
-                 temperature: float = 0.0, seed: int = 0, stop: Sequence[str] = ()) -> list[Generation]:
+                 temperature: float = 0.0, seed: int = 0, stop: Sequence[str] = (),
+                 ensemble: Ensemble | None = None) -> list[Generation]:
         """Continue each prompt from the ensemble's next-token distribution (the servable shards'
         `mean` mixture or normalised `product`): greedy at temperature 0, else sampled, seeded.
-        Stops at the end-of-text token or any `stop` string."""
+        Stops at the end-of-text token or any `stop` string. `ensemble`: the shard models to use
+        (default: the servable ones, reloaded as the store changes)."""
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         if not math.isfinite(temperature) or temperature < 0:
@@ -452,7 +455,7 @@ class Sisa:
         if not prompted and any(not p for p in prompts):
             raise RecordError("a prompt is empty: give some text to continue")
         self.require_language_model()
-        ensemble = self.ensemble()
+        ensemble = ensemble or self.ensemble()
         scorer: Any = ensemble.scorer
         tok = scorer.tokenizer
         out = []
@@ -473,14 +476,17 @@ class Sisa:
         return out
 
     @_mapped
-    def score(self, source: Any, combine: Combine = "mean") -> ScoreReport:
+    def score(self, source: Any, combine: Combine = "mean",
+              ensemble: Ensemble | None = None) -> ScoreReport:
         """Log-likelihood and perplexity of each record's text (after its prompt) under the
-        ensemble."""
+        ensemble (`ensemble`: as for `generate`)."""
         self.require_language_model()
-        ensemble = self.ensemble()
+        ensemble = ensemble or self.ensemble()
         scorer: Any = ensemble.scorer
         source, spec = data_source(source, self.data_spec)
-        records = load_records(source, dataclasses.replace(spec, label_column=None),
+        # Scoring needs the text (and prompt): not the label, group or prior the training read.
+        records = load_records(source, dataclasses.replace(spec, label_column=None, group_column=None,
+                                                           prior_column=None),
                                require_target=False)
         prompts = [r.target for r in records] if spec.prompt_column else None
         inputs = self.backend.encoder.inputs(  # type: ignore[union-attr]

@@ -492,6 +492,62 @@ def repair(
     _emit(as_json, payload, _kv_table("repaired", _retrain_payload(report)))
 
 
+@app.command()
+@with_options("execution")
+def serve(
+    store: Store,
+    host: Annotated[str, typer.Option(help="Interface to listen on; another than loopback exposes "
+                                           "the service to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    token_file: Annotated[Path | None, typer.Option(
+        help="File holding the bearer token (mode 600); default: the SISA_SERVE_TOKEN variable.")] = None,
+    no_auth: Annotated[bool, typer.Option(
+        "--no-auth", help="Serve deletion and admin endpoints with no token (a trusted host only).")] = False,
+    protect_predict: Annotated[bool, typer.Option(
+        "--protect-predict", help="Predict, generate and score need the token too.")] = False,
+    no_deletions: Annotated[bool, typer.Option(
+        "--no-deletions", help="Serve predictions only: no deletion endpoints, no worker.")] = False,
+    on_pending: Annotated[str, typer.Option(
+        help="While a deleted record's shard retrains: exclude (answer without it) or wait (hold "
+             "requests until it is live, up to --wait-timeout).")] = "exclude",
+    wait_timeout: Annotated[float, typer.Option(
+        help="Seconds a request may wait (--on-pending wait).")] = 30.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
+    max_batch: Annotated[int, typer.Option(help="Most inputs, prompts or texts in one request.")] = 256,
+    batch_window: Annotated[float, typer.Option(
+        help="Seconds the deletion worker waits for more deletions to apply together.")] = 0.2,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run on Ray Serve (a local Ray on 127.0.0.1, or --ray-address).")] = False,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (--ray).")] = 2,
+    replica_cpus: Annotated[float, typer.Option(help="Ray CPUs per replica (--ray).")] = 1.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    **values: Any,
+) -> None:
+    """Serve predictions, generation and deletions over HTTP until interrupted. Answers never come
+    from a shard with an acknowledged deletion; a worker retrains it and swaps it back in.
+
+    Example: SISA_SERVE_TOKEN=$(cat token) sisa serve --store stores/digits --port 8000
+    """
+    from sisa.service import ServiceConfig, read_token
+    from sisa.service import serve as run_http
+
+    token = None if no_auth else read_token(token_file)
+    config = ServiceConfig(host=host, port=port, token=token, no_auth=no_auth,
+                           protect_predict=protect_predict, deletions=not no_deletions,
+                           on_pending=on_pending, wait_timeout=wait_timeout,  # type: ignore[arg-type]
+                           max_body_bytes=max_body_bytes, max_batch=max_batch, batch_window=batch_window)
+    if not config.loopback:
+        err.print(f"warning: listening on {host}, not loopback: anyone who reaches this machine "
+                  "reaches the service; put TLS in front of it")
+    execution = build_execution(values, progress=False)
+    if ray:
+        from sisa.service.ray_serve import serve_on_ray
+
+        serve_on_ray(store, config, replicas, replica_cpus, execution.ray_address, execution)
+    else:
+        run_http(store, config, execution, log_level)
+
+
 Combine = Annotated[str, typer.Option(
     help="How the shards' next-token distributions combine: mean (mixture of probabilities) or "
          "product (normalised mean of log-probabilities).")]

@@ -60,11 +60,11 @@ def model_version(live: Mapping[int, str]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def servable(store: ShardStore) -> dict[int, CheckpointRow]:
+def servable(store: ShardStore, journal: bool = True) -> dict[int, CheckpointRow]:
     """Live checkpoints that may serve: non-empty, and with no deletion pending. None while the
     deletion journal holds a deletion the database lacks (which shards it touches is unknown
-    until a writer applies it again)."""
-    if store.journal_missing():
+    until a writer applies it again); `journal=False` leaves that check to the caller."""
+    if journal and store.journal_missing():
         return {}
     pending = store.pending_shards()
     return {s: row for s, row in store.live().items() if s not in pending and row.record_count > 0}

@@ -1,0 +1,291 @@
+"""The HTTP face of a `Service`: FastAPI routes that parse, call one service method and answer JSON.
+
+Every error is a JSON body `{"error": {"code", "message"}}` with a 4xx or 5xx status; nothing is
+changed by a refused request. Request bodies are never logged, and no message quotes a record's
+content. Deletion and admin routes need the bearer token; prediction routes too if configured.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations, which name
+# dependencies local to `create_app`.
+import hmac
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sisa import __version__
+from sisa.errors import (
+    ConfigError,
+    NoServableShardError,
+    RecordError,
+    SisaError,
+    StoreCorruptError,
+    UnknownRecordError,
+)
+from sisa.service.model import Unavailable
+from sisa.service.service import Service
+
+log = logging.getLogger("sisa.service")
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictIn(_Body):
+    inputs: list[str] | list[list[Finite]] = Field(
+        min_length=1, description="Texts (text stores) or rows of numbers (feature stores)")
+    probabilities: bool = Field(False, description="Also return each class's probability")
+
+
+class GenerateIn(_Body):
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(48, ge=1)
+    combine: Literal["mean", "product"] = "mean"
+    temperature: Finite = Field(0.0, ge=0)
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+
+
+class ScoreIn(_Body):
+    texts: list[str] = Field(min_length=1)
+    prompts: list[str] | None = None
+    combine: Literal["mean", "product"] = "mean"
+
+
+class DeletionIn(_Body):
+    ids: list[str] | None = Field(None, min_length=1, description="Record ids to delete")
+    group: str | None = Field(None, min_length=1, description="A group id: delete all its records")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+
+_STATUS: list[tuple[type[SisaError], int, str]] = [
+    (NoServableShardError, 503, "no_servable_shard"),
+    (UnknownRecordError, 404, "unknown_record"),
+    (StoreCorruptError, 500, "store_corrupt"),
+    (RecordError, 422, "invalid_request"),
+    (ConfigError, 422, "invalid_request"),
+]
+
+
+class BodyLimit:
+    """Refuses (413) a request body over `limit` bytes, by its Content-Length or as it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPError(413, "body_too_large", self._text())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _text(self) -> str:
+        return f"the request body is larger than {self.limit} bytes (the service's max_body_bytes)"
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _error(413, "body_too_large", self._text())(scope, receive, send)
+
+
+def create_app(service: Service) -> FastAPI:
+    """The app serving `service` (started and closed by whoever runs the app)."""
+    config = service.config
+    metrics = service.metrics
+    app = FastAPI(title="sisa", version=__version__,
+                  description="Predictions from a SISA ensemble that forgets records exactly, and the "
+                              "deletions that make it forget.")
+    bearer = HTTPBearer(auto_error=False, description="The service's token (SISA_SERVE_TOKEN)")
+
+    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if config.no_auth:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not given or not hmac.compare_digest(given.encode(), (config.token or "").encode()):
+            raise HTTPError(401, "unauthorized",
+                            "a valid bearer token is required (Authorization: Bearer <token>)"
+                            if given else "this endpoint needs the bearer token "
+                            "(Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"})
+
+    admin = [Depends(require_token)]
+    predicting = admin if config.protect_predict else []
+
+    def check_batch(n: int, what: str) -> None:
+        if n > config.max_batch:
+            raise HTTPError(413, "batch_too_large", f"{n} {what} in one request; at most "
+                                                    f"{config.max_batch} (the service's max_batch)")
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    @app.exception_handler(HTTPError)
+    async def http_error(_request: Request, exc: HTTPError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(SisaError)
+    async def sisa_error(_request: Request, exc: SisaError) -> JSONResponse:
+        status, code = next(((s, c) for cls, s, c in _STATUS if isinstance(exc, cls)), (500, "store_error"))
+        headers = {"Retry-After": "1"} if status == 503 else None
+        body = _error(status, code, str(exc), headers)
+        if isinstance(exc, Unavailable):
+            body = JSONResponse({"error": {"code": code, "message": str(exc),
+                                           "excluded_shards": exc.excluded}}, status, headers=headers)
+        if status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc)
+        return body
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return _error(400, "malformed_json", "the request body is not valid JSON")
+        # Where and what, never the input itself (it may be a record's content).
+        text = "; ".join(f"{'.'.join(str(x) for x in p.get('loc', ()) if x != 'body') or 'body'}: "
+                         f"{p.get('msg', 'invalid')}" for p in problems[:10])
+        return _error(422, "invalid_request", text)
+
+    @app.exception_handler(HTTPException)
+    async def http_exception(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %s", type(exc).__name__)  # no message: it may quote an input
+        return _error(500, "internal", "internal error; the service log names its type")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Response:
+        begun = time.perf_counter()
+        status = 500
+        try:
+            response: Response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            metrics.requests.labels(endpoint, request.method, str(status)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - begun)
+
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    @app.post("/v1/predict", dependencies=predicting, summary="Classify inputs with the ensemble")
+    def predict(body: PredictIn) -> dict[str, Any]:
+        check_batch(len(body.inputs), "inputs")
+        result = service.predict(body.inputs)
+        out: dict[str, Any] = {"predictions": result.labels, "classes": result.classes,
+                               "model": result.model.to_dict()}
+        if body.probabilities:
+            out["probabilities"] = [[round(float(p), 6) for p in row] for row in result.probabilities]
+        return out
+
+    @app.post("/v1/generate", dependencies=predicting, summary="Continue prompts (causal-LM stores)")
+    def generate(body: GenerateIn) -> dict[str, Any]:
+        check_batch(len(body.prompts), "prompts")
+        if body.max_new_tokens > config.max_new_tokens:
+            raise HTTPError(422, "invalid_request", f"max_new_tokens {body.max_new_tokens} is above "
+                                                    f"the service's cap of {config.max_new_tokens}")
+        out, version = service.generate(body.prompts, body.max_new_tokens, body.combine,
+                                        body.temperature, body.seed, body.stop)
+        return {"generations": [{"prompt": g.prompt, "text": g.text, "tokens": g.tokens} for g in out],
+                "model": version.to_dict()}
+
+    @app.post("/v1/score", dependencies=predicting, summary="Log-likelihood of texts (causal-LM stores)")
+    def score(body: ScoreIn) -> dict[str, Any]:
+        check_batch(len(body.texts), "texts")
+        report, version = service.score(body.texts, body.prompts, body.combine)
+        return {"records": [{"index": int(r.id), "tokens": r.tokens, "logprob": r.logprob,
+                             "perplexity": r.perplexity} for r in report.records],
+                "tokens": report.tokens, "perplexity": report.perplexity, "combine": report.combine,
+                "model": version.to_dict()}
+
+    # -- deletions -------------------------------------------------------------------------------
+
+    def deletions_on() -> None:
+        if service.acker is None:
+            raise HTTPError(403, "deletions_disabled", "this service was started without deletion "
+                                                       "endpoints (serve predictions only)")
+
+    deleting = [*admin, Depends(deletions_on)]
+
+    @app.post("/v1/deletions", dependencies=deleting, status_code=202,
+              summary="Acknowledge a deletion: durable and excluded from answers before the 202")
+    def delete(body: DeletionIn, response: Response) -> dict[str, Any]:
+        if (body.ids is None) == (body.group is None):
+            raise HTTPError(422, "invalid_request", "give either ids (a list of record ids) or group")
+        request = service.acknowledge(body.ids, body.group)
+        if not request.request_id:
+            response.status_code = 200
+            return {"request_id": None, "status": "nothing_to_delete",
+                    "already_deleted": len(request.already_deleted)}
+        response.headers["Location"] = f"/v1/deletions/{request.request_id}"
+        return {"request_id": request.request_id, "status": "pending", "shards": request.shards,
+                "records": len(request.record_ids), "already_deleted": len(request.already_deleted),
+                "requested_at": request.requested_at}
+
+    @app.get("/v1/deletions/{request_id}", dependencies=deleting, summary="A deletion's state and receipt")
+    def deletion(request_id: str) -> dict[str, Any]:
+        found = service.deletion(request_id)
+        if found is None:
+            raise HTTPError(404, "unknown_deletion", f"no deletion request {request_id[:64]!r}")
+        return found
+
+    @app.get("/v1/deletions", dependencies=deleting, summary="Deletions, newest last")
+    def deletions(status: Literal["pending", "applied", "failed"] | None = None,
+                  limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
+        return {"deletions": service.deletions(status, limit)}
+
+    # -- operations ------------------------------------------------------------------------------
+
+    @app.get("/v1/status", dependencies=admin, summary="The store and the service")
+    def status() -> dict[str, Any]:
+        return service.status()
+
+    @app.get("/healthz", summary="The process answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Whether answers can be given now")
+    def readyz() -> JSONResponse:
+        ok, reason = service.ready()
+        return JSONResponse({"ready": ok, "reason": reason}, 200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def prometheus() -> Response:
+        metrics.pending.set(len(service.reader.pending()))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

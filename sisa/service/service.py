@@ -1,0 +1,247 @@
+"""The service's library side, with no HTTP in it: a store opened for serving (a read-only reader
+for answers, a writer that acknowledges deletions) and the deletion worker. The FastAPI app
+(`sisa.service.app`) is a thin shell over it, as the CLI is over `Sisa`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sisa.api import Sisa
+from sisa.config import Combine, ExecutionConfig
+from sisa.errors import ConfigError, InputKindError, NoServableShardError, RecordError, SisaError
+from sisa.reports import Generation, ScoreReport
+from sisa.service.metrics import Metrics
+from sisa.service.model import LiveModel, ModelVersion
+from sisa.service.settings import ServiceConfig
+from sisa.service.worker import DeletionWorker, ack_to_applied
+from sisa.tasks import ClassificationTask
+from sisa.unlearning import DeletionReceipt, DeletionRequest
+
+log = logging.getLogger("sisa.service")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: list[str]
+    probabilities: np.ndarray  # (n, classes), columns in `classes` order
+    classes: list[str]
+    model: ModelVersion
+
+
+class Service:
+    """One store, served. `worker=False`: deletions are acknowledged here and applied by a worker
+    elsewhere (another `Service`, as Ray Serve's replicas do, or a CLI `sisa recover`)."""
+
+    def __init__(self, store_dir: str | Path, config: ServiceConfig,
+                 execution: ExecutionConfig | None = None, worker: bool = True) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.writer: Sisa | None = None
+        self.acker: Sisa | None = None
+        self.worker: DeletionWorker | None = None
+        if config.deletions and worker:
+            # First the writer: it finishes whatever a crash interrupted before anything serves.
+            self.writer = Sisa.open(store_dir, execution)
+            self.worker = DeletionWorker(self.writer, config.batch_window, config.poll_interval,
+                                         self._after_run, lambda _exc: self.metrics.worker_failures.inc())
+        self.reader = Sisa.open(store_dir, execution, recover=False, read_only=True)
+        if config.deletions:
+            self.acker = Sisa.open(store_dir, execution, recover=False, backend=self.reader.backend)
+        self.model = LiveModel(self.reader, config.on_pending, config.wait_timeout)
+        self._ack_lock = threading.Lock()
+        self._counted = 0  # checkpoints read, as counted in the metrics
+        self._sequence = max(((d.receipt or {}).get("sequence") or 0 for d in self.reader.store.deletions()),
+                             default=0)  # the last receipt counted in the metrics
+
+    def start(self) -> Service:
+        """Load the servable shards, then start the worker (it applies anything still pending)."""
+        from sisa.training.shard_trainer import setup_process  # torch's settings, once, up front
+
+        setup_process(self.reader.config.training.torch_threads, self.reader.config.execution.device)
+        # No shard may serve yet (a deletion pending): /readyz says so until the worker is done.
+        with contextlib.suppress(NoServableShardError):
+            self.model.refresh()
+        self._loaded()
+        if self.worker is not None:
+            self.worker.start()
+            self.worker.notify()
+        return self
+
+    def close(self) -> None:
+        """Stop the worker, close the readers, and then truncate the WAL if a truncation after a
+        deletion is still owed (this process's own readers may have kept it from completing)."""
+        if self.worker is not None:
+            self.worker.stop()
+        for sisa in (self.reader, self.acker):
+            if sisa is not None:
+                sisa.close()
+        if self.worker is not None and self.writer is not None:
+            with contextlib.suppress(SisaError, OSError, sqlite3.Error):
+                self.worker.scrub()
+        if self.writer is not None:
+            self.writer.close()
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    @property
+    def classifier(self) -> bool:
+        return isinstance(self.reader.task, ClassificationTask)
+
+    def check_inputs(self, inputs: Sequence[Any]) -> None:
+        """Inputs of the kind and width this store's model takes (a RecordError names the first
+        bad one)."""
+        spec = self.reader.data_spec
+        if spec.kind == "text":
+            for i, x in enumerate(inputs):
+                if not isinstance(x, str) or not x:
+                    raise InputKindError(f"input {i}: this store's model takes non-empty texts")
+            return
+        width = len(spec.feature_columns)
+        for i, x in enumerate(inputs):
+            if isinstance(x, str) or len(x) != width:
+                raise InputKindError(f"input {i}: this store's model takes rows of {width} numbers")
+
+    def predict(self, inputs: Sequence[Any]) -> Prediction:
+        task = self.reader.task
+        if not isinstance(task, ClassificationTask):
+            raise InputKindError("this store holds a causal LM: use /v1/generate or /v1/score")
+        self.check_inputs(inputs)
+        features = self.reader.data_spec.kind == "features"
+        batch = np.asarray(inputs, dtype=np.float32) if features else list(inputs)
+        proba, version = self.model.shard_proba(batch)
+        voting = self.reader.config.voting
+        combined = task.predict_proba(proba, voting)
+        labels = [task.classes[i] for i in combined.argmax(axis=-1)]
+        self._note(version)
+        return Prediction(labels, combined, list(task.classes), version)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, combine: Combine,
+                 temperature: float, seed: int, stop: Sequence[str]) -> tuple[list[Generation], ModelVersion]:
+        self.reader.require_language_model()
+        out, version = self.model.run(lambda ensemble: self.reader.generate(
+            prompts, max_new_tokens, combine, temperature, seed, stop, ensemble=ensemble))
+        self._note(version)
+        return out, version
+
+    def score(self, texts: Sequence[str], prompts: Sequence[str] | None,
+              combine: Combine) -> tuple[ScoreReport, ModelVersion]:
+        self.reader.require_language_model()
+        spec = self.reader.data_spec
+        if prompts is not None and spec.prompt_column is None:
+            raise RecordError("this store was trained without prompts: give texts only")
+        if prompts is not None and len(prompts) != len(texts):
+            raise RecordError(f"{len(prompts)} prompts for {len(texts)} texts: give one per text")
+        rows = [{spec.id_column: str(i), spec.text_column: t,
+                 **({spec.prompt_column: prompts[i]} if prompts is not None and spec.prompt_column else {})}
+                for i, t in enumerate(texts)]
+        report, version = self.model.run(lambda ensemble: self.reader.score(rows, combine, ensemble=ensemble))
+        self._note(version)
+        return report, version
+
+    def _note(self, version: ModelVersion) -> None:
+        self.metrics.excluded.set(len(version.excluded))
+
+    # -- deletions -------------------------------------------------------------------------------
+
+    def acknowledge(self, ids: Sequence[str] | None, group: str | None) -> DeletionRequest:
+        """Make a deletion durable and exclude its shards; the worker applies it."""
+        if self.acker is None:
+            raise ConfigError("this service serves no deletions")
+        if ids is not None and len(ids) > self.config.max_deletion_ids:
+            raise RecordError(f"{len(ids)} record ids in one request; at most "
+                              f"{self.config.max_deletion_ids}: split it")
+        begun = time.perf_counter()
+        with self._ack_lock:
+            request = self.acker.request_deletion(ids, group)
+            # The ids in clear stay with the caller, not in this long-lived process's memory.
+            self.acker.manager.acknowledged.pop(request.request_id, None)
+        if request.request_id:
+            self.metrics.ack_seconds.observe(time.perf_counter() - begun)
+            self.metrics.acknowledged.inc()
+            log.info("deletion %s acknowledged: %d record(s), shard(s) %s", request.request_id,
+                     len(request.record_ids), request.shards)
+            if self.worker is not None:
+                self.worker.notify()
+        self.metrics.pending.set(len(self.reader.pending()))
+        return request
+
+    def deletion(self, request_id: str) -> dict[str, Any] | None:
+        """A deletion's state: pending, applied (with its receipt) or failed (the worker's last
+        attempt failed; it stays pending, its shards excluded, and is tried again)."""
+        row = self.reader.store.deletion(request_id)
+        if row is None:
+            return None
+        failure = self.worker.failures.get(request_id) if self.worker is not None else None
+        status = "failed" if row.status == "pending" and failure else row.status
+        return {"request_id": row.request_id, "status": status, "shards": row.shards,
+                "records": len(row.record_ids), "requested_at": row.requested_at,
+                "applied_at": row.applied_at, "receipt": row.receipt,
+                "error": failure.splitlines()[0][:300] if failure else None}
+
+    def deletions(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        rows = (self.reader.store.pending_deletions() if status in ("pending", "failed")
+                else self.reader.store.deletions())
+        found = [d for d in (self.deletion(r.request_id) for r in rows) if d is not None]
+        if status is not None:
+            found = [d for d in found if d["status"] == status]
+        return found[-limit:]
+
+    def _after_run(self) -> None:
+        """The worker's hook: count and time the deletions applied since the last look (from the
+        ledger's receipt chain, so a run that failed after committing some is counted too), and
+        load the retrained shards before the next request needs them."""
+        self.metrics.pending.set(len(self.reader.pending()))
+        for row in self.reader.store.deletions():
+            sequence = (row.receipt or {}).get("sequence") or 0
+            if sequence > self._sequence:
+                self._sequence = sequence
+                self.metrics.applied.inc()
+                seconds = ack_to_applied(DeletionReceipt.from_ledger(row.receipt or {}))
+                if seconds is not None:
+                    self.metrics.ack_to_applied.observe(seconds)
+        with contextlib.suppress(NoServableShardError):  # nothing servable yet: requests say so
+            self.model.refresh()
+        self._loaded()
+
+    def _loaded(self) -> None:
+        self.metrics.shards_loaded.inc(self.model.shards_read - self._counted)
+        self._counted = self.model.shards_read
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        store = self.reader.status().to_dict()
+        live = self.model.loaded
+        worker = self.worker
+        return {
+            "store": store,
+            "service": {
+                "on_pending": self.config.on_pending,
+                "loaded": {str(s): sha for s, sha in sorted(live.items())},
+                "checkpoints_read": self.model.shards_read,
+                "uptime_seconds": round(time.time() - self.started, 3),
+                "worker": None if worker is None else {
+                    "alive": worker.alive, "busy": worker.busy, "runs": worker.runs,
+                    "failing": sorted(worker.failures)},
+            },
+        }
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether an answer can be given now, and why not."""
+        if self.worker is not None and not self.worker.alive:
+            return False, "the deletion worker is not running"
+        live = self.model.servable()
+        if not live:
+            return False, "no shard can serve: every shard is empty or has a deletion pending"
+        return True, f"{len(live)} shard(s) serving"
