@@ -431,3 +431,27 @@ def test_generate_and_score_on_a_causal_lm_store(tmp_path, tiny_lm):
             assert after["model"]["shards"][shard] == change["after"]
     finally:
         service.close()
+
+
+def test_a_failing_retrain_is_reported_and_retried_with_the_shard_still_excluded(served, monkeypatch):
+    from sisa.errors import ShardTrainingError
+
+    service, client = served
+    real = service.writer.apply_pending
+
+    def failing() -> Any:
+        raise ShardTrainingError(1, 3, "Traceback: out of memory")
+
+    monkeypatch.setattr(service.writer, "apply_pending", failing)
+    ack = client.post("/v1/deletions", json={"ids": ["r0050"]}, headers=AUTH).json()
+    deadline = time.monotonic() + 30
+    while (state := client.get(f"/v1/deletions/{ack['request_id']}", headers=AUTH).json())["status"] != "failed":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    assert state["error"].startswith("ShardTrainingError") and state["receipt"] is None
+    assert [d["request_id"] for d in client.get("/v1/deletions?status=failed", headers=AUTH).json()[
+        "deletions"]] == [ack["request_id"]]
+    assert predict(client).json()["model"]["excluded_shards"] == ack["shards"]
+    assert "sisa_deletion_worker_failures_total 1.0" in client.get("/metrics").text
+    monkeypatch.setattr(service.writer, "apply_pending", real)  # the next attempt succeeds
+    assert wait_applied(client, ack["request_id"])["error"] is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -227,6 +228,7 @@ class Service:
         return {
             "store": store,
             "service": {
+                "pid": os.getpid(),  # which process (Ray Serve replica) answered
                 "on_pending": self.config.on_pending,
                 "loaded": {str(s): sha for s, sha in sorted(live.items())},
                 "checkpoints_read": self.model.shards_read,
