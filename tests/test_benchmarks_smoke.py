@@ -104,3 +104,14 @@ def test_gpu_script_runs_its_steps_within_its_budget(tmp_path):
     assert list(steps) == ["device", "torch", "gpu_tests", "text_accuracy", "llm_unlearning"]
     assert steps["torch"]["outcome"] == "ok" and '"cuda"' in steps["torch"]["tail"]
     assert (out / "logs" / "gpu_tests.log").is_file()
+
+
+def test_serve_load_tiny_run_checks_every_answer(tmp_path):
+    result = run_tiny("benchmarks.serve_load", tmp_path / "serve", "--stores", "mlp")
+    run = result["runs"][0]
+    steady, deleting = run["steady"], run["deleting"]
+    assert steady["requests"] > 0 and deleting["deletions"] > 0
+    assert steady["answers_checked"] == steady["requests"] and deleting["answers_checked"] == deleting["requests"]
+    assert steady["stale_answers"] == deleting["stale_answers"] == 0
+    assert deleting["ack_p50_ms"] > 0 and deleting["ack_to_applied_p50_s"] is not None
+    assert "| store | serving | phase |" in (tmp_path / "serve" / "serve_load.md").read_text()
