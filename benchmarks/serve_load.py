@@ -1,5 +1,6 @@
 """Load test of `sisa serve`: concurrent clients on loopback for a bounded time, first with no
-deletion, then with a stream of deletion requests, against a fresh server process.
+deletion, then with a stream of deletion requests (one at a time: each is sent, applied, and after
+a pause the next), against a fresh server process.
 
     python -m benchmarks.serve_load --out DIR                 # MLP and head stores, S=4
     python -m benchmarks.serve_load --out DIR --ray           # the same on Ray Serve, 2 replicas
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +114,9 @@ class Server:
 
 
 def phase(server: Server, inputs: list[Any], seconds: float, clients: int, batch: int,
-          ids: list[str], deletion_every: float | None, seed: int) -> dict[str, Any]:
-    """Clients predicting for `seconds`; with `deletion_every`, a deletion of one random live
-    record at that interval. Returns the figures and the raw answers and deletions."""
+          ids: list[str], deletion_gap: float | None, seed: int) -> dict[str, Any]:
+    """Clients predicting for `seconds`; with `deletion_gap`, a stream of deletions meanwhile, one
+    at a time: a random live record, acknowledged, applied, then `deletion_gap` seconds of pause."""
     stop = threading.Event()
     latencies: list[float] = []
     answers: list[Answer] = []
@@ -146,29 +148,30 @@ def phase(server: Server, inputs: list[Any], seconds: float, clients: int, batch
     for t in threads:
         t.start()
     acks: list[tuple[float, float, dict[str, Any]]] = []  # (202 arrived, ack latency, body)
+    deletions: list[Deletion] = []
+    busy = 0.0  # seconds with a deletion acknowledged and not yet applied
     rng = random.Random(seed)
     while time.monotonic() - began < seconds:
-        if deletion_every is None:
+        if deletion_gap is None:
             time.sleep(0.1)
             continue
+        # One deletion of a random live record; wait until it is applied; pause; the next.
         record = ids.pop(rng.randrange(len(ids)))
         sent = time.monotonic()
         r = server.client.post("/v1/deletions", json={"ids": [record]}, headers=AUTH)
+        arrived = time.monotonic()
         if r.status_code != 202:
             errors.append(f"deletion: {r.text[:200]}")
-        else:
-            acks.append((time.monotonic(), time.monotonic() - sent, r.json()))
-        time.sleep(max(0.0, deletion_every - (time.monotonic() - sent)))
+            continue
+        acks.append((arrived, arrived - sent, r.json()))
+        receipt = _applied(server, r.json()["request_id"])
+        busy += time.monotonic() - sent
+        deletions.append(Deletion(arrived, r.json()["shards"], receipt))
+        time.sleep(deletion_gap)
     stop.set()
     for t in threads:
         t.join()
     elapsed = time.monotonic() - began
-    deletions = []
-    for arrived, _latency, body in acks:
-        while (state := server.client.get(f"/v1/deletions/{body['request_id']}", headers=AUTH).json())[
-                "status"] != "applied":
-            time.sleep(0.1)
-        deletions.append(Deletion(arrived, body["shards"], state["receipt"]))
     stale = check(answers, deletions)
     lat = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
     out: dict[str, Any] = {
@@ -177,20 +180,32 @@ def phase(server: Server, inputs: list[Any], seconds: float, clients: int, batch
         "predictions_per_s": round(len(latencies) * batch / elapsed, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "errors": len(errors), "error_examples": errors[:3], "stale_answers": stale.stale,
-        "answers_checked": len(answers), "answers_with_a_shard_excluded": sum(len(a.shards) < 4 for a in answers),
+        "answers_checked": len(answers),
+        "answers_with_a_shard_excluded": sum(len(a.shards) < 4 for a in answers),
     }
-    if deletion_every is not None:
+    if deletion_gap is not None:
         ack_ms = np.asarray([a[1] for a in acks]) * 1000
         live = [_first_live(answers, d) for d in deletions]
         applied = [_receipt_seconds(d.receipt) for d in deletions]
         out.update({
             "deletions": len(acks),
+            "share_of_time_deleting": round(busy / elapsed, 3),
             "ack_p50_ms": round(float(np.percentile(ack_ms, 50)), 2) if len(ack_ms) else None,
             "ack_p99_ms": round(float(np.percentile(ack_ms, 99)), 2) if len(ack_ms) else None,
             "ack_to_applied_p50_s": _median(applied), "ack_to_applied_max_s": _max(applied),
             "ack_to_live_p50_s": _median(live), "ack_to_live_max_s": _max(live),
         })
     return out
+
+
+def _applied(server: Server, request_id: str, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = server.client.get(f"/v1/deletions/{request_id}", headers=AUTH).json()
+        if state["status"] == "applied":
+            return dict(state["receipt"])
+        time.sleep(0.05)
+    raise RuntimeError(f"deletion {request_id} was not applied within {timeout} s")
 
 
 def _first_live(answers: list[Answer], deletion: Deletion) -> float | None:
@@ -201,7 +216,7 @@ def _first_live(answers: list[Answer], deletion: Deletion) -> float | None:
     return round(min(times) - deletion.acknowledged, 3) if times and after else None
 
 
-def _receipt_seconds(receipt: dict[str, Any] | None) -> float | None:
+def _receipt_seconds(receipt: Mapping[str, Any] | None) -> float | None:
     from datetime import datetime
 
     if not receipt or not receipt.get("applied_at") or not receipt.get("requested_at"):
@@ -244,26 +259,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1, help="inputs per prediction request")
-    parser.add_argument("--deletion-every", type=float, default=2.0, help="seconds between deletions")
+    parser.add_argument("--deletion-gap", type=float, default=0.5,
+                        help="seconds from one deletion applied to the next one sent")
     parser.add_argument("--tiny", action="store_true", help="seconds of work: checks the script")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.seconds, args.clients, args.deletion_every = 3.0, 2, 1.0
+        args.seconds, args.clients, args.deletion_gap = 3.0, 2, 0.2
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"meta": {"command": " ".join(["python -m benchmarks.serve_load", *(argv or sys.argv[1:])]),
-                                        "machine": machine(), "cpus": os.cpu_count()}, "runs": []}
+    command = " ".join(["python -m benchmarks.serve_load", *(argv or sys.argv[1:])])
+    results: dict[str, Any] = {"meta": {"command": command, "machine": machine(), "cpus": os.cpu_count()},
+                               "runs": []}
     with tempfile.TemporaryDirectory(prefix="sisa-serve-load-") as tmp:
         root = Path(tmp)
         for kind in args.stores.split(","):
             store, ids, inputs = build_store(kind, root, args.tiny)
             server = Server(store, root, args.ray, args.replicas)
             try:
-                run: dict[str, Any] = {"store": kind, "shards": 4,
-                                       "serving": f"ray serve, {args.replicas} replicas" if args.ray else "uvicorn",
+                serving = f"ray serve, {args.replicas} replicas" if args.ray else "uvicorn"
+                run: dict[str, Any] = {"store": kind, "shards": 4, "serving": serving,
                                        "startup_s": round(server.startup, 2)}
                 run["steady"] = phase(server, inputs, args.seconds, args.clients, args.batch, ids, None, 1)
                 run["deleting"] = phase(server, inputs, args.seconds, args.clients, args.batch, ids,
-                                        args.deletion_every, 2)
+                                        args.deletion_gap, 2)
             finally:
                 server.stop()
             results["runs"].append(run)

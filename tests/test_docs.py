@@ -70,3 +70,44 @@ def test_the_language_model_demo_runs_end_to_end(tmp_path):
     proof = result["proof"]
     assert result["audit_ok"] and proof["memorised"]
     assert proof["forgotten_mean_exposure"] < proof["mean_exposure_before"] - 5
+
+
+def test_serving_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's serving example: its `sisa serve` command as a fresh process (on a free port),
+    and its client code against it."""
+    import socket
+    import time
+
+    import httpx
+
+    from sisa import PartitionConfig, Sisa, SisaConfig
+
+    monkeypatch.chdir(tmp_path)
+    Sisa.train("stores/digits", "builtin:digits", SisaConfig(PartitionConfig(shards=4, slices=4))).close()
+    commands = [line.split("  #")[0].strip() for line in blocks("bash", "## Serving over HTTP").splitlines()]
+    subprocess.run(commands[0], shell=True, check=True)  # the token file
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    argv = shlex.split(commands[1].replace("8000", port))
+    assert argv[:2] == ["sisa", "serve"]
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sisa.cli", *argv[1:]], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        code = blocks("python", "## Serving over HTTP").replace("8000", port)
+        scope: dict = {"__name__": "readme"}
+        exec(compile(code, "README.md", "exec"), scope)  # our own docs
+        assert scope["ack"].status_code == 202 and scope["state"]["status"] in ("pending", "applied")
+        assert len(scope["answer"]["predictions"]) == 3
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -455,3 +455,21 @@ def test_a_failing_retrain_is_reported_and_retried_with_the_shard_still_excluded
     assert "sisa_deletion_worker_failures_total 1.0" in client.get("/metrics").text
     monkeypatch.setattr(service.writer, "apply_pending", real)  # the next attempt succeeds
     assert wait_applied(client, ack["request_id"])["error"] is None
+
+
+def test_sisa_serve_refuses_to_start_without_a_token(store, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from sisa.cli import app
+
+    monkeypatch.delenv("SISA_SERVE_TOKEN", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--store", str(store)])
+    assert result.exit_code == 1 and "SISA_SERVE_TOKEN" in result.output
+    loose = tmp_path / "token"
+    loose.write_text(TOKEN)
+    loose.chmod(0o644)
+    result = CliRunner().invoke(app, ["serve", "--store", str(store), "--token-file", str(loose)])
+    assert result.exit_code == 1 and "chmod 600" in result.output
+    result = CliRunner().invoke(app, ["serve", "--store", str(store), "--on-pending", "later",
+                                      "--no-auth"])
+    assert result.exit_code == 1 and "on_pending" in result.output

@@ -6,8 +6,8 @@ checkpoint is live in each) and after the model ran. A shard whose checkpoint st
 servable one in between (a deletion was acknowledged, here or by another process, or a retrained
 checkpoint went live) does not count towards the answer. So an answer reflects the store at a
 moment between the request's arrival and its reply, and a deletion acknowledged (its `202` sent)
-before a request arrived is never in it. Checkpoints are cached by shard and weights digest
-(`shard-3@<sha256 prefix>`), so no cache can hand out a pre-deletion adapter.
+before a request arrived is never in it. Checkpoints are cached by shard and weights sha256 (and
+named `shard-3@<sha256 prefix>` in answers), so no cache can hand out a pre-deletion adapter.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class LiveModel:
         self.wait_timeout = wait_timeout
         self.shard_count = sisa.config.partition.shards
         self._lock = threading.Lock()  # one reload at a time
-        self._cache: dict[str, Checkpoint] = {}  # adapter id -> checkpoint
+        self._cache: dict[tuple[int, str], Checkpoint] = {}  # (shard, weights sha256) -> checkpoint
         self._ensemble: Ensemble | None = None
         self._loaded: dict[int, str] = {}  # shard -> sha256 of what the ensemble holds
         self.shards_read = 0  # checkpoints read from disk since start (a reload reads only changes)
@@ -118,11 +118,12 @@ class LiveModel:
             if not live:
                 raise Unavailable("no shard can serve: every shard is empty or has a deletion pending",
                                   self.excluded({}))
-            wanted = {adapter_id(s, sha): (s, sha) for s, sha in live.items()}
-            for key, (shard, sha) in wanted.items():
+            wanted = set(live.items())
+            for key in sorted(wanted):
+                shard, sha = key
                 if key not in self._cache:
                     row = self.sisa.store.live().get(shard)
-                    if row is None or adapter_id(shard, row.sha256) != key:
+                    if row is None or row.sha256 != sha:
                         break  # it changed since `live` was read: read the store again
                     try:
                         self._cache[key] = self.sisa.manager.read_checkpoint(row.key, row)
@@ -134,7 +135,7 @@ class LiveModel:
             else:
                 for key in set(self._cache) - set(wanted):
                     del self._cache[key]
-                checkpoints = {s: self._cache[key] for key, (s, _) in wanted.items()}
+                checkpoints = {s: self._cache[(s, sha)] for s, sha in wanted}
                 ensemble = Ensemble(self.sisa.backend, self.sisa.features, checkpoints,
                                     self.sisa.config.partition.seed)
                 self._ensemble, self._loaded = ensemble, dict(live)  # the swap, all at once

@@ -188,7 +188,7 @@ class Service:
         return {"request_id": row.request_id, "status": status, "shards": row.shards,
                 "records": len(row.record_ids), "requested_at": row.requested_at,
                 "applied_at": row.applied_at, "receipt": row.receipt,
-                "error": failure.splitlines()[0][:300] if failure else None}
+                "error": failure.splitlines()[0][:300] if failure and status == "failed" else None}
 
     def deletions(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         rows = (self.reader.store.pending_deletions() if status in ("pending", "failed")
