@@ -455,7 +455,7 @@ class Sisa:
         if not prompted and any(not p for p in prompts):
             raise RecordError("a prompt is empty: give some text to continue")
         self.require_language_model()
-        ensemble = ensemble or self.ensemble()
+        ensemble = ensemble if ensemble is not None else self.ensemble()
         scorer: Any = ensemble.scorer
         tok = scorer.tokenizer
         out = []
@@ -481,7 +481,7 @@ class Sisa:
         """Log-likelihood and perplexity of each record's text (after its prompt) under the
         ensemble (`ensemble`: as for `generate`)."""
         self.require_language_model()
-        ensemble = ensemble or self.ensemble()
+        ensemble = ensemble if ensemble is not None else self.ensemble()
         scorer: Any = ensemble.scorer
         source, spec = data_source(source, self.data_spec)
         # Scoring needs the text (and prompt): not the label, group or prior the training read.

@@ -531,6 +531,8 @@ def serve(
     from sisa.service import ServiceConfig, read_token
     from sisa.service import serve as run_http
 
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter(f"--log-level must be debug, info, warning or error, got {log_level!r}")
     token = None if no_auth else read_token(token_file)
     config = ServiceConfig(host=host, port=port, token=token, no_auth=no_auth,
                            protect_predict=protect_predict, deletions=not no_deletions,
@@ -543,7 +545,7 @@ def serve(
     if ray:
         from sisa.service.ray_serve import serve_on_ray
 
-        serve_on_ray(store, config, replicas, replica_cpus, execution.ray_address, execution)
+        serve_on_ray(store, config, replicas, replica_cpus, execution.ray_address, execution, log_level)
     else:
         run_http(store, config, execution, log_level)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -136,10 +137,16 @@ def _ray(ray: Any, address: str | None) -> Iterator[None]:
 
 def serve_on_ray(store_dir: str | Path, config: ServiceConfig, replicas: int = 2,
                  replica_cpus: float = 1.0, ray_address: str | None = None,
-                 execution: ExecutionConfig | None = None) -> None:
-    """`sisa serve --ray`: run until interrupted."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                 execution: ExecutionConfig | None = None, log_level: str = "info") -> None:
+    """`sisa serve --ray`: run until interrupted (SIGINT or SIGTERM), then tear down what it
+    started: the deployment, a local Ray, the worker."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
     with ray_service(store_dir, config, replicas, replica_cpus, ray_address, execution) as url:
+        signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs its own
         log.info("serving %s on Ray Serve at %s with %d replica(s)", store_dir, url, replicas)
         with contextlib.suppress(KeyboardInterrupt):
             while True:
