@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from shard_store import DeletionRow
 from sisa.api import Sisa
 from sisa.config import Combine, ExecutionConfig
 from sisa.errors import ConfigError, InputKindError, NoServableShardError, RecordError, SisaError
@@ -181,22 +182,22 @@ class Service:
         """A deletion's state: pending, applied (with its receipt) or failed (the worker's last
         attempt failed; it stays pending, its shards excluded, and is tried again)."""
         row = self.reader.store.deletion(request_id)
-        if row is None:
-            return None
-        failure = self.worker.failures.get(request_id) if self.worker is not None else None
+        return None if row is None else self._describe(row)
+
+    def deletions(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        """The last `limit` deletions (of a status), oldest first."""
+        rows = (self.reader.store.pending_deletions() if status in ("pending", "failed")
+                else self.reader.store.deletions())
+        found = [self._describe(row) for row in rows]
+        return [d for d in found if status is None or d["status"] == status][-limit:]
+
+    def _describe(self, row: DeletionRow) -> dict[str, Any]:
+        failure = self.worker.failures.get(row.request_id) if self.worker is not None else None
         status = "failed" if row.status == "pending" and failure else row.status
         return {"request_id": row.request_id, "status": status, "shards": row.shards,
                 "records": len(row.record_ids), "requested_at": row.requested_at,
                 "applied_at": row.applied_at, "receipt": row.receipt,
                 "error": failure.splitlines()[0][:300] if failure and status == "failed" else None}
-
-    def deletions(self, status: str | None, limit: int) -> list[dict[str, Any]]:
-        rows = (self.reader.store.pending_deletions() if status in ("pending", "failed")
-                else self.reader.store.deletions())
-        found = [d for d in (self.deletion(r.request_id) for r in rows) if d is not None]
-        if status is not None:
-            found = [d for d in found if d["status"] == status]
-        return found[-limit:]
 
     def _after_run(self) -> None:
         """The worker's hook: count and time the deletions applied since the last look (from the
