@@ -8,7 +8,8 @@ shards' outputs mean (votes, a next-token mixture) is the task's business.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,17 @@ class Ensemble:
         states = {s: (c.tensors(), c.manifest.state) for s, c in sorted(checkpoints.items())}
         self.scorer = backend.scorer(states, init_seed(seed, min(states)))
         self.shards = sorted(states)
-        self.version = model_version({s: c.sha256 for s, c in checkpoints.items()})
+        self.shas = {s: c.sha256 for s, c in sorted(checkpoints.items())}  # shard -> weights sha256
+        self.version = model_version(self.shas)
+
+    def subset(self, shards: Collection[int]) -> Ensemble:
+        """These shards only, sharing this ensemble's models (loads nothing, changes nothing)."""
+        view = copy.copy(self)
+        view.scorer = self.scorer.subset(shards)
+        view.shards = [s for s in self.shards if s in set(shards)]
+        view.shas = {s: self.shas[s] for s in view.shards}
+        view.version = model_version(view.shas)
+        return view
 
     def shard_proba(self, inputs: Sequence[Any] | np.ndarray) -> dict[int, np.ndarray]:
         """Each shard's class probabilities, shape (n, num_classes)."""

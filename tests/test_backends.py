@@ -181,3 +181,17 @@ def test_a_hub_id_resolves_from_the_local_cache_only(tmp_path, tiny_model, monke
     assert resolve_model("tiny-org/tiny-bert") == snapshot
     with pytest.raises(ConfigError, match="never downloads"):
         resolve_model("tiny-org/not-cached")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scorer_subset_scores_its_shards_as_the_whole_does(tmp_path, tiny_model, text_rows, backend):
+    """An ensemble of fewer shards (the service's view while a shard retrains) shares the models
+    and gives each of its shards the very same probabilities."""
+    sisa = Sisa.train(tmp_path / "store", text_rows, text_config(tiny_model, backend), TEXT_SPEC)
+    whole = sisa.ensemble()
+    part = whole.subset([1])
+    texts = [r["text"] for r in text_rows[:12]]
+    assert part.shards == [1] and part.shas == {1: whole.shas[1]} and part.version != whole.version
+    assert set(part.shard_proba(texts)) == {1}
+    np.testing.assert_array_equal(part.shard_proba(texts)[1], whole.shard_proba(texts)[1])
+    assert whole.shards == [0, 1] and set(whole.shard_proba(texts)) == {0, 1}  # unchanged

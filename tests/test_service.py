@@ -423,7 +423,17 @@ def test_generate_and_score_on_a_causal_lm_store(tmp_path, tiny_lm):
         score = client.post("/v1/score", json={"texts": ["ok sure"], "prompts": ["hi"]}).json()
         assert score["records"][0]["logprob"] == pytest.approx(scored.records[0].logprob, abs=1e-9)
         assert predict(client).status_code == 422  # a causal LM has no classes
+        service.worker.stop()  # hold it: generation while the deletion is pending
+        read = service.model.shards_read
         ack = client.post("/v1/deletions", json={"group": "u3"}, headers=AUTH).json()
+        during = client.post("/v1/generate", json={"prompts": ["hi ok"], "max_new_tokens": 6}).json()
+        assert during["model"]["excluded_shards"] == ack["shards"]
+        assert service.model.shards_read == read  # the other shards' adapters, as loaded: a view
+        with Sisa.open(tmp_path / "lm", recover=False, read_only=True) as fresh:  # loads the rest anew
+            alone = fresh.generate(["hi ok"], max_new_tokens=6)[0]
+        assert during["generations"][0]["text"] == alone.text
+        assert during["model"]["version"] == alone.model_version
+        service.worker = service.worker.__class__(service.writer, 0.0, 0.1, service._after_run).start()
         service.worker.wait_idle(120)
         after = client.post("/v1/generate", json={"prompts": ["hi ok"], "max_new_tokens": 6}).json()
         receipt = wait_applied(client, ack["request_id"])["receipt"]

@@ -108,13 +108,15 @@ class LiveModel:
     def refresh(self, live: dict[int, str] | None = None, exact: bool = True) -> Ensemble:
         """The ensemble of the servable shards (`live`), reading only checkpoints not yet cached.
         Without `exact`, an ensemble holding more shards (with the same weights) will do: the
-        caller drops the extra shards' outputs."""
+        caller drops the extra shards' outputs. A new checkpoint rebuilds the ensemble from the
+        cache (for the adapter backends, on a base model loaded again)."""
         live = self.servable() if live is None else live
         with self._lock:
             current = self._ensemble
-            if current is not None and (self._loaded == live or (
-                    not exact and live and all(self._loaded.get(s) == sha for s, sha in live.items()))):
-                return current
+            if current is not None and live and all(self._loaded.get(s) == sha for s, sha in live.items()):
+                # Everything that may serve is loaded: with `exact`, a view of just those shards
+                # (a shard excluded reloads nothing; only a new checkpoint does).
+                return current if not exact or self._loaded == live else current.subset(live)
             if not live:
                 raise Unavailable("no shard can serve: every shard is empty or has a deletion pending",
                                   self.excluded({}))

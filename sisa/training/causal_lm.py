@@ -13,12 +13,13 @@ generating. Together with sisa.training.lora, the only modules that import peft.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -399,6 +400,15 @@ class CausalLMScorer:
             set_peft_model_state_dict(self.model, adapters[shard], adapter_name=name)
         self.model.to(device).eval()
         self.views = (*self.names, "ensemble")
+
+    def subset(self, shards: Collection[int]) -> CausalLMScorer:
+        """These shards' adapters only, on the same base (a view: nothing is loaded or changed)."""
+        view = copy.copy(self)
+        keep = [i for i, s in enumerate(self.shards) if s in set(shards)]
+        view.shards = [self.shards[i] for i in keep]
+        view.names = [self.names[i] for i in keep]
+        view.views = (*view.names, "ensemble")
+        return view
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  cache: Any = None) -> Any:

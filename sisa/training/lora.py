@@ -10,9 +10,10 @@ mixed-adapter forward pass.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,14 @@ class LoraScorer:
             set_peft_model_state_dict(self.model, states[shard], adapter_name=name)
         self.names = names
         self.model.to(device).eval()
+
+    def subset(self, shards: Collection[int]) -> LoraScorer:
+        """These shards' adapters only, on the same base (a view: nothing is loaded or changed)."""
+        view = copy.copy(self)
+        keep = [i for i, s in enumerate(self.shards) if s in set(shards)]
+        view.shards = [self.shards[i] for i in keep]
+        view.names = [self.names[i] for i in keep]
+        return view
 
     @torch.no_grad()
     def shard_proba(self, inputs: TextInputs) -> dict[int, np.ndarray]:

@@ -8,7 +8,7 @@ computes (and caches) before training, and may score all shards at once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -47,6 +47,10 @@ class Scorer(Protocol):
     def shard_proba(self, inputs: Any) -> dict[int, np.ndarray]:
         """Each shard's class probabilities for prepared inputs."""
 
+    def subset(self, shards: Collection[int]) -> Scorer:
+        """A scorer of these shards only, sharing this one's models (nothing is loaded again or
+        changed: both may run at once)."""
+
 
 class Backend(Protocol):
     name: str
@@ -78,3 +82,6 @@ class PerShardScorer:
 
         with torch.no_grad():
             return {s: m.predict_proba(inputs).double().cpu().numpy() for s, m in self.models.items()}
+
+    def subset(self, shards: Collection[int]) -> PerShardScorer:
+        return PerShardScorer({s: self.models[s] for s in shards})
