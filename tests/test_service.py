@@ -455,7 +455,8 @@ def test_a_failing_retrain_is_reported_and_retried_with_the_shard_still_excluded
     monkeypatch.setattr(service.writer, "apply_pending", failing)
     ack = client.post("/v1/deletions", json={"ids": ["r0050"]}, headers=AUTH).json()
     deadline = time.monotonic() + 30
-    while (state := client.get(f"/v1/deletions/{ack['request_id']}", headers=AUTH).json())["status"] != "failed":
+    where = f"/v1/deletions/{ack['request_id']}"
+    while (state := client.get(where, headers=AUTH).json())["status"] != "failed":
         assert time.monotonic() < deadline, state
         time.sleep(0.05)
     assert state["error"].startswith("ShardTrainingError") and state["receipt"] is None
