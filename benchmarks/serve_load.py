@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,8 @@ import numpy as np
 from benchmarks.cli_kit import feature_flags, gaussian, sisa, write_table
 from benchmarks.common import machine, write_json
 from sisa.service.staleness import Answer, Deletion, check
+from sisa.service.worker import ack_to_applied
+from sisa.unlearning import DeletionReceipt
 
 TOKEN = "load-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -186,7 +187,8 @@ def phase(server: Server, inputs: list[Any], seconds: float, clients: int, batch
     if deletion_gap is not None:
         ack_ms = np.asarray([a[1] for a in acks]) * 1000
         live = [_first_live(answers, d) for d in deletions]
-        applied = [_receipt_seconds(d.receipt) for d in deletions]
+        applied = [ack_to_applied(DeletionReceipt.from_ledger(d.receipt)) if d.receipt else None
+                   for d in deletions]
         out.update({
             "deletions": len(acks),
             "share_of_time_deleting": round(busy / elapsed, 3),
@@ -214,15 +216,6 @@ def _first_live(answers: list[Answer], deletion: Deletion) -> float | None:
     times = [a.sent for a in answers
              if a.sent > deletion.acknowledged and all(a.shards.get(s) == sha for s, sha in after.items())]
     return round(min(times) - deletion.acknowledged, 3) if times and after else None
-
-
-def _receipt_seconds(receipt: Mapping[str, Any] | None) -> float | None:
-    from datetime import datetime
-
-    if not receipt or not receipt.get("applied_at") or not receipt.get("requested_at"):
-        return None
-    return round((datetime.fromisoformat(receipt["applied_at"])
-                  - datetime.fromisoformat(receipt["requested_at"])).total_seconds(), 3)
 
 
 def _median(values: list[float | None]) -> float | None:

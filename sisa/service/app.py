@@ -155,14 +155,13 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(SisaError)
     async def sisa_error(_request: Request, exc: SisaError) -> JSONResponse:
         status, code = next(((s, c) for cls, s, c in _STATUS if isinstance(exc, cls)), (500, "store_error"))
-        headers = {"Retry-After": "1"} if status == 503 else None
-        body = _error(status, code, str(exc), headers)
+        error: dict[str, Any] = {"code": code, "message": str(exc)}
         if isinstance(exc, Unavailable):
-            body = JSONResponse({"error": {"code": code, "message": str(exc),
-                                           "excluded_shards": exc.excluded}}, status, headers=headers)
+            error["excluded_shards"] = exc.excluded
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
-        return body
+        return JSONResponse({"error": error}, status,
+                            headers={"Retry-After": "1"} if status == 503 else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
