@@ -31,11 +31,9 @@ def _curve(name: str, work: Path, train: Any, test: Any, spec: Any, shard_counts
         sisa = Sisa.train(store, train, make_config(shards, slices), spec,
                           embeddings_from=embeddings_from)
         report = sisa.training_report_
-        if embeddings_from is not None:
-            sisa.store.copy_embeddings_from(embeddings_from)
         result = sisa.evaluate(test)
         sisa.close()
-        if embeddings_from is None and sisa.backend.encoder is not None:
+        if embeddings_from is None and sisa.encoder is not None:
             embeddings_from = store  # later stores reuse the embeddings
         points.append({"shards": shards, "slices": slices, "soft": result.ensemble_soft.accuracy,
                        "hard": result.ensemble_hard.accuracy,

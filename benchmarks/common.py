@@ -147,8 +147,8 @@ def plain_torch_loop(sisa: Sisa) -> tuple[float, int]:
     t, p = config.training, config.partition
     if not isinstance(t, MLPConfig):
         raise TypeError(f"the plain loop mirrors the mlp backend, not {t.backend!r}")
-    schedules = sisa.manager.schedules(range(p.shards))
-    shard_data = sisa.manager.data.get(range(p.shards))
+    schedules = sisa.schedules()
+    shard_data = sisa.shard_data()
     # Data preparation is outside the timed region, as it is for a hand-written loop.
     data = []
     for shard, sched in schedules.items():

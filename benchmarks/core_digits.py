@@ -53,7 +53,7 @@ def run(shards: int, slices: int, epochs: int, deletions: int, out: Path) -> dic
 
         plain_seconds, plain_steps = plain_torch_loop(sisa)
 
-        ids = sorted(r.id for r in sisa.store.live_records())
+        ids = sorted(r.id for r in sisa.live_records())
         rng = random.Random(1)
         single = []
         for record_id in rng.sample(ids, deletions):

@@ -1,12 +1,10 @@
-"""What the fault harness's two halves share: the small fixture store and its rows, the CLI run as
-a subprocess (to its end, or killed), and reading a store's files (digests, derived checkpoints).
+"""What the fault harness's two halves share: the small fixture store and its rows, and the CLI run
+as a subprocess (to its end, or killed). The data, the killer and the store's file checks are the
+fault kit's (`sisa.testing`), which the tests use too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 import shutil
 import signal
 import subprocess
@@ -17,43 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sisa import DataSpec, ExecutionConfig, MLPConfig, PartitionConfig, Sisa, SisaConfig
+from sisa import Sisa
+from sisa.testing import SPEC, TRAIN_FLAGS, derived_from, killer, make_rows, small_config, write_csv
+from sisa.testing import store_snapshot as tree_digest
 
-ROOT = Path(__file__).resolve().parents[1]
-KILLER = ROOT / "tests" / "killer.py"
 STORE = "shard_store.store:ShardStore"
-FEATURES = ("f0", "f1", "f2", "f3")
-SPEC = DataSpec(id_column="id", label_column="label", feature_columns=FEATURES, group_column="user")
-CONFIG = SisaConfig(partition=PartitionConfig(shards=3, slices=3, seed=11),
-                    training=MLPConfig(epochs_per_slice=2, batch_size=8, hidden_sizes=(8,)),
-                    execution=ExecutionConfig(progress=False))
-TRAIN_FLAGS = ["--id-column", "id", "--label-column", "label", "--feature-columns", "f0,f1,f2,f3",
-               "--group-column", "user", "--shards", "3", "--slices", "3", "--epochs", "2",
-               "--batch-size", "8", "--hidden-sizes", "8", "--seed", "11", "--no-progress"]
+CONFIG = small_config()
 TIMEOUT = 600  # seconds for any one CLI process
-
-
-def numeric_rows(n: int, seed: int = 7, prefix: str = "r") -> list[dict[str, Any]]:
-    """Three separable-ish classes, 10 records per user (as tests/conftest.make_rows)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 3
-        row: dict[str, Any] = {"id": f"{prefix}{i:04d}", "label": label, "user": f"u{i // 10}"}
-        for j, name in enumerate(FEATURES):
-            row[name] = rng.gauss(1.5 * label if j == label else 0.0, 1.0)
-        rows.append(row)
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    import csv
-
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+__all__ = ["STORE", "TRAIN_FLAGS", "Fixture", "Run", "build_fixture", "derived_from", "killed_after",
+           "killed_at", "sisa_cli", "tree_digest", "write_csv"]
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -79,7 +49,7 @@ class Run:
 
 def _run(cmd: list[str], delay: float | None = None) -> Run:
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if delay is not None:
         try:
             proc.wait(timeout=delay)
@@ -102,52 +72,13 @@ def sisa_cli(*argv: str) -> Run:
 
 
 def killed_at(point: str, *argv: str) -> Run:
-    """`sisa argv` as a fresh process that dies of SIGKILL at a named step (tests/killer.py)."""
-    return _run([sys.executable, str(KILLER), point, "--", *argv])
+    """`sisa argv` as a fresh process that dies of SIGKILL at a named step (sisa.testing.killer)."""
+    return _run(killer.command(point, *argv))
 
 
 def killed_after(delay: float, *argv: str) -> Run:
     """`sisa argv` as a fresh process, sent SIGKILL after `delay` seconds unless done by then."""
     return _run([sys.executable, "-m", "sisa.cli", *argv], delay=delay)
-
-
-# -- reading a store -------------------------------------------------------------------------------
-
-def tree_digest(store: Path) -> dict[str, str]:
-    """sha256 of every file under the store: store.db-shm aside (readers may rewrite it), and an
-    empty store.db-wal counts as none (SQLite creates one when a reader opens the database)."""
-    if not store.is_dir():
-        return {}
-    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file() and p.name != "store.db-shm"
-            and not (p.name == "store.db-wal" and p.stat().st_size == 0)}
-
-
-def derived_from(store: Path, ids: set[str]) -> list[str]:
-    """Checkpoint directories on disk (registered or not) whose records, followed through the
-    parents' manifests on disk, hold one of `ids`; one whose chain cannot be followed, one with
-    no manifest, and any temporary count too (nothing on disk proves them clean)."""
-    top = store / "checkpoints"
-    if not top.is_dir():
-        return sorted(str(p) for p in store.rglob(".tmp-*"))
-    manifests: dict[str, tuple[Path, str | None, set[str]]] = {}
-    bad = []
-    for path in top.rglob("manifest.json"):
-        try:
-            m = json.loads(path.read_text())
-            manifests[m["key"]] = (path.parent, m["parent"], set(m["records"]))
-        except (ValueError, KeyError, TypeError):
-            bad.append(str(path.parent))
-    bad += [str(p) for p in top.glob("*/*") if not (p / "manifest.json").is_file()]
-    bad += [str(p) for p in store.rglob(".tmp-*")]
-    for directory, parent, records in manifests.values():
-        seen = set(records)
-        while parent is not None and parent in manifests:
-            _, parent, more = manifests[parent]
-            seen |= more
-        if parent is not None or seen & ids:
-            bad.append(str(directory))
-    return sorted(set(bad))
 
 
 # -- the fixture -----------------------------------------------------------------------------------
@@ -172,20 +103,20 @@ class Fixture:
             where = Path(tempfile.mkdtemp(dir=self.work, prefix="scratch-")) / "store"
             rows = [r for r in self.rows + self.new_rows if r["id"] in ids]
             with Sisa.train(where, rows, CONFIG, SPEC) as sisa:
-                self.scratch[key] = {s: row.sha256 for s, row in sisa.store.live().items()}
+                self.scratch[key] = {s: row.sha256 for s, row in sisa.live_checkpoints().items()}
             shutil.rmtree(where.parent)
         return self.scratch[key]
 
 
 def build_fixture(work: Path) -> Fixture:
-    rows, new_rows = numeric_rows(90), numeric_rows(20, seed=5, prefix="n")
+    rows, new_rows = make_rows(90), make_rows(20, seed=5, prefix="n")
     base = work / "base"
     with Sisa.train(base, rows, CONFIG, SPEC) as sisa:
         first: dict[tuple[int, int], str] = {}  # (shard, slice) -> the first record there
-        for r in sisa.store.live_records():
+        for r in sisa.live_records():
             first.setdefault((r.shard, r.slice), r.id)
-        shas = {s: row.sha256 for s, row in sisa.store.live().items()}
-        checkpoints = [row.path for row in sisa.store.checkpoints()]
+        shas = {s: row.sha256 for s, row in sisa.live_checkpoints().items()}
+        checkpoints = [row.path for row in sisa.checkpoints()]
     groups = {"u2": [r["id"] for r in rows if r["user"] == "u2"],
               "u5": [r["id"] for r in rows if r["user"] == "u5"]}
     id_sets = {"one id, slice 0": [first[0, 0]], "one id, last slice": [first[1, 2]],

@@ -106,13 +106,13 @@ def read_state(store: Path, ids: list[str], audit: bool = False) -> StoreState |
     """The store's state (None if there is no complete store to open)."""
     try:
         with Sisa.open(store, recover=False, read_only=True) as sisa:
-            found = sisa.store.find_records(ids)
+            found = sisa.records(ids)
             report = sisa.audit() if audit else None
             return StoreState(
                 deleted={i: r.deleted_at is not None for i, r in found.items()},
-                live_ids={r.id for r in sisa.store.live_records()},
-                pending=len(sisa.store.pending_deletions()),
-                shas={s: row.sha256 for s, row in sisa.store.live().items()},
+                live_ids={r.id for r in sisa.live_records()},
+                pending=len(sisa.pending()),
+                shas={s: row.sha256 for s, row in sisa.live_checkpoints().items()},
                 audit_ok=report.ok if report else False,
                 violations=[f"shard {v.shard} slice {v.slice}: {v.problem}"[:300]
                             for v in (report.violations if report else [])])

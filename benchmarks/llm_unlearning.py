@@ -27,13 +27,13 @@ from typing import Any
 from benchmarks.common import execution, machine, save_figure, write_json
 from sisa import PartitionConfig, Sisa, SisaConfig
 from sisa.api import resolve_source
-from sisa.approximate import METHODS, scorer_for, unlearn
 from sisa.builtin import stable_subset
 from sisa.config import CausalLMConfig
 from sisa.evidence import ks_pvalue
-from sisa.proof import Evidence, make_canaries, measure, prove, stored_inputs, text_inputs
-from sisa.training.state import model_tensors
+from sisa.serving.generation import decode
 from sisa.unlearning import expected_speedup
+from sisa.workflows.approximate import METHODS, scorer_for, unlearn
+from sisa.workflows.proof import Evidence, make_canaries, measure, prove, stored_inputs, text_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +94,15 @@ def _decode_latency(sisa: Sisa, tokens: int) -> dict[str, float]:
     """Seconds per generated token: the S-shard ensemble (one mixed-adapter pass per token)
     against one adapter alone, same prompt, greedy."""
     scorer = sisa.language_model()
-    row = next(iter(sisa.servable_shards().values()))
-    single = scorer_for(sisa, model_tensors(sisa.manager.read_checkpoint(row.key, row).tensors()))
+    shard = next(iter(sisa.servable()))
+    model: Any = sisa.shard_model(shard)
+    single = sisa.language_model({shard: model.adapter()})  # that shard's adapter alone
     prompt = scorer.tokenizer("how was your day?", add_special_tokens=False)["input_ids"]
     out = {}
     for name, s in (("ensemble", scorer), ("single", single)):
-        s.generate(prompt, 2)  # warm
+        decode(s, prompt, 2)  # warm
         started = time.perf_counter()
-        made = s.generate(prompt, tokens, stop=())
+        made = decode(s, prompt, tokens, stop=())
         out[name] = (time.perf_counter() - started) / max(1, len(made))
     out["ratio"] = out["ensemble"] / out["single"]
     out["shards"] = len(scorer.names)
@@ -142,18 +143,18 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
     sisa_samples = sisa.training_report_.samples
     latency = _decode_latency(sisa, s.decode_tokens)
     proof = prove(sisa, canaries, holdout, groups, s.holdout, s.retain, references=s.references)
-    receipt = sisa.store.deletions()[-1].receipt or {}
+    receipt = sisa.deletions()[-1].receipt or {}
     # One more deletion, of a single chat turn: the cost the theory 3RS/(2R+1) speaks of.
-    one = sisa.forget([sorted(r.id for r in sisa.store.live_records())[0]])
+    one = sisa.forget([sorted(r.id for r in sisa.live_records())[0]])
 
     # The monolith and the approximate baselines on it.
     t = time.perf_counter()
     mono = Sisa.train(work / "mono", train, _config(s, 1, 1), spec)
     mono_train = time.perf_counter() - t
     mono_samples = mono.training_report_.samples
-    forget_ids = [i for g in groups for i in mono.store.group_record_ids(g)]
+    forget_ids = [i for g in groups for i in mono.group_ids(g)]
     forget_set = set(forget_ids)
-    live = [r.id for r in mono.store.live_records() if r.id not in forget_set]
+    live = [r.id for r in mono.live_records() if r.id not in forget_set]
     retain_ids = [r["id"] for r in stable_subset([{"id": i} for i in live], "id", s.retain)]
     held_rows, held_spec = resolve_source(holdout, mono.data_spec)
     held_rows = stable_subset(held_rows, held_spec.id_column, s.holdout)

@@ -38,7 +38,7 @@ def _victims(sisa: Sisa, shards: int, rounds: int,
     A uniform deletion starts from each slice with equal probability, so the mean over the strata
     is its expected cost, without the noise of a small sample."""
     by_slice: dict[int, list[str]] = {}
-    for data in sisa.manager.data.get(range(shards)).values():
+    for data in sisa.shard_data(range(shards)).values():
         for member in data.members:
             by_slice.setdefault(member.slice, []).append(member.id)
     drawn = {k: rng.sample(ids, 2 * rounds) for k, ids in sorted(by_slice.items())}
@@ -52,7 +52,7 @@ def _delete(sisa: Sisa, victims: list[str], cold: bool) -> list[tuple[float, int
     out = []
     for victim in victims:
         if cold:
-            sisa.manager.data.clear()  # as in a fresh process: the shard is read from the store
+            sisa.clear_cache()  # as in a fresh process: the shard is read from the store
         with timer() as t:
             receipt = sisa.forget([victim])
         out.append((t["seconds"], receipt.samples_retrained))
@@ -79,9 +79,8 @@ def run(mode: Mode, work: Path) -> dict[str, Any]:
             for warm_victims, cold_victims in zip(warm_rounds, cold_rounds, strict=True):
                 warm += _delete(sisa, warm_victims, cold=False)
                 cold += _delete(sisa, cold_victims, cold=True)
-                sisa.manager.data.clear()
                 with timer() as load:  # what a cold scratch retrain reads first
-                    sisa.manager.data.get(range(shards))
+                    sisa.shard_data(range(shards), fresh=True)
                 load_times.append(load["seconds"])
                 scratch_times.append(sisa.repair(from_scratch=True).seconds)
             sisa.close()

@@ -56,7 +56,6 @@ def run(lora_limit: int | None, lora_epochs: int, out: Path) -> dict[str, Any]:
             sisa = Sisa.train(work / f"head-{shards}", train, text_config(shards, slices, HeadConfig()),
                               spec, embeddings_from=seed_store)
             seconds = time.perf_counter() - started
-            sisa.store.copy_embeddings_from(seed_store)
             result = sisa.evaluate(test)
             runs.append({"backend": "head", "shards": shards, "slices": slices,
                          "train_seconds": round(seconds, 2), "samples": sisa.training_report_.samples,

@@ -21,6 +21,7 @@ from shard_store.rows import (
     ShardCommit,
     ShardRow,
 )
+from shard_store.schema import keyed
 from shard_store.store import CHECKPOINT_DIR, ShardStore
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "StoreIncomplete",
     "StoreNotFound",
     "StoreVersionError",
+    "keyed",
 ]

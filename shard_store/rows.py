@@ -108,17 +108,6 @@ class Committed:
     receipts: dict[str, dict[str, Any]]  # request id -> its receipt, as chained in the ledger
 
 
-@dataclass(frozen=True)
-class ChainReport:
-    """What `ShardStore.verify_receipts` found in the receipt chain."""
-
-    receipts: int  # chained receipts checked
-    unchained: int  # receipts applied before the chain existed (schema 4)
-    pending: int  # deletions acknowledged, not yet applied (no receipt yet)
-    head: str | None  # digest of the last receipt: keep it elsewhere to detect a rewrite
-    problems: list[str]
-
-
 def record_row(row: Mapping[str, Any]) -> RecordRow:
     return RecordRow(**{k: row[k] for k in RecordRow.__dataclass_fields__})
 

@@ -47,7 +47,6 @@ from shard_store.errors import (
 )
 from shard_store.rows import (
     Acknowledged,
-    ChainReport,
     CheckpointRow,
     Committed,
     DeletionRow,
@@ -95,11 +94,6 @@ def _private_file(path: Path) -> None:
     """Create `path` empty, readable and writable by its owner only, unless it exists."""
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE))
-
-
-def _sequence(receipt: Mapping[str, Any] | None) -> int:
-    value = (receipt or {}).get("sequence")
-    return value if isinstance(value, int) else -1  # a malformed one sorts first, then fails
 
 
 def _canonical(value: Any) -> str:
@@ -1001,67 +995,19 @@ class ShardStore:
             "SELECT COUNT(*) FROM records r WHERE deleted_at IS NOT NULL AND NOT EXISTS "
             "(SELECT 1 FROM deletions d WHERE d.request_id = r.deletion_request)").fetchone()[0])
 
-    def verify_receipts(self, config_digest: str | None = None) -> ChainReport:
-        """Re-check the receipt chain: sequence numbers without gaps, each receipt's digest, the
-        link to the one before, and that each deleted id's keyed digest is a tombstone of that
-        request and its ledger entry names the same ids and shards; with `config_digest`, that
-        every receipt names it."""
-        problems: list[str] = []
-        rows = self.deletions()
-        if config_digest is not None:
-            for d in rows:
-                named = (d.receipt or {}).get("config_digest")
-                if named not in (None, "", config_digest):
-                    problems.append(f"receipt of deletion {d.request_id} names another "
-                                    f"configuration ({named}) than the store's")
-        chained = sorted((r for r in rows if r.receipt and "sequence" in r.receipt),
-                         key=lambda r: _sequence(r.receipt))
-        stored = {r[0]: (r[1], r[2]) for r in self.conn.execute(
+    def chain_positions(self) -> dict[str, tuple[int, str | None]]:
+        """request id -> (sequence number, receipt digest) of every ledger entry that holds a place
+        in the receipt chain, as its columns store them."""
+        return {r[0]: (r[1], r[2]) for r in self.conn.execute(
             "SELECT request_id, seq, receipt_digest FROM deletions WHERE seq IS NOT NULL")}
-        previous: str | None = None
-        for n, row in enumerate(chained, start=1):
-            receipt = row.receipt or {}
-            name = f"receipt {n} (deletion {row.request_id})"
-            if receipt.get("sequence") != n or stored.get(row.request_id, (None,))[0] != n:
-                problems.append(f"{name}: sequence number {receipt.get('sequence')} where {n} "
-                                "belongs: a receipt is missing or was reordered")
-            if receipt.get("request_id") != row.request_id:
-                problems.append(f"{name}: names deletion {receipt.get('request_id')!r}")
-            digest = self.receipt_digest(receipt)
-            if digest != receipt.get("digest") or digest != stored.get(row.request_id, (0, None))[1]:
-                problems.append(f"{name}: its digest does not match its content: it was edited")
-            if receipt.get("previous") != previous:
-                problems.append(f"{name}: does not link to the receipt before it: the chain was "
-                                "cut or rewritten")
-            previous = receipt.get("digest")
-            digests = receipt.get("record_digests", [])
-            if digests != row.record_ids:
-                problems.append(f"{name}: its deleted ids differ from the ledger entry's")
-            found = {r["id"] for r in self._chunked(
-                "SELECT id FROM records WHERE deleted_at IS NOT NULL AND deletion_request = ? AND "
-                "id IN ({marks})", digests, [row.request_id])} if digests else set()
-            if len(found) != len(digests):
-                problems.append(f"{name}: {len(digests) - len(found)} of its {len(digests)} deleted "
-                                "ids have no tombstone of this deletion in the store")
-            try:
-                affected = sorted(int(a["shard"]) for a in receipt.get("affected_shards", []))
-            except (KeyError, TypeError, ValueError):
-                problems.append(f"{name}: its retrained shards are malformed")
-                continue
-            if not set(affected) <= set(row.shards):
-                problems.append(f"{name}: retrained shards {affected} that the ledger entry "
-                                f"({row.shards}) does not name")
-        unchained = sum(1 for r in rows if r.status == "applied" and r.receipt is not None
-                        and "sequence" not in r.receipt)
-        stray = sorted(set(stored) - {r.request_id for r in chained})
-        if stray:
-            problems.append(f"ledger entries {stray[:5]} hold a chain position but no receipt")
-        orphans = self.orphan_tombstones()
-        if orphans:  # e.g. the last receipt removed with its ledger entry: no link shows it
-            problems.append(f"{orphans} deleted record(s) name a deletion the ledger does not hold: "
-                            "a ledger entry and its receipt were removed")
-        pending = sum(1 for r in rows if r.status == "pending")
-        return ChainReport(len(chained), unchained, pending, previous, problems)
+
+    def tombstones_of(self, request_id: str, digests: Sequence[str]) -> set[str]:
+        """Which of these keyed id digests are tombstones that this deletion request made."""
+        if not digests:
+            return set()
+        return {r["id"] for r in self._chunked(
+            "SELECT id FROM records WHERE deleted_at IS NOT NULL AND deletion_request = ? AND "
+            "id IN ({marks})", digests, [request_id])}
 
     def drop_checkpoints(self, keys: Iterable[str]) -> int:
         """Unregister checkpoints (a shard whose live checkpoint goes has none until retrained);

@@ -24,13 +24,13 @@ _EXPORTS = {
     "training_config": "sisa.config",
     "ClassificationTask": "sisa.tasks",
     "LanguageModelingTask": "sisa.tasks",
-    "CanarySet": "sisa.proof",
-    "make_canaries": "sisa.proof",
-    "prove": "sisa.proof",
-    "ProofReport": "sisa.proof",
+    "CanarySet": "sisa.workflows.proof",
+    "make_canaries": "sisa.workflows.proof",
+    "prove": "sisa.workflows.proof",
+    "ProofReport": "sisa.workflows.proof",
     "Generation": "sisa.reports",
     "ScoreReport": "sisa.reports",
-    "Ensemble": "sisa.ensemble",
+    "Ensemble": "sisa.serving.ensemble",
     "DeletionRequest": "sisa.unlearning",
     "DeletionReceipt": "sisa.unlearning",
     "TrainingReport": "sisa.unlearning",
@@ -109,7 +109,6 @@ if TYPE_CHECKING:
         TrainingConfig,
         training_config,
     )
-    from sisa.ensemble import Ensemble
     from sisa.errors import (
         CheckpointError,
         ConfigError,
@@ -124,7 +123,6 @@ if TYPE_CHECKING:
         UnknownRecordError,
     )
     from sisa.partition import place
-    from sisa.proof import CanarySet, ProofReport, make_canaries, prove
     from sisa.reports import (
         AuditReport,
         EvaluationReport,
@@ -133,8 +131,10 @@ if TYPE_CHECKING:
         ScoreReport,
         StatusReport,
     )
+    from sisa.serving.ensemble import Ensemble
     from sisa.tasks import ClassificationTask, LanguageModelingTask
     from sisa.unlearning import DeletionReceipt, DeletionRequest, TrainingReport
+    from sisa.workflows.proof import CanarySet, ProofReport, make_canaries, prove
 
 
 def __getattr__(name: str) -> Any:

@@ -1,40 +1,41 @@
 """The library's front door: `Sisa` trains a store, serves it, forgets, adds, audits and reports.
 
-The CLI (and later the HTTP service) are thin shells over these methods. Errors of the store below
-(`shard_store`) become the matching `SisaError` here.
+The CLI and the HTTP service are thin shells over these methods, and so are the workflows
+(`sisa.workflows`): nothing outside reaches past `Sisa` into the store or the deletion manager,
+which stay private. Errors of the store below (`shard_store`) become the matching `SisaError` here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
 import hashlib
 import importlib
+import json
 import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from shard_store import CheckpointRow, NewRecord, ShardStore
+from shard_store import CheckpointRow, NewRecord, RecordRow, ShardStore
 from sisa import builtin
-from sisa.audit import audit
+from sisa.audit import audit, verify_receipts
 from sisa.config import Combine, DataSpec, ExecutionConfig, SisaConfig
-from sisa.ensemble import Ensemble
 from sisa.errors import (
-    CheckpointError,
+    CheckpointMovedError,
     ColumnError,
     ConfigError,
     InputKindError,
     RecordError,
     StoreError,
     UnknownReceiptError,
-    name_some,
 )
 from sisa.features import Features
 from sisa.intake import Placer
@@ -48,11 +49,15 @@ from sisa.reports import (
     ScoreReport,
     StatusReport,
 )
+from sisa.schedule import ShardSchedule
+from sisa.serving.ensemble import Ensemble
+from sisa.serving.loader import Loader, read_checkpoint, store_fetch
+from sisa.shard_data import ShardData
 from sisa.sources import rows_of
-from sisa.status import CONFIG_DIGEST, model_version, servable, store_errors, store_status
+from sisa.status import CONFIG_DIGEST, quick_status, servable, store_errors, store_status
 from sisa.tasks import ClassificationTask, LanguageModelingTask, ModelSpec, task_from_meta
 from sisa.training import resolve_backend
-from sisa.training.protocol import Backend
+from sisa.training.protocol import Backend, ShardModel
 from sisa.unlearning import (
     DeletionManager,
     DeletionReceipt,
@@ -63,6 +68,8 @@ from sisa.unlearning import (
 
 P = ParamSpec("P")
 R = TypeVar("R")
+_JOURNAL_POLL = 0.01  # seconds between looks at a journalled deletion still reaching the database
+_MOVED_RETRIES = 20  # reloads when a live checkpoint keeps changing while it is read
 
 
 def _mapped(method: Callable[P, R]) -> Callable[P, R]:
@@ -71,7 +78,7 @@ def _mapped(method: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         owner = args[0] if args else None
-        root = owner.store.root if isinstance(owner, Sisa) else (args[1] if len(args) > 1 else "")
+        root = owner.root if isinstance(owner, Sisa) else (args[1] if len(args) > 1 else "")
         with store_errors(repr(str(Path(str(root)) / "store.db"))):
             return method(*args, **kwargs)
     return wrapper
@@ -109,6 +116,46 @@ def data_source(source: Any, spec: DataSpec | None) -> tuple[Any, DataSpec]:
     return source, spec
 
 
+def serving_device(execution: ExecutionConfig) -> str:
+    """Where the ensemble runs: the GPU when the execution config asks for one (gpus_per_shard)
+    and one is visible, else the CPU."""
+    if execution.device != "cuda":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_data(config: SisaConfig, spec: DataSpec) -> DataSpec:
+    """The spec a backend trains on: a causal LM learns text, not labels; the input kind matches."""
+    if config.training.task == LanguageModelingTask.kind and spec.label_column is not None:
+        spec = dataclasses.replace(spec, label_column=None)
+    if config.training.task != LanguageModelingTask.kind and spec.prompt_column is not None:
+        raise ConfigError(f"a prompt column ({spec.prompt_column!r}) is for the causal_lm "
+                          f"backend; backend {config.training.backend!r} learns labels")
+    if config.training.input_kind != spec.kind:
+        need = "a text column" if config.training.input_kind == "text" else "numeric feature columns"
+        raise InputKindError(
+            f"backend {config.training.backend!r} needs {need}; the data has "
+            f"{'a text column' if spec.kind == 'text' else 'feature columns'}")
+    return spec
+
+
+def _probe_backend(config: SisaConfig, spec: DataSpec) -> Backend:
+    """The backend, checked before any store is written: its model resolves (never downloaded),
+    is fingerprinted, and fits the config (a causal LM's layers against top-k: this loads it).
+    Its shape is provisional for a classifier (the classes are known once the data was read)."""
+    task = LanguageModelingTask() if config.training.task == LanguageModelingTask.kind else None
+    shape = task.model_spec(None) if task is not None else ModelSpec(num_classes=2, input_dim=(
+        len(spec.feature_columns) if spec.kind == "features" else None))
+    backend = resolve_backend(config.training, shape)
+    backend.fingerprint()
+    validate = getattr(backend, "validate", None)
+    if validate is not None:
+        validate()
+    return backend
+
+
 class Sisa:
     """A SISA store on disk: create it with `Sisa.train`, reopen it with `Sisa.open`.
 
@@ -119,25 +166,51 @@ class Sisa:
                  progress: Progress | None = None, backend: Backend | None = None) -> None:
         """Open the task, backend and deletion manager of a store (`backend`: one resolved
         already for this store's config)."""
-        self.store = store
+        self._store = store
         config = SisaConfig.from_dict(store.get_meta("config"))
         self.config = config if execution is None else config.replace(execution=execution)
         self.data_spec = DataSpec(**store.get_meta("data_spec"))
         self.task = task_from_meta(store.get_meta("task"))
-        self.backend = backend or resolve_backend(self.config.training,
-                                                  ModelSpec(**store.get_meta("model_spec")))
-        self.features = Features(store, self.backend.encoder, progress)
-        digest = config_digest(self.config, self.backend)
-        self.manager = DeletionManager(store, self.task, self.backend, self.features, self.config,
-                                       digest, progress)
-        self._ensemble: Ensemble | None = None
+        self._backend = backend or resolve_backend(self.config.training,
+                                                   ModelSpec(**store.get_meta("model_spec")))
+        self._features = Features(store, self._backend.encoder, progress)
+        self._manager = DeletionManager(store, self.task, self._backend, self._features, self.config,
+                                        config_digest(self.config, self._backend), progress)
+        self._loader = Loader(self._backend, self._features, self.config.partition.seed,
+                              serving_device(self.config.execution), store_fetch(store))
         self.training_report_ = TrainingReport()  # what `train` did (nothing, for a store opened)
         self.recovered_: list[DeletionReceipt] = []
+
+    @property
+    def root(self) -> Path:
+        """The store's directory."""
+        return self._store.root
+
+    @property
+    def config_digest(self) -> str:
+        """Digest of the config and base model every checkpoint and receipt names."""
+        return self._manager.config_digest
 
     @property
     def classes_(self) -> list[str]:
         """The classes (empty for a causal LM)."""
         return list(self.task.classes) if isinstance(self.task, ClassificationTask) else []
+
+    @property
+    def n_features_in_(self) -> int | None:
+        """How many numeric features the model reads (None for a text model)."""
+        return len(self.data_spec.feature_columns) if self.data_spec.kind == "features" else None
+
+    @property
+    def feature_names_in_(self) -> list[str]:
+        """The feature columns the model reads, in order (or its text column)."""
+        spec = self.data_spec
+        return list(spec.feature_columns) if spec.kind == "features" else [str(spec.text_column)]
+
+    @property
+    def encoder(self) -> Any:
+        """The frozen encoder whose (cached) outputs the shards train on, or None."""
+        return self._backend.encoder
 
     def _classifier(self) -> ClassificationTask:
         if not isinstance(self.task, ClassificationTask):
@@ -150,11 +223,6 @@ class Sisa:
         if not isinstance(self.task, LanguageModelingTask):
             raise InputKindError("this store holds a classifier: generate, score, canaries and "
                                  "prove need a store trained with the causal_lm backend")
-
-    def language_model(self) -> Any:
-        """The ensemble's scorer: a `sisa.training.causal_lm.CausalLMScorer`."""
-        self.require_language_model()
-        return self.ensemble().scorer
 
     # -- creation and opening --------------------------------------------------------------------
 
@@ -174,19 +242,12 @@ class Sisa:
         keys, same vectors), so a second store on the same texts never re-encodes them."""
         started = time.perf_counter()
         source, spec = data_source(source, spec)
-        if config.training.task == LanguageModelingTask.kind and spec.label_column is not None:
-            spec = dataclasses.replace(spec, label_column=None)  # a causal LM learns text, not labels
-        if config.training.task != LanguageModelingTask.kind and spec.prompt_column is not None:
-            raise ConfigError(f"a prompt column ({spec.prompt_column!r}) is for the causal_lm "
-                              f"backend; backend {config.training.backend!r} learns labels")
-        if config.training.input_kind != spec.kind:
-            need = "a text column" if config.training.input_kind == "text" else "numeric feature columns"
-            raise InputKindError(
-                f"backend {config.training.backend!r} needs {need}; the data has "
-                f"{'a text column' if spec.kind == 'text' else 'feature columns'}")
+        spec = _check_data(config, spec)
+        begun = time.perf_counter()
+        probe = _probe_backend(config, spec)  # a bad model fails here, before anything is written
+        backend_seconds = time.perf_counter() - begun
         ingest = Ingest(source, spec)
         placer = Placer(config.partition, keep=True)
-        backend_seconds: list[float] = []  # building the backend, within the store's creation
 
         def placed() -> Iterator[list[NewRecord]]:
             """The input, validated and placed a chunk at a time, as the store writes it."""
@@ -195,26 +256,19 @@ class Sisa:
             placer.finish()
             placer.check_partition()  # no shard or slice that nothing could fill
 
-        built: dict[str, Any] = {}
+        built: dict[str, Backend] = {}
 
         def meta() -> dict[str, Any]:
-            """Once every record is read: the task (its classes), then the backend (a bad model
-            fails here, before the store is complete; it also resolves the input width, an
-            encoder's embedding size for the head backend)."""
-            begun = time.perf_counter()
+            """Once every record is read (cheap: the model was checked above): the task, with its
+            classes, and the backend of that shape."""
             task: ClassificationTask | LanguageModelingTask
             if config.training.task == LanguageModelingTask.kind:
                 task = LanguageModelingTask()
             else:
                 task = ClassificationTask.fit(sorted(placer.labels, key=lambda x: (x is None, x or "")))
-            backend = resolve_backend(config.training, task.model_spec(
-                len(spec.feature_columns) if spec.kind == "features" else None))
-            backend.fingerprint()
-            validate = getattr(backend, "validate", None)  # e.g. a causal LM's layers against top-k
-            if validate is not None:
-                validate()
+            shape = task.model_spec(len(spec.feature_columns) if spec.kind == "features" else None)
+            backend = probe if shape == probe.spec else resolve_backend(config.training, shape)
             built["backend"] = backend
-            backend_seconds.append(time.perf_counter() - begun)
             # The columns the training data had and the spec does not read: `add` accepts these,
             # and refuses any other column rather than drop it silently.
             return {"config": config.to_dict(), "data_spec": spec.to_dict(), "task": task.to_meta(),
@@ -227,54 +281,71 @@ class Sisa:
         with paused_gc():
             store = ShardStore.create(store_dir, meta, placed(), config.partition.shards)
         # Reading, validating, placing and writing every record (the backend's set-up aside).
-        ingest_seconds = time.perf_counter() - started - sum(backend_seconds)
+        ingest_seconds = time.perf_counter() - started - backend_seconds
         if embeddings_from is not None:
             store.copy_embeddings_from(embeddings_from)
-        empty = placer.empty_shards()
         sisa = cls(store, config.execution, progress, built["backend"])
+        sisa._first_training(placer, store.created_versions, ingest_seconds)
+        return sisa
+
+    def _first_training(self, placer: Placer, versions: Mapping[int, int], ingest_seconds: float) -> None:
+        """Train a store just created: on the records placed (kept in memory when they fit, so
+        they are not read back), every shard from scratch."""
         if placer.kept is not None:
-            sisa.manager.data.keep(placer.kept, store.created_versions)
+            self._manager.data.keep(placer.kept, versions)
             placer.kept = None
         # Ingestion made and dropped millions of tracked objects: collect them once now, rather
         # than have the cycle collector walk them again and again during training.
         gc.collect()
-        sisa.training_report_ = sisa.manager.update("training shards")[0]
-        sisa.training_report_.ingest_seconds = ingest_seconds
-        if empty:
-            sisa.training_report_.warnings.append(
-                f"{len(empty)} of {config.partition.shards} shards received no record (shards "
-                f"{name_some(empty)}): they train on nothing and never serve; fewer shards would "
-                "use the data better")
-        return sisa
+        report = self._manager.update("training shards")
+        report.ingest_seconds = ingest_seconds
+        report.records = placer.records
+        report.warnings += placer.warnings()
+        self.training_report_ = report
 
     @classmethod
     @_mapped
     def open(cls, store_dir: str | Path, execution: ExecutionConfig | None = None,
              progress: Progress | None = None, recover: bool = True,
-             read_only: bool = False, backend: Backend | None = None) -> Sisa:
+             read_only: bool = False, share_with: Sisa | None = None) -> Sisa:
         """Open a store. With `recover` (a writer), finish whatever a crash interrupted (the
         receipts are `recovered_`); without, change nothing (see `tidy`). `read_only`: never
         write the database (serving, status and the audit work on a store this process may
-        not write); it cannot recover. `backend`: one resolved already for this store (shared
-        by several `Sisa`s of one store in a process, as the service's are)."""
+        not write); it cannot recover. `share_with`: another `Sisa` of the same store in this
+        process, whose backend (its base model and encoder, once loaded) this one shares."""
         if read_only and recover:
             raise ConfigError("a store opened read-only cannot recover: pass recover=False")
+        if share_with is not None and Path(store_dir).resolve() != share_with.root.resolve():
+            raise ConfigError(f"share_with is a Sisa of {str(share_with.root)!r}, not of "
+                              f"{str(store_dir)!r}")
         if not read_only:
             preload_torch()  # a writer is about to train, most likely
-        sisa = cls(ShardStore.open(store_dir, read_only=read_only), execution, progress, backend)
+        sisa = cls(ShardStore.open(store_dir, read_only=read_only), execution, progress,
+                   share_with._backend if share_with is not None else None)
         if recover:
             sisa.recovered_ = sisa.recover()
         return sisa
+
+    @staticmethod
+    def read_status(store_dir: str | Path) -> StatusReport:
+        """A store's status without loading any model (an old store that did not record its
+        config digest is opened read-only, its backend resolved). Tidies, like any reader."""
+        found = quick_status(store_dir)
+        if found is not None:
+            return found
+        with Sisa.open(store_dir, recover=False, read_only=True) as sisa:
+            sisa.tidy()
+            return sisa.status()
 
     @_mapped
     def tidy(self) -> list[str]:
         """Remove files a crash left under checkpoints/ that the database does not register (they
         may derive from a deleted record), unless a writer is at work (it removes them before it
         lets go). Cheap: readers do it on opening. Returns the paths removed."""
-        return self.store.tidy()
+        return self._store.tidy()
 
     def close(self) -> None:
-        self.store.close()
+        self._store.close()
 
     def __enter__(self) -> Sisa:
         return self
@@ -285,45 +356,66 @@ class Sisa:
     # -- the deletion lifecycle ------------------------------------------------------------------
 
     @_mapped
-    def request_deletion(self, ids: Sequence[str] | None = None,
-                         group: str | None = None) -> DeletionRequest:
+    def request_deletion(self, ids: Sequence[str] | None = None, group: str | None = None,
+                         keep_ids: bool = True) -> DeletionRequest:
         """Acknowledge a deletion of records by id, or of a whole group: durable when this returns,
-        before any training; the affected shards stop serving until it is applied."""
-        return self.manager.request_deletion(ids, group)
+        before any training; the affected shards stop serving until it is applied. With
+        `keep_ids=False` this object keeps no id in clear (a long-lived service's choice): the
+        receipt of its application then lists none, like one applied by another process."""
+        return self._manager.request_deletion(ids, group, keep_ids=keep_ids)
 
     @_mapped
     def pending(self) -> list[DeletionRequest]:
         """Deletions acknowledged but not applied."""
-        return self.manager.pending()
+        return self._manager.pending()
+
+    @_mapped
+    def lost_deletions(self) -> list[str]:
+        """Request ids of deletions the deletion journal holds and the database lacks (its WAL
+        was lost, or it was restored from a backup): the next writer applies them again, and
+        until then nothing serves."""
+        return [e["request_id"] for e in self._store.journal_missing()]
+
+    @_mapped
+    def scrub(self) -> bool:
+        """Truncate the WAL if a truncation after a deletion is still owed (a reader kept it from
+        completing then); True once none is owed."""
+        return self._store.scrub_owed() is None or self._store.scrub()
 
     @_mapped
     def clean_shards(self) -> set[int]:
         """Shards with no acknowledged deletion pending against them (any process may ask)."""
-        return self.manager.clean_shards()
+        return self._manager.clean_shards()
 
     @_mapped
-    def apply_pending(self) -> list[DeletionReceipt]:
-        """Retrain the shards of every pending deletion and swap them in; returns the receipts."""
-        return self.manager.apply_pending()
+    def apply_pending(self, receipts: list[DeletionReceipt] | None = None) -> list[DeletionReceipt]:
+        """Retrain the shards of every pending deletion and swap them in; returns the receipts.
+        `receipts`: a list each receipt joins as its deletion commits, so a caller keeps those of
+        a run that fails after committing some."""
+        return self._manager.update("applying deletions", receipts).deletions_applied
 
     @_mapped
     def forget(self, record_ids: Sequence[str]) -> DeletionReceipt:
         """Forget records by id: acknowledge, then apply; returns once the affected shards are
         retrained and swapped in."""
         preload_torch()  # while the deletion is validated and made durable
-        return self._forget(self.manager.request_deletion(ids=record_ids))
+        return self._forget(self._manager.request_deletion(ids=record_ids))
 
     @_mapped
     def forget_group(self, group_id: str) -> DeletionReceipt:
         """Forget every record of a group (e.g. a user)."""
         preload_torch()
-        return self._forget(self.manager.request_deletion(group=group_id))
+        return self._forget(self._manager.request_deletion(group=group_id))
 
     def _forget(self, request: DeletionRequest) -> DeletionReceipt:
         if not request.request_id:
             return DeletionReceipt("", [], request.already_deleted, [], 0, 0.0, {}, {})
-        self.manager.apply_pending()
-        row = self.store.deletion(request.request_id)
+        mine = [r for r in self.apply_pending() if r.request_id == request.request_id]
+        if mine:
+            return dataclasses.replace(mine[0], already_deleted=request.already_deleted)
+        # Another process's writer applied it first (it waited for the lock meanwhile): the
+        # receipt that writer built is in the ledger.
+        row = self._store.deletion(request.request_id)
         if row is None or row.receipt is None:
             raise StoreError(f"deletion {request.request_id} was not applied")
         return DeletionReceipt.from_ledger(row.receipt, request.record_ids, request.already_deleted)
@@ -333,17 +425,18 @@ class Sisa:
         """Add new records; each affected shard retrains from its earliest affected slice."""
         source, spec = data_source(source, self.data_spec)
         ingest = Ingest(source, spec)
-        known = self.store.get_meta("unused_columns")
+        known = self._store.get_meta("unused_columns")
         # A store trained before its columns were kept: accept what it would have (unknown).
         refuse_new_columns(ingest, spec, unused_columns(ingest, spec) if known is None else known)
+        store = self._store
         # Checked under the lock: a concurrent `add` cannot slip the same ids or groups in between.
-        with self.store.writer():
+        with store.writer():
             placer = Placer(self.config.partition)
 
             def placed() -> Iterator[list[NewRecord]]:
                 problems: list[str] = []
                 for batch in ingest:
-                    existing = self.store.find_records(batch.ids)
+                    existing = store.find_records(batch.ids)
                     if existing:
                         problems.append(f"ids already in the store (live or deleted): "
                                         f"{sorted(existing)[:10]}")
@@ -352,51 +445,155 @@ class Sisa:
                         raise RecordError("cannot add records (nothing was written): "
                                           + "; ".join(problems))
                     fresh = sorted({g for g in batch.groups if g is not None} - set(placer.group_shard))
-                    placer.group_shard.update(self.store.group_shards(fresh))
+                    placer.group_shard.update(store.group_shards(fresh))
                     yield placer.place(batch)
                 placer.finish()
 
-            return self.manager.add(placed())
+            return self._manager.add(placed())
 
     @_mapped
     def repair(self, shards: Sequence[int] | None = None, from_scratch: bool = False) -> TrainingReport:
         """Retrain shards (default: all) from their first missing or damaged checkpoint, or from
-        scratch; the result is bit-identical to what the store held before the damage."""
+        scratch, and finish any pending deletion; the result is bit-identical to what the store
+        held before the damage. The receipts of deletions applied are `deletions_applied`."""
         count = self.config.partition.shards
         wanted = list(range(count)) if shards is None else list(shards)
         bad = [s for s in wanted if not 0 <= s < count]
         if bad:
             raise ConfigError(f"no shard(s) {bad} in this store: it has shards 0..{count - 1}")
-        return self.manager.repair(wanted, from_scratch)
+        return self._manager.repair(wanted, from_scratch)
 
     # Crash recovery is applying what is pending: finish interrupted deletions, additions,
     # training, and remove files left over; returns the receipts of the deletions applied.
     recover = apply_pending
 
-    # -- serving ---------------------------------------------------------------------------------
-
-    def servable_shards(self) -> dict[int, CheckpointRow]:
-        """Live checkpoints that may serve: non-empty, and with no deletion pending. None while
-        the deletion journal holds a deletion the database lacks (which shards it touches is
-        unknown until a writer applies it again)."""
-        return servable(self.store)
+    # -- what the store holds --------------------------------------------------------------------
 
     @_mapped
-    def ensemble(self) -> Ensemble:
-        """The servable shards' models, reloaded when the store's live checkpoints change."""
-        servable = self.servable_shards()
-        version = model_version({s: row.sha256 for s, row in servable.items()})
-        if self._ensemble is None or self._ensemble.version != version:
-            try:
-                checkpoints = {s: self.manager.read_checkpoint(row.key, row)
-                               for s, row in servable.items()}
-            except CheckpointError:
-                if self.servable_shards() == servable:
-                    raise  # damage, not a writer that swapped the checkpoint meanwhile
-                return self.ensemble()
-            self._ensemble = Ensemble(self.backend, self.features, checkpoints,
-                                      self.config.partition.seed)
-        return self._ensemble
+    def records(self, ids: Sequence[str]) -> dict[str, RecordRow]:
+        """The stored rows of these ids that exist (live, or the tombstones of deleted ones: a
+        tombstone holds keyed digests, never the content), by the id given."""
+        return self._store.find_records(ids)
+
+    @_mapped
+    def live_records(self, shard: int | None = None) -> Iterator[RecordRow]:
+        """Live records (of one shard, or all) in training order: by shard, slice, order key."""
+        yield from self._store.live_records(shard)
+
+    @_mapped
+    def texts(self, ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        """(text, prompt or label) of the live text records among `ids`."""
+        return self._store.record_texts(ids)
+
+    @_mapped
+    def groups(self) -> list[str]:
+        """The groups (users) of live records, sorted."""
+        return self._store.groups()
+
+    @_mapped
+    def group_ids(self, group: str) -> list[str]:
+        """The ids of a group's live records."""
+        return self._store.group_record_ids(group)
+
+    def id_digest(self, record_id: str) -> str:
+        """The keyed digest the ledger, receipts and tombstones keep of a record id."""
+        return self._store.id_digest(record_id)
+
+    @_mapped
+    def deletion(self, request_id: str) -> DeletionRequest | None:
+        """One deletion request (pending or applied, with its receipt once applied), or None."""
+        row = self._store.deletion(request_id)
+        return None if row is None else DeletionRequest.from_row(row)
+
+    @_mapped
+    def deletions(self, status: str | None = None) -> list[DeletionRequest]:
+        """Deletion requests (of one status: pending or applied), oldest first."""
+        rows = self._store.pending_deletions() if status == "pending" else self._store.deletions()
+        return [DeletionRequest.from_row(r) for r in rows if status is None or r.status == status]
+
+    @_mapped
+    def receipts(self) -> list[DeletionReceipt]:
+        """The receipts of applied deletions, in the order they were applied."""
+        chained = [r.receipt for r in self._store.deletions() if r.receipt is not None]
+        chained.sort(key=lambda r: r.get("sequence") or 0)
+        return [DeletionReceipt.from_ledger(r) for r in chained]
+
+    @_mapped
+    def shard_data(self, shards: Iterable[int] | None = None, fresh: bool = False) -> dict[int, ShardData]:
+        """Each shard's live records as its model trains on them (training order, inputs, targets),
+        kept in memory while the shard is unchanged (`fresh`: read from the store again)."""
+        wanted = range(self.config.partition.shards) if shards is None else shards
+        return self._manager.data.get(sorted(set(wanted)), fresh=fresh)
+
+    @_mapped
+    def schedules(self, shards: Iterable[int] | None = None) -> dict[int, ShardSchedule]:
+        """Each shard's slice schedule: its records by slice, and each slice checkpoint's key."""
+        wanted = range(self.config.partition.shards) if shards is None else shards
+        return self._manager.schedules(wanted)
+
+    def clear_cache(self) -> None:
+        """Let go of the shard records kept in memory, as a fresh process has none: the next
+        retrain reads them from the store."""
+        self._manager.data.clear()
+
+    @_mapped
+    def checkpoints(self, shard: int | None = None) -> list[CheckpointRow]:
+        """Registered slice checkpoints (of one shard, or all), by shard and slice; `path` is
+        relative to `root`."""
+        return self._store.checkpoints(shard)
+
+    @_mapped
+    def live_checkpoints(self) -> dict[int, CheckpointRow]:
+        """Each shard's live checkpoint (a shard with a deletion pending has none)."""
+        return self._store.live()
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    @_mapped
+    def servable(self, wait: float = 0.0) -> dict[int, str]:
+        """shard -> weights sha256 of each live checkpoint that may serve: non-empty, with no
+        deletion pending. Nothing while the deletion journal holds a deletion the database lacks
+        (which shards it touches is unknown until a writer applies it again); that is almost
+        always an acknowledgement committing this moment (the journal is written first), so this
+        waits up to `wait` seconds for it. A journal found complete before the database is read
+        means every deletion acknowledged by then is in what is read."""
+        store = self._store
+        deadline = time.monotonic() + wait
+        while store.journal_missing():
+            if time.monotonic() >= deadline:
+                return {}
+            time.sleep(_JOURNAL_POLL)
+        return {s: row.sha256 for s, row in servable(store, journal=False).items()}
+
+    @_mapped
+    def excluded(self, used: Collection[int]) -> list[int]:
+        """Shards holding records that are not among `used` (a deletion pending, or not loaded)."""
+        empty = {s for s, row in self._store.live().items() if row.record_count == 0}
+        return sorted(set(range(self.config.partition.shards)) - set(used) - empty)
+
+    @_mapped
+    def ensemble(self, shards: Mapping[int, str] | None = None, exact: bool = True) -> Ensemble:
+        """The models of the servable shards (or of `shards`: shard -> weights sha256), loaded
+        once each and reloaded only for a checkpoint not loaded yet. Without `exact`, an ensemble
+        holding more shards (with these very weights) will do. A checkpoint replaced while it was
+        read is `CheckpointMovedError` for given `shards`; for the servable ones, they are read
+        again."""
+        if shards is not None:
+            return self._loader.ensemble(shards, exact)
+        for _ in range(_MOVED_RETRIES):
+            with contextlib.suppress(CheckpointMovedError):
+                return self._loader.ensemble(self.servable(), exact)
+        raise CheckpointMovedError("the live checkpoints kept changing while they were read; try again")
+
+    @property
+    def checkpoints_read(self) -> int:
+        """Checkpoints this object read to serve (a reload reads only new ones)."""
+        return self._loader.reads
+
+    @property
+    def loaded(self) -> dict[int, str]:
+        """shard -> weights sha256 of the models loaded to serve."""
+        return self._loader.loaded
 
     def load_inputs(self, source: Any) -> tuple[list[str], list[Any], list[str | None]]:
         """Ids, model inputs and (where present) labels of records to predict on (all in memory:
@@ -420,6 +617,35 @@ class Sisa:
         return [task.classes[i] for i in indices]
 
     @_mapped
+    def predictions(self, source: Any) -> Iterator[list[dict[str, Any]]]:
+        """Predictions for a file or table of records, a chunk at a time: each row's id, predicted
+        class and every class's probability."""
+        classes = self.classes_
+        for batch in self.input_batches(source):
+            proba = self.predict_proba(batch.inputs)
+            yield [{"id": i, "prediction": classes[int(row.argmax())],
+                    "probabilities": {c: round(float(v), 6) for c, v in zip(classes, row, strict=True)}}
+                   for i, row in zip(batch.ids, proba, strict=True)]
+
+    @_mapped
+    def write_predictions(self, source: Any, output: str | Path) -> int:
+        """Write `predictions(source)` as JSON lines to `output`, as they come, into a temporary
+        file renamed once the whole input was read and found valid (bad input writes nothing).
+        Returns the number of predictions written."""
+        output = Path(output)
+        sink = output.with_name(f".{output.name}.partial")
+        written = 0
+        try:
+            with sink.open("w") as handle:
+                for chunk in self.predictions(source):
+                    handle.write("".join(json.dumps(r) + "\n" for r in chunk))
+                    written += len(chunk)
+            sink.replace(output)
+        finally:
+            sink.unlink(missing_ok=True)
+        return written
+
+    @_mapped
     def evaluate(self, source: Any) -> EvaluationReport:
         """Accuracy and macro-F1 of the ensemble (soft and hard voting) and of each shard."""
         task = self._classifier()
@@ -435,6 +661,43 @@ class Sisa:
 
     # -- causal LMs ------------------------------------------------------------------------------
 
+    def language_model(self, adapters: Mapping[int, Mapping[str, Any]] | None = None) -> Any:
+        """The ensemble's scorer (a `sisa.serving.LMScorer`); with `adapters` (shard -> adapter
+        tensors), a scorer of those adapters on this store's base model instead (the approximate
+        baselines' unlearned adapters)."""
+        self.require_language_model()
+        if adapters is None:
+            return self.ensemble().scorer
+        from sisa.serving.scorers import build_scorer
+        from sisa.training.jobs import init_seed
+
+        weights = {s: dict(t) for s, t in adapters.items()}
+        return build_scorer(self._backend, weights, init_seed(self.config.partition.seed, min(weights)),
+                            self._loader.device)
+
+    def lm_inputs(self, texts: Sequence[str], prompts: Sequence[str | None] | None = None) -> Any:
+        """Texts (after their prompts) tokenised as the causal LM scores them."""
+        self.require_language_model()
+        encoder: Any = self._backend.encoder
+        return encoder.inputs(encoder.examples(list(texts), prompts), None)
+
+    def model_inputs(self, texts: Sequence[Any], prompts: Sequence[str | None] | None = None) -> Any:
+        """Inputs as the shard models train on them (cached encoder outputs where the backend has
+        a frozen encoder)."""
+        return self._backend.prepare(self._features.model_inputs(texts, prompts))
+
+    @_mapped
+    def shard_model(self, shard: int) -> ShardModel:
+        """A shard's live checkpoint restored as a trainable model, optimizer state included (the
+        approximate baselines start from it); raises while the shard has a deletion pending."""
+        row = self._store.live().get(shard)
+        if row is None or shard not in self.clean_shards():
+            raise ConfigError(f"shard {shard} has no servable checkpoint (a deletion is pending: "
+                              "apply it first)")
+        from sisa.training.shard_trainer import load_model
+
+        return load_model(self._backend, read_checkpoint(self._store, row), self.config.partition.seed)
+
     @_mapped
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 48, combine: Combine = "mean",
                  temperature: float = 0.0, seed: int = 0, stop: Sequence[str] = (),
@@ -449,31 +712,17 @@ class Sisa:
             raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if any(not s for s in stop):
             raise ConfigError("a stop string must not be empty")
-        from sisa.training.causal_lm import PROMPT_SEPARATOR  # torch and peft: a causal LM's own
-
         prompted = self.data_spec.prompt_column is not None
         if not prompted and any(not p for p in prompts):
             raise RecordError("a prompt is empty: give some text to continue")
         self.require_language_model()
+        from sisa.serving.generation import generate_texts
+
         ensemble = ensemble if ensemble is not None else self.ensemble()
-        scorer: Any = ensemble.scorer
-        tok = scorer.tokenizer
-        out = []
-        for i, prompt in enumerate(prompts):
-            # A store trained on prompts learned what follows "prompt<separator>": ask it the same.
-            text = prompt + PROMPT_SEPARATOR if prompted else prompt
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-
-            def stopped(new: list[int]) -> bool:
-                return bool(stop) and any(s in tok.decode(new) for s in stop)
-
-            new = scorer.generate(ids, max_new_tokens, combine, temperature, seed + i,
-                                  stop=[tok.eos_token_id], should_stop=stopped)
-            text = tok.decode(new, skip_special_tokens=True)
-            for s in stop:
-                text = text.split(s, 1)[0]
-            out.append(Generation(prompt, text, len(new), ensemble.version, ensemble.shards))
-        return out
+        out = generate_texts(ensemble.scorer, prompts, prompted, max_new_tokens, combine, temperature,
+                             seed, stop)
+        return [Generation(p, text, tokens, ensemble.version, ensemble.shards)
+                for p, (text, tokens) in zip(prompts, out, strict=True)]
 
     @_mapped
     def score(self, source: Any, combine: Combine = "mean",
@@ -489,9 +738,7 @@ class Sisa:
                                                            prior_column=None),
                                require_target=False)
         prompts = [r.target for r in records] if spec.prompt_column else None
-        inputs = self.backend.encoder.inputs(  # type: ignore[union-attr]
-            self.backend.encoder.examples([r.input for r in records], prompts), None)  # type: ignore[union-attr]
-        scores = scorer.scores(inputs, combine)
+        scores = scorer.scores(self.lm_inputs([str(r.input) for r in records], prompts), combine)
         view = scorer.views.index("ensemble")
         out = [RecordScore(r.id, int(s.logp.shape[1]), float(s.logp[view].sum()),
                            _perplexity(float(s.logp[view].sum()), s.logp.shape[1]))
@@ -505,37 +752,34 @@ class Sisa:
 
     @_mapped
     def status(self) -> StatusReport:
-        return store_status(self.store, self.config.to_dict(), self.manager.config_digest)
+        return store_status(self._store, self.config.to_dict(), self.config_digest)
 
     @_mapped
     def verify_receipts(self) -> ReceiptsReport:
         """Re-check the receipt chain against the store: every receipt's keyed digest, its link to
         the one before, its deleted ids' tombstones and its config digest."""
-        chain = self.store.verify_receipts(self.manager.config_digest)
-        return ReceiptsReport(ok=not chain.problems, receipts=chain.receipts,
-                              unchained=chain.unchained, pending=chain.pending, head=chain.head,
-                              problems=chain.problems)
+        return verify_receipts(self._store, self.config_digest)
 
     @_mapped
     def receipt(self, which: str) -> dict[str, Any]:
         """One stored receipt, by deletion request id or by its sequence number in the chain."""
-        for d in self.store.deletions():
+        for d in self._store.deletions():
             if d.receipt is not None and (d.request_id == which
                                           or str(d.receipt.get("sequence")) == which):
                 return d.receipt
-        pending = self.store.deletion(which)
-        if pending is not None:
+        if self._store.deletion(which) is not None:
             raise UnknownReceiptError(f"deletion {which!r} is acknowledged but not applied yet: "
                                       "it has no receipt until it is")
-        raise UnknownReceiptError(f"no receipt {which!r}: give a deletion request id or a sequence number "
-                          f"(1..{self.store.verify_receipts().receipts})")
+        chained = sum(1 for d in self._store.deletions() if d.receipt is not None)
+        raise UnknownReceiptError(f"no receipt {which!r}: give a deletion request id or a sequence "
+                                  f"number (1..{chained})")
 
     @_mapped
     def audit(self) -> AuditReport:
         """Verify every checkpoint's files and manifest, that none holds a deleted record, that
         each live checkpoint matches its shard's records, and that nothing unregistered is on
         disk."""
-        return audit(self.manager)
+        return audit(self._store, self._manager)
 
 
 def _perplexity(logprob: float, tokens: int) -> float:
@@ -551,3 +795,6 @@ def config_digest(config: SisaConfig, backend: Backend) -> str:
 
 def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+__all__ = ["Sisa", "config_digest", "data_source", "resolve_source", "serving_device"]

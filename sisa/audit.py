@@ -14,24 +14,26 @@ nothing (it runs on a store the process may not write).
 
 from __future__ import annotations
 
-from shard_store import CheckpointFileError, CheckpointRow
-from shard_store.schema import keyed
+from typing import Any
+
+from shard_store import CheckpointFileError, CheckpointRow, ShardStore, keyed
 from sisa.checkpoint import Manifest
 from sisa.errors import CheckpointError, RecordCorruptError, name_some
-from sisa.reports import AuditReport, Violation
+from sisa.reports import AuditReport, ReceiptsReport, Violation
 from sisa.schedule import ShardSchedule
+from sisa.serving.loader import read_checkpoint
 from sisa.status import CONFIG_DIGEST
 from sisa.unlearning import DeletionManager
 
 
-def audit(manager: DeletionManager) -> AuditReport:
-    with manager.store.reading():
-        return _audit(manager)
+def audit(store: ShardStore, manager: DeletionManager) -> AuditReport:
+    """Audit `store`; `manager` (of the same store) gives the shards' schedules and the config
+    digest every checkpoint must name."""
+    with store.reading():
+        return _audit(store, manager)
 
 
-def _audit(manager: DeletionManager) -> AuditReport:
-    store = manager.store
-    manager.data.clear()  # check against what the store holds, not what was loaded
+def _audit(store: ShardStore, manager: DeletionManager) -> AuditReport:
     violations: list[Violation] = []
 
     def note(problem: str, shard: int | None = None, path: str | None = None) -> None:
@@ -54,7 +56,8 @@ def _audit(manager: DeletionManager) -> AuditReport:
     records = 0
     for s in shards:
         try:
-            schedules.update(manager.schedules([s]))
+            # What the store holds now, never what a process kept in memory.
+            schedules.update(manager.schedules([s], fresh=True))
             records += len(schedules[s].members)
         except RecordCorruptError as exc:
             note(str(exc), shard=s)
@@ -64,7 +67,8 @@ def _audit(manager: DeletionManager) -> AuditReport:
     sound: set[str] = set()
     tombstones = store.deleted_digests()
     for row in rows:
-        problems = _checkpoint_problems(manager, row, schedules.get(row.shard), tombstones)
+        problems = _checkpoint_problems(store, manager.config_digest, row, schedules.get(row.shard),
+                                        tombstones)
         if row.parent is not None and row.parent not in known:
             problems.append(f"parent checkpoint {row.parent} is missing: the records it trained on "
                             "cannot be accounted for")
@@ -122,7 +126,7 @@ def _audit(manager: DeletionManager) -> AuditReport:
     if lacking:
         note(f"the deletion journal lacks {len(lacking)} deletion(s) the database holds (e.g. "
              f"{lacking[0]}): it was cut or removed")
-    chain_report = store.verify_receipts(manager.config_digest)
+    chain_report = verify_receipts(store, manager.config_digest)
     for problem in chain_report.problems:
         note(f"receipt chain: {problem}")
     return AuditReport(ok=not violations, checkpoints_checked=len(rows), violations=violations,
@@ -130,28 +134,93 @@ def _audit(manager: DeletionManager) -> AuditReport:
                        receipt_head=chain_report.head)
 
 
+def _sequence(receipt: dict[str, Any] | None) -> int:
+    value = (receipt or {}).get("sequence")
+    return value if isinstance(value, int) else -1  # a malformed one sorts first, then fails
+
+
+def verify_receipts(store: ShardStore, config_digest: str | None = None) -> ReceiptsReport:
+    """Re-check the receipt chain: sequence numbers without gaps, each receipt's keyed digest,
+    the link to the one before, and that each deleted id's keyed digest is a tombstone of that
+    request and its ledger entry names the same ids and shards; with `config_digest`, that every
+    receipt names it."""
+    problems: list[str] = []
+    rows = store.deletions()
+    if config_digest is not None:
+        for d in rows:
+            named = (d.receipt or {}).get("config_digest")
+            if named not in (None, "", config_digest):
+                problems.append(f"receipt of deletion {d.request_id} names another "
+                                f"configuration ({named}) than the store's")
+    chained = sorted((r for r in rows if r.receipt and "sequence" in r.receipt),
+                     key=lambda r: _sequence(r.receipt))
+    stored = store.chain_positions()
+    previous: str | None = None
+    for n, row in enumerate(chained, start=1):
+        receipt = row.receipt or {}
+        name = f"receipt {n} (deletion {row.request_id})"
+        if receipt.get("sequence") != n or stored.get(row.request_id, (None,))[0] != n:
+            problems.append(f"{name}: sequence number {receipt.get('sequence')} where {n} "
+                            "belongs: a receipt is missing or was reordered")
+        if receipt.get("request_id") != row.request_id:
+            problems.append(f"{name}: names deletion {receipt.get('request_id')!r}")
+        digest = store.receipt_digest(receipt)
+        if digest != receipt.get("digest") or digest != stored.get(row.request_id, (0, None))[1]:
+            problems.append(f"{name}: its digest does not match its content: it was edited")
+        if receipt.get("previous") != previous:
+            problems.append(f"{name}: does not link to the receipt before it: the chain was "
+                            "cut or rewritten")
+        previous = receipt.get("digest")
+        digests = receipt.get("record_digests", [])
+        if digests != row.record_ids:
+            problems.append(f"{name}: its deleted ids differ from the ledger entry's")
+        found = store.tombstones_of(row.request_id, digests)
+        if len(found) != len(digests):
+            problems.append(f"{name}: {len(digests) - len(found)} of its {len(digests)} deleted "
+                            "ids have no tombstone of this deletion in the store")
+        try:
+            affected = sorted(int(a["shard"]) for a in receipt.get("affected_shards", []))
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{name}: its retrained shards are malformed")
+            continue
+        if not set(affected) <= set(row.shards):
+            problems.append(f"{name}: retrained shards {affected} that the ledger entry "
+                            f"({row.shards}) does not name")
+    unchained = sum(1 for r in rows if r.status == "applied" and r.receipt is not None
+                    and "sequence" not in r.receipt)
+    stray = sorted(set(stored) - {r.request_id for r in chained})
+    if stray:
+        problems.append(f"ledger entries {stray[:5]} hold a chain position but no receipt")
+    orphans = store.orphan_tombstones()
+    if orphans:  # e.g. the last receipt removed with its ledger entry: no link shows it
+        problems.append(f"{orphans} deleted record(s) name a deletion the ledger does not hold: "
+                        "a ledger entry and its receipt were removed")
+    pending = sum(1 for r in rows if r.status == "pending")
+    return ReceiptsReport(ok=not problems, receipts=len(chained), unchained=unchained,
+                          pending=pending, head=previous, problems=problems)
+
+
 def _flag(violations: list[Violation], root: object, row: CheckpointRow, problem: str) -> None:
     violations.append(Violation(row.shard, row.slice, row.key, f"{root}/{row.path}", problem))
 
 
-def _checkpoint_problems(manager: DeletionManager, row: CheckpointRow,
+def _checkpoint_problems(store: ShardStore, config_digest: str, row: CheckpointRow,
                          schedule: ShardSchedule | None, tombstones: set[str]) -> list[str]:
     """What is wrong with one registered checkpoint ([] if nothing)."""
-    store = manager.store
     problems = []
     if not store.sealed(row):
         problems.append("its registration (files and their sha256) does not match its seal: the "
                         "database entry was altered")
     try:
         store.verify_files(row)
-        m: Manifest = manager.read_checkpoint(row.key, row).manifest
+        m: Manifest = read_checkpoint(store, row).manifest
     except (CheckpointFileError, CheckpointError) as exc:
         return [*problems, str(exc)]
     if (m.shard, m.slice, m.parent, m.record_count) != (row.shard, row.slice, row.parent,
                                                         row.record_count):
         problems.append(f"manifest (shard {m.shard}, slice {m.slice}, parent {m.parent}, "
                         f"{m.record_count} records) differs from the registered checkpoint")
-    if m.config_digest != manager.config_digest:
+    if m.config_digest != config_digest:
         problems.append("trained with another configuration or base model than the store's")
     held = [r for r in m.records if keyed(store.key, "id", r) in tombstones]
     if held:
@@ -178,4 +247,4 @@ def _checkpoint_problems(manager: DeletionManager, row: CheckpointRow,
     return problems
 
 
-__all__ = ["audit"]
+__all__ = ["audit", "verify_receipts"]

@@ -7,7 +7,6 @@ errors become one clean message, with the command that fixes them, and exit stat
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
@@ -25,7 +24,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from sisa import errors
-from sisa.options import build_config, build_execution, build_spec, with_options
+from sisa.options import build_config, build_execution, build_service, build_spec, with_options
 
 if TYPE_CHECKING:
     from sisa.api import Sisa
@@ -231,15 +230,14 @@ def train(
     """
     from sisa.api import Sisa
 
-    sisa = Sisa.train(store, data, build_config(values, progress=not no_progress), build_spec(values),
-                      progress=ShardProgress(not no_progress), embeddings_from=embeddings_from)
-    report = sisa.training_report_
-    payload = {"store": str(store), "records": sisa.status().live_records,
-               "shards": sisa.config.partition.shards, "slices": sisa.config.partition.slices,
-               "samples": report.samples, "seconds": round(report.seconds, 3),
-               "ingest_seconds": round(report.ingest_seconds, 3),
+    config = build_config(values, progress=not no_progress)
+    with Sisa.train(store, data, config, build_spec(values), progress=ShardProgress(not no_progress),
+                    embeddings_from=embeddings_from) as sisa:
+        report = sisa.training_report_
+    payload = {"store": str(store), "records": report.records, "shards": config.partition.shards,
+               "slices": config.partition.slices, "samples": report.samples,
+               "seconds": round(report.seconds, 3), "ingest_seconds": round(report.ingest_seconds, 3),
                "checkpoints_written": report.checkpoints_written, "warnings": report.warnings}
-    sisa.close()
     for warning in report.warnings:
         err.print("[bold yellow]warning:[/bold yellow] " + escape(warning), markup=True)
     _emit(as_json, payload, _kv_table("trained", payload))
@@ -266,34 +264,17 @@ def predict(
     read a chunk at a time; with --output, predictions are written as they come (to a temporary
     file, renamed once the whole input was read and found valid)."""
     with _read(store) as sisa:
-        classes = sisa.classes_
-        rows: list[dict[str, Any]] = []
-        sink = None if output is None else output.with_name(f".{output.name}.partial")
-        written = 0
-        try:
-            with contextlib.ExitStack() as stack:
-                handle = None if sink is None else stack.enter_context(sink.open("w"))
-                for batch in sisa.input_batches(data):
-                    proba = sisa.predict_proba(batch.inputs)
-                    chunk = [{"id": i, "prediction": classes[int(pr.argmax())],
-                              "probabilities": {c: round(float(v), 6)
-                                                for c, v in zip(classes, pr, strict=True)}}
-                             for i, pr in zip(batch.ids, proba, strict=True)]
-                    if handle is not None:
-                        handle.write("".join(json.dumps(r) + "\n" for r in chunk))
-                        written += len(chunk)
-                    if handle is None or as_json:
-                        rows += chunk
-            if sink is not None and output is not None:
-                sink.replace(output)
-        finally:
-            if sink is not None:
-                sink.unlink(missing_ok=True)
+        if output is not None:
+            written = sisa.write_predictions(data, output)
+        else:
+            rows = [r for chunk in sisa.predictions(data) for r in chunk]
     if output is not None:
         err.print(f"wrote {written} predictions to {output}")
-    if as_json:
+        if as_json:
+            _emit(True, {"predictions": written, "output": str(output)})
+    elif as_json:
         _emit(True, rows)
-    elif output is None:
+    else:
         table = Table("id", "prediction", "probability")
         for r in rows:
             table.add_row(r["id"], r["prediction"], f"{r['probabilities'][r['prediction']]:.3f}")
@@ -382,12 +363,9 @@ def forget(
 def status(store: Store, as_json: Json = False) -> None:
     """Per shard: live slice checkpoint, its weights file and sha256, live and deleted records,
     pending deletions."""
-    from sisa.status import quick_status
+    from sisa.api import Sisa
 
-    result = quick_status(store)  # no model loaded, no torch imported
-    if result is None:  # a store trained before its config digest was recorded
-        with _read(store) as sisa:
-            result = sisa.status()
+    result = Sisa.read_status(store)  # no model loaded, no torch imported
     table = Table("shard", "live slice", "live", "deleted", "pending", "sha256", "weights",
                   title=f"{result.store}: {result.live_records} live, "
                         f"{result.deleted_records} deleted records")
@@ -487,40 +465,19 @@ def repair(
     Then finish any interrupted deletion, as `sisa recover` does."""
     with _open(store, values, no_progress, recover=False) as sisa:
         report = sisa.repair(shard, from_scratch=from_scratch)
-        receipts = sisa.recover()
-    payload = {**_retrain_payload(report), "deletions_applied": [r.to_dict() for r in receipts]}
+    payload = {**_retrain_payload(report),
+               "deletions_applied": [r.to_dict() for r in report.deletions_applied]}
     _emit(as_json, payload, _kv_table("repaired", _retrain_payload(report)))
 
 
 @app.command()
-@with_options("execution")
+@with_options("service", "execution")
 def serve(
     store: Store,
-    host: Annotated[str, typer.Option(help="Interface to listen on; another than loopback exposes "
-                                           "the service to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     token_file: Annotated[Path | None, typer.Option(
         help="File holding the bearer token (mode 600); default: the SISA_SERVE_TOKEN variable.")] = None,
-    no_auth: Annotated[bool, typer.Option(
-        "--no-auth", help="Serve deletion and admin endpoints with no token (a trusted host only).")] = False,
-    protect_predict: Annotated[bool, typer.Option(
-        "--protect-predict", help="Predict, generate and score need the token too.")] = False,
-    no_deletions: Annotated[bool, typer.Option(
-        "--no-deletions", help="Serve predictions only: no deletion endpoints, no worker.")] = False,
-    on_pending: Annotated[str, typer.Option(
-        help="While a deleted record's shard retrains: exclude (answer without it) or wait (hold "
-             "requests until it is live, up to --wait-timeout).")] = "exclude",
-    wait_timeout: Annotated[float, typer.Option(
-        help="Seconds a request may wait (--on-pending wait).")] = 30.0,
-    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
-    max_batch: Annotated[int, typer.Option(help="Most inputs, prompts or texts in one request.")] = 256,
-    batch_window: Annotated[float, typer.Option(
-        help="Seconds the deletion worker waits for more deletions to apply together.")] = 0.2,
-    ray: Annotated[bool, typer.Option(
-        "--ray", help="Run on Ray Serve (a local Ray on 127.0.0.1, or --ray-address).")] = False,
-    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (--ray).")] = 2,
-    replica_cpus: Annotated[float, typer.Option(help="Ray CPUs per replica (--ray).")] = 1.0,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="On start, print the settings and the address as JSON.")] = False,
     **values: Any,
 ) -> None:
     """Serve predictions, generation and deletions over HTTP until interrupted. Answers never come
@@ -528,26 +485,22 @@ def serve(
 
     Example: SISA_SERVE_TOKEN=$(cat token) sisa serve --store stores/digits --port 8000
     """
-    from sisa.service import ServiceConfig, read_token
-    from sisa.service import serve as run_http
+    from sisa.service import read_token
+    from sisa.service import serve as run_service
 
-    if log_level not in ("debug", "info", "warning", "error"):
-        raise typer.BadParameter(f"--log-level must be debug, info, warning or error, got {log_level!r}")
-    token = None if no_auth else read_token(token_file)
-    config = ServiceConfig(host=host, port=port, token=token, no_auth=no_auth,
-                           protect_predict=protect_predict, deletions=not no_deletions,
-                           on_pending=on_pending, wait_timeout=wait_timeout,  # type: ignore[arg-type]
-                           max_body_bytes=max_body_bytes, max_batch=max_batch, batch_window=batch_window)
+    config = build_service(values, None if values.get("no_auth") else read_token(token_file))
     if not config.loopback:
-        err.print(f"warning: listening on {host}, not loopback: anyone who reaches this machine "
-                  "reaches the service; put TLS in front of it")
-    execution = build_execution(values, progress=False)
-    if ray:
-        from sisa.service.ray_serve import serve_on_ray
+        err.print(f"warning: listening on {config.host}, not loopback: anyone who reaches this "
+                  "machine reaches the service; put TLS in front of it")
 
-        serve_on_ray(store, config, replicas, replica_cpus, execution.ray_address, execution, log_level)
-    else:
-        run_http(store, config, execution, log_level)
+    def started(summary: dict[str, Any]) -> None:
+        if as_json:
+            _emit(True, summary)
+        else:
+            err.print(f"serving {summary['store']} at {summary['url']}")
+        sys.stdout.flush()
+
+    run_service(store, config, build_execution(values, progress=False), on_start=started)
 
 
 Combine = Annotated[str, typer.Option(
@@ -630,7 +583,7 @@ def canaries(
     """Insert canaries into a causal-LM store (a secret of random digits in a fixed template,
     one per chosen user, as records of that user) and write the canary set that `sisa prove`
     reads. The affected shards retrain, exactly as for any `add`."""
-    from sisa.proof import insert_canaries
+    from sisa.workflows.proof import insert_canaries
 
     with _open(store, values, no_progress) as sisa:
         chosen, report = insert_canaries(sisa, inserted, never, digits, repeats, seed)
@@ -663,8 +616,8 @@ def prove(
     Example: sisa prove --store stores/chat --canaries canaries.json --holdout builtin:chitchat:test
     --forget-group <user id>
     """
-    from sisa.proof import CanarySet
-    from sisa.proof import prove as run_prove
+    from sisa.workflows.proof import CanarySet
+    from sisa.workflows.proof import prove as run_prove
 
     chosen = CanarySet.load(canaries_file)
     with _open(store, values, no_progress) as sisa:
@@ -740,54 +693,82 @@ def demo(
     """Train a SISA ensemble and a monolith (S=1, R=1) on a built-in data set, evaluate both on its
     held-out split, forget random records, and compare the deletion's cost with retraining from
     scratch. Default: the frozen-encoder head backend on Rotten Tomatoes."""
-    from sisa.demo import DEMO_DATA, LM_DEMO_TRAINING, run_demo, run_lm_demo
+    from sisa.workflows.demo import demo_options, run, summary_rows
 
-    if backend not in DEMO_DATA:
-        raise typer.BadParameter(f"backend must be one of {sorted(DEMO_DATA)}, got {backend!r}")
-    default_data, default_limit = DEMO_DATA[backend]
-    if backend == "causal_lm":
-        given = {k: v for k, v in values.items() if v is not None}
-        config = build_config({**values, **{k: v for k, v in LM_DEMO_TRAINING.items() if k not in given},
-                               "backend": backend}, progress=not no_progress)
-        lm = run_lm_demo(config, dataset=dataset or default_data,
-                         limit=limit if limit is not None else default_limit,
-                         progress=ShardProgress(not no_progress))
-        if as_json:
-            _emit(True, {**lm, "proof": lm["proof"].to_dict()})
-            return
-        for g in lm["generated"]:
+    config = build_config(demo_options(backend, values), progress=not no_progress)
+    result = run(config, dataset, limit, forget_count, ShardProgress(not no_progress))
+    proof = result.get("proof")
+    if as_json:
+        _emit(True, {**result, "proof": proof.to_dict()} if proof is not None else result)
+    elif proof is not None:
+        for g in result["generated"]:
             out.print(f"[bold]prompt:[/bold] {escape(g['prompt'])}\n[bold]ensemble:[/bold] "
                       f"{escape(g['text'])}", markup=True)
-        out.print(f"trained {lm['records']} records ({lm['canary_records']} canary copies) on "
-                  f"S={lm['shards']}, R={lm['slices']} in {lm['train_seconds']:.1f} s; forgot user "
-                  f"{lm['forgotten_user']}; audit {'OK' if lm['audit_ok'] else 'VIOLATIONS'}")
-        _print_proof(lm["proof"])
-        return
-    config = build_config({**values, "backend": backend}, progress=not no_progress)
-    result = run_demo(config, dataset=dataset or default_data, forget_count=forget_count,
-                      limit=limit if limit is not None else default_limit,
-                      progress=ShardProgress(not no_progress))
-    p = config.partition
-    table = Table("", f"SISA (S={p.shards}, R={p.slices})", "monolith (S=1, R=1)",
-                  title=f"sisa demo: {backend} on {result['dataset']} "
-                        f"({result['records']} training, {result['test_records']} held-out records)")
-    table.add_row("held-out accuracy", f"{result['sisa_accuracy']:.4f}",
-                  f"{result['monolith_accuracy']:.4f}")
-    table.add_row("held-out macro-F1", f"{result['sisa_macro_f1']:.4f}",
-                  f"{result['monolith_macro_f1']:.4f}")
-    table.add_row("full training (s)", f"{result['sisa_train_seconds']:.2f}",
-                  f"{result['monolith_train_seconds']:.2f}")
-    table.add_row("retraining from scratch (s)" + ("" if result["scratch_retrain_measured"]
-                                                   else ", = full training"),
-                  f"{result['scratch_retrain_seconds']:.2f}", f"{result['monolith_train_seconds']:.2f}")
-    table.add_row(f"forget {forget_count} records (s)", f"{result['forget_seconds']:.2f}", "")
-    table.add_row("samples retrained", f"{result['forget_samples']} of {result['sisa_train_samples']}",
-                  "")
-    table.add_row("speed-up of the deletion vs retraining from scratch",
-                  f"{result['speedup_vs_sisa_retrain']}x", f"{result['speedup_vs_monolith_retrain']}x")
-    table.add_row("accuracy after forgetting", f"{result['sisa_accuracy_after_forget']:.4f}", "")
-    table.add_row("audit", "OK" if result["audit_ok"] else "VIOLATIONS", "")
-    _emit(as_json, result, table)
+        out.print(f"trained {result['records']} records ({result['canary_records']} canary copies) "
+                  f"on S={result['shards']}, R={result['slices']} in {result['train_seconds']:.1f} "
+                  f"s; forgot user {result['forgotten_user']}; audit "
+                  f"{'OK' if result['audit_ok'] else 'VIOLATIONS'}")
+        _print_proof(proof)
+    else:
+        p = config.partition
+        table = Table("", f"SISA (S={p.shards}, R={p.slices})", "monolith (S=1, R=1)",
+                      title=f"sisa demo: {backend} on {result['dataset']} ({result['records']} "
+                            f"training, {result['test_records']} held-out records)")
+        for row in summary_rows(result):
+            table.add_row(*row)
+        out.print(table)
+
+
+REFERENCE_HEAD = """# Command-line reference
+
+Every `sisa` command and its options, generated from the CLI itself (`python -c 'import sisa.cli
+as c; print(c.cli_reference(), end="")' > docs/cli.md`; a test checks it is current). `sisa COMMAND
+--help` prints the same. Options may also come from a TOML file (`sisa --config sisa.toml train`,
+keys are option names); `--json` prints machine-readable output.
+
+## The options that set a configuration
+
+Generated from the config classes in `sisa/config.py` (`python -m sisa.options` prints this
+table); a training option's default depends on the backend.
+
+"""
+
+
+def cli_reference() -> str:
+    """docs/cli.md: the configuration options, then every command with its options."""
+    from sisa.options import markdown_table
+
+    def cell(text: str) -> str:
+        return " ".join(str(text).split()).replace("|", "/")
+
+    def commands(group: Any, prefix: str) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        for name, command in sorted(group.commands.items()):
+            if hasattr(command, "commands"):  # a group of commands (typer may vendor click)
+                out += commands(command, f"{prefix}{name} ")
+            else:
+                out.append((f"{prefix}{name}", command))
+        return out
+
+    parts = [REFERENCE_HEAD, markdown_table(), "\n## Commands\n"]
+    for name, command in commands(typer.main.get_command(app), "sisa "):
+        help_text = (command.help or "").strip().split("\n\n")
+        parts.append(f"\n### {name}\n\n{cell(help_text[0])}\n")
+        parts += [f"\n{cell(p)}\n" for p in help_text[1:]]
+        rows = []
+        for param in command.params:
+            if param.param_type_name != "option" or param.hidden:
+                continue
+            flags = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
+            default = param.default
+            shown = "-" if default is None or (param.is_flag and default is False) else cell(str(default))
+            if param.required:
+                shown = "required"
+            rows.append(f"| {flags} | {shown} | {cell(param.help or '')} |")
+        if rows:
+            parts.append("\n| option | default | what it does |\n| --- | --- | --- |\n")
+            parts.append("\n".join(rows) + "\n")
+    return "".join(parts)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import math
 import numbers
@@ -30,10 +31,12 @@ Placement = Literal["uniform", "late_slices", "dedicated_shards"]
 InputKind = Literal["features", "text"]
 
 
-def option(default: Any, help: str, *, flag: str | None = None, cli: bool = True) -> Any:
+def option(default: Any, help: str, *, flag: str | None = None, cli: bool = True,
+           negate: bool = False) -> Any:
     """A config field with its help text; `flag` overrides the CLI flag derived from the field
-    name; `cli=False` keeps it out of the CLI (set it in a config file or the library)."""
-    metadata = {"help": help, "flag": flag, "cli": cli}
+    name; `cli=False` keeps it out of the CLI (set it in a config file or the library); `negate`:
+    a boolean that defaults to True, turned off by its (`--no-...`) flag."""
+    metadata = {"help": help, "flag": flag, "cli": cli, "negate": negate}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -392,9 +395,12 @@ class DataSpec:
 class SisaConfig:
     """Everything a store is trained and served with."""
 
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    training: TrainingConfig = field(default_factory=lambda: MLPConfig())
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={
+        "help": "Where each record goes (shards, slices, seed, placement).", "cli": False})
+    training: TrainingConfig = field(default_factory=lambda: MLPConfig(), metadata={
+        "help": "How each shard model is trained: a backend's training config.", "cli": False})
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig, metadata={
+        "help": "Where shard jobs run (never changes the weights).", "cli": False})
     voting: Voting = option("soft", "Ensemble voting: soft (mean probability) or hard (majority).")
 
     def __post_init__(self) -> None:
@@ -428,3 +434,73 @@ class SisaConfig:
 
     def replace(self, **changes: Any) -> SisaConfig:
         return dataclasses.replace(self, **changes)
+
+
+TOKEN_ENV = "SISA_SERVE_TOKEN"  # the service's bearer token, from the environment
+OnPending = Literal["exclude", "wait"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How `sisa serve` runs: where it listens, who may delete, what it accepts, and what it does
+    while a shard retrains. Deletion and admin endpoints need `token`, unless `no_auth`."""
+
+    host: str = option("127.0.0.1", "Interface to listen on; another than loopback exposes the "
+                                    "service to the network.")
+    port: int = option(8000, "Port to listen on.")
+    token: str | None = field(default=None, repr=False, metadata={
+        "help": "Bearer token of the protected endpoints (from --token-file or SISA_SERVE_TOKEN).",
+        "flag": None, "cli": False, "negate": False})
+    no_auth: bool = option(False, "Serve deletion and admin endpoints with no token (a trusted "
+                                  "host only).")
+    protect_predict: bool = option(False, "Predict, generate and score need the token too.")
+    deletions: bool = option(True, "Serve predictions only: no deletion endpoints, no worker.",
+                             flag="no_deletions", negate=True)
+    on_pending: OnPending = option(
+        "exclude", "While a deleted record's shard retrains: exclude (answer without it) or wait "
+                   "(hold requests until it is live, up to --wait-timeout).")
+    wait_timeout: float = option(30.0, "Seconds a request may wait (--on-pending wait).")
+    max_body_bytes: int = option(1 << 20, "Largest request body accepted (larger: 413).")
+    max_batch: int = option(256, "Most inputs, prompts or texts in one request.")
+    max_deletion_ids: int = option(10_000, "Most record ids in one deletion request.")
+    max_new_tokens: int = option(256, "Cap on the tokens one generation request may ask for.")
+    batch_window: float = option(0.2, "Seconds the deletion worker waits for more deletions to "
+                                      "apply together.")
+    poll_interval: float = option(1.0, "Seconds between the worker's looks for deletions other "
+                                       "processes acknowledged.")
+    ray: bool = option(False, "Run on Ray Serve (a local Ray on 127.0.0.1, or --ray-address).")
+    replicas: int = option(2, "Ray Serve replicas (--ray).")
+    replica_cpus: float = option(1.0, "Ray CPUs per replica (--ray).")
+    log_level: str = option("info", "debug, info, warning or error.")
+
+    def __post_init__(self) -> None:
+        check = _Checks("service settings")
+        if check.integer(self.port, "port", 0):
+            check(self.port <= 65535, f"port must be 0..65535, got {self.port!r}")
+        check(self.on_pending in ("exclude", "wait"),
+              f"on_pending must be 'exclude' or 'wait', got {self.on_pending!r}")
+        for name in ("max_body_bytes", "max_batch", "max_deletion_ids", "max_new_tokens", "replicas"):
+            check.integer(getattr(self, name), name, 1)
+        for name in ("wait_timeout", "batch_window", "poll_interval", "replica_cpus"):
+            if check.finite(getattr(self, name), name):
+                check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        check(self.log_level in LOG_LEVELS,
+              f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.token is not None and len(self.token) < 16:
+            check(False, "the token is shorter than 16 characters: use a long random one "
+                         "(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        check(not (self.token and self.no_auth), "give a token or no_auth, not both")
+        check(not self.protect_predict or bool(self.token), "protect_predict needs a token")
+        check(not (self.deletions and not self.token and not self.no_auth),
+              f"the deletion and admin endpoints need a bearer token: set {TOKEN_ENV} or give a "
+              "token file; or serve predictions only (no deletions), or turn authentication off "
+              "explicitly (no_auth, on a trusted host only)")
+        check.raise_all()
+
+    @property
+    def loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"

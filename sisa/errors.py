@@ -100,6 +100,11 @@ class CheckpointError(StoreError):
     """A checkpoint file is missing, malformed, or does not match its recorded sha256."""
 
 
+class CheckpointMovedError(StoreError):
+    """A live checkpoint was replaced (by a deletion or a retrain) while it was being read: read
+    the servable shards again. Transient, never damage."""
+
+
 class RayExposureError(SisaError, RuntimeError):
     """A local Ray would listen on more than the loopback interface, so sisa does not start it."""
 

@@ -8,7 +8,7 @@
   entropy of the text), Min-K% and Min-K%++ (the mean of the k lowest token scores, k = 0.4); the
   AUC of a forget set against a never-trained holdout set (0.5: indistinguishable).
 
-`sisa.proof` computes the log-probabilities from a store and reports them.
+`sisa.workflows.proof` computes the log-probabilities from a store and reports them.
 """
 
 from __future__ import annotations

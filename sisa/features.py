@@ -18,7 +18,7 @@ from sisa.errors import InputKindError
 from sisa.records import input_digest
 
 if TYPE_CHECKING:
-    from sisa.training.encoder import TextEncoder
+    from sisa.training.protocol import Encoder
 
 # The library's progress hook: progress(description, total) returns a tick, called per item done.
 Progress = Callable[[str, int], Callable[[Any], None]]
@@ -27,7 +27,7 @@ Progress = Callable[[str, int], Callable[[Any], None]]
 class Features:
     """Model inputs of records: cached encoder embeddings, or the inputs themselves."""
 
-    def __init__(self, store: ShardStore, encoder: TextEncoder | None,
+    def __init__(self, store: ShardStore, encoder: Encoder | None,
                  progress: Progress | None = None) -> None:
         self.store = store
         self.encoder = encoder
@@ -79,7 +79,7 @@ class Features:
 
     def embeddings(self, texts: Sequence[Any] | np.ndarray) -> np.ndarray:
         """(n, dim) float32 embeddings through the store's cache; encodes only the misses."""
-        encoder = self.encoder
+        encoder: Any = self.encoder  # a sisa.training.encoder.TextEncoder
         if encoder is None:
             raise InputKindError("this backend has no text encoder")
         for t in texts:

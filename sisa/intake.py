@@ -10,7 +10,7 @@ import numpy as np
 
 from shard_store import NewRecord
 from sisa.config import PartitionConfig
-from sisa.errors import RecordError
+from sisa.errors import RecordError, name_some
 from sisa.partition import place_all
 from sisa.records import Batch, check_counts, empty_shards
 
@@ -86,3 +86,12 @@ class Placer:
 
     def empty_shards(self) -> list[int]:
         return empty_shards(self.shards, self.partition.shards)
+
+    def warnings(self) -> list[str]:
+        """What a user should know about the placement: shards that received no record."""
+        empty = self.empty_shards()
+        if not empty:
+            return []
+        return [f"{len(empty)} of {self.partition.shards} shards received no record (shards "
+                f"{name_some(empty)}): they train on nothing and never serve; fewer shards would "
+                "use the data better"]

@@ -22,6 +22,7 @@ from sisa.config import (
     DataSpec,
     ExecutionConfig,
     PartitionConfig,
+    ServiceConfig,
     SisaConfig,
     TrainingConfig,
     training_config,
@@ -32,7 +33,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # The option groups, and the config class whose fields make each one.
 GROUPS: dict[str, type] = {"data": DataSpec, "partition": PartitionConfig, "training": TrainingConfig,
-                           "execution": ExecutionConfig, "serving": SisaConfig}
+                           "execution": ExecutionConfig, "serving": SisaConfig,
+                           "service": ServiceConfig}
+# The groups of the README's option table (the service's options are in docs/cli.md).
+TABLE_GROUPS = ("data", "partition", "execution", "serving", "training")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class ConfigOption:
     kind: str  # "int", "float", "str", "bool", "ints" or "strs" (comma-separated lists)
     help: str
     defaults: dict[str, Any]  # backend -> default for training options; {"": default} otherwise
+    negate: bool = False  # a flag that sets the (default True) field to False
 
     @property
     def flag(self) -> str:
@@ -53,10 +58,12 @@ class ConfigOption:
         """The command's default: None where it depends on the backend (or on the data)."""
         if self.group == "data" or (self.group == "training" and self.field != "backend"):
             return None
-        return self.defaults[""]
+        return False if self.negate else self.defaults[""]
 
     def parse(self, value: Any) -> Any:
         """A typed value from what the command line gave."""
+        if self.negate:
+            return not value
         if value is None or self.kind not in ("ints", "strs"):
             return value
         parts = [p.strip() for p in str(value).split(",") if p.strip()]
@@ -126,7 +133,7 @@ def _collect() -> list[ConfigOption]:
         for f, annotation in _fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default
             out.append(ConfigOption(group, f.name, f.metadata["flag"] or f.name, _kind(annotation),
-                                    f.metadata["help"], {"": default}))
+                                    f.metadata["help"], {"": default}, f.metadata.get("negate", False)))
     training: dict[str, ConfigOption] = {}
     for backend, cls in TRAINING_CONFIGS.items():
         for f, annotation in _fields(cls):
@@ -202,6 +209,11 @@ def build_config(values: Mapping[str, Any], progress: bool = True) -> SisaConfig
     )
 
 
+def build_service(values: Mapping[str, Any], token: str | None) -> ServiceConfig:
+    """The service's settings from `sisa serve`'s generated options and its token."""
+    return ServiceConfig(**_values("service", values, skip_none=False), token=token)
+
+
 def build_spec(values: Mapping[str, Any]) -> DataSpec | None:
     """The data's columns, or None where no column option was given (a built-in data set)."""
     given = _values("data", values, skip_none=True)
@@ -211,7 +223,7 @@ def build_spec(values: Mapping[str, Any]) -> DataSpec | None:
 def markdown_table() -> str:
     """The README's table of configuration options."""
     lines = ["| option | for | default | what it sets |", "| --- | --- | --- | --- |"]
-    for o in OPTIONS:
+    for o in options(*TABLE_GROUPS):
         where = o.group
         if o.group == "training" and o.field != "backend":
             where = ", ".join(o.backends()) if len(o.backends()) < len(TRAINING_CONFIGS) else "training"

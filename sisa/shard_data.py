@@ -140,11 +140,12 @@ class ShardCache:
         self.input_dim = input_dim
         self._shards: dict[int, ShardData] = {}
 
-    def get(self, shards: Collection[int]) -> dict[int, ShardData]:
+    def get(self, shards: Collection[int], fresh: bool = False) -> dict[int, ShardData]:
+        """These shards' data: what is kept while its version is current (`fresh`: read again)."""
         versions = self.store.shard_versions(shards)
         for s in shards:
             kept = self._shards.get(s)
-            if kept is None or kept.version != versions[s]:
+            if fresh or kept is None or kept.version != versions[s]:
                 self._shards[s] = load_shard(self.store, s, versions[s], self.task, self.input_dim)
         return {s: self._shards[s] for s in shards}
 

@@ -3,7 +3,7 @@
 A task turns stored targets into training targets, gives the model its shape, and aggregates the
 shard models' outputs. `ClassificationTask`: labels, soft or hard voting, accuracy.
 `LanguageModelingTask`: a causal LM learns the texts (after their prompts, where given); the
-ensemble scores and generates text (`sisa.training.causal_lm`).
+ensemble scores and generates text (`sisa.serving`).
 """
 
 from __future__ import annotations
@@ -177,6 +177,15 @@ class LanguageModelingTask:
 
     def check_new(self, targets: Sequence[str | None]) -> list[str]:
         return []
+
+
+PROMPT_SEPARATOR = "\n"  # between a prompt and the text that follows it
+
+
+def format_prompt(prompt: str) -> str:
+    """A prompt as a causal LM learns (and is asked) what follows it: the prompt, then the
+    separator. Training and generation both format it here."""
+    return prompt + PROMPT_SEPARATOR
 
 
 def combine_logprobs(per_shard: np.ndarray | Any, combine: Combine) -> Any:

@@ -30,12 +30,13 @@ from shard_store import (
     ShardCommit,
     ShardStore,
 )
-from sisa.checkpoint import MANIFEST, WEIGHTS, Checkpoint
+from sisa.checkpoint import WEIGHTS
 from sisa.config import SisaConfig
 from sisa.errors import CheckpointError, RecordError, StoreError, UnknownRecordError, name_some
 from sisa.execution import run_jobs
 from sisa.features import Features, Progress
 from sisa.schedule import ShardSchedule, shard_schedule
+from sisa.serving.loader import read_checkpoint
 from sisa.shard_data import ShardCache, ShardData
 from sisa.tasks import Task
 from sisa.training.jobs import ShardJob, ShardResult
@@ -63,8 +64,10 @@ class DeletionRequest:
     shards: list[int]  # whose models must be retrained
     requested_at: str | None
     already_deleted: list[str] = field(default_factory=list)  # repeated ids: a no-op
-    status: str = "pending"
+    status: str = "pending"  # or "applied"
     record_digests: list[str] = field(default_factory=list)  # keyed: all the ledger keeps
+    applied_at: str | None = None
+    receipt: dict[str, Any] | None = None  # as the ledger chained it, once applied
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +75,7 @@ class DeletionRequest:
     @classmethod
     def from_row(cls, row: DeletionRow) -> DeletionRequest:
         return cls(row.request_id, [], row.shards, row.requested_at, status=row.status,
-                   record_digests=row.record_ids)
+                   record_digests=row.record_ids, applied_at=row.applied_at, receipt=row.receipt)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class ShardRetrain:
 class TrainingReport:
     """What one plan / retrain / commit run did."""
 
+    records: int = 0  # records read (train, add)
     retrained: list[ShardRetrain] = field(default_factory=list)
     checkpoints_written: int = 0
     checkpoints_dropped: int = 0
@@ -142,6 +146,7 @@ class TrainingReport:
     ingest_seconds: float = 0.0
     live: dict[int, str] = field(default_factory=dict)  # shard -> sha256 of its new live weights
     warnings: list[str] = field(default_factory=list)  # e.g. shards that received no record
+    deletions_applied: list[DeletionReceipt] = field(default_factory=list)  # their receipts
 
     @property
     def samples(self) -> int:
@@ -199,16 +204,17 @@ class DeletionManager:
         self.progress = progress
         input_dim = backend.spec.input_dim if backend.encoder is None else None
         self.data = ShardCache(store, task, input_dim)
-        # Requests this manager acknowledged, with their ids in clear: a receipt for any other
-        # says it was recovered.
+        # Requests this manager acknowledged and has not applied yet, with their ids in clear: a
+        # receipt for any other says it was recovered.
         self.acknowledged: dict[str, list[str]] = {}
 
     # -- acknowledge -----------------------------------------------------------------------------
 
-    def request_deletion(self, ids: Sequence[str] | None = None,
-                         group: str | None = None) -> DeletionRequest:
+    def request_deletion(self, ids: Sequence[str] | None = None, group: str | None = None,
+                         keep_ids: bool = True) -> DeletionRequest:
         """Validate and acknowledge a deletion of record ids, or of every record of a group.
-        Returns once it is durable, before any training."""
+        Returns once it is durable, before any training. `keep_ids`: remember the ids in clear
+        until the deletion is applied, for its receipt."""
         if (ids is None) == (group is None):
             raise RecordError("give either record ids or a group id to delete")
         if group is not None:
@@ -232,7 +238,8 @@ class DeletionManager:
         ack = self.store.acknowledge(uuid.uuid4().hex, fresh) if fresh else None
         if ack is None:
             return DeletionRequest("", [], [], None, already_deleted=wanted)
-        self.acknowledged[ack.request_id] = ack.record_ids
+        if keep_ids:
+            self.acknowledged[ack.request_id] = ack.record_ids
         self.data.removed(ack.record_ids, ack.versions)
         self.store.tidy()  # the files of the checkpoints it unregistered
         deleted = set(ack.record_ids)
@@ -253,7 +260,7 @@ class DeletionManager:
     def apply_pending(self) -> list[DeletionReceipt]:
         """Retrain what acknowledged deletions (and anything else a crash left) changed, and commit;
         returns the receipts of the deletions applied."""
-        return self.update("applying deletions")[1]
+        return self.update("applying deletions").deletions_applied
 
     def add(self, rows: Sequence[NewRecord] | Iterable[Sequence[NewRecord]]) -> TrainingReport:
         """Insert placed records (or chunks of them); each affected shard retrains from its
@@ -261,7 +268,7 @@ class DeletionManager:
         started = time.perf_counter()
         self.store.insert_records(rows)
         ingest = time.perf_counter() - started
-        report = self.update("retraining shards")[0]
+        report = self.update("retraining shards")
         report.ingest_seconds = ingest
         return report
 
@@ -277,14 +284,16 @@ class DeletionManager:
                         doomed += [key for key in schedule.keys[k:] if key in rows]
                         break
             dropped = self.store.drop_checkpoints(doomed)
-            report = self.update("repairing shards")[0]
+            report = self.update("repairing shards")
         report.checkpoints_dropped += dropped
         return report
 
     # -- the steps -------------------------------------------------------------------------------
 
-    def schedules(self, shards: Iterable[int]) -> dict[int, ShardSchedule]:
-        data = self.data.get(sorted(set(shards)))
+    def schedules(self, shards: Iterable[int], fresh: bool = False) -> dict[int, ShardSchedule]:
+        """The slice schedules of these shards' live records (`fresh`: read from the store, not
+        from what this process kept)."""
+        data = self.data.get(sorted(set(shards)), fresh=fresh)
         return {s: self._schedule(d) for s, d in data.items()}
 
     def _schedule(self, data: ShardData) -> ShardSchedule:
@@ -310,7 +319,7 @@ class DeletionManager:
             row = self.store.checkpoint(plan.resume_key)
             if row is None:
                 return None
-            resume = self.read_checkpoint(row.key, row)
+            resume = read_checkpoint(self.store, row)
         if data.model_inputs is None:
             data.model_inputs = self.features.model_inputs(data.inputs, data.contexts)
         return ShardJob(
@@ -326,22 +335,10 @@ class DeletionManager:
             resume=resume,
         )
 
-    def read_checkpoint(self, key: str, row: CheckpointRow | None = None) -> Checkpoint:
-        """A registered checkpoint's weights and manifest, verified."""
-        row = row or self.store.checkpoint(key)
-        if row is None:
-            raise StoreError(f"checkpoint {key} is not registered (a concurrent change removed it)")
-        where = repr(str(self.store.root / row.path))
-        try:
-            blobs = self.store.read_files(row, [WEIGHTS, MANIFEST])
-        except CheckpointFileError as exc:
-            raise CheckpointError(f"{exc} (shard {row.shard}, slice {row.slice})") from exc
-        return Checkpoint.from_blobs(blobs, row.key, where)
-
     def _intact(self, row: CheckpointRow) -> bool:
         try:
             self.store.verify_files(row)
-            self.read_checkpoint(row.key, row)
+            read_checkpoint(self.store, row)
         except (CheckpointFileError, CheckpointError):
             return False
         return True
@@ -383,19 +380,25 @@ class DeletionManager:
                     for r in plan.requests}
         done = self.store.commit(commits, {rid: rc.ledger_dict() for rid, rc in receipts.items()})
         self.store.sweep()  # the files of what the transaction unregistered
-        return done, [DeletionReceipt.from_ledger(done.receipts[rid], self.acknowledged.get(rid, ()))
+        # The receipts as the ledger chained them, with the ids in clear this manager kept (and
+        # lets go of now that they are applied).
+        return done, [DeletionReceipt.from_ledger(done.receipts[rid], self.acknowledged.pop(rid, ()))
                       for rid in done.applied]
 
-    def update(self, description: str) -> tuple[TrainingReport, list[DeletionReceipt]]:
-        """Plan, retrain and commit until every shard is current and every deletion applied.
-        The seconds (a receipt's too) count from after the process set-up for training."""
+    def update(self, description: str,
+               receipts: list[DeletionReceipt] | None = None) -> TrainingReport:
+        """Plan, retrain and commit until every shard is current and every deletion applied; the
+        report's `deletions_applied` are the receipts. `receipts`: a list each receipt also joins
+        as its deletion commits (a caller keeps them if a later round fails). The seconds (a
+        receipt's too) count from after the process set-up for training."""
         if self.config.execution.executor != "ray":  # a Ray task sets up its own process
             from sisa.training.shard_trainer import setup_process  # torch, now that it trains
 
             setup_process(self.config.training.torch_threads, self.config.execution.device)
         started = time.perf_counter()
         report = TrainingReport()
-        receipts: list[DeletionReceipt] = []
+        receipts = receipts if receipts is not None else []
+        first = len(receipts)
         retrains: dict[int, ShardRetrain] = {}
         with self.store.writer():
             self.store.sweep()
@@ -420,7 +423,8 @@ class DeletionManager:
                                  "retraining; try again when the deletions have settled")
         report.retrained = [retrains[s] for s in sorted(retrains)]
         report.seconds = time.perf_counter() - started
-        return report, receipts
+        report.deletions_applied = receipts[first:]
+        return report
 
 
 def _record_retrain(retrains: dict[int, ShardRetrain], result: ShardResult, start: int) -> None:

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from shard_store import ShardStore
 from sisa import ConfigError, ExecutionConfig, HeadConfig, LoraConfig, PartitionConfig, Sisa, SisaConfig
-from sisa.training.shard_trainer import load_model
 
 from .conftest import TEXT_SPEC, assert_exact, make_text_rows
 
@@ -24,11 +24,6 @@ def text_config(model: str, backend: str) -> SisaConfig:
         LoraConfig(**common, lora_r=2)
     return SisaConfig(partition=PartitionConfig(shards=2, slices=2, seed=5), training=training,
                       execution=ExecutionConfig(progress=False))
-
-
-def live_checkpoint(sisa: Sisa, shard: int):
-    row = sisa.store.live()[shard]
-    return sisa.manager.read_checkpoint(row.key, row)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -47,13 +42,12 @@ def test_forget_equals_scratch(tmp_path, tiny_model, text_rows, backend):
 def test_state_round_trip(tmp_path, tiny_model, text_rows, backend):
     config = text_config(tiny_model, backend)
     sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
-    checkpoint = live_checkpoint(sisa, 0)
-    model = load_model(sisa.backend, checkpoint, config.partition.seed)
+    model = sisa.shard_model(0)  # the live checkpoint, restored with its optimizer state
     tensors, meta = model.state()
     assert any(k.startswith("optim.") for k in tensors) and "rng.torch_cpu" in tensors
-    again = load_model(sisa.backend, checkpoint, config.partition.seed)
+    again = sisa.shard_model(0)
     again.load_state(load_safetensors(save_safetensors(tensors)), meta)
-    inputs = sisa.backend.prepare(sisa.features.model_inputs([r["text"] for r in text_rows[:10]]))
+    inputs = sisa.model_inputs([r["text"] for r in text_rows[:10]])
     assert torch.equal(model.predict_proba(inputs), again.predict_proba(inputs))
     for name, value in again.state()[0].items():
         if name != "rng.torch_cpu":
@@ -68,19 +62,19 @@ def test_soft_voting_is_the_mean_of_the_shard_models(tmp_path, tiny_model, text_
     per_shard = sisa.ensemble().shard_proba(texts)
     np.testing.assert_allclose(sisa.predict_proba(texts), np.mean(list(per_shard.values()), 0))
     # Each shard's column of the ensemble equals that shard's model used on its own.
-    inputs = sisa.backend.prepare(sisa.features.model_inputs(texts))
-    for shard in sisa.store.live():
-        alone = load_model(sisa.backend, live_checkpoint(sisa, shard),
-                           config.partition.seed).predict_proba(inputs)
+    inputs = sisa.model_inputs(texts)
+    for shard in sisa.live_checkpoints():
+        alone = sisa.shard_model(shard).predict_proba(inputs)
         np.testing.assert_allclose(per_shard[shard], alone.double().numpy(), atol=1e-5)
 
 
 def test_head_embeddings_are_cached_and_never_recomputed(tmp_path, tiny_model, text_rows):
     config = text_config(tiny_model, "head")
     sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
-    encoder = sisa.backend.encoder
+    encoder = sisa.encoder
     assert encoder.encoded == len(text_rows)
-    assert sisa.store.embedding_count() == len({r["text"] for r in text_rows})
+    store = ShardStore.open(sisa.root)  # the store's embedding cache, read directly
+    assert store.embedding_count() == len({r["text"] for r in text_rows})
     sisa.forget([text_rows[1]["id"], text_rows[2]["id"]])
     sisa.add(make_text_rows(6, seed=9, prefix="new"))
     assert encoder.encoded == len(text_rows) + 6  # only the new texts were encoded
@@ -90,11 +84,11 @@ def test_head_embeddings_are_cached_and_never_recomputed(tmp_path, tiny_model, t
     gone = {text_rows[1]["text"], text_rows[2]["text"]} - live_texts
     from sisa.records import input_digest
 
-    assert not sisa.store.get_embeddings(encoder.fingerprint, [input_digest(t) for t in gone])
+    assert not store.get_embeddings(encoder.fingerprint, [input_digest(t) for t in gone])
     # A second store seeded from this one encodes nothing at all.
     other = Sisa.train(tmp_path / "other", text_rows[10:], config, TEXT_SPEC,
                        embeddings_from=tmp_path / "store")
-    assert other.backend.encoder.encoded == 0
+    assert other.encoder.encoded == 0
 
 
 def test_embedding_of_a_text_does_not_depend_on_its_batch(tiny_model, text_rows):
@@ -115,8 +109,8 @@ def test_lora_adapter_is_saved_the_peft_way_and_loads(tmp_path, tiny_model, text
 
     config = text_config(tiny_model, "lora")
     sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)
-    row = sisa.store.live()[1]
-    adapter_dir = sisa.store.root / row.path / "adapter"
+    row = sisa.live_checkpoints()[1]
+    adapter_dir = sisa.root / row.path / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()

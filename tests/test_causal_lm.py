@@ -15,23 +15,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from shard_store import ShardStore
 from sisa import PartitionConfig, Sisa, SisaConfig
 from sisa import evidence as ev
-from sisa.approximate import METHODS, scorer_for, unlearn
 from sisa.cli import app
 from sisa.config import CausalLMConfig
 from sisa.errors import InputKindError
 from sisa.models import fix_tokenizer
-from sisa.proof import CanarySet, candidate_tokens, insert_canaries, make_canaries, prove
 from sisa.records import input_digest
-from sisa.tasks import combine_logprobs
-from sisa.training.causal_lm import (
-    PROMPT_SEPARATOR,
-    CausalLMScorer,
-    LMInputs,
-    load_tokenizer,
-    make_example,
-)
+from sisa.serving import LMScorer
+from sisa.tasks import PROMPT_SEPARATOR, combine_logprobs
+from sisa.training.causal_lm import LMInputs, load_tokenizer, make_example
+from sisa.workflows.approximate import METHODS, scorer_for, unlearn
+from sisa.workflows.proof import CanarySet, candidate_tokens, insert_canaries, make_canaries, prove
 
 from .conftest import CHAT_SPEC, assert_exact, live_shas, make_chat_rows
 
@@ -66,15 +62,16 @@ def test_forget_and_add_are_exact(tmp_path: Path, tiny_lm: str, rows: list[dict[
 def test_top_k_caches_the_frozen_layers_and_purges_them(tmp_path: Path, tiny_lm: str,
                                                         rows: list[dict[str, Any]]) -> None:
     sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, top_k=1), CHAT_SPEC)
-    encoder: Any = sisa.backend.encoder
-    assert sisa.store.embedding_count() == len(rows)
+    encoder: Any = sisa.encoder
+    store = ShardStore.open(sisa.root)  # the store's activation cache, read directly
+    assert store.embedding_count() == len(rows)
     ran = encoder.encoded
-    user_records = len(sisa.store.group_record_ids("u2"))
+    user_records = len(sisa.group_ids("u2"))
     sisa.forget_group("u2")
     assert encoder.encoded == ran  # retraining read the cache, ran no lower layer again
-    assert sisa.store.embedding_count() == len(rows) - user_records
-    assert sisa.store.group_record_ids("u2") == []  # live records only
-    assert sisa.store.deleted_embeddings() == 0
+    assert store.embedding_count() == len(rows) - user_records
+    assert sisa.group_ids("u2") == []  # live records only
+    assert store.deleted_embeddings() == 0
 
 
 def test_a_prompt_enters_the_input_digest() -> None:
@@ -87,14 +84,11 @@ def test_top_k_training_path_equals_the_served_full_model(tmp_path: Path, tiny_l
     """Training runs only the adapted top layer on cached activations; serving runs the whole
     model with the adapter on that layer: the same log-probabilities."""
     sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, top_k=1), CHAT_SPEC)
-    shard = min(sisa.servable_shards())
-    row = sisa.store.live()[shard]
-    from sisa.training.shard_trainer import load_model
-
-    model: Any = load_model(sisa.backend, sisa.manager.read_checkpoint(row.key, row), 3)
+    shard = min(sisa.servable())
+    model: Any = sisa.shard_model(shard)
     model.model.eval()
     texts, prompts = [r["text"] for r in rows[:6]], [r["prompt"] or None for r in rows[:6]]
-    cached = sisa.features.model_inputs(texts, prompts)
+    cached = sisa.model_inputs(texts, prompts)
     with torch.no_grad():
         trained = model.sequence_logprobs(cached, list(range(6)))[0].numpy()
     scored = sisa.language_model().scores(LMInputs(cached.examples))
@@ -102,11 +96,11 @@ def test_top_k_training_path_equals_the_served_full_model(tmp_path: Path, tiny_l
     np.testing.assert_allclose(trained, served, rtol=1e-4, atol=1e-4)
 
 
-def _scorers(sisa: Sisa) -> tuple[CausalLMScorer, dict[int, CausalLMScorer]]:
-    states = {s: sisa.manager.read_checkpoint(row.key, row) for s, row in sisa.servable_shards().items()}
-    backend: Any = sisa.backend
-    both = backend.scorer({s: (c.tensors(), {}) for s, c in states.items()}, 0)
-    alone = {s: backend.scorer({s: (c.tensors(), {})}, 0) for s, c in states.items()}
+def _scorers(sisa: Sisa) -> tuple[LMScorer, dict[int, LMScorer]]:
+    """Every servable shard's adapter on one base, and each alone on a base of its own."""
+    adapters = {s: sisa.shard_model(s).adapter() for s in sisa.servable()}  # type: ignore[attr-defined]
+    both = sisa.language_model(adapters)
+    alone = {s: sisa.language_model({s: a}) for s, a in adapters.items()}
     return both, alone
 
 
@@ -167,7 +161,7 @@ def test_generation_is_deterministic_for_a_seed_and_greedy_by_default(
     if new:  # (an untrained model may end the text at once)
         _, is_greedy = scorer.continuation_logprobs(ids, np.asarray([new]))
         assert is_greedy[scorer.views.index("ensemble"), 0]
-    assert greedy.shards == sorted(sisa.servable_shards())
+    assert greedy.shards == sorted(sisa.servable())
 
 
 def test_a_shard_with_a_pending_deletion_never_generates(tmp_path: Path, tiny_lm: str,
@@ -227,8 +221,8 @@ def test_canaries_are_inserted_proven_and_forgotten(tmp_path: Path, tiny_lm: str
     user = canaries.canaries[0].group
     proof = prove(sisa, canaries, rows[:8], [user], holdout_limit=8, retain_limit=8, references=50)
     assert proof.after is not None and proof.forgotten_groups == [user]
-    assert not sisa.store.group_record_ids(user) or all(
-        r.deleted_at for r in sisa.store.find_records(sisa.store.group_record_ids(user)).values())
+    assert not sisa.group_ids(user) or all(
+        r.deleted_at for r in sisa.records(sisa.group_ids(user)).values())
     # A random two-layer model memorises nothing: the report says so rather than claiming proof.
     assert not proof.memorised and proof.notes
     assert set(proof.before.membership_auc) >= {"ensemble"}
@@ -240,7 +234,7 @@ def test_approximate_baselines_raise_the_forget_loss_and_leave_the_store(
         tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
     mono = Sisa.train(tmp_path / "m", rows, lm_config(tiny_lm, shards=1, slices=1), CHAT_SPEC)
     before = live_shas(mono)
-    forget = mono.store.group_record_ids("u4")
+    forget = mono.group_ids("u4")
     retain = [r["id"] for r in rows if r["user"] != "u4"][:10]
     texts = mono.score([r for r in rows if r["user"] == "u4"])
     for method in METHODS:

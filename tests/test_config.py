@@ -20,10 +20,13 @@ from sisa import (
     TrainingConfig,
     training_config,
 )
-from sisa.config import TRAINING_CONFIGS, CausalLMConfig
+from sisa.config import TRAINING_CONFIGS, CausalLMConfig, ServiceConfig
 from sisa.training import BACKENDS
 
-CLASSES = [PartitionConfig, MLPConfig, HeadConfig, LoraConfig, ExecutionConfig, DataSpec]
+# Every config class of sisa.config: each field has help, defaults hold, each error is named.
+CLASSES = [PartitionConfig, MLPConfig, HeadConfig, LoraConfig, CausalLMConfig, ExecutionConfig,
+           DataSpec, SisaConfig, ServiceConfig]
+TOKEN = "a-token-long-enough-0123"
 
 # class, a default each backend must keep (what works for it)
 DEFAULTS = [
@@ -35,6 +38,11 @@ DEFAULTS = [
                   "lora_r": 8, "lora_target_modules": ("query", "value")}),
     (ExecutionConfig, {"executor": "local", "ray_address": None, "max_retries": 2}),
     (DataSpec, {"id_column": "id", "label_column": "label"}),
+    (CausalLMConfig, {"model": "SmolLM2-135M-Instruct", "epochs_per_slice": 2, "batch_size": 8,
+                      "max_length": 96, "lora_dropout": 0.0, "top_k_layers": 0}),
+    (SisaConfig, {"voting": "soft"}),
+    (ServiceConfig, {"host": "127.0.0.1", "port": 8000, "on_pending": "exclude", "max_batch": 256,
+                     "max_body_bytes": 1 << 20, "ray": False, "replicas": 2, "log_level": "info"}),
 ]
 
 # class, valid base arguments, the bad field and value, a fragment of the message
@@ -88,12 +96,26 @@ INVALID = [
     (DataSpec, {"feature_columns": ("f0",)}, "id_column", "", "id_column must be given"),
     (DataSpec, {"feature_columns": ("f0",)}, "text_column", "text",
      "give exactly one of text_column or feature_columns"),
+    (SisaConfig, {}, "voting", "majority", "voting must be 'soft' or 'hard'"),
+    (SisaConfig, {}, "training", {"backend": "mlp"}, "training must be a backend's training config"),
+    (ServiceConfig, {"token": TOKEN}, "port", 70000, "port must be 0..65535, got 70000"),
+    (ServiceConfig, {"token": TOKEN}, "on_pending", "queue", "on_pending must be 'exclude' or 'wait'"),
+    (ServiceConfig, {"token": TOKEN}, "max_batch", 0, "max_batch must be >= 1, got 0"),
+    (ServiceConfig, {"token": TOKEN}, "wait_timeout", -1.0, "wait_timeout must be >= 0"),
+    (ServiceConfig, {"token": TOKEN}, "batch_window", math.nan, "batch_window must be a finite number"),
+    (ServiceConfig, {"token": TOKEN}, "replicas", 0, "replicas must be >= 1, got 0"),
+    (ServiceConfig, {"token": TOKEN}, "log_level", "loud", "log_level must be one of debug"),
+    (ServiceConfig, {}, "token", "short", "the token is shorter than 16 characters"),
+    (ServiceConfig, {"token": TOKEN}, "no_auth", True, "give a token or no_auth, not both"),
+    (ServiceConfig, {}, "protect_predict", True, "protect_predict needs a token"),
+    (ServiceConfig, {}, "deletions", True, "the deletion and admin endpoints need a bearer token"),
 ]
 
 
 @pytest.mark.parametrize(("cls", "expected"), DEFAULTS, ids=lambda x: getattr(x, "__name__", ""))
 def test_defaults(cls, expected):
-    config = cls(**({"feature_columns": ("f0",)} if cls is DataSpec else {}))
+    needs = {DataSpec: {"feature_columns": ("f0",)}, ServiceConfig: {"token": TOKEN}}
+    config = cls(**needs.get(cls, {}))
     for name, value in expected.items():
         assert getattr(config, name) == value, name
 

@@ -1,4 +1,4 @@
-"""Crashes at every commit step: the CLI, as a fresh process, killed with SIGKILL (tests/killer.py)
+"""Crashes at every commit step: the CLI, as a fresh process, killed with SIGKILL (sisa.testing.killer)
 just before or after each step of `forget`, `add` and `train`. Then the next command (`status`, a
 reader) leaves no file on disk that derives from a deleted record, `recover` finishes the work, the
 audit passes, and every live shard is bit-identical to training from scratch on what remains."""
@@ -8,29 +8,22 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from sisa import Sisa
+from sisa.testing import TRAIN_FLAGS, killer
 
 from .conftest import SPEC, assert_exact, derived_from, make_rows, small_config, write_csv
 
-ROOT = Path(__file__).resolve().parents[1]
-KILLER = Path(__file__).with_name("killer.py")
 STORE = "shard_store.store:ShardStore"
-TRAIN_FLAGS = ["--id-column", "id", "--label-column", "label", "--feature-columns", "f0,f1,f2,f3",
-               "--group-column", "user", "--shards", "3", "--slices", "3", "--epochs", "2",
-               "--batch-size", "8", "--hidden-sizes", "8", "--seed", "11", "--no-progress"]
 
 
 def killed(point: str, *argv: str) -> None:
     """Run `sisa argv` as a fresh process and check it died of SIGKILL at `point`."""
-    proc = subprocess.run([sys.executable, str(KILLER), point, "--", *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = killer.run(point, *argv)
     assert proc.returncode == -signal.SIGKILL, \
         f"the process was not killed at {point} (exit {proc.returncode}): {proc.stderr[-2000:]}"
 
@@ -49,8 +42,8 @@ def base(tmp_path_factory) -> tuple[Path, list[dict], list[str]]:
     root = tmp_path_factory.mktemp("crash")
     rows = make_rows(90)
     sisa = Sisa.train(root / "store", rows, small_config(), SPEC)
-    victims = [next(r.id for r in sisa.store.live_records(1) if r.slice == 1),
-               next(r.id for r in sisa.store.live_records(2))]
+    victims = [next(r.id for r in sisa.live_records(1) if r.slice == 1),
+               next(r.id for r in sisa.live_records(2))]
     sisa.close()
     return root / "store", rows, victims
 

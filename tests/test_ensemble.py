@@ -61,7 +61,7 @@ def test_the_ensemble_reloads_when_the_live_checkpoints_change(tmp_path, rows, c
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     first = sisa.ensemble()
     assert sisa.ensemble() is first  # nothing changed: the same models
-    victim = next(sisa.store.live_records(1)).id
+    victim = next(sisa.live_records(1)).id
     other = Sisa.open(tmp_path / "store")  # another process forgets
     other.forget([victim])
     other.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from shard_store.schema import keyed
+from shard_store import ShardStore, keyed
 from sisa import HeadConfig, PartitionConfig, RecordCorruptError, Sisa, SisaConfig
 from sisa.cli import app
 from sisa.records import records_from_rows
@@ -82,33 +82,35 @@ def test_nothing_of_a_forgotten_record_stays_in_any_file(tmp_path, tiny_model):
                                             hidden_sizes=(), max_length=32))
     sisa = Sisa.train(tmp_path / "store", rows, config, TEXT_SPEC)
     record = next(r for r in records_from_rows(rows, TEXT_SPEC) if r.id == victim["id"])
-    encoder = sisa.backend.encoder
+    encoder = sisa.encoder
     assert encoder is not None
-    vector = sisa.store.get_embeddings(encoder.fingerprint, [record.input_digest])
+    store = ShardStore.open(sisa.root)  # the test reads the store's own tables
+    vector = store.get_embeddings(encoder.fingerprint, [record.input_digest])
     assert vector, "the victim's embedding is cached before the deletion"
-    before = b"".join(file_bytes(sisa.store.root).values())
+    before = b"".join(file_bytes(sisa.root).values())
     assert SECRET.encode() in before and victim["id"].encode() in before  # the test can fail
 
-    order_key = sisa.store.find_records([victim["id"]])[victim["id"]].order_key
+    order_key = sisa.records([victim["id"]])[victim["id"]].order_key
     receipt = sisa.forget_group(victim["user"])
     assert receipt.record_ids == [victim["id"]]
-    after = file_bytes(sisa.store.root)
+    after = file_bytes(sisa.root)
     leftovers = {
         "text": SECRET.encode(), "id": victim["id"].encode(), "group": victim["user"].encode(),
         "content digest": record.digest.encode(), "input digest": record.input_digest.encode(),
         "embedding": next(iter(vector.values())),
         "order key": order_key.encode(),  # recomputable from a guessed id and the seed
     }
-    assert sisa.store.get_embeddings(encoder.fingerprint, [record.input_digest]) == {}
-    live_vectors = {r[0] for r in sisa.store.conn.execute("SELECT vector FROM embeddings")}
+    assert store.get_embeddings(encoder.fingerprint, [record.input_digest]) == {}
+    live_vectors = {r[0] for r in store.conn.execute("SELECT vector FROM embeddings")}
     if leftovers["embedding"] in live_vectors:  # a tiny random encoder maps texts alike
         del leftovers["embedding"]
     for what, needle in leftovers.items():
         found = [name for name, data in after.items() if needle in data]
         assert not found, f"the forgotten record's {what} is still in {found}"
     # What stays: the tombstone's keyed digest, which names the deletion in its receipt.
-    assert receipt.record_digests == [keyed(sisa.store.key, "id", victim["id"])]
+    assert receipt.record_digests == [keyed(store.key, "id", victim["id"])] == [sisa.id_digest(victim["id"])]
     assert sisa.verify_receipts().ok and sisa.audit().ok
+    store.close()
     sisa.close()
 
 
@@ -210,7 +212,7 @@ def test_a_damaged_database_is_one_line_error_and_left_as_it_was(store, where):
 
 def _manifest(store: Path) -> Path:
     with Sisa.open(store, recover=False, read_only=True) as sisa:
-        row = sisa.store.live()[0]
+        row = sisa.live_checkpoints()[0]
     return store / row.path / "manifest.json"
 
 
@@ -268,10 +270,10 @@ def test_a_flipped_byte_in_a_records_content_is_caught_and_never_trained_on(stor
     with Sisa.open(store, recover=False) as sisa:
         report = sisa.audit()
         assert not report.ok and any(record_id in v.problem for v in report.violations)
-        before = {s: r.sha256 for s, r in sisa.store.live().items()}
+        before = {s: r.sha256 for s, r in sisa.live_checkpoints().items()}
         with pytest.raises(RecordCorruptError, match=record_id):
             sisa.repair([shard], from_scratch=True)
-        assert {s: r.sha256 for s, r in sisa.store.live().items() if s != shard} == \
+        assert {s: r.sha256 for s, r in sisa.live_checkpoints().items() if s != shard} == \
             {s: v for s, v in before.items() if s != shard}
 
 
@@ -334,7 +336,7 @@ def test_a_schema_4_store_is_migrated_with_keyed_tombstones(tmp_path):
     with Sisa.train(store, rows, small_config(), SPEC) as sisa:
         victim = rows[5]["id"]
         sisa.forget([victim])
-        key = sisa.store.key
+        key = ShardStore.open(store).key
     # Make it what schema 4 wrote: a tombstone in clear, no seal, no chain, no ledger key.
     with database(store / "store.db") as conn:
         conn.execute("UPDATE records SET id = ?, group_id = ? WHERE id = ?",
@@ -350,13 +352,13 @@ def test_a_schema_4_store_is_migrated_with_keyed_tombstones(tmp_path):
     read_only = CliRunner().invoke(app, ["status", "--store", str(store)])
     assert read_only.exit_code == 1 and "schema version 4" in read_only.stderr
     with Sisa.open(store) as sisa:  # a writer migrates
-        assert sisa.store.find_records([victim])[victim].deleted_at is not None
-        assert sisa.store.conn.execute("SELECT COUNT(*) FROM records WHERE id = ?",
-                                       [victim]).fetchone()[0] == 0
+        assert sisa.records([victim])[victim].deleted_at is not None
+        assert ShardStore.open(store).conn.execute("SELECT COUNT(*) FROM records WHERE id = ?",
+                                                   [victim]).fetchone()[0] == 0
         assert sisa.audit().ok, sisa.audit().violations
         assert sisa.forget([rows[6]["id"]]).sequence == 1  # the chain starts after the migration
         assert sisa.verify_receipts().ok
-        assert len(sisa.store.journal()) == 2 and sisa.audit().ok  # started from the ledger
+        assert len(ShardStore.open(store).journal()) == 2 and sisa.audit().ok  # from the ledger
 
 
 def test_a_journal_line_cut_short_neither_halts_the_store_nor_swallows_the_next(store):
@@ -367,7 +369,8 @@ def test_a_journal_line_cut_short_neither_halts_the_store_nor_swallows_the_next(
         assert any("cut short" in v.problem for v in sisa.audit().violations)
     with Sisa.open(store) as sisa:
         sisa.forget(["r0020"])
-        assert [e["request_id"] for e in sisa.store.journal()][-1] == sisa.store.deletions()[-1].request_id
+        journal = ShardStore.open(store).journal()
+        assert [e["request_id"] for e in journal][-1] == sisa.deletions()[-1].request_id
         assert sisa.audit().ok, sisa.audit().violations
 
 

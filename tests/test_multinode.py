@@ -30,12 +30,12 @@ def test_train_and_forget_on_a_second_node(tmp_path, rows, config, monkeypatch):
             executor="ray", resources_per_shard={"sisa_worker": 1}, progress=False))
         sisa = Sisa.train(store_dir, rows, remote, SPEC)
         assert {r.node for r in sisa.training_report_.retrained} == {worker.node_id}
-        assert len(sisa.store.live()) == config.partition.shards
+        assert len(sisa.live_checkpoints()) == config.partition.shards
         victim = rows[42]["id"]
         receipt = sisa.forget([victim])
         assert receipt.affected_shards and receipt.checkpoints_changed
         assert sisa.audit().ok
-        for c in sisa.store.checkpoints():
+        for c in sisa.checkpoints():
             assert (store_dir / c.path / "weights.safetensors").is_file()
         assert not any(elsewhere.iterdir())  # nothing was written relative to the cwd
     finally:

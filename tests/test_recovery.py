@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shard_store import ShardStore
 from sisa import ShardTrainingError, Sisa
 from sisa.training import shard_trainer
 
@@ -13,7 +14,7 @@ from .conftest import SPEC, assert_exact, writer_held
 def test_crash_after_acknowledgement_is_recovered_on_open(tmp_path, rows, config, monkeypatch):
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim_shard = 1
-    victim = next(iter(sisa.store.live_records(victim_shard))).id
+    victim = next(iter(sisa.live_records(victim_shard))).id
 
     # Crash: the retrain dies after the deletion was recorded (acknowledged).
     def boom(job, backend=None):
@@ -26,20 +27,20 @@ def test_crash_after_acknowledgement_is_recovered_on_open(tmp_path, rows, config
     monkeypatch.undo()
 
     reopened = Sisa.open(tmp_path / "store", recover=False)
-    assert reopened.store.pending_shards() == {victim_shard}
-    assert victim_shard not in reopened.servable_shards()  # never served while pending
+    assert {s for d in reopened.pending() for s in d.shards} == {victim_shard}
+    assert victim_shard not in reopened.servable()  # never served while pending
     assert reopened.ensemble().shards == [0, 2]
     assert not reopened.audit().ok
     assert reopened.clean_shards() == {0, 2}
-    assert [p.record_digests for p in reopened.pending()] == [[reopened.store.id_digest(victim)]]
+    assert [p.record_digests for p in reopened.pending()] == [[reopened.id_digest(victim)]]
     reopened.close()
 
     recovered = Sisa.open(tmp_path / "store")  # recovery runs on open
     # Recovered by another process: the ids in clear are gone, their keyed digests stay.
-    assert [r.record_digests for r in recovered.recovered_] == [[recovered.store.id_digest(victim)]]
+    assert [r.record_digests for r in recovered.recovered_] == [[recovered.id_digest(victim)]]
     assert recovered.recovered_[0].record_ids == []
     assert recovered.recovered_[0].recovered
-    assert recovered.store.pending_deletions() == []
+    assert recovered.deletions("pending") == []
     assert recovered.audit().ok
     assert_exact(recovered, [r for r in rows if r["id"] != victim], config, SPEC, tmp_path / "scratch")
 
@@ -51,13 +52,14 @@ def test_crash_between_checkpoint_write_and_swap(tmp_path, rows, config, monkeyp
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies just before the live swap
 
-    monkeypatch.setattr(sisa.store, "commit", crash)
+    monkeypatch.setattr(ShardStore, "commit", crash)
     with pytest.raises(KeyboardInterrupt):
         sisa.forget([victim])
-    (sisa.store.root / "checkpoints" / ".tmp-leftover").mkdir()  # and a half-written directory
+    monkeypatch.undo()
+    (sisa.root / "checkpoints" / ".tmp-leftover").mkdir()  # and a half-written directory
     sisa.close()
     recovered = Sisa.open(tmp_path / "store")
-    assert not (recovered.store.root / "checkpoints" / ".tmp-leftover").exists()
+    assert not (recovered.root / "checkpoints" / ".tmp-leftover").exists()
     assert recovered.audit().ok
     assert_exact(recovered, [r for r in rows if r["id"] != victim], config, SPEC, tmp_path / "scratch")
 
@@ -127,6 +129,6 @@ def test_writers_are_serialised_by_the_store_lock(tmp_path, rows, config):
         worker.start()
         worker.join(timeout=1.0)
         assert not finished.is_set()  # blocked while the other writer holds the lock
-        assert sisa.store.pending_deletions() == []  # and nothing was recorded yet
+        assert sisa.deletions("pending") == []  # and nothing was recorded yet
     worker.join(timeout=120)
     assert finished.is_set()

@@ -323,13 +323,13 @@ def test_wait_mode_holds_requests_until_the_shard_is_live(store):
 def test_another_process_forget_reloads_only_the_changed_shard(served, store):
     service, client = served
     before = predict(client).json()["model"]["shards"]
-    read = service.model.shards_read
+    read = service.reader.checkpoints_read
     with Sisa.open(store) as other:  # a CLI `sisa forget` while the service runs
         receipt = other.forget(["r0031"])
     after = predict(client).json()["model"]
     changed = {s for s in after["shards"] if after["shards"][s] != before[s]}
     assert changed == set(receipt.checkpoints_changed) and len(changed) == 1
-    assert service.model.shards_read == read + 1
+    assert service.reader.checkpoints_read == read + 1
     assert after["excluded_shards"] == []
 
 
@@ -424,11 +424,11 @@ def test_generate_and_score_on_a_causal_lm_store(tmp_path, tiny_lm):
         assert score["records"][0]["logprob"] == pytest.approx(scored.records[0].logprob, abs=1e-9)
         assert predict(client).status_code == 422  # a causal LM has no classes
         service.worker.stop()  # hold it: generation while the deletion is pending
-        read = service.model.shards_read
+        read = service.reader.checkpoints_read
         ack = client.post("/v1/deletions", json={"group": "u3"}, headers=AUTH).json()
         during = client.post("/v1/generate", json={"prompts": ["hi ok"], "max_new_tokens": 6}).json()
         assert during["model"]["excluded_shards"] == ack["shards"]
-        assert service.model.shards_read == read  # the other shards' adapters, as loaded: a view
+        assert service.reader.checkpoints_read == read  # the other shards' adapters, as loaded: a view
         with Sisa.open(tmp_path / "lm", recover=False, read_only=True) as fresh:  # loads the rest anew
             alone = fresh.generate(["hi ok"], max_new_tokens=6)[0]
         assert during["generations"][0]["text"] == alone.text
@@ -449,7 +449,7 @@ def test_a_failing_retrain_is_reported_and_retried_with_the_shard_still_excluded
     service, client = served
     real = service.writer.apply_pending
 
-    def failing() -> Any:
+    def failing(receipts: Any = None) -> Any:
         raise ShardTrainingError(1, 3, "Traceback: out of memory")
 
     monkeypatch.setattr(service.writer, "apply_pending", failing)

@@ -28,9 +28,9 @@ from sisa.service.ray_serve import ray_service
 store, port = sys.argv[1], int(sys.argv[2])
 token = "ray-token-0123456789abcdef"
 auth = {"Authorization": "Bearer " + token}
-config = ServiceConfig(token=token, port=port, batch_window=0.05)
+config = ServiceConfig(token=token, port=port, batch_window=0.05, replicas=2, replica_cpus=0.5)
 report = {"answers": [], "deletions": [], "errors": [], "pids": []}
-with ray_service(store, config, replicas=2, replica_cpus=0.5) as url:
+with ray_service(store, config) as url:
     client = httpx.Client(base_url=url, timeout=60)
     stop = threading.Event()
 
@@ -99,7 +99,7 @@ def test_ray_serve_two_replicas_never_answer_stale_and_catch_up(tmp_path: Path) 
     assert result.unapplied == 0 and len(answers) > 10
     assert result.stale == 0, result.examples
     with Sisa.open(store, recover=False, read_only=True) as sisa:
-        live = {str(s): row.sha256 for s, row in sisa.servable_shards().items()}
+        live = {str(s): sha for s, sha in sisa.servable().items()}
     assert all(final == live for final in report["final"]), (report["final"], live)
     listening = report["sockets"]
     assert any(port == p for _, _, p in listening), listening  # the proxy, found: not vacuous

@@ -122,8 +122,8 @@ def test_malformed_manifests_are_named():
 def test_audit_and_serving_detect_a_corrupted_live_checkpoint(tmp_path, rows, config):
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     assert sisa.audit().ok
-    row = sisa.store.live()[1]
-    weights = sisa.store.root / row.path / "weights.safetensors"
+    row = sisa.live_checkpoints()[1]
+    weights = sisa.root / row.path / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"12345678")
     result = sisa.audit()
     assert not result.ok
@@ -135,12 +135,12 @@ def test_audit_and_serving_detect_a_corrupted_live_checkpoint(tmp_path, rows, co
 
 def test_audit_catches_an_edited_manifest_and_a_planted_file(tmp_path, rows, config):
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
-    row = sisa.store.live()[0]
-    path = sisa.store.root / row.path / "manifest.json"
+    row = sisa.live_checkpoints()[0]
+    path = sisa.root / row.path / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["records"] = []  # hide the records this slice trained on
     path.write_text(json.dumps(manifest))
-    (sisa.store.root / "checkpoints" / "shard-001" / "slice-009-leftover").mkdir()
+    (sisa.root / "checkpoints" / "shard-001" / "slice-009-leftover").mkdir()
     problems = [v.problem for v in sisa.audit().violations]
     assert any("manifest.json" in p and "corrupt" in p for p in problems)
     assert any("not registered" in p for p in problems)
@@ -150,9 +150,9 @@ def test_audit_flags_a_checkpoint_holding_a_deleted_record(tmp_path, rows, confi
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim = rows[0]["id"]
     # Simulate a bug or tampering: the record is tombstoned, but no retrain happened.
-    with sisa.store.transaction() as conn:
+    with ShardStore.open(sisa.root).transaction() as conn:
         conn.execute("UPDATE records SET deleted_at = 'x', id = ? WHERE id = ?",
-                     [sisa.store.id_digest(victim), victim])
+                     [sisa.id_digest(victim), victim])
     result = sisa.audit()
     assert not result.ok
     assert any("deleted record" in v.problem for v in result.violations)
@@ -168,41 +168,43 @@ def test_bad_input_leaves_no_store_behind(tmp_path, rows, config):
 
 def test_sqlite_is_the_only_metadata_and_json_manifests(tmp_path, rows, config):
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
-    for c in sisa.store.checkpoints():
-        files = sorted(p.name for p in (sisa.store.root / c.path).iterdir())
+    for c in sisa.checkpoints():
+        files = sorted(p.name for p in (sisa.root / c.path).iterdir())
         assert files == ["manifest.json", "weights.safetensors"]
         assert sorted(c.files) == files
-        manifest = json.loads((sisa.store.root / c.path / "manifest.json").read_text())
+        manifest = json.loads((sisa.root / c.path / "manifest.json").read_text())
         assert manifest["key"] == c.key and manifest["shard"] == c.shard
         assert manifest["format"] == FORMAT and {"optimizer"} <= set(manifest["state"])
-    con = sqlite3.connect(sisa.store.root / "store.db")
+    con = sqlite3.connect(sisa.root / "store.db")
     assert con.execute("SELECT COUNT(*) FROM records").fetchone()[0] == len(rows)
 
 
 def test_each_thread_gets_its_own_connection(tmp_path, rows, config):
-    sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
+    Sisa.train(tmp_path / "store", rows, config, SPEC).close()
+    store = ShardStore.open(tmp_path / "store")
     seen: dict[str, object] = {}
 
     def read() -> None:
-        seen["status"] = sisa.status().live_records
-        seen["conn"] = sisa.store.conn
+        seen["records"] = sum(c["live"] for c in store.record_counts().values())
+        seen["conn"] = store.conn
 
     worker = threading.Thread(target=read)
     worker.start()
     worker.join()
-    assert seen["status"] == len(rows)
-    assert seen["conn"] is not sisa.store.conn
+    assert seen["records"] == len(rows)
+    assert seen["conn"] is not store.conn
 
 
 def test_no_embedding_of_a_deleted_input_is_cached_or_missed_by_the_audit(tmp_path, rows, config):
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim = rows[0]["id"]
-    digest = sisa.store.find_records([victim])[victim].input_digest
+    digest = sisa.records([victim])[victim].input_digest
     sisa.forget([victim])
+    store = ShardStore.open(sisa.root)
     # A writer that encoded the input before the deletion was acknowledged stores it afterwards:
-    sisa.store.put_embeddings("enc", 2, {digest: b"\0" * 8, "not-a-record": b"\0" * 8})
-    assert sisa.store.get_embeddings("enc", [digest, "not-a-record"]).keys() == {"not-a-record"}
-    assert sisa.store.deleted_embeddings() == 0 and sisa.audit().ok
-    with sisa.store.transaction() as conn:  # planted by hand
+    store.put_embeddings("enc", 2, {digest: b"\0" * 8, "not-a-record": b"\0" * 8})
+    assert store.get_embeddings("enc", [digest, "not-a-record"]).keys() == {"not-a-record"}
+    assert store.deleted_embeddings() == 0 and sisa.audit().ok
+    with store.transaction() as conn:  # planted by hand
         conn.execute("INSERT INTO embeddings VALUES ('enc', ?, 2, ?)", [digest, b"\0" * 8])
     assert any("embedding" in v.problem for v in sisa.audit().violations)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shard_store import ShardStore
 from sisa import DataSpec, MLPConfig, PartitionConfig, RecordError, Sisa, SisaConfig, UnknownRecordError
 from sisa.records import records_from_rows
 from sisa.schedule import Member, shard_schedule
@@ -15,7 +16,7 @@ from .conftest import SPEC, assert_exact, live_shas, make_rows
 def pick_spread(sisa: Sisa, per_shard: int = 1, shards=(0, 1, 2)) -> list[str]:
     chosen = []
     for shard in shards:
-        ids = [r.id for r in sisa.store.live_records(shard)]
+        ids = [r.id for r in sisa.live_records(shard)]
         chosen += ids[len(ids) // 2: len(ids) // 2 + per_shard]
     return chosen
 
@@ -25,10 +26,10 @@ def test_forget_equals_scratch_and_leaves_other_shards_alone(tmp_path, rows, con
     untouched_shard = 2
     victims = pick_spread(sisa, per_shard=2, shards=(0, 1))
     before_files = {
-        c.path: (sisa.store.root / c.path / "weights.safetensors").read_bytes()
-        for c in sisa.store.checkpoints(untouched_shard)
+        c.path: (sisa.root / c.path / "weights.safetensors").read_bytes()
+        for c in sisa.checkpoints(untouched_shard)
     }
-    placements = sisa.store.find_records(victims)
+    placements = sisa.records(victims)
     receipt = sisa.forget(victims)
 
     assert sorted(receipt.record_ids) == sorted(victims)
@@ -39,8 +40,8 @@ def test_forget_equals_scratch_and_leaves_other_shards_alone(tmp_path, rows, con
     assert set(receipt.checkpoints_changed) == {"0", "1"}
     assert set(receipt.checkpoints_unchanged) == {"2"}
     after_files = {
-        c.path: (sisa.store.root / c.path / "weights.safetensors").read_bytes()
-        for c in sisa.store.checkpoints(untouched_shard)
+        c.path: (sisa.root / c.path / "weights.safetensors").read_bytes()
+        for c in sisa.checkpoints(untouched_shard)
     }
     assert after_files == before_files  # not retrained, byte-identical
 
@@ -51,10 +52,10 @@ def test_forget_equals_scratch_and_leaves_other_shards_alone(tmp_path, rows, con
 
 def test_batch_touching_one_shard_retrains_it_once(tmp_path, rows, config):
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
-    victims = [r.id for r in sisa.store.live_records(1)][:4]
+    victims = [r.id for r in sisa.live_records(1)][:4]
     receipt = sisa.forget(victims)
     assert [a["shard"] for a in receipt.affected_shards] == [1]
-    counts = sisa.manager.schedules([1])[1].cumulative_counts()
+    counts = sisa.schedules([1])[1].cumulative_counts()
     start = receipt.affected_shards[0]["start_slice"]
     epochs = config.training.epochs_per_slice
     assert receipt.samples_retrained == sum(counts[k] * epochs for k in range(start, len(counts)))
@@ -70,9 +71,9 @@ def test_repeated_id_is_a_noop_and_unknown_id_changes_nothing(tmp_path, rows, co
     assert again.samples_retrained == 0
     with pytest.raises(UnknownRecordError, match="'nope'"):
         sisa.forget([rows[11]["id"], "nope"])
-    assert sisa.store.find_records([rows[11]["id"]])[rows[11]["id"]].deleted_at is None  # nor the valid id
+    assert sisa.records([rows[11]["id"]])[rows[11]["id"]].deleted_at is None  # nor the valid id
     assert live_shas(sisa) == live_before
-    assert len(sisa.store.deletions()) == 1
+    assert len(sisa.deletions()) == 1
     with pytest.raises(KeyError):  # UnknownRecordError is also a KeyError
         sisa.forget_group("no-such-user")
 
@@ -89,24 +90,25 @@ def test_deleted_content_is_purged_and_stale_checkpoints_removed(tmp_path, rows,
     sisa = Sisa.train(tmp_path / "store", rows, config, SPEC)
     victim = rows[0]["id"]
     sisa.forget([victim])
-    row = sisa.store.find_records([victim])[victim]
+    row = sisa.records([victim])[victim]
     assert row.target is None and row.deleted_at is not None
-    content = sisa.store.conn.execute(
+    store = ShardStore.open(sisa.root)  # the record's row, read directly
+    content = store.conn.execute(
         "SELECT text, features, target, group_id, digest FROM records WHERE id = ?",
-        [sisa.store.id_digest(victim)]).fetchone()
+        [sisa.id_digest(victim)]).fetchone()
     assert content[:3] == (None, None, None)
     # The tombstone keeps keyed digests only: not the id, the group or the content digest.
     user = next(r["user"] for r in rows if r["id"] == victim)
     assert content[3] != user and content[4] != next(
         r.digest for r in records_from_rows(rows, SPEC) if r.id == victim)
-    assert sisa.store.conn.execute("SELECT COUNT(*) FROM records WHERE id = ?", [victim]).fetchone()[0] == 0
-    for c in sisa.store.checkpoints():
-        manifest = (sisa.store.root / c.path / "manifest.json").read_text()
+    assert store.conn.execute("SELECT COUNT(*) FROM records WHERE id = ?", [victim]).fetchone()[0] == 0
+    for c in sisa.checkpoints():
+        manifest = (sisa.root / c.path / "manifest.json").read_text()
         assert f'"{victim}"' not in manifest
     # No checkpoint directory on disk is left over from before the deletion.
-    on_disk = {str(p.relative_to(sisa.store.root))
-               for p in (sisa.store.root / "checkpoints").glob("*/*")}
-    assert on_disk == {c.path for c in sisa.store.checkpoints()}
+    on_disk = {str(p.relative_to(sisa.root))
+               for p in (sisa.root / "checkpoints").glob("*/*")}
+    assert on_disk == {c.path for c in sisa.checkpoints()}
 
 
 def test_add_equals_training_on_the_union(tmp_path, rows, config):
@@ -157,7 +159,7 @@ def test_deletion_aware_placement_stays_exact(tmp_path, placement):
     )
     sisa = Sisa.train(tmp_path / "store", rows, config, spec)
     likely = [r["id"] for r in rows if r["consent"] > 0.5]
-    placed = sisa.store.find_records(likely)
+    placed = sisa.records(likely)
     if placement == "late_slices":
         assert {p.slice for p in placed.values()} == {2}
     else:

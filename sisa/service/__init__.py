@@ -6,29 +6,65 @@ uvicorn, or by Ray Serve with `ray_serve`), never from a shard a deletion has re
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from sisa.config import ExecutionConfig
+from sisa.config import TOKEN_ENV, ExecutionConfig, ServiceConfig
 from sisa.service.app import create_app
 from sisa.service.model import LiveModel, ModelVersion, adapter_id
 from sisa.service.service import Service
-from sisa.service.settings import TOKEN_ENV, ServiceConfig, read_token
+from sisa.service.settings import read_token, settings_summary
 
 __all__ = ["TOKEN_ENV", "LiveModel", "ModelVersion", "Service", "ServiceConfig", "adapter_id",
-           "create_app", "read_token", "serve"]
+           "create_app", "read_token", "serve", "settings_summary"]
+
+OnStart = Callable[[dict[str, Any]], None]
 
 
 def serve(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None,
-          log_level: str = "info") -> None:
-    """Serve a store over HTTP with uvicorn on `config.host`:`config.port` until interrupted; the
-    deletion worker stops with it (a deletion it had not applied stays pending, durable)."""
+          on_start: OnStart | None = None) -> None:
+    """Serve a store over HTTP until interrupted: with uvicorn on `config.host`:`config.port`, or
+    on Ray Serve with `config.ray`. `on_start` is called with `settings_summary` once the service
+    listens. The deletion worker stops with it (a deletion it had not applied stays pending,
+    durable)."""
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.ray:
+        from sisa.service.ray_serve import serve_on_ray
+
+        serve_on_ray(store_dir, config, execution, on_start)
+        return
     import uvicorn
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = Service(store_dir, config, execution).start()
     try:
-        uvicorn.run(create_app(service), host=config.host, port=config.port, log_level=log_level,
-                    server_header=False, timeout_graceful_shutdown=5)
+        listener = _listen(config.host, config.port)
+        host, port = listener.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        if on_start is not None:
+            on_start(settings_summary(store_dir, config, url))
+        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=config.log_level,
+                                               server_header=False, timeout_graceful_shutdown=5))
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
+            server.run(sockets=[listener])
     finally:
         service.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on `host`:`port` (port 0: any free one), bound before uvicorn starts so
+    the address it says it listens on is the one it does."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError:
+        listener.close()
+        raise
+    listener.listen(2048)
+    return listener

@@ -234,7 +234,7 @@ def create_app(service: Service) -> FastAPI:
     # -- deletions -------------------------------------------------------------------------------
 
     def deletions_on() -> None:
-        if service.acker is None:
+        if service.writer is None:
             raise HTTPError(403, "deletions_disabled", "this service was started without deletion "
                                                        "endpoints (serve predictions only)")
 

@@ -16,18 +16,17 @@ import ipaddress
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sisa.api import Sisa
-from sisa.config import ExecutionConfig
-from sisa.errors import ConfigError
+from sisa.config import ExecutionConfig, ServiceConfig
 from sisa.execution import local_ray, require_loopback
 from sisa.service.app import create_app
 from sisa.service.service import Service
-from sisa.service.settings import ServiceConfig
+from sisa.service.settings import settings_summary
 from sisa.service.worker import DeletionWorker
 
 log = logging.getLogger("sisa.service")
@@ -75,17 +74,15 @@ def _loopback_replica_server() -> None:
         replica.add_port_to_grpc_server = loopback
 
 
-def deploy(store_dir: str | Path, config: ServiceConfig, replicas: int = 2,
-           replica_cpus: float = 1.0, execution: ExecutionConfig | None = None) -> str:
-    """Deploy the service on the running Ray (Serve's proxy on `config.host`:`config.port`);
-    returns the URL. Blocks until every replica is up."""
+def deploy(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None) -> str:
+    """Deploy the service on the running Ray (Serve's proxy on `config.host`:`config.port`, with
+    `config.replicas` replicas); returns the URL. Blocks until every replica is up."""
     from ray import serve
 
-    if replicas < 1:
-        raise ConfigError(f"replicas must be >= 1, got {replicas!r}")
     serve.start(http_options={"host": config.host, "port": config.port})
-    deployment = serve.deployment(name="SisaReplica", num_replicas=replicas,
-                                  ray_actor_options={"num_cpus": replica_cpus})(serve.ingress()(SisaReplica))
+    deployment = serve.deployment(name="SisaReplica", num_replicas=config.replicas,
+                                  ray_actor_options={"num_cpus": config.replica_cpus})(
+        serve.ingress()(SisaReplica))
     settings = asdict(config)
     serve.run(deployment.bind(str(Path(store_dir).resolve()), settings,
                               asdict(execution) if execution else None),
@@ -94,11 +91,11 @@ def deploy(store_dir: str | Path, config: ServiceConfig, replicas: int = 2,
 
 
 @contextlib.contextmanager
-def ray_service(store_dir: str | Path, config: ServiceConfig, replicas: int = 2,
-                replica_cpus: float = 1.0, ray_address: str | None = None,
+def ray_service(store_dir: str | Path, config: ServiceConfig,
                 execution: ExecutionConfig | None = None) -> Iterator[str]:
-    """Run the service on Ray Serve (a local Ray on 127.0.0.1, or the cluster at `ray_address`),
-    with the deletion worker in this process; yields the URL, and tears down what it started."""
+    """Run the service on Ray Serve (a local Ray on 127.0.0.1, or the cluster at the execution
+    config's `ray_address`), with the deletion worker in this process; yields the URL, and tears
+    down what it started."""
     import ray
     from ray import serve
 
@@ -106,8 +103,8 @@ def ray_service(store_dir: str | Path, config: ServiceConfig, replicas: int = 2,
     worker = (DeletionWorker(writer, config.batch_window, min(config.poll_interval, _RAY_POLL)).start()
               if writer is not None else None)
     try:
-        with _ray(ray, ray_address):
-            url = deploy(store_dir, config, replicas, replica_cpus, execution)
+        with _ray(ray, execution.ray_address if execution is not None else None):
+            url = deploy(store_dir, config, execution)
             try:
                 yield url
             finally:
@@ -135,19 +132,18 @@ def _ray(ray: Any, address: str | None) -> Iterator[None]:
             yield
 
 
-def serve_on_ray(store_dir: str | Path, config: ServiceConfig, replicas: int = 2,
-                 replica_cpus: float = 1.0, ray_address: str | None = None,
-                 execution: ExecutionConfig | None = None, log_level: str = "info") -> None:
+def serve_on_ray(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None,
+                 on_start: Callable[[dict[str, Any]], None] | None = None) -> None:
     """`sisa serve --ray`: run until interrupted (SIGINT or SIGTERM), then tear down what it
-    started: the deployment, a local Ray, the worker."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
+    started: the deployment, a local Ray, the worker. `on_start`: as for `sisa.service.serve`."""
     def interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    with ray_service(store_dir, config, replicas, replica_cpus, ray_address, execution) as url:
+    with ray_service(store_dir, config, execution) as url:
         signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs its own
-        log.info("serving %s on Ray Serve at %s with %d replica(s)", store_dir, url, replicas)
+        log.info("serving %s on Ray Serve at %s with %d replica(s)", store_dir, url, config.replicas)
+        if on_start is not None:
+            on_start(settings_summary(store_dir, config, url))
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)

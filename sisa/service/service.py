@@ -1,6 +1,7 @@
 """The service's library side, with no HTTP in it: a store opened for serving (a read-only reader
-for answers, a writer that acknowledges deletions) and the deletion worker. The FastAPI app
-(`sisa.service.app`) is a thin shell over it, as the CLI is over `Sisa`."""
+that answers, and one writer that acknowledges deletions and, on the worker's thread, applies
+them) and the deletion worker. The FastAPI app (`sisa.service.app`) is a thin shell over it, as
+the CLI is over `Sisa`."""
 
 from __future__ import annotations
 
@@ -17,14 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from shard_store import DeletionRow
 from sisa.api import Sisa
-from sisa.config import Combine, ExecutionConfig
+from sisa.config import Combine, ExecutionConfig, ServiceConfig
 from sisa.errors import ConfigError, InputKindError, NoServableShardError, RecordError, SisaError
 from sisa.reports import Generation, ScoreReport
 from sisa.service.metrics import Metrics
 from sisa.service.model import LiveModel, ModelVersion
-from sisa.service.settings import ServiceConfig
 from sisa.service.worker import DeletionWorker, ack_to_applied
 from sisa.tasks import ClassificationTask
 from sisa.unlearning import DeletionReceipt, DeletionRequest
@@ -42,7 +41,7 @@ class Prediction:
 
 class Service:
     """One store, served. `worker=False`: deletions are acknowledged here and applied by a worker
-    elsewhere (another `Service`, as Ray Serve's replicas do, or a CLI `sisa recover`)."""
+    elsewhere (another `Service`'s, the Ray Serve driver's, or a CLI `sisa recover`)."""
 
     def __init__(self, store_dir: str | Path, config: ServiceConfig,
                  execution: ExecutionConfig | None = None, worker: bool = True) -> None:
@@ -50,21 +49,20 @@ class Service:
         self.metrics = Metrics()
         self.started = time.time()
         self.writer: Sisa | None = None
-        self.acker: Sisa | None = None
         self.worker: DeletionWorker | None = None
-        if config.deletions and worker:
-            # First the writer: it finishes whatever a crash interrupted before anything serves.
-            self.writer = Sisa.open(store_dir, execution)
-            self.worker = DeletionWorker(self.writer, config.batch_window, config.poll_interval,
-                                         self._after_run, lambda _exc: self.metrics.worker_failures.inc())
-        self.reader = Sisa.open(store_dir, execution, recover=False, read_only=True)
         if config.deletions:
-            self.acker = Sisa.open(store_dir, execution, recover=False, backend=self.reader.backend)
+            # The writer first: where the worker runs, it finishes whatever a crash interrupted
+            # before anything serves.
+            self.writer = Sisa.open(store_dir, execution, recover=worker)
+            if worker:
+                self.worker = DeletionWorker(self.writer, config.batch_window, config.poll_interval,
+                                             self._after_run,
+                                             lambda _exc: self.metrics.worker_failures.inc())
+        self.reader = Sisa.open(store_dir, execution, recover=False, read_only=True,
+                                share_with=self.writer)
         self.model = LiveModel(self.reader, config.on_pending, config.wait_timeout)
         self._ack_lock = threading.Lock()
         self._counted = 0  # checkpoints read, as counted in the metrics
-        self._sequence = max(((d.receipt or {}).get("sequence") or 0 for d in self.reader.store.deletions()),
-                             default=0)  # the last receipt counted in the metrics
 
     def start(self) -> Service:
         """Load the servable shards, then start the worker (it applies anything still pending)."""
@@ -81,14 +79,12 @@ class Service:
         return self
 
     def close(self) -> None:
-        """Stop the worker, close the readers, and then truncate the WAL if a truncation after a
-        deletion is still owed (this process's own readers may have kept it from completing)."""
+        """Stop the worker, close the reader, and then truncate the WAL if a truncation after a
+        deletion is still owed (this process's own reader may have kept it from completing)."""
         if self.worker is not None:
             self.worker.stop()
-        for sisa in (self.reader, self.acker):
-            if sisa is not None:
-                sisa.close()
-        if self.worker is not None and self.writer is not None:
+        self.reader.close()
+        if self.worker is not None:
             with contextlib.suppress(SisaError, OSError, sqlite3.Error):
                 self.worker.scrub()
         if self.writer is not None:
@@ -158,16 +154,15 @@ class Service:
 
     def acknowledge(self, ids: Sequence[str] | None, group: str | None) -> DeletionRequest:
         """Make a deletion durable and exclude its shards; the worker applies it."""
-        if self.acker is None:
+        if self.writer is None:
             raise ConfigError("this service serves no deletions")
         if ids is not None and len(ids) > self.config.max_deletion_ids:
             raise RecordError(f"{len(ids)} record ids in one request; at most "
                               f"{self.config.max_deletion_ids}: split it")
         begun = time.perf_counter()
         with self._ack_lock:
-            request = self.acker.request_deletion(ids, group)
             # The ids in clear stay with the caller, not in this long-lived process's memory.
-            self.acker.manager.acknowledged.pop(request.request_id, None)
+            request = self.writer.request_deletion(ids, group, keep_ids=False)
         if request.request_id:
             self.metrics.ack_seconds.observe(time.perf_counter() - begun)
             self.metrics.acknowledged.inc()
@@ -181,50 +176,47 @@ class Service:
     def deletion(self, request_id: str) -> dict[str, Any] | None:
         """A deletion's state: pending, applied (with its receipt) or failed (the worker's last
         attempt failed; it stays pending, its shards excluded, and is tried again)."""
-        row = self.reader.store.deletion(request_id)
-        return None if row is None else self._describe(row)
+        found = self.reader.deletion(request_id)
+        return None if found is None else self._describe(found)
 
     def deletions(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         """The last `limit` deletions (of a status), oldest first."""
-        rows = (self.reader.store.pending_deletions() if status in ("pending", "failed")
-                else self.reader.store.deletions())
-        found = [self._describe(row) for row in rows]
-        return [d for d in found if status is None or d["status"] == status][-limit:]
+        found = self.reader.deletions("pending" if status in ("pending", "failed") else None)
+        described = [self._describe(d) for d in found]
+        return [d for d in described if status is None or d["status"] == status][-limit:]
 
-    def _describe(self, row: DeletionRow) -> dict[str, Any]:
-        failure = self.worker.failures.get(row.request_id) if self.worker is not None else None
-        status = "failed" if row.status == "pending" and failure else row.status
-        return {"request_id": row.request_id, "status": status, "shards": row.shards,
-                "records": len(row.record_ids), "requested_at": row.requested_at,
-                "applied_at": row.applied_at, "receipt": row.receipt,
+    def _describe(self, d: DeletionRequest) -> dict[str, Any]:
+        failure = self.worker.failures.get(d.request_id) if self.worker is not None else None
+        status = "failed" if d.status == "pending" and failure else d.status
+        return {"request_id": d.request_id, "status": status, "shards": d.shards,
+                "records": len(d.record_digests), "requested_at": d.requested_at,
+                "applied_at": d.applied_at, "receipt": d.receipt,
                 "error": failure.splitlines()[0][:300] if failure and status == "failed" else None}
 
-    def _after_run(self) -> None:
-        """The worker's hook: count and time the deletions applied since the last look (from the
-        ledger's receipt chain, so a run that failed after committing some is counted too), and
-        load the retrained shards before the next request needs them."""
+    def _after_run(self, receipts: list[DeletionReceipt]) -> None:
+        """The worker's hook: count and time the deletions it applied (those of a run that failed
+        after committing some too), and load the retrained shards before the next request needs
+        them."""
         self.metrics.pending.set(len(self.reader.pending()))
-        for row in self.reader.store.deletions():
-            sequence = (row.receipt or {}).get("sequence") or 0
-            if sequence > self._sequence:
-                self._sequence = sequence
-                self.metrics.applied.inc()
-                seconds = ack_to_applied(DeletionReceipt.from_ledger(row.receipt or {}))
-                if seconds is not None:
-                    self.metrics.ack_to_applied.observe(seconds)
+        for receipt in receipts:
+            self.metrics.applied.inc()
+            seconds = ack_to_applied(receipt)
+            if seconds is not None:
+                self.metrics.ack_to_applied.observe(seconds)
         with contextlib.suppress(NoServableShardError):  # nothing servable yet: requests say so
             self.model.refresh()
         self._loaded()
 
     def _loaded(self) -> None:
-        self.metrics.shards_loaded.inc(self.model.shards_read - self._counted)
-        self._counted = self.model.shards_read
+        read = self.reader.checkpoints_read
+        self.metrics.shards_loaded.inc(read - self._counted)
+        self._counted = read
 
     # -- reporting -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         store = self.reader.status().to_dict()
-        live = self.model.loaded
+        live = self.reader.loaded
         worker = self.worker
         return {
             "store": store,
@@ -232,7 +224,7 @@ class Service:
                 "pid": os.getpid(),  # which process (Ray Serve replica) answered
                 "on_pending": self.config.on_pending,
                 "loaded": {str(s): sha for s, sha in sorted(live.items())},
-                "checkpoints_read": self.model.shards_read,
+                "checkpoints_read": self.reader.checkpoints_read,
                 "uptime_seconds": round(time.time() - self.started, 3),
                 "worker": None if worker is None else {
                     "alive": worker.alive, "busy": worker.busy, "runs": worker.runs,

@@ -37,10 +37,11 @@ class DeletionWorker:
     """Applies pending deletions on its own thread, with its own writer of the store."""
 
     def __init__(self, sisa: Sisa, batch_window: float = 0.2, poll_interval: float = 1.0,
-                 after_run: Callable[[], None] | None = None,
+                 after_run: Callable[[list[DeletionReceipt]], None] | None = None,
                  on_failure: Callable[[Exception], None] | None = None) -> None:
-        """`after_run`: called after every run that tried to apply something, failed or not (a
-        failed run may have committed some deletions before it failed: read the ledger)."""
+        """`after_run`: called after every run that tried to apply something, failed or not, with
+        the receipts of the deletions it applied (a failed run may have committed some before it
+        failed)."""
         self.sisa = sisa
         self.batch_window = batch_window
         self.poll_interval = poll_interval
@@ -98,19 +99,20 @@ class DeletionWorker:
     def apply(self) -> list[DeletionReceipt]:
         """Apply whatever is pending now (nothing to do is cheap: one query)."""
         pending = self.sisa.pending()
-        if not pending and not self.sisa.store.journal_missing():
+        if not pending and not self.sisa.lost_deletions():
             return []
         self.busy = True
+        receipts: list[DeletionReceipt] = []
         try:
             try:
-                receipts = self.sisa.apply_pending()
+                self.sisa.apply_pending(receipts)
             except Exception as exc:
                 for request in pending:
                     self.failures[request.request_id] = f"{type(exc).__name__}: {exc}"
                 raise
             finally:
                 if self.after_run is not None:
-                    self.after_run()
+                    self.after_run(receipts)
             self.runs += 1
             for receipt in receipts:
                 self.failures.pop(receipt.request_id, None)
@@ -121,8 +123,7 @@ class DeletionWorker:
     def scrub(self) -> bool:
         """Truncate the WAL if a deletion's truncation is still owed (the service's own readers
         may have held it then); True when none is owed. Tried again at every poll until done."""
-        store = self.sisa.store
-        return store.scrub_owed() is None or store.scrub()
+        return self.sisa.scrub()
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is pending (tests and shutdown)."""

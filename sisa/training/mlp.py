@@ -5,7 +5,7 @@ The `head` backend (sisa/training/head.py) reuses it over frozen-encoder embeddi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,8 +15,8 @@ from torch import nn
 from sisa.config import HeadConfig, MLPConfig
 from sisa.records import Input
 from sisa.tasks import ModelSpec
-from sisa.training.protocol import PerShardScorer, State
-from sisa.training.state import export_state, import_state, model_tensors
+from sisa.training.protocol import State
+from sisa.training.state import export_state, import_state
 
 if TYPE_CHECKING:
     from sisa.training.encoder import TextEncoder
@@ -55,19 +55,6 @@ class MLPModel:
         return {}
 
 
-class MLPScorer:
-    """A shard's network for scoring only: its weights, no optimizer (a fresh process that only
-    predicts never creates one, nor imports the torch._dynamo that an optimizer step needs)."""
-
-    def __init__(self, net: nn.Module, device: str) -> None:
-        self.device = device
-        self.net = net.to(device).eval()
-
-    @torch.no_grad()
-    def predict_proba(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(inputs.to(self.device)), dim=-1).cpu()
-
-
 class MLPBackend:
     name = "mlp"
     encoder: TextEncoder | None = None
@@ -85,9 +72,10 @@ class MLPBackend:
         return torch.as_tensor(np.asarray(inputs, dtype=np.float32))
 
     def create(self, seed: int, device: str = "cpu") -> MLPModel:
-        return MLPModel(self._net(seed), self.config, device)
+        return MLPModel(self.network(seed), self.config, device)
 
-    def _net(self, seed: int) -> nn.Module:
+    def network(self, seed: int) -> nn.Module:
+        """A fresh network of this shape, initialised from `seed`."""
         torch.manual_seed(seed)  # parameter initialisation draws from the global generator
         layers: list[nn.Module] = []
         width = self.spec.input_dim or 0
@@ -96,11 +84,3 @@ class MLPBackend:
             width = hidden
         layers.append(nn.Linear(width, self.spec.num_classes))
         return nn.Sequential(*layers)
-
-    def scorer(self, states: Mapping[int, State], seed: int) -> PerShardScorer:
-        models: dict[int, Any] = {}
-        for shard, (tensors, _) in states.items():
-            net = self._net(seed)
-            net.load_state_dict(model_tensors(tensors))
-            models[shard] = MLPScorer(net, "cpu")
-        return PerShardScorer(models)

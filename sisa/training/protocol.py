@@ -3,12 +3,12 @@
 A backend turns record inputs into model inputs and creates shard models; a shard model trains one
 epoch in a given order, exports and restores its full state (weights, optimizer, RNG) as tensors plus
 JSON, and scores inputs. A backend may carry a frozen text encoder whose features the driver
-computes (and caches) before training, and may score all shards at once.
+computes (and caches) before training. Serving the trained shards is `sisa.serving`'s business.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -19,8 +19,6 @@ from sisa.tasks import ModelSpec
 
 if TYPE_CHECKING:
     import torch
-
-    from sisa.training.encoder import TextEncoder
 
 # torch is imported where a model is built, never by importing this module (nor the driver's).
 State = tuple[dict[str, "torch.Tensor"], dict[str, Any]]  # tensors for safetensors, JSON metadata
@@ -43,20 +41,24 @@ class ShardModel(Protocol):
         """Extra files for the checkpoint directory (e.g. a peft adapter); may be empty."""
 
 
-class Scorer(Protocol):
-    def shard_proba(self, inputs: Any) -> dict[int, np.ndarray]:
-        """Each shard's class probabilities for prepared inputs."""
+class Encoder(Protocol):
+    """A frozen model whose outputs, computed once per input on the driver and cached in the
+    store, replace the raw inputs (`sisa.features` runs it)."""
 
-    def subset(self, shards: Collection[int]) -> Scorer:
-        """A scorer of these shards only, sharing this one's models (nothing is loaded again or
-        changed: both may run at once)."""
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the model and its settings: the cache's key."""
+
+    @property
+    def dim(self) -> int:
+        """Width of what it outputs per input (or per token)."""
 
 
 class Backend(Protocol):
     name: str
     config: TrainingConfig
     spec: ModelSpec  # the task's shape, resolved (e.g. the head's input is the embedding width)
-    encoder: TextEncoder | None  # a frozen encoder whose (cached) features replace the texts
+    encoder: Encoder | None  # a frozen encoder whose (cached) features replace the texts
 
     def fingerprint(self) -> str:
         """Digest of external artifacts the weights depend on (a base model); '' if none."""
@@ -66,22 +68,3 @@ class Backend(Protocol):
 
     def create(self, seed: int, device: str = "cpu") -> ShardModel:
         """A fresh shard model (and optimizer) initialised from `seed`."""
-
-    def scorer(self, states: Mapping[int, State], seed: int) -> Scorer:
-        """Something that scores every shard's model on one batch of prepared inputs."""
-
-
-class PerShardScorer:
-    """The default scorer: one independent model per shard."""
-
-    def __init__(self, models: Mapping[int, ShardModel]) -> None:
-        self.models = dict(models)
-
-    def shard_proba(self, inputs: Any) -> dict[int, np.ndarray]:
-        import torch
-
-        with torch.no_grad():
-            return {s: m.predict_proba(inputs).double().cpu().numpy() for s, m in self.models.items()}
-
-    def subset(self, shards: Collection[int]) -> PerShardScorer:
-        return PerShardScorer({s: self.models[s] for s in shards})

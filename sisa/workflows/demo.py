@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from sisa.api import Sisa, resolve_source
 from sisa.builtin import stable_subset
 from sisa.config import PartitionConfig, SisaConfig
 from sisa.errors import ConfigError
-from sisa.proof import make_canaries, prove
 from sisa.unlearning import Progress, expected_retrain_fraction
+from sisa.workflows.proof import make_canaries, prove
 
 RT = "builtin:rotten_tomatoes"
 # backend -> (built-in data set, training records used); training settings are the backend's own
@@ -35,6 +36,48 @@ DEMO_DATA: dict[str, tuple[str, int | None]] = {
 # SmolLM2's 30 layers (the 28 below run once per text, cached), at a rate that memorises a canary
 # inserted 8 times within 3 epochs per slice (measured: 11-12 bits of exposure).
 LM_DEMO_TRAINING = {"top_k_layers": 2, "learning_rate": 5e-3, "epochs_per_slice": 3, "max_length": 64}
+
+
+def demo_options(backend: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a demo of `backend` trains with (named as the CLI's): those given, and where
+    they are left open (None), the demo's own (the causal-LM demo's training above)."""
+    if backend not in DEMO_DATA:
+        raise ConfigError(f"the demo's backend must be one of {sorted(DEMO_DATA)}, got {backend!r}")
+    own = LM_DEMO_TRAINING if backend == "causal_lm" else {}
+    return {**given, **{k: v for k, v in own.items() if given.get(k) is None}, "backend": backend}
+
+
+def run(config: SisaConfig, dataset: str | None = None, limit: int | None = None,
+        forget_count: int = 5, progress: Progress | None = None) -> dict[str, Any]:
+    """`sisa demo`: the classifier demo (`run_demo`) or, for the causal_lm backend, the
+    language-model one (`run_lm_demo`), on the backend's built-in data set unless told."""
+    backend = config.training.backend
+    if backend not in DEMO_DATA:
+        raise ConfigError(f"the demo's backend must be one of {sorted(DEMO_DATA)}, got {backend!r}")
+    default_data, default_limit = DEMO_DATA[backend]
+    limit = limit if limit is not None else default_limit
+    if backend == "causal_lm":
+        return run_lm_demo(config, dataset=dataset or default_data, limit=limit, progress=progress)
+    return run_demo(config, dataset=dataset or default_data, forget_count=forget_count, limit=limit,
+                    progress=progress)
+
+
+def summary_rows(result: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """The classifier demo's figures as (what, SISA, monolith) rows."""
+    r = result
+    return [
+        ("held-out accuracy", f"{r['sisa_accuracy']:.4f}", f"{r['monolith_accuracy']:.4f}"),
+        ("held-out macro-F1", f"{r['sisa_macro_f1']:.4f}", f"{r['monolith_macro_f1']:.4f}"),
+        ("full training (s)", f"{r['sisa_train_seconds']:.2f}", f"{r['monolith_train_seconds']:.2f}"),
+        ("retraining from scratch (s)" + ("" if r["scratch_retrain_measured"] else ", = full training"),
+         f"{r['scratch_retrain_seconds']:.2f}", f"{r['monolith_train_seconds']:.2f}"),
+        (f"forget {len(r['forgotten'])} records (s)", f"{r['forget_seconds']:.2f}", ""),
+        ("samples retrained", f"{r['forget_samples']} of {r['sisa_train_samples']}", ""),
+        ("speed-up of the deletion vs retraining from scratch", f"{r['speedup_vs_sisa_retrain']}x",
+         f"{r['speedup_vs_monolith_retrain']}x"),
+        ("accuracy after forgetting", f"{r['sisa_accuracy_after_forget']:.4f}", ""),
+        ("audit", "OK" if r["audit_ok"] else "VIOLATIONS", ""),
+    ]
 
 
 def run_demo(
@@ -68,7 +111,7 @@ def run_demo(
         mono_seconds = time.perf_counter() - started
         mono_eval = mono.evaluate(test_rows)
 
-        live_ids = sorted(r.id for r in sisa.store.live_records())
+        live_ids = sorted(r.id for r in sisa.live_records())
         chosen = random.Random(p.seed).sample(live_ids, min(forget_count, len(live_ids)))
         started = time.perf_counter()
         receipt = sisa.forget(chosen)

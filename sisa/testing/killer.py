@@ -1,8 +1,8 @@
-"""Run the `sisa` CLI in this process and kill it with SIGKILL at a chosen point (for test_crash.py,
-test_faults.py and benchmarks/faults.py).
+"""Run the `sisa` CLI in this process and kill it with SIGKILL at a chosen point (the crash tests
+and the fault harness, `benchmarks/faults.py`).
 
-    python tests/killer.py MODULE:ATTRIBUTE:WHEN:N -- sisa arguments...
-    python tests/killer.py time:SECONDS -- sisa arguments...
+    python -m sisa.testing.killer MODULE:ATTRIBUTE:WHEN:N -- sisa arguments...
+    python -m sisa.testing.killer time:SECONDS -- sisa arguments...
 
 The process dies (no clean-up, no `finally`) just before or just after the N-th call of the named
 function, e.g. `shard_store.store:ShardStore.commit:after:1`: after the first commit transaction,
@@ -20,10 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def arm(point: str) -> None:
@@ -59,11 +56,15 @@ def arm_timer(seconds: float) -> None:
     timer.start()
 
 
+def command(point: str, *argv: str) -> list[str]:
+    """The command line of `sisa argv` as a fresh process armed at `point`."""
+    return [sys.executable, "-m", "sisa.testing.killer", point, "--", *argv]
+
+
 def run(point: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`sisa argv` as a fresh process, armed at `point` (a named step or `time:SECONDS`); its
     return code is -SIGKILL when it died there."""
-    return subprocess.run([sys.executable, __file__, point, "--", *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command(point, *argv), capture_output=True, text=True, timeout=timeout)
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ def insert_canaries(sisa: Sisa, inserted: int = 8, never: int = 8, digits: int =
     """Make canaries for users of a causal-LM store and add the inserted ones as their records
     (the affected shards retrain from the canaries' slices). Returns the set and the report."""
     sisa.require_language_model()
-    groups = sisa.store.groups()
+    groups = sisa.groups()
     if not groups:
         raise RecordError("the store's records have no groups (users): train with a group column")
     canaries = make_canaries(groups, inserted, never, digits, repeats, seed)
@@ -259,7 +259,7 @@ def canary_shards(sisa: Sisa, canaries: CanarySet) -> dict[str, int]:
     """Each canary's shard: where its records are (live or deleted), or where its made-up user
     would be placed."""
     p = sisa.config.partition
-    rows = sisa.store.find_records([sisa_id for c in canaries.canaries for sisa_id in canaries.record_ids(c)])
+    rows = sisa.records([sisa_id for c in canaries.canaries for sisa_id in canaries.record_ids(c)])
     out = {}
     for c in canaries.canaries:
         first = rows.get(canaries.record_ids(c)[0])
@@ -271,12 +271,11 @@ def canary_shards(sisa: Sisa, canaries: CanarySet) -> dict[str, int]:
 
 
 def text_inputs(sisa: Sisa, texts: list[str], prompts: list[str | None] | None) -> tuple[Any, list[str]]:
-    encoder: Any = sisa.backend.encoder
-    return encoder.inputs(encoder.examples(texts, prompts), None), texts
+    return sisa.lm_inputs(texts, prompts), texts
 
 
 def stored_inputs(sisa: Sisa, ids: Sequence[str]) -> tuple[Any, list[str]]:
-    found = sisa.store.record_texts(ids)
+    found = sisa.texts(ids)
     live = list(dict.fromkeys(found[i] for i in ids if i in found))  # a repeated text counts once
     prompted = sisa.data_spec.prompt_column is not None
     return text_inputs(sisa, [t for t, _ in live], [p for _, p in live] if prompted else None)
@@ -305,17 +304,17 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
     if references < 1:
         raise ConfigError(f"references must be >= 1, got {references}")
     groups = list(forget_groups) or sorted({c.group for c in canaries.canaries if c.inserted})
-    all_ids = [i for g in groups for i in sisa.store.group_record_ids(g)]
-    found = sisa.store.find_records(all_ids)
+    all_ids = [i for g in groups for i in sisa.group_ids(g)]
+    found = sisa.records(all_ids)
     forget_ids = [i for i in all_ids if found[i].deleted_at is None]
     if forget_groups and not forget_ids:
         raise RecordError(f"no live records of group(s) {list(forget_groups)} in the store")
     forget = stored_inputs(sisa, forget_ids)
     forget_set = set(forget_ids)
-    live = [r.id for r in sisa.store.live_records() if r.id not in forget_set]
+    live = [r.id for r in sisa.live_records() if r.id not in forget_set]
     retain_ids = [r["id"] for r in stable_subset([{"id": i} for i in live], "id", retain_limit)]
     retain = stored_inputs(sisa, retain_ids)
-    shards = sorted({r.shard for r in sisa.store.find_records(forget_ids).values()})
+    shards = sorted({r.shard for r in sisa.records(forget_ids).values()})
 
     before = evidence_of(sisa, canaries, forget, holdout, retain, shards, combine, references, seed)
     inserted = [c for c in before.canaries if c.inserted and c.group in set(groups)]

@@ -15,8 +15,7 @@ import torch
 
 from sisa.api import Sisa
 from sisa.errors import ConfigError
-from sisa.training.causal_lm import CausalLMModel, CausalLMScorer
-from sisa.training.shard_trainer import load_model
+from sisa.training.causal_lm import CausalLMModel
 
 Method = Literal["gradient_ascent", "gradient_difference", "npo"]
 METHODS: tuple[Method, ...] = ("gradient_ascent", "gradient_difference", "npo")
@@ -32,10 +31,10 @@ class Unlearned:
 
 
 def _inputs(sisa: Sisa, ids: Sequence[str]) -> Any:
-    found = sisa.store.record_texts(ids)
+    found = sisa.texts(ids)
     live = [found[i] for i in ids if i in found]
     prompts = [p for _, p in live] if sisa.data_spec.prompt_column else None
-    return sisa.features.model_inputs([t for t, _ in live], prompts)
+    return sisa.model_inputs([t for t, _ in live], prompts)
 
 
 def monolith_model(sisa: Sisa) -> CausalLMModel:
@@ -43,13 +42,9 @@ def monolith_model(sisa: Sisa) -> CausalLMModel:
     if sisa.config.partition.shards != 1 or sisa.config.training.backend != "causal_lm":
         raise ConfigError("the approximate baselines run on a monolithic causal_lm store "
                           "(--shards 1 --backend causal_lm)")
-    row = sisa.store.live().get(0)
-    if row is None or 0 in sisa.store.pending_shards():
-        raise ConfigError("the monolith has no servable checkpoint (a deletion is pending: run "
-                          "apply_pending first)")
-    checkpoint = sisa.manager.read_checkpoint(row.key, row)
-    model = load_model(sisa.backend, checkpoint, sisa.config.partition.seed)
-    assert isinstance(model, CausalLMModel)  # the causal_lm backend's model (checked above)
+    model = sisa.shard_model(0)
+    if not isinstance(model, CausalLMModel):
+        raise ConfigError("the approximate baselines need a causal_lm store's model")
     return model
 
 
@@ -95,9 +90,6 @@ def unlearn(sisa: Sisa, forget_ids: Sequence[str], retain_ids: Sequence[str], me
                      {k: v.detach().clone() for k, v in model.adapter().items()})
 
 
-def scorer_for(sisa: Sisa, adapter: dict[str, torch.Tensor]) -> CausalLMScorer:
+def scorer_for(sisa: Sisa, adapter: dict[str, torch.Tensor]) -> Any:
     """A one-adapter scorer (its one shard is the ensemble) for an unlearned adapter."""
-    backend: Any = sisa.backend
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return CausalLMScorer(sisa.config.training, backend.tokenizer,  # type: ignore[arg-type]
-                          {0: adapter}, sisa.config.partition.seed, device)
+    return sisa.language_model({0: adapter})

@@ -1,0 +1,108 @@
+"""The one loader: where a registered checkpoint's bytes are read and verified, and where the live
+checkpoints become a servable model.
+
+`read_checkpoint` is the only reader of checkpoint files, for serving and for the parent a retrain
+resumes from: each file's bytes are read once and checked against the sha256 the store recorded
+(the bytes hashed are the bytes used). `Loader` turns a set of live checkpoints, named by shard
+and weights sha256, into an `Ensemble`: each checkpoint is fetched once (from the store, or from
+wherever `fetch` gets bytes by digest) and cached by shard and digest, so no cache can hand out a
+pre-deletion model; an ensemble of fewer shards is a view of the loaded one (nothing reloads).
+The library (`Sisa.ensemble`), the HTTP service and Ray Serve replicas all load through it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+
+from shard_store import CheckpointFileError, CheckpointRow, ShardStore
+from sisa.checkpoint import MANIFEST, WEIGHTS, Checkpoint
+from sisa.errors import CheckpointError, CheckpointMovedError, NoServableShardError
+from sisa.features import Features
+from sisa.serving.ensemble import Ensemble
+from sisa.training.jobs import init_seed
+from sisa.training.protocol import Backend
+
+# fetch(shard, weights sha256) -> that checkpoint, verified; CheckpointMovedError if the shard's
+# live checkpoint is no longer that one.
+Fetch = Callable[[int, str], Checkpoint]
+
+
+def read_checkpoint(store: ShardStore, row: CheckpointRow) -> Checkpoint:
+    """A registered checkpoint's weights and manifest, verified against its registration."""
+    where = repr(str(store.root / row.path))
+    try:
+        blobs = store.read_files(row, [WEIGHTS, MANIFEST])
+    except CheckpointFileError as exc:
+        raise CheckpointError(f"{exc} (shard {row.shard}, slice {row.slice})") from exc
+    return Checkpoint.from_blobs(blobs, row.key, where)
+
+
+def store_fetch(store: ShardStore) -> Fetch:
+    """Fetch live checkpoints from the store on this machine. A checkpoint that a writer replaced
+    (and whose files it may have removed) while it was read is `CheckpointMovedError`, not damage."""
+
+    def fetch(shard: int, sha256: str) -> Checkpoint:
+        row = store.live().get(shard)
+        if row is None or row.sha256 != sha256:
+            raise CheckpointMovedError(f"shard {shard}'s live checkpoint changed while it was read")
+        try:
+            return read_checkpoint(store, row)
+        except CheckpointError:
+            again = store.live().get(shard)
+            if again is None or again.sha256 != sha256:
+                raise CheckpointMovedError(f"shard {shard}'s live checkpoint changed while it was "
+                                           "read") from None
+            raise  # damage, not a writer that swapped it meanwhile
+
+    return fetch
+
+
+class Loader:
+    """Servable models of one store's backend, for many threads at once (one reload at a time)."""
+
+    def __init__(self, backend: Backend, features: Features, seed: int, device: str,
+                 fetch: Fetch) -> None:
+        self.backend = backend
+        self.features = features
+        self.seed = seed
+        self.device = device
+        self.fetch = fetch
+        self.reads = 0  # checkpoints fetched since start (a reload fetches only what changed)
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[int, str], Checkpoint] = {}  # (shard, weights sha256) -> checkpoint
+        self._ensemble: Ensemble | None = None
+
+    @property
+    def loaded(self) -> dict[int, str]:
+        """shard -> weights sha256 of the models the current ensemble holds."""
+        current = self._ensemble
+        return dict(current.shas) if current is not None else {}
+
+    def ensemble(self, wanted: Mapping[int, str], exact: bool = True) -> Ensemble:
+        """The ensemble of these checkpoints (shard -> weights sha256). Checkpoints already loaded
+        are not read again; without `exact`, an ensemble holding more shards (with these very
+        weights) will do, and the caller drops the extra shards' outputs."""
+        if not wanted:
+            raise NoServableShardError("no shard can serve: every shard is empty or has a deletion "
+                                       "pending")
+        wanted = dict(sorted(wanted.items()))
+        with self._lock:
+            current = self._ensemble
+            if current is not None and all(current.shas.get(s) == sha for s, sha in wanted.items()):
+                return current if not exact or current.shas == wanted else current.subset(wanted)
+            keys = set(wanted.items())
+            for key in sorted(keys - set(self._cache)):
+                self._cache[key] = self.fetch(*key)
+                self.reads += 1
+            for key in set(self._cache) - keys:
+                del self._cache[key]
+            checkpoints = {s: self._cache[(s, sha)] for s, sha in wanted.items()}
+            from sisa.serving.scorers import build_scorer  # torch, now that a model loads
+            from sisa.training.state import model_tensors
+
+            weights = {s: model_tensors(c.tensors()) for s, c in checkpoints.items()}
+            scorer = build_scorer(self.backend, weights, init_seed(self.seed, min(weights)), self.device)
+            self._ensemble = Ensemble(self.backend, self.features, scorer,
+                                      {s: c.sha256 for s, c in checkpoints.items()})
+            return self._ensemble

@@ -1,0 +1,283 @@
+"""Scorers: the shard models of an ensemble loaded for answering (weights only, no optimizer),
+behind one protocol. Every scorer holds some shards' models, gives a view of fewer of them
+(`subset`, which loads nothing), and runs on the device it was built for.
+
+- `NetScorer` (mlp, head): one small network per shard.
+- `LoraScorer` (lora): one base classifier, every shard's adapter and head as a named adapter,
+  all shards scored in one mixed-adapter forward pass.
+- `LMScorer` (causal_lm): one base causal LM with every shard's adapter; per-shard next-token
+  log-probabilities for generation (`sisa.serving.generation`), scoring and canary ranking.
+
+`build_scorer` makes the one a backend's checkpoints need.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from sisa.adapters import adapter_name, lora_config, with_adapters
+from sisa.config import Combine
+from sisa.errors import ConfigError
+from sisa.tasks import combine_logprobs
+from sisa.training.protocol import Backend
+
+
+class Scorer(Protocol):
+    shards: list[int]
+    device: str
+
+    def subset(self, shards: Collection[int]) -> Scorer:
+        """A scorer of these shards only, sharing this one's models (nothing is loaded again or
+        changed: both may run at once)."""
+
+
+class ClassifierScorer(Scorer, Protocol):
+    def shard_proba(self, inputs: Any) -> dict[int, np.ndarray]:
+        """Each shard's class probabilities for prepared inputs, shape (n, num_classes)."""
+
+
+class NetScorer:
+    """One network per shard (the mlp and head backends)."""
+
+    def __init__(self, nets: Mapping[int, torch.nn.Module], device: str) -> None:
+        self.device = device
+        self.nets = {s: net.to(device).eval() for s, net in sorted(nets.items())}
+        self.shards = list(self.nets)
+
+    def subset(self, shards: Collection[int]) -> NetScorer:
+        view = copy.copy(self)
+        view.nets = {s: n for s, n in self.nets.items() if s in set(shards)}
+        view.shards = list(view.nets)
+        return view
+
+    @torch.no_grad()
+    def shard_proba(self, inputs: torch.Tensor) -> dict[int, np.ndarray]:
+        x = inputs.to(self.device)
+        return {s: torch.softmax(net(x), dim=-1).double().cpu().numpy() for s, net in self.nets.items()}
+
+
+class _Adapters:
+    """What the adapter scorers share: the base with every shard's adapter, and views of some."""
+
+    model: Any
+    shards: list[int]
+    names: list[str]
+
+    def _load(self, base: Any, config: Any, adapters: Mapping[int, dict[str, torch.Tensor]],
+              seed: int, device: str) -> None:
+        self.device = device
+        self.shards = sorted(adapters)
+        self.names = [adapter_name(s) for s in self.shards]
+        self.model = with_adapters(base, config, {adapter_name(s): adapters[s] for s in self.shards},
+                                   seed)
+        self.model.to(device).eval()
+
+    def subset(self, shards: Collection[int]) -> Any:
+        """These shards' adapters only, on the same base (a view: nothing is loaded or changed)."""
+        view = copy.copy(self)
+        keep = [i for i, s in enumerate(self.shards) if s in set(shards)]
+        view.shards = [self.shards[i] for i in keep]
+        view.names = [self.names[i] for i in keep]
+        return view
+
+    def rows(self, n: int) -> list[str]:
+        """The adapter of each row of a batch that repeats `n` inputs once per shard."""
+        return [name for name in self.names for _ in range(n)]
+
+
+class LoraScorer(_Adapters):
+    """The lora backend: one base classifier, every shard's adapter (and head) on it."""
+
+    def __init__(self, training: Any, base: Any, tokenizer: Any,
+                 adapters: Mapping[int, dict[str, torch.Tensor]], seed: int, device: str,
+                 batch_size: int = 32) -> None:
+        self.training = training
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self._load(base, lora_config(training, "SEQ_CLS"), adapters, seed, device)
+
+    @torch.no_grad()
+    def shard_proba(self, inputs: Any) -> dict[int, np.ndarray]:
+        per_shard: dict[int, list[np.ndarray]] = {s: [] for s in self.shards}
+        for start in range(0, len(inputs), self.batch_size):
+            texts = inputs.texts[start:start + self.batch_size]
+            enc = self.tokenizer(texts, padding=True, truncation=True,
+                                 max_length=self.training.max_length, return_tensors="pt")
+            n = len(texts)
+            # One forward pass for all shards: the batch repeated once per adapter.
+            big = {k: v.repeat(len(self.shards), 1).to(self.device) for k, v in enc.items()}
+            logits = self.model(**big, adapter_names=self.rows(n)).logits.float()
+            proba = torch.softmax(logits, -1).double().cpu().numpy()
+            for i, shard in enumerate(self.shards):
+                per_shard[shard].append(proba[i * n:(i + 1) * n])
+        return {s: np.concatenate(v) if v else np.zeros((0, 0)) for s, v in per_shard.items()}
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per view (each shard, then the ensemble), for one record's learned tokens: the token's
+    log-probability, and the mean and standard deviation of the log-probability under the view's
+    own next-token distribution (Min-K%++ needs them)."""
+
+    views: tuple[str, ...]
+    logp: np.ndarray  # (views, n)
+    mu: np.ndarray  # (views, n)
+    sigma: np.ndarray  # (views, n)
+
+    def view(self, name: str) -> int:
+        return self.views.index(name)
+
+
+def _moments(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    var = (p * logp.square()).sum(-1) - mu.square()
+    return mu, var.clamp(min=0).sqrt()
+
+
+class LMScorer(_Adapters):
+    """The causal_lm backend: one base causal LM, every shard's adapter on it. Rows of a batch are
+    shard-major blocks of the same inputs, one block per shard; the views are the shards' adapter
+    names, then "ensemble" (their next-token distributions combined, see `combine_logprobs`)."""
+
+    def __init__(self, training: Any, base: Any, tokenizer: Any,
+                 adapters: Mapping[int, dict[str, torch.Tensor]], seed: int, device: str,
+                 layers: Sequence[int] | None = None, batch_size: int = 4) -> None:
+        self.training = training
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self._load(base, lora_config(training, "CAUSAL_LM", layers), adapters, seed, device)
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return (*self.names, "ensemble")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: Any = None) -> Any:
+        """One forward pass of every row under its shard's adapter (`cache`: a KV cache that the
+        pass extends)."""
+        kwargs: dict[str, Any] = {"adapter_names": self.rows(input_ids.shape[0] // len(self.names)),
+                                  "use_cache": cache is not None}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(self.device)
+        if cache is not None:
+            kwargs["cache"] = cache
+        return self.model(input_ids=input_ids.to(self.device), **kwargs)
+
+    @torch.no_grad()
+    def scores(self, inputs: Any, combine: Combine = "mean") -> list[TokenScores]:
+        """Each record's learned tokens scored under every shard and under the ensemble."""
+        from sisa.training.causal_lm import make_batch
+
+        out: list[TokenScores] = []
+        pad = self.tokenizer.pad_token_id
+        shards = len(self.names)
+        for start in range(0, len(inputs), self.batch_size):
+            positions = list(range(start, min(start + self.batch_size, len(inputs))))
+            batch = make_batch(inputs, positions, pad)
+            rep = batch.input_ids.repeat(shards, 1)
+            logits = self.forward(rep, batch.attention_mask.repeat(shards, 1)).logits.float().cpu()
+            n, width = batch.input_ids.shape
+            logp = torch.log_softmax(logits[:, :-1], -1).view(shards, n, width - 1, -1)
+            views = torch.cat([logp, combine_logprobs(logp, combine)[None]])  # (views, n, T-1, V)
+            nxt = batch.input_ids[:, 1:]
+            picked = views.gather(-1, nxt[None, :, :, None].expand(len(self.views), -1, -1, 1)).squeeze(-1)
+            mu, sigma = _moments(views)
+            for row in range(n):
+                keep = batch.learned[row]
+                out.append(TokenScores(self.views, picked[:, row, keep].double().numpy(),
+                                       mu[:, row, keep].double().numpy(),
+                                       sigma[:, row, keep].double().numpy()))
+        return out
+
+    @torch.no_grad()
+    def continuation_logprobs(self, prefix: Sequence[int], continuations: np.ndarray,
+                              combine: Combine = "mean", chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probability of each continuation (rows of token ids, all the same length) after
+        `prefix` under every view, (views, candidates); and whether greedy decoding under the view
+        produces it. The prefix runs once; continuations sharing their first tokens share the
+        work (a trie, walked depth first with a KV cache)."""
+        from transformers import DynamicCache
+
+        shards = len(self.names)
+        if not len(prefix):
+            raise ConfigError("continuations need a prefix of at least one token")
+        prefix_ids = torch.as_tensor(list(prefix), dtype=torch.long)[None].repeat(shards, 1)
+        cache = DynamicCache()
+        out = self.forward(prefix_ids, cache=cache)
+        cands = np.asarray(continuations, dtype=np.int64)
+        total = np.zeros((len(self.views), len(cands)))
+        greedy = np.ones((len(self.views), len(cands)), dtype=bool)
+
+        def walk(rows: np.ndarray, depth: int, logits: torch.Tensor, cache: Any) -> None:
+            # rows: the candidates sharing the path so far; logits (shards, V) after that path.
+            logp = torch.log_softmax(logits.float().cpu(), -1)
+            views = torch.cat([logp, combine_logprobs(logp, combine)[None]])
+            best = views.argmax(-1).numpy()
+            tokens = cands[rows, depth]
+            total[:, rows] += views.double().numpy()[:, tokens]
+            greedy[:, rows] &= best[:, None] == tokens[None, :]
+            if depth + 1 == cands.shape[1]:
+                return
+            children = sorted(set(tokens.tolist()))
+            leaves = depth + 2 == cands.shape[1]  # the children's caches would never be used
+            for group in range(0, len(children), chunk):
+                part = children[group:group + chunk]
+                child_cache = copy_cache(cache, len(part))
+                # Rows of this step: shard-major, one per child token.
+                ids = torch.as_tensor(part, dtype=torch.long).repeat(shards)[:, None]
+                nxt = self.forward(ids, cache=child_cache).logits[:, -1]
+                for j, token in enumerate(part):
+                    picks = [s * len(part) + j for s in range(shards)]
+                    walk(rows[tokens == token], depth + 1, nxt[picks],
+                         None if leaves else select_cache(child_cache, picks))
+
+        walk(np.arange(len(cands)), 0, out.logits[:, -1], cache)
+        return total, greedy
+
+
+def copy_cache(cache: Any, repeats: int) -> Any:
+    """A copy of a KV cache with every row repeated `repeats` times, shard-major: row s of the
+    original becomes rows s * repeats .. (s + 1) * repeats - 1."""
+    clone = copy.deepcopy(cache)
+    clone.batch_repeat_interleave(repeats)
+    return clone
+
+
+def select_cache(cache: Any, rows: Sequence[int]) -> Any:
+    clone = copy.deepcopy(cache)
+    clone.batch_select_indices(torch.as_tensor(list(rows)))
+    return clone
+
+
+def build_scorer(backend: Backend, weights: Mapping[int, dict[str, torch.Tensor]], seed: int,
+                 device: str) -> Scorer:
+    """The scorer of some shards' model weights (shard -> the tensors a checkpoint's model holds:
+    a network's, or an adapter's) for `backend`, on `device`; `seed` seeds any throwaway
+    initialisation the loaded weights then replace."""
+    b: Any = backend
+    if backend.name in ("mlp", "head"):
+        nets = {}
+        for shard, tensors in weights.items():
+            net = b.network(seed)
+            net.load_state_dict(tensors)
+            nets[shard] = net
+        return NetScorer(nets, device)
+    if backend.name == "lora":
+        from sisa.training.lora import base_model
+
+        return LoraScorer(b.config, base_model(b.config, b.spec.num_classes, seed), b.tokenizer,
+                          weights, seed, device)
+    if backend.name == "causal_lm":
+        from sisa.training.causal_lm import adapted_layers, load_base
+
+        base = load_base(b.config.model)
+        return LMScorer(b.config, base, b.tokenizer, weights, seed, device,
+                        adapted_layers(len(base.model.layers), b.config.top_k_layers))
+    raise ConfigError(f"no scorer for backend {backend.name!r}")
