@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sisa.cli import app
+from sisa.cli import app, cli_reference
 from sisa.options import markdown_table
 
 from .conftest import make_rows, write_csv
@@ -48,9 +48,15 @@ def test_every_command_has_help_and_is_documented(command):
     assert f"sisa {command}" in README.read_text(), f"README does not document `sisa {command}`"
 
 
-def test_readme_option_table_is_the_generated_one():
-    assert markdown_table() in README.read_text(), \
-        "README's option table is stale: paste `python -m sisa.options` into it"
+def test_the_cli_reference_is_the_generated_one():
+    reference = (README.parent / "docs" / "cli.md").read_text()
+    assert markdown_table() in reference
+    assert cli_reference() == reference, \
+        "docs/cli.md is stale: regenerate it (its first paragraph says how)"
+
+
+def test_the_readme_is_a_front_page():
+    assert len(README.read_text().splitlines()) <= 200
 
 
 def test_an_option_of_another_backend_is_refused(tmp_path):

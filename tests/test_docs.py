@@ -41,7 +41,7 @@ def test_library_quick_start_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = blocks("python", "## Quick start: the library")
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # our own docs
-    assert (tmp_path / "stores" / "digits" / "store.db").is_file()
+    assert (tmp_path / "stores" / "library" / "store.db").is_file()
 
 
 @pytest.mark.slow
