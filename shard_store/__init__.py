@@ -8,8 +8,11 @@ from shard_store.errors import (
     StoreError,
     StoreExists,
     StoreIncomplete,
+    StoreKeyError,
     StoreNotFound,
     StoreVersionError,
+    SymlinkError,
+    WitnessError,
 )
 from shard_store.rows import (
     Acknowledged,
@@ -41,7 +44,10 @@ __all__ = [
     "StoreError",
     "StoreExists",
     "StoreIncomplete",
+    "StoreKeyError",
     "StoreNotFound",
     "StoreVersionError",
+    "SymlinkError",
+    "WitnessError",
     "keyed",
 ]

@@ -36,3 +36,16 @@ class CheckpointFileError(StoreError):
 
 class NotLocked(StoreError):
     """An operation that removes files ran without the writer lock."""
+
+
+class SymlinkError(CheckpointFileError):
+    """A path inside the store is a symbolic link: nothing is read or written through one."""
+
+
+class StoreKeyError(StoreError):
+    """The store's key is kept outside it and was not given, or the key given is not its key."""
+
+
+class WitnessError(StoreError):
+    """The witness kept outside the store is unreadable, of another store, or says the store is
+    behind it."""

@@ -150,7 +150,12 @@ def _schema_5(conn: sqlite3.Connection) -> None:
 # table (a million records: 2.2 s -> 0.05 s).
 _SCHEMA_6 = "CREATE INDEX IF NOT EXISTS records_tombstones ON records (shard) WHERE deleted_at IS NOT NULL;"
 
-MIGRATIONS: list[Migration] = [_schema_5, _SCHEMA_6]
+# Schema 7: the store's identity (a witness kept outside the store names it). Where the ledger key
+# lives (`key_location`, `key_check`) is set in meta by the store when a key is kept outside.
+_SCHEMA_7 = ("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', "
+             "json_quote(lower(hex(randomblob(16)))));")
+
+MIGRATIONS: list[Migration] = [_schema_5, _SCHEMA_6, _SCHEMA_7]
 
 
 def ledger_key(conn: sqlite3.Connection) -> bytes:
@@ -161,6 +166,12 @@ def ledger_key(conn: sqlite3.Connection) -> bytes:
         return bytes.fromhex(json.loads(row[0]))
     except (ValueError, TypeError) as exc:
         raise sqlite3.DatabaseError(f"the store's ledger key is damaged: {exc}") from exc
+
+
+def key_check(key: bytes) -> str:
+    """What a store keeps to tell its external key from another: a digest of it, from which the
+    key cannot be found."""
+    return hashlib.sha256(b"sisa-key-check\0" + key).hexdigest()
 
 
 def keyed(key: bytes, domain: str, value: str) -> str:
@@ -205,14 +216,14 @@ def _apply(conn: sqlite3.Connection, script: Migration, start: int) -> None:
         raise
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Create the schema in an empty database, or apply the migrations it has not seen; returns
-    the resulting version. A pre-release version (1 to FIRST_VERSION - 1) is left alone: the
-    caller refuses it."""
+def migrate(conn: sqlite3.Connection, until: int = SCHEMA_VERSION) -> int:
+    """Create the schema in an empty database, or apply the migrations it has not seen (up to
+    version `until`); returns the resulting version. A pre-release version (1 to
+    FIRST_VERSION - 1) is left alone: the caller refuses it."""
     if current_version(conn) == 0:
         _apply(conn, BASELINE, 0)
     version = current_version(conn)
-    while FIRST_VERSION <= version < SCHEMA_VERSION:
+    while FIRST_VERSION <= version < min(until, SCHEMA_VERSION):
         _apply(conn, MIGRATIONS[version - FIRST_VERSION], version)
         version = current_version(conn)
     return version

@@ -25,8 +25,10 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import urllib.parse
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -42,9 +44,13 @@ from shard_store.errors import (
     StoreError,
     StoreExists,
     StoreIncomplete,
+    StoreKeyError,
     StoreNotFound,
     StoreVersionError,
+    SymlinkError,
+    WitnessError,
 )
+from shard_store.journal import KeyedLog, canonical
 from shard_store.rows import (
     Acknowledged,
     CheckpointRow,
@@ -64,8 +70,8 @@ from shard_store.schema import (
     FIRST_VERSION,
     SCHEMA_VERSION,
     current_version,
+    key_check,
     keyed,
-    ledger_key,
     migrate,
 )
 
@@ -75,6 +81,11 @@ CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "complete"  # meta key written in the transaction that stores the first records
 SCRUB_OWED = "scrub_owed"  # meta key: a WAL truncation after a deletion is still to be done
 JOURNAL_STARTED = "journal_started"  # meta key: every ledger entry is in the deletion journal
+KEY_LOCATION = "key_location"  # meta key: "external" when the ledger key is kept outside the store
+KEY_CHECK = "key_check"  # meta key: a digest that tells the external key from any other
+WITNESSED = "witnessed"  # meta key: when this store started keeping a witness outside it
+STORE_ID = "store_id"  # meta key: this store's identity (a witness names it)
+JOURNAL_FIELDS = ("request_id", "requested_at", "record_digests")
 _CHUNK = 500  # ids per `IN (...)` query: well below SQLite's variable limit
 # The deletion journal: one line per acknowledged deletion (keyed digests only), appended and
 # fsynced before the acknowledgement commits. SQLite's durability is the database and its WAL
@@ -96,8 +107,7 @@ def _private_file(path: Path) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE))
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+_canonical = canonical
 
 
 def utcnow() -> str:
@@ -116,6 +126,15 @@ def _as_chunks(records: Sequence[NewRecord] | Iterable[Sequence[NewRecord]]
     return cast(Iterable[Sequence[NewRecord]], records)
 
 
+def _check_witness_path(root: Path, witness: Path) -> None:
+    """A witness must live outside the store: a backup of the store must not carry it along."""
+    store, where = root.resolve(), Path(witness).resolve()
+    if where == store or store in where.parents:
+        raise WitnessError(f"the witness {str(witness)!r} is inside the store {str(root)!r}: keep it "
+                           "outside (another disk or machine is better), where a backup of the "
+                           "store does not restore it")
+
+
 def _ro_uri(path: Path) -> str:
     return f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
 
@@ -123,10 +142,18 @@ def _ro_uri(path: Path) -> str:
 class ShardStore:
     """One SISA store on disk. `ShardStore.create` makes one; `ShardStore.open` reopens it."""
 
-    def __init__(self, root: Path, read_only: bool = False) -> None:
+    def __init__(self, root: Path, read_only: bool = False, key: bytes | None = None,
+                 witness: Path | None = None) -> None:
+        """`key`: the ledger key, for a store that keeps it outside (None: the store's own);
+        `witness`: the file outside the store that witnesses its deletions (None: none)."""
         self.root = root
         self.read_only = read_only
+        self._given_key = key
         self._key: bytes | None = None
+        self.journal_log = KeyedLog(root / JOURNAL_NAME, lambda: self.key, "journal", JOURNAL_FIELDS)
+        self.witness_path = Path(witness) if witness is not None else None
+        self.witness_log = (KeyedLog(self.witness_path, lambda: self.key, "witness")
+                            if self.witness_path is not None else None)
         self._local = threading.local()  # per thread: its connection, its writer-lock depth
         # Every thread's connection, to close them all; a thread's goes with the thread.
         self._connections: weakref.WeakSet[Database] = weakref.WeakSet()
@@ -138,12 +165,14 @@ class ShardStore:
 
     @classmethod
     def create(cls, root: str | Path, meta: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
-               records: Sequence[NewRecord] | Iterable[Sequence[NewRecord]], shards: int) -> ShardStore:
+               records: Sequence[NewRecord] | Iterable[Sequence[NewRecord]], shards: int,
+               key: bytes | None = None, witness: Path | None = None) -> ShardStore:
         """Create a store holding `records` (or chunks of them, read as they come) and `meta` (or
         what calling it returns once every chunk was written), all in one transaction: a crash
         leaves either a complete store or an incomplete one, which the next `create` replaces. An
         error while the chunks are read (bad input) leaves nothing: not even the directory, if
-        this call made it."""
+        this call made it. `key`: a ledger key kept outside the store (the store then holds none);
+        `witness`: start a witness of its deletions at that path."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise StoreExists(f"{str(root)!r} is a file, not a store directory")
@@ -158,7 +187,9 @@ class ShardStore:
         chunks = _as_chunks(records)
         root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
         root.chmod(PRIVATE_DIR)  # also a directory the user made for it: the store is private
-        store = cls(root)
+        store = cls(root, key=key, witness=witness)
+        if witness is not None:
+            _check_witness_path(root, witness)
         try:
             with store.writer():
                 if (root / DB_NAME).exists():
@@ -168,6 +199,8 @@ class ShardStore:
                 # SQLite gives the -wal and -shm files the database file's mode: owner only.
                 _private_file(root / DB_NAME)
                 _private_file(root / JOURNAL_NAME)
+                if key is not None:
+                    store._keep_key_outside(key)
                 store._migrate()
                 (root / CHECKPOINT_DIR).mkdir(exist_ok=True, mode=PRIVATE_DIR)
                 try:
@@ -175,6 +208,8 @@ class ShardStore:
                 except BaseException:
                     store._wipe()
                     raise
+                if witness is not None:
+                    store.start_witness()
         except BaseException:
             if made:
                 shutil.rmtree(root, ignore_errors=True)
@@ -206,9 +241,9 @@ class ShardStore:
                 conn.execute(sql)
             conn.executemany("UPDATE shards SET version = version + 1 WHERE shard = ?",
                              [(s,) for s in sorted(filled)])
-            for key, value in (meta() if callable(meta) else meta).items():
+            for name, value in (meta() if callable(meta) else meta).items():
                 conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)",
-                             [key, json.dumps(value, sort_keys=True)])
+                             [name, json.dumps(value, sort_keys=True)])
             # The versions the records were written at, read in the same transaction: data
             # kept from them is stale the moment another process changes a shard.
             self.created_versions = self._versions(conn, range(shards))
@@ -216,20 +251,27 @@ class ShardStore:
         self.conn.execute("PRAGMA journal_mode = WAL")
 
     @classmethod
-    def open(cls, root: str | Path, read_only: bool = False) -> ShardStore:
+    def open(cls, root: str | Path, read_only: bool = False, key: bytes | None = None,
+             witness: Path | None = None) -> ShardStore:
         """Reopen a store; a writer applies pending schema migrations, a `read_only` store never
-        writes (it works where the process may not write) and refuses an older schema."""
+        writes (it works where the process may not write) and refuses an older schema. `key` and
+        `witness`: as for `create` (a writer starts a witness that does not exist yet)."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise StoreNotFound(f"{str(root)!r} is a file, not a store directory")
+        if (root / DB_NAME).is_symlink():
+            raise SymlinkError(f"{str(root / DB_NAME)!r} is a symbolic link: a store's database is "
+                               "never opened through one")
         if not (root / DB_NAME).is_file():
             raise StoreNotFound(f"no store at {str(root)!r}")
+        if witness is not None:
+            _check_witness_path(root, witness)
         incomplete = StoreIncomplete(
             f"the store at {str(root)!r} is incomplete: its creation was interrupted before its "
             "records were written; create it again (the incomplete store is replaced)")
         if (root / DB_NAME).stat().st_size == 0:
             raise incomplete  # never write a schema into it: only `create` may
-        store = cls(root, read_only)
+        store = cls(root, read_only, key, witness)
         if read_only:
             store._check_version()
         else:
@@ -245,6 +287,9 @@ class ShardStore:
         if not cls._is_complete(root):
             store.close()
             raise incomplete
+        if witness is not None and not read_only and store.get_meta(WITNESSED) is None:
+            with store.writer():
+                store.start_witness()
         return store
 
     def _check_version(self) -> None:
@@ -313,9 +358,9 @@ class ShardStore:
             # Schema 4 had no journal (and a crash may have cut its start short): journal every
             # ledger entry it lacks, then say so.
             journalled = {e["request_id"] for e in self.journal()}
-            for row in self.deletions():
-                if row.request_id not in journalled:
-                    self._journal(row.request_id, row.requested_at, row.record_ids)
+            self.journal_log.append([{"request_id": row.request_id, "requested_at": row.requested_at,
+                                      "record_digests": row.record_ids}
+                                     for row in self.deletions() if row.request_id not in journalled])
             with self.transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 'true')",
                              [JOURNAL_STARTED])
@@ -383,10 +428,65 @@ class ShardStore:
 
     @property
     def key(self) -> bytes:
-        """The ledger key: every keyed digest of this store (tombstones, receipts, seals)."""
+        """The ledger key: every keyed digest of this store (tombstones, receipts, seals). Kept in
+        the store's meta table, or outside it (given when the store was opened)."""
         if self._key is None:
-            self._key = ledger_key(self.conn)
+            self._key = self._find_key()
         return self._key
+
+    @property
+    def key_outside(self) -> bool:
+        """The ledger key is kept outside the store (a writer of store.db cannot re-seal)."""
+        return self.get_meta(KEY_LOCATION) == "external"
+
+    def _find_key(self) -> bytes:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'ledger_key'").fetchone()
+        given = self._given_key
+        if row is not None:
+            inside = bytes.fromhex(column_json(row[0], "ledger key"))
+            if given is not None and given != inside:
+                raise StoreKeyError(
+                    f"the store at {str(self.root)!r} keeps its own key, and another key was given: "
+                    "a store whose key was moved out holds none, so one holding a key again was "
+                    "re-keyed by whoever wrote its database")
+            return inside
+        if not self.key_outside:
+            raise StoreCorrupt(f"the store at {str(self.root)!r} holds no ledger key and does not "
+                               "say where it is kept: its database was altered")
+        if given is None:
+            raise StoreKeyError(f"the store at {str(self.root)!r} keeps its key outside it: give "
+                                "the key file")
+        if key_check(given) != self.get_meta(KEY_CHECK):
+            raise StoreKeyError(f"the key given is not the key of the store at {str(self.root)!r}")
+        return given
+
+    def _keep_key_outside(self, key: bytes) -> None:
+        """A new store whose key is kept outside: the schema (to schema 5) without the key it
+        draws, then the rest (every later step of the schema, or of a writer, finds the key
+        given)."""
+        version = migrate(self.conn, until=5)
+        if version != 5:
+            raise StoreError(f"a new store's schema is at {version}, not 5")
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM meta WHERE key = 'ledger_key'")
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             [(KEY_LOCATION, json.dumps("external")),
+                              (KEY_CHECK, json.dumps(key_check(key)))])
+        self.truncate_wal()  # the key the schema drew is in no file: the page zeroed, the WAL cut
+
+    def move_key_out(self) -> bytes:
+        """Remove the ledger key from the store (it keeps a check of it) and return it, for the
+        caller to keep elsewhere first: from then on, opening the store needs it."""
+        self._require_lock("moving the key out")
+        key = self.key
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM meta WHERE key = 'ledger_key'")
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             [(KEY_LOCATION, json.dumps("external")),
+                              (KEY_CHECK, json.dumps(key_check(key)))])
+        self._given_key = key
+        self.scrub()  # secure_delete zeroed the page; no WAL frame may keep the key
+        return key
 
     def id_digest(self, record_id: str) -> str:
         """The keyed digest a tombstone keeps of a deleted record's id."""
@@ -713,64 +813,26 @@ class ShardStore:
     # -- the deletion journal --------------------------------------------------------------------
 
     def _journal(self, request_id: str, requested_at: str, digests: Sequence[str]) -> None:
+        """Journal an acknowledgement (fsynced), and witness it where a witness is kept."""
         entry = {"request_id": request_id, "requested_at": requested_at,
                  "record_digests": list(digests)}
-        data = (_canonical({**entry, "mac": keyed(self.key, "journal", _canonical(entry))})
-                + "\n").encode()
-        path = self.root / JOURNAL_NAME
-        created = not path.exists()
-        self.cut_journal_tail()  # a line a crash cut short must not swallow this one
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
-        try:
-            view = memoryview(data)
-            while view:  # a short write (a full disk) must not pass for a whole line
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            files.fsync_dir(self.root)
+        self.journal_log.append([entry])
+        if self.witness_log is not None:
+            self.witness_log.append([{"kind": "ack", "store": self.store_id, **entry}])
 
     def journal_tail(self) -> int:
         """Bytes after the journal's last newline: a line a crash cut short (0 when whole)."""
-        path = self.root / JOURNAL_NAME
-        if not path.exists():
-            return 0
-        data = path.read_bytes()
-        return len(data) - (data.rfind(b"\n") + 1)
+        return self.journal_log.tail()
 
     def cut_journal_tail(self) -> None:
         """Cut a line a crash left unfinished (its acknowledgement never committed)."""
-        tail = self.journal_tail()
-        if tail:
-            path = self.root / JOURNAL_NAME
-            os.truncate(path, path.stat().st_size - tail)
+        self.journal_log.cut_tail()
 
     def journal(self) -> list[dict[str, Any]]:
-        """The journalled deletions, each checked against its keyed digest. A last line cut short
-        is a write a crash interrupted before its acknowledgement could commit: ignored."""
-        path = self.root / JOURNAL_NAME
-        if not path.exists():
-            return []
-        stat = path.stat()
-        cached = getattr(self, "_journal_cache", None)
-        if cached is not None and cached[0] == (stat.st_size, stat.st_mtime_ns, stat.st_ino):
-            return list(cached[1])
-        complete = path.read_bytes().split(b"\n")[:-1]  # what follows the last newline: cut short
-        entries = []
-        for number, raw in enumerate(complete, start=1):
-            try:
-                entry = json.loads(raw)
-                body = {k: entry[k] for k in ("request_id", "requested_at", "record_digests")}
-                sound = entry["mac"] == keyed(self.key, "journal", _canonical(body))
-            except (ValueError, KeyError, TypeError):
-                sound = False
-            if not sound:
-                raise StoreCorrupt(f"{str(path)!r} line {number} is damaged or was edited: the "
-                                   "deletions it records cannot be trusted")
-            entries.append(body)
-        self._journal_cache = ((stat.st_size, stat.st_mtime_ns, stat.st_ino), entries)
-        return list(entries)
+        """The journalled deletions, each checked against its keyed digest (a damaged line is
+        StoreCorrupt). A last line cut short is a write a crash interrupted before its
+        acknowledgement could commit: ignored."""
+        return self.journal_log.entries()
 
     def journal_missing(self) -> list[dict[str, Any]]:
         """Journalled deletions the database does not hold (its WAL was lost, or it was restored
@@ -788,19 +850,22 @@ class ShardStore:
                       if r[0] not in journalled)
 
     def replay_journal(self) -> list[str]:
-        """Acknowledge again, under their own request ids, the journalled deletions the database
-        lacks (the records are found by their keyed id digests); returns the request ids."""
+        """Acknowledge again, under their own request ids, the deletions the journal (or the
+        witness) holds and the database lacks (the records are found by their keyed id digests);
+        returns the request ids. A deletion only the witness knew is journalled too."""
         self.cut_journal_tail()
-        if not self.journal_missing():
+        if not self.journal_missing() and not self.witness_missing():
             return []
         key = self.key
         with self.transaction() as conn:
             # Read again under the write lock: another process may have committed its own
             # journalled deletion meanwhile.
-            missing = self.journal_missing()
+            missing = {e["request_id"]: e for e in [*self.witness_missing(), *self.journal_missing()]}
+            journalled = {e["request_id"] for e in self.journal()}
+            self.journal_log.append([e for r, e in missing.items() if r not in journalled])
             by_digest = {keyed(key, "id", r[0]): r[0] for r in conn.execute(
                 "SELECT id FROM records WHERE deleted_at IS NULL")} if missing else {}
-            for entry in missing:
+            for entry in sorted(missing.values(), key=lambda e: (e["requested_at"], e["request_id"])):
                 ids = [by_digest[d] for d in entry["record_digests"] if d in by_digest]
                 live = {row["id"]: (row["shard"], row["slice"]) for row in self._chunked(
                     "SELECT id, shard, slice FROM records WHERE deleted_at IS NULL AND id IN ({marks})",
@@ -809,7 +874,225 @@ class ShardStore:
                 self._tombstone(conn, entry["request_id"], entry["requested_at"], ids,
                                 [keyed(key, "id", i) for i in ids], live)
         self.scrub()
-        return [e["request_id"] for e in missing]
+        return sorted(missing)
+
+    # -- healing ---------------------------------------------------------------------------------
+
+    def rebuild_journal(self) -> list[str]:
+        """Write the journal again if it was cut, removed, damaged or replaced by a link: its sound
+        lines, and every deletion the ledger or the witness holds. Returns what was wrong ([] if
+        nothing)."""
+        self._require_lock("rebuilding the journal")
+        wrong = []
+        path = self.journal_log.path
+        if path.is_symlink():
+            path.unlink()  # the link, never what it points to
+            wrong.append("it was a symbolic link")
+        entries, damaged = self.journal_log.read()
+        if damaged:
+            wrong.append(f"{len(damaged)} damaged line(s)")
+        known = {e["request_id"]: e for e in entries}
+        lacking = []
+        for row in self.deletions():
+            if row.request_id not in known:
+                lacking.append(row.request_id)
+                known[row.request_id] = {"request_id": row.request_id, "requested_at": row.requested_at,
+                                         "record_digests": row.record_ids}
+        for e in self.witness_acks():
+            if e["request_id"] not in known:
+                lacking.append(e["request_id"])
+                known[e["request_id"]] = {k: e[k] for k in JOURNAL_FIELDS}
+        if lacking:
+            wrong.append(f"{len(lacking)} deletion(s) missing")
+        if wrong:
+            self.journal_log.rewrite(sorted(known.values(),
+                                            key=lambda e: (e["requested_at"], e["request_id"])))
+        return wrong
+
+    def reappeared(self) -> dict[str, str]:
+        """Live records whose keyed id digest a deletion already names (a deleted record that was
+        inserted again, by hand or with a restored table): id -> the deletion's request id."""
+        deleted = {}
+        for row in self.deletions():
+            for digest in row.record_ids:
+                deleted[digest] = row.request_id
+        if not deleted:
+            return {}
+        key = self.key
+        return {r[0]: deleted[keyed(key, "id", r[0])] for r in self.conn.execute(
+            "SELECT id FROM records WHERE deleted_at IS NULL") if keyed(key, "id", r[0]) in deleted}
+
+    def retombstone(self) -> list[str]:
+        """Delete again every record that reappeared after its deletion: its row goes (its
+        tombstone stays), with its content and any embedding only it had; its shard retrains
+        (the row's removal bumps the shard's version). Returns the ids."""
+        back = self.reappeared()
+        if not back:
+            return []
+        with self.transaction() as conn:
+            inputs = {row["input_digest"] for row in self._chunked(
+                "SELECT input_digest FROM records WHERE id IN ({marks})", back) if row["input_digest"]}
+            for chunk_start in range(0, len(back), _CHUNK):
+                ids = list(back)[chunk_start:chunk_start + _CHUNK]
+                conn.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(ids))})", ids)
+            conn.executemany(
+                "DELETE FROM embeddings WHERE input_digest = ? AND NOT EXISTS (SELECT 1 FROM records "
+                "WHERE input_digest = ? AND deleted_at IS NULL)", [(d, d) for d in inputs])
+            conn.execute("UPDATE shards SET live_key = NULL WHERE live_key IS NOT NULL AND "
+                         "live_version != version")
+        self.scrub()
+        return sorted(back)
+
+    def reset_receipts(self) -> list[str]:
+        """Pending deletions that still hold a sound receipt and their place in the chain (an
+        applied deletion's status reset by hand): applied again as they were, so the chain stays
+        whole. Returns their request ids."""
+        fixed = []
+        for row in self.pending_deletions():
+            receipt = row.receipt
+            seq, digest = self.chain_positions().get(row.request_id, (None, None))
+            if receipt is None or seq is None or receipt.get("sequence") != seq:
+                continue
+            if self.receipt_digest(receipt) != receipt.get("digest") or digest != receipt.get("digest"):
+                continue
+            with self.transaction() as conn:
+                conn.execute("UPDATE deletions SET status = 'applied', applied_at = ? WHERE "
+                             "request_id = ? AND status = 'pending'",
+                             [receipt.get("applied_at") or utcnow(), row.request_id])
+            fixed.append(row.request_id)
+        return fixed
+
+    # -- the witness -----------------------------------------------------------------------------
+
+    @property
+    def store_id(self) -> str:
+        """This store's identity (a witness names the store it witnesses)."""
+        return str(self.get_meta(STORE_ID))
+
+    def witness_entries(self) -> list[dict[str, Any]]:
+        """The witness's lines ([] where none is kept); one of another store, or damaged, is a
+        WitnessError."""
+        log = self.witness_log
+        if log is None:
+            return []
+        if log.path.is_symlink():
+            raise WitnessError(f"the witness {str(log.path)!r} is a symbolic link: give its real path")
+        if not log.path.exists():
+            if self.get_meta(WITNESSED) is not None:
+                raise WitnessError(f"this store keeps a witness, and {str(log.path)!r} does not exist: "
+                                   "give the witness's path")
+            return []
+        try:
+            entries, damaged = log.read()
+        except OSError as exc:
+            raise WitnessError(f"the witness {str(log.path)!r} cannot be read: {exc}") from None
+        if damaged:
+            first = log.first() or {}
+            if first.get("store") not in (None, self.store_id):
+                raise WitnessError(f"{str(log.path)!r} is the witness of another store")
+            raise WitnessError(f"the witness {str(log.path)!r} line {damaged[0]} is damaged, edited, "
+                               "or was written with another key")
+        other = [e for e in entries if e.get("store") != self.store_id]
+        if other:
+            raise WitnessError(f"{str(log.path)!r} is the witness of another store")
+        started = self.get_meta(WITNESSED)
+        starts = [e.get("witness") for e in entries if e.get("kind") == "start"]
+        if started is not None and starts and starts[0] != started.get("witness"):
+            raise WitnessError(f"{str(log.path)!r} is another witness of this store than the one "
+                               "it keeps")
+        return entries
+
+    def witness_acks(self) -> list[dict[str, Any]]:
+        return [e for e in self.witness_entries() if e.get("kind") == "ack"]
+
+    def witness_missing(self) -> list[dict[str, Any]]:
+        """Witnessed deletions the database lacks (a backup was restored, or its WAL lost): a
+        writer applies them again on opening; until then nothing may serve."""
+        acks = self.witness_acks()
+        if not acks:
+            return []
+        known = {r[0] for r in self.conn.execute("SELECT request_id FROM deletions")}
+        return [{k: e[k] for k in JOURNAL_FIELDS} for e in acks if e["request_id"] not in known]
+
+    def witness_problems(self) -> list[str]:
+        """What the witness says the store lacks: deletions, and the receipts it saw applied."""
+        problems = [f"deletion {e['request_id']} was acknowledged (the witness holds it) but the "
+                    "database lacks it: the store was restored from a backup or lost its WAL"
+                    for e in self.witness_missing()]
+        applied = [e for e in self.witness_entries() if e.get("kind") == "applied"]
+        if applied:
+            last = applied[-1]
+            mine = {seq: digest for seq, digest in self.chain_positions().values()}
+            if last["sequence"] not in mine:
+                problems.append(f"the witness saw receipt {last['sequence']} applied; the store's "
+                                f"receipt chain ends at {max(mine, default=0)}: it was restored "
+                                "from a backup or its ledger cut")
+            elif mine[last["sequence"]] != last["head"]:
+                problems.append(f"the store's receipt {last['sequence']} is not the one the witness "
+                                "saw: its ledger was rewritten")
+        return problems
+
+    def start_witness(self) -> None:
+        """Start keeping the witness: every deletion and receipt the store holds now is written to
+        it first; a witness that exists already must be this store's (one restored with an older
+        copy of the store is adopted: it then says what the copy lacks)."""
+        self._require_lock("starting a witness")
+        log = self.witness_log
+        if log is None:
+            return
+        started = self.get_meta(WITNESSED)
+        if log.exists():
+            entries = self.witness_entries()
+            start = next((e for e in entries if e.get("kind") == "start"), None)
+            if started is None and start is not None:
+                with self.transaction() as conn:
+                    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                 [WITNESSED, json.dumps({"witness": start["witness"],
+                                                         "started": start["started"]})])
+            return
+        if started is not None:
+            raise WitnessError(f"this store keeps a witness, and {str(log.path)!r} does not exist: "
+                               "give the witness's path")
+        begun = {"witness": uuid.uuid4().hex, "started": utcnow()}
+        lines: list[dict[str, Any]] = [{"kind": "start", "store": self.store_id, **begun}]
+        lines += [{"kind": "ack", "store": self.store_id, "request_id": r.request_id,
+                   "requested_at": r.requested_at, "record_digests": r.record_ids}
+                  for r in self.deletions()]
+        lines += self._applied_lines(0)
+        log.append(lines)
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         [WITNESSED, json.dumps(begun)])
+
+    def _applied_lines(self, after: int) -> list[dict[str, Any]]:
+        """Witness lines of the chained receipts after sequence `after`."""
+        positions = sorted((seq, rid, digest) for rid, (seq, digest) in self.chain_positions().items())
+        return [{"kind": "applied", "store": self.store_id, "request_id": rid, "sequence": seq,
+                 "head": digest} for seq, rid, digest in positions if seq > after]
+
+    def catch_up_witness(self) -> None:
+        """Witness what the store holds and the witness does not (a writer crashed between a
+        commit and its witness line): acknowledgements, then receipts."""
+        log = self.witness_log
+        if log is None:
+            return
+        entries = self.witness_entries()
+        acked = {e["request_id"] for e in entries if e.get("kind") == "ack"}
+        lines: list[dict[str, Any]] = [
+            {"kind": "ack", "store": self.store_id, "request_id": r.request_id,
+             "requested_at": r.requested_at, "record_digests": r.record_ids}
+            for r in self.deletions() if r.request_id not in acked]
+        seen = [e["sequence"] for e in entries if e.get("kind") == "applied"]
+        lines += self._applied_lines(seen[-1] if seen else 0)
+        log.append(lines)
+
+    def require_witness(self) -> None:
+        """A writer of a store that keeps a witness must have it (an acknowledgement the witness
+        never saw would be lost with a restored backup)."""
+        started = self.get_meta(WITNESSED)
+        if started is not None and self.witness_log is None:
+            raise WitnessError(f"the store at {str(self.root)!r} keeps a witness of its deletions "
+                               f"(since {started.get('started')}): give its path")
 
     def pending_deletions(self) -> list[DeletionRow]:
         return [deletion_row(r) for r in self.db.query(
@@ -919,6 +1202,40 @@ class ShardStore:
         found = [r[0] for r in self.conn.execute("PRAGMA quick_check(20)")]
         return [] if found == ["ok"] else found
 
+    def symlinks(self) -> list[str]:
+        """Every symbolic link in the store directory, relative to it (none belongs there)."""
+        return files.symlinks(self.root)
+
+    def remove_symlinks(self) -> list[str]:
+        """Unlink every symbolic link in the store (the link, never what it points to)."""
+        self._require_lock("removing links")
+        found = self.symlinks()
+        for relative in found:
+            (self.root / relative).unlink()
+        return found
+
+    def loose_modes(self) -> list[str]:
+        """The store directory and files in it that others than the owner may write, with their
+        mode (a store is created owner-only; someone loosened it)."""
+        found = []
+        for top, dirs, names in os.walk(self.root, followlinks=False):
+            for path in [Path(top)] + [Path(top) / n for n in [*dirs, *names]]:
+                if path.is_symlink() or (path != Path(top) and path.is_dir()):
+                    continue  # a link is reported as one; a directory when the walk reaches it
+                mode = path.stat().st_mode
+                if mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    found.append(f"{path} ({stat.filemode(mode)})")
+        return found
+
+    def remove_strays(self) -> list[str]:
+        """Remove what is in the store directory and not part of the store (it may hold a deleted
+        record); a link is unlinked, never followed."""
+        self._require_lock("removing stray files")
+        found = self.stray_files()
+        for name in found:
+            files.remove(self.root, name)
+        return found
+
     def stray_files(self) -> list[str]:
         """Entries in the store directory that are not the store's own (anything may hide there)."""
         return sorted(p.name for p in self.root.iterdir() if p.name not in STORE_FILES)
@@ -937,11 +1254,11 @@ class ShardStore:
 
     def read_files(self, row: CheckpointRow, names: Sequence[str]) -> dict[str, bytes]:
         """The verified bytes of some of a checkpoint's files."""
-        return files.read_files(self.root / row.path, row.files, names)
+        return files.read_files(self.root, row.path, row.files, names)
 
     def verify_files(self, row: CheckpointRow) -> None:
         """Every file of the checkpoint is present, intact, and no other file is there."""
-        files.verify_dir(self.root / row.path, row.files)
+        files.verify_dir(self.root, row.path, row.files)
 
     def commit(self, shards: Mapping[int, ShardCommit],
                receipts: Mapping[str, Mapping[str, Any]] | None = None) -> Committed:
@@ -983,6 +1300,10 @@ class ShardStore:
                     applied.append(request_id)
         if applied:
             self.scrub()
+            if self.witness_log is not None:  # after the commit: a crash before is caught up
+                self.witness_log.append([{"kind": "applied", "store": self.store_id, "request_id": r,
+                                          "sequence": chained[r]["sequence"],
+                                          "head": chained[r]["digest"]} for r in applied])
         return Committed(done, applied, dropped, chained)
 
     def receipt_digest(self, body: Mapping[str, Any]) -> str:

@@ -27,15 +27,18 @@ import numpy as np
 from shard_store import CheckpointRow, NewRecord, RecordRow, ShardStore
 from sisa import builtin
 from sisa.audit import audit, verify_receipts
-from sisa.config import Combine, DataSpec, ExecutionConfig, SisaConfig
+from sisa.config import Combine, DataSpec, ExecutionConfig, SisaConfig, StoreConfig
+from sisa.custody import new_key, open_store, read_key_file, write_key_file
 from sisa.errors import (
     CheckpointMovedError,
     ColumnError,
     ConfigError,
+    DamagedStoreError,
     InputKindError,
     RecordError,
     StoreError,
     UnknownReceiptError,
+    name_some,
 )
 from sisa.features import Features
 from sisa.intake import Placer
@@ -180,6 +183,8 @@ class Sisa:
                               serving_device(self.config.execution), store_fetch(store))
         self.training_report_ = TrainingReport()  # what `train` did (nothing, for a store opened)
         self.recovered_: list[DeletionReceipt] = []
+        # Damage that opening (recovering) found and did not build on: the rest was recovered.
+        self.damage_: DamagedStoreError | None = None
 
     @property
     def root(self) -> Path:
@@ -236,11 +241,18 @@ class Sisa:
         spec: DataSpec | None = None,
         progress: Progress | None = None,
         embeddings_from: str | Path | None = None,
+        store_config: StoreConfig | None = None,
     ) -> Sisa:
         """Validate the data, create the store, and train every shard from scratch; the report is
         `training_report_`. `embeddings_from` seeds the embedding cache from another store (same
-        keys, same vectors), so a second store on the same texts never re-encodes them."""
+        keys, same vectors), so a second store on the same texts never re-encodes them.
+        `store_config` (or the environment): a key file keeps the store's key outside it (a new
+        key is written there if the file does not exist), a witness path starts its witness."""
         started = time.perf_counter()
+        custody = store_config if store_config is not None else StoreConfig().resolved()
+        key = None
+        if custody.key_file is not None:
+            key = read_key_file(custody.key_file) if Path(custody.key_file).exists() else new_key()
         source, spec = data_source(source, spec)
         spec = _check_data(config, spec)
         begun = time.perf_counter()
@@ -278,8 +290,11 @@ class Sisa:
 
         # Millions of small objects are made, and most kept: the cycle collector (which finds
         # no cycle in them) would walk them again and again; it runs once, below.
+        if key is not None and not Path(str(custody.key_file)).exists():
+            write_key_file(str(custody.key_file), key)  # kept before any digest is made with it
         with paused_gc():
-            store = ShardStore.create(store_dir, meta, placed(), config.partition.shards)
+            store = ShardStore.create(store_dir, meta, placed(), config.partition.shards, key=key,
+                                      witness=Path(custody.witness) if custody.witness else None)
         # Reading, validating, placing and writing every record (the backend's set-up aside).
         ingest_seconds = time.perf_counter() - started - backend_seconds
         if embeddings_from is not None:
@@ -302,17 +317,40 @@ class Sisa:
         report.records = placer.records
         report.warnings += placer.warnings()
         self.training_report_ = report
+        self._built(report)
+
+    def _built(self, report: TrainingReport) -> TrainingReport:
+        """A writer's report, or DamagedStoreError if the store holds damage the writer did not
+        build on (its work on the rest is done): damaged shards, a broken receipt chain, files
+        that are not the store's. The message says what was applied and what is blocked."""
+        problems = [f"shard {s}: {why}" for s, why in report.blocked.items()]
+        chain = verify_receipts(self._store, self.config_digest, tail=2).problems
+        problems += [f"the receipt chain: {p}" for p in chain[:3]]
+        strays = self._store.stray_files()
+        if strays:
+            problems.append(f"files in the store directory that are not the store's (they may hold "
+                            f"a deleted record): {name_some(strays)}")
+        if not problems:
+            return report
+        applied = [r.request_id for r in report.deletions_applied]
+        done = f"deletion(s) {name_some(applied)} applied; " if applied else ""
+        pending = [d.request_id for d in self.pending()]
+        waiting = f"deletion(s) {name_some(pending)} wait on the damaged shards; " if pending else ""
+        raise DamagedStoreError(f"{done}{waiting}the store is damaged, and nothing was built on the "
+                                f"damage: {'; '.join(problems)}", report.blocked, applied)
 
     @classmethod
     @_mapped
     def open(cls, store_dir: str | Path, execution: ExecutionConfig | None = None,
              progress: Progress | None = None, recover: bool = True,
-             read_only: bool = False, share_with: Sisa | None = None) -> Sisa:
+             read_only: bool = False, share_with: Sisa | None = None,
+             store_config: StoreConfig | None = None) -> Sisa:
         """Open a store. With `recover` (a writer), finish whatever a crash interrupted (the
         receipts are `recovered_`); without, change nothing (see `tidy`). `read_only`: never
         write the database (serving, status and the audit work on a store this process may
         not write); it cannot recover. `share_with`: another `Sisa` of the same store in this
-        process, whose backend (its base model and encoder, once loaded) this one shares."""
+        process, whose backend (its base model and encoder, once loaded) this one shares.
+        `store_config` (or the environment): where the store's key and witness are kept."""
         if read_only and recover:
             raise ConfigError("a store opened read-only cannot recover: pass recover=False")
         if share_with is not None and Path(store_dir).resolve() != share_with.root.resolve():
@@ -320,20 +358,25 @@ class Sisa:
                               f"{str(store_dir)!r}")
         if not read_only:
             preload_torch()  # a writer is about to train, most likely
-        sisa = cls(ShardStore.open(store_dir, read_only=read_only), execution, progress,
+        sisa = cls(open_store(store_dir, read_only, store_config), execution, progress,
                    share_with._backend if share_with is not None else None)
         if recover:
-            sisa.recovered_ = sisa.recover()
+            receipts: list[DeletionReceipt] = []
+            try:
+                sisa.recover(receipts)
+            except DamagedStoreError as exc:  # the rest was recovered; say so, keep it open
+                sisa.damage_ = exc
+            sisa.recovered_ = receipts
         return sisa
 
     @staticmethod
-    def read_status(store_dir: str | Path) -> StatusReport:
+    def read_status(store_dir: str | Path, store_config: StoreConfig | None = None) -> StatusReport:
         """A store's status without loading any model (an old store that did not record its
         config digest is opened read-only, its backend resolved). Tidies, like any reader."""
-        found = quick_status(store_dir)
+        found = quick_status(store_dir, store_config)
         if found is not None:
             return found
-        with Sisa.open(store_dir, recover=False, read_only=True) as sisa:
+        with Sisa.open(store_dir, recover=False, read_only=True, store_config=store_config) as sisa:
             sisa.tidy()
             return sisa.status()
 
@@ -354,6 +397,18 @@ class Sisa:
         self.close()
 
     # -- the deletion lifecycle ------------------------------------------------------------------
+
+    @_mapped
+    def move_key_out(self, key_file: str | Path) -> None:
+        """Keep this store's ledger key outside it, in `key_file` (a new file only its owner may
+        read, written and fsynced first): from then on opening the store needs the key file, and
+        whoever can write the database cannot re-seal a checkpoint."""
+        store = self._store
+        with store.writer():
+            if store.key_outside:
+                raise ConfigError(f"the key of {str(self.root)!r} is kept outside it already")
+            write_key_file(key_file, store.key)
+            store.move_key_out()
 
     @_mapped
     def request_deletion(self, ids: Sequence[str] | None = None, group: str | None = None,
@@ -392,7 +447,7 @@ class Sisa:
         """Retrain the shards of every pending deletion and swap them in; returns the receipts.
         `receipts`: a list each receipt joins as its deletion commits, so a caller keeps those of
         a run that fails after committing some."""
-        return self._manager.update("applying deletions", receipts).deletions_applied
+        return self._built(self._manager.update("applying deletions", receipts)).deletions_applied
 
     @_mapped
     def forget(self, record_ids: Sequence[str]) -> DeletionReceipt:
@@ -449,7 +504,7 @@ class Sisa:
                     yield placer.place(batch)
                 placer.finish()
 
-            return self._manager.add(placed())
+            return self._built(self._manager.add(placed()))
 
     @_mapped
     def repair(self, shards: Sequence[int] | None = None, from_scratch: bool = False) -> TrainingReport:
@@ -461,7 +516,7 @@ class Sisa:
         bad = [s for s in wanted if not 0 <= s < count]
         if bad:
             raise ConfigError(f"no shard(s) {bad} in this store: it has shards 0..{count - 1}")
-        return self._manager.repair(wanted, from_scratch)
+        return self._built(self._manager.repair(wanted, from_scratch))
 
     # Crash recovery is applying what is pending: finish interrupted deletions, additions,
     # training, and remove files left over; returns the receipts of the deletions applied.
@@ -563,7 +618,30 @@ class Sisa:
             if time.monotonic() >= deadline:
                 return {}
             time.sleep(_JOURNAL_POLL)
-        return {s: row.sha256 for s, row in servable(store, journal=False).items()}
+        live = {s: row.sha256 for s, row in servable(store, journal=False).items()}
+        return {s: sha for s, sha in live.items() if s not in self._loader.unservable(live)}
+
+    @_mapped
+    def unservable(self) -> dict[int, str]:
+        """Shards with records that may not serve, and why: a deletion pending, damage (a live
+        checkpoint failing its seal or its files), no live checkpoint, or the store behind its
+        journal or witness."""
+        store = self._store
+        if store.witness_missing() or store.journal_missing():
+            return {s: "the journal or the witness holds a deletion the store lacks (a writer "
+                       "applies it again)" for s in range(self.config.partition.shards)}
+        why: dict[int, str] = {s: "a deletion is pending" for s in store.pending_shards()}
+        live = store.live()
+        for s, row in live.items():
+            if s not in why and not store.sealed(row):
+                why[s] = "its live checkpoint does not match its seal (it was altered)"
+        why.update({s: reason for s, reason in
+                    self._loader.unservable({s: r.sha256 for s, r in live.items()}).items()
+                    if s not in why})
+        empty = {s for s, row in live.items() if row.record_count == 0}
+        for s in set(range(self.config.partition.shards)) - set(live) - set(why):
+            why[s] = "it has no live checkpoint (it is retraining, or damage unregistered it)"
+        return {s: reason for s, reason in sorted(why.items()) if s not in empty}
 
     @_mapped
     def excluded(self, used: Collection[int]) -> list[int]:
@@ -755,10 +833,22 @@ class Sisa:
         return store_status(self._store, self.config.to_dict(), self.config_digest)
 
     @_mapped
-    def verify_receipts(self) -> ReceiptsReport:
+    def verify_receipts(self, expect: str | None = None) -> ReceiptsReport:
         """Re-check the receipt chain against the store: every receipt's keyed digest, its link to
-        the one before, its deleted ids' tombstones and its config digest."""
-        return verify_receipts(self._store, self.config_digest)
+        the one before, its deleted ids' tombstones and its config digest. `expect`: a head digest
+        kept elsewhere, which the chain must end in or pass through (else it was rewritten or
+        rolled back)."""
+        report = verify_receipts(self._store, self.config_digest)
+        if expect is None or expect == report.head:
+            return report
+        chained = {digest: seq for seq, digest in self._store.chain_positions().values()}
+        if expect in chained:
+            return dataclasses.replace(report, notes=[
+                f"the head kept elsewhere is receipt {chained[expect]}; {report.receipts - chained[expect]} "
+                "receipt(s) were applied since"])
+        return dataclasses.replace(report, ok=False, problems=[
+            *report.problems, f"the chain does not hold the head kept elsewhere ({expect[:16]}...): it "
+            "was rewritten, or the store was restored from an older backup"])
 
     @_mapped
     def receipt(self, which: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import shard_store
 from shard_store import CheckpointFileError, CheckpointRow, ShardStore, keyed
 from sisa.checkpoint import Manifest
 from sisa.errors import CheckpointError, RecordCorruptError, name_some
@@ -47,9 +48,16 @@ def _audit(store: ShardStore, manager: DeletionManager) -> AuditReport:
     if recorded is not None and recorded != manager.config_digest:
         note(f"the store was trained with config digest {recorded}; its config and base model now "
              f"give {manager.config_digest}: the base model changed on disk")
+    for relative in store.symlinks():
+        note("a symbolic link: nothing in a store is read or written through one, and what it "
+             "points to is outside the store (it may hold a deleted record)",
+             path=str(store.root / relative))
     for name in store.stray_files():
         note("in the store directory but not part of the store: it may hold a deleted record",
              path=str(store.root / name))
+    for record_id, request in sorted(store.reappeared().items()):
+        note(f"record {record_id!r} was deleted by request {request} and is live again (it was "
+             "inserted again)")
 
     shards = store.shards()
     schedules: dict[int, ShardSchedule] = {}
@@ -115,23 +123,59 @@ def _audit(store: ShardStore, manager: DeletionManager) -> AuditReport:
     if owed:
         note(f"the WAL could not be truncated after a deletion (since {owed}; a reader held it): "
              "it may still hold a deleted record's old pages until a writer retries (`recover`)")
-    if store.journal_tail():
-        note("the deletion journal ends in a line cut short (a crash during an acknowledgement, or "
-             "an edit); `recover` removes it")
-    for entry in store.journal_missing():
-        note(f"deletion {entry['request_id']} was acknowledged (the deletion journal holds it) but "
-             "the database lacks it: its WAL was lost or it was restored from a backup; `recover` "
-             "applies it again")
-    lacking = store.journal_lacks()
-    if lacking:
-        note(f"the deletion journal lacks {len(lacking)} deletion(s) the database holds (e.g. "
-             f"{lacking[0]}): it was cut or removed")
+    for problem in _journal_problems(store):
+        note(problem)
+    try:
+        for problem in store.witness_problems():
+            note(f"witness: {problem}")
+    except (shard_store.WitnessError, shard_store.StoreCorrupt) as exc:
+        note(f"witness: {exc}")
     chain_report = verify_receipts(store, manager.config_digest)
     for problem in chain_report.problems:
         note(f"receipt chain: {problem}")
     return AuditReport(ok=not violations, checkpoints_checked=len(rows), violations=violations,
                        records_checked=records, receipts_checked=chain_report.receipts,
-                       receipt_head=chain_report.head)
+                       receipt_head=chain_report.head, warnings=_warnings(store))
+
+
+def _journal_problems(store: ShardStore) -> list[str]:
+    """What is wrong with the deletion journal, against the database."""
+    log = store.journal_log
+    try:
+        entries, damaged = log.read()
+    except shard_store.SymlinkError as exc:
+        return [f"the deletion journal: {exc}"]
+    problems = [f"the deletion journal's line {n} is damaged or was edited: what it records cannot "
+                "be trusted" for n in damaged]
+    if log.tail():
+        problems.append("the deletion journal ends in a line cut short (a crash during an "
+                        "acknowledgement, or an edit)")
+    if store.get_meta("journal_started") is not None and not log.exists():
+        problems.append("the deletion journal is missing: it was removed")
+    known = {r.request_id for r in store.deletions()}
+    journalled = {e["request_id"] for e in entries}
+    for request_id in sorted(journalled - known):
+        problems.append(f"deletion {request_id} was acknowledged (the deletion journal holds it) "
+                        "but the database lacks it: its WAL was lost or it was restored from a backup")
+    lacking = sorted(known - journalled)
+    if lacking and log.exists():
+        problems.append(f"the deletion journal lacks {len(lacking)} deletion(s) the database holds "
+                        f"(e.g. {lacking[0]}): it was cut")
+    return problems
+
+
+def _warnings(store: ShardStore) -> list[str]:
+    """What does not break the proof today but weakens it."""
+    out = [f"{where} may be written by others than the store's owner: whoever can write the store "
+           "can alter it" for where in store.loose_modes()]
+    if not store.key_outside:
+        out.append("the ledger key is kept inside the store: whoever can write store.db can re-seal "
+                   "an altered checkpoint, which no audit can tell; keep the key outside the store "
+                   "(a key file)")
+    if store.get_meta("witnessed") is not None and store.witness_log is None:
+        out.append("the store keeps a witness of its deletions, and it was not given: a store "
+                   "restored from a backup cannot be told from this one without it")
+    return out
 
 
 def _sequence(receipt: dict[str, Any] | None) -> int:
@@ -139,11 +183,13 @@ def _sequence(receipt: dict[str, Any] | None) -> int:
     return value if isinstance(value, int) else -1  # a malformed one sorts first, then fails
 
 
-def verify_receipts(store: ShardStore, config_digest: str | None = None) -> ReceiptsReport:
+def verify_receipts(store: ShardStore, config_digest: str | None = None,
+                    tail: int | None = None) -> ReceiptsReport:
     """Re-check the receipt chain: sequence numbers without gaps, each receipt's keyed digest,
     the link to the one before, and that each deleted id's keyed digest is a tombstone of that
     request and its ledger entry names the same ids and shards; with `config_digest`, that every
-    receipt names it."""
+    receipt names it. `tail`: look up the tombstones of the last `tail` receipts only (a writer
+    checks what it builds on; the audit checks every one)."""
     problems: list[str] = []
     rows = store.deletions()
     if config_digest is not None:
@@ -174,6 +220,8 @@ def verify_receipts(store: ShardStore, config_digest: str | None = None) -> Rece
         digests = receipt.get("record_digests", [])
         if digests != row.record_ids:
             problems.append(f"{name}: its deleted ids differ from the ledger entry's")
+        if tail is not None and n <= len(chained) - tail:
+            continue
         found = store.tombstones_of(row.request_id, digests)
         if len(found) != len(digests):
             problems.append(f"{name}: {len(digests) - len(found)} of its {len(digests)} deleted "

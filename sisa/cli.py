@@ -7,6 +7,7 @@ errors become one clean message, with the command that fixes them, and exit stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -24,7 +25,14 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from sisa import errors
-from sisa.options import build_config, build_execution, build_service, build_spec, with_options
+from sisa.options import (
+    build_config,
+    build_execution,
+    build_service,
+    build_spec,
+    build_store,
+    with_options,
+)
 
 if TYPE_CHECKING:
     from sisa.api import Sisa
@@ -42,14 +50,23 @@ HINTS: list[tuple[type[errors.SisaError], str]] = [
     (errors.StoreExistsError, "give another --store, or remove that directory first"),
     (errors.IncompleteStoreError, "run `sisa train` with the same --store again: it replaces the "
                                   "incomplete store"),
+    (errors.SymlinkError, "`sisa repair --store DIR` removes the links (never what they point to) "
+                          "and rebuilds what they replaced"),
     (errors.CheckpointError, "`sisa repair --store DIR` retrains the shard from its last intact "
                              "checkpoint, bit-identically"),
+    (errors.DamagedStoreError, "`sisa repair --store DIR` rebuilds the damaged shards and removes "
+                               "links and stray files; a record that fails its content digest: "
+                               "`sisa forget` it and `sisa add` it again from the source data"),
+    (errors.StoreKeyError, "give the store's key file with --key-file (or SISA_KEY_FILE)"),
+    (errors.WitnessError, "give the store's witness with --witness (or SISA_WITNESS); the witness "
+                          "of another store is refused"),
     (errors.NoServableShardError, "`sisa recover --store DIR` applies pending deletions"),
     (errors.RayExposureError, "use --executor local, or --ray-address of a Ray cluster you have "
                               "secured"),
-    (errors.StoreCorruptError, "restore store.db (with its store.db-wal) from a backup, or train the "
-                               "store again from its data without the deleted records; nothing in "
-                               "a damaged store can be trusted"),
+    (errors.StoreCorruptError, "restore the store from a backup (with its witness, `sisa recover` "
+                               "applies again every deletion made since), or train it again from "
+                               "its data without the deleted records; nothing in a damaged store "
+                               "can be trusted"),
     (errors.RecordCorruptError, "`sisa forget --store DIR ID...` the records named, then `sisa add` "
                                 "them again from the source data"),
     (errors.ColumnError, "name the columns with --id-column, --label-column, --text-column or "
@@ -173,23 +190,24 @@ def _kv_table(title: str, rows: dict[str, Any]) -> Table:
     return table
 
 
-def _open(store: Path, values: dict[str, Any] | None = None, no_progress: bool = False,
-          recover: bool = True, tidy: bool = True, read_only: bool = False) -> Sisa:
-    """A writer recovers on opening. A reader (`read_only`) never writes the database; where it
-    may, it removes files a crash left unregistered (unless it is the audit, which reports them)."""
+def _open(store: Path, values: dict[str, Any], no_progress: bool = False, recover: bool = True,
+          tidy: bool = True, read_only: bool = False) -> Sisa:
+    """A writer recovers on opening (damage it found is raised once the command is done: see
+    `_done`). A reader (`read_only`) never writes the database; where it may, it removes files a
+    crash left unregistered (unless it is the audit, which reports them)."""
     from sisa.api import Sisa
 
-    execution = build_execution(values, progress=not no_progress) if values is not None else None
+    execution = build_execution(values, progress=not no_progress) if not read_only else None
     sisa = Sisa.open(store, execution=execution, progress=ShardProgress(not no_progress),
-                     recover=recover, read_only=read_only)
+                     recover=recover, read_only=read_only, store_config=build_store(values))
     if not recover and tidy:
         sisa.tidy()
     return sisa
 
 
-def _read(store: Path, tidy: bool = True) -> Sisa:
+def _read(store: Path, values: dict[str, Any], tidy: bool = True) -> Sisa:
     """Open a store for a command that only reads it."""
-    return _open(store, recover=False, tidy=tidy, read_only=True)
+    return _open(store, values, recover=False, tidy=tidy, read_only=True)
 
 
 def _retrain_payload(report: Any) -> dict[str, Any]:
@@ -214,7 +232,7 @@ def _root(
 
 
 @app.command()
-@with_options("data", "partition", "training", "execution", "serving")
+@with_options("data", "partition", "training", "execution", "serving", "store")
 def train(
     store: Store,
     data: Data,
@@ -232,7 +250,7 @@ def train(
 
     config = build_config(values, progress=not no_progress)
     with Sisa.train(store, data, config, build_spec(values), progress=ShardProgress(not no_progress),
-                    embeddings_from=embeddings_from) as sisa:
+                    embeddings_from=embeddings_from, store_config=build_store(values)) as sisa:
         report = sisa.training_report_
     payload = {"store": str(store), "records": report.records, "shards": config.partition.shards,
                "slices": config.partition.slices, "samples": report.samples,
@@ -244,7 +262,7 @@ def train(
 
 
 @app.command()
-@with_options("execution")
+@with_options("execution", "store")
 def add(store: Store, data: Data, no_progress: NoProgress = False, as_json: Json = False,
         **values: Any) -> None:
     """Add new records (same columns as training); affected shards retrain from the earliest
@@ -255,15 +273,17 @@ def add(store: Store, data: Data, no_progress: NoProgress = False, as_json: Json
 
 
 @app.command()
+@with_options("store")
 def predict(
     store: Store, data: Data,
     output: Annotated[Path | None, typer.Option(help="Write predictions as JSON lines here.")] = None,
     as_json: Json = False,
+    **values: Any,
 ) -> None:
     """Predict with the ensemble (never with a shard whose deletion is pending). The input is
     read a chunk at a time; with --output, predictions are written as they come (to a temporary
     file, renamed once the whole input was read and found valid)."""
-    with _read(store) as sisa:
+    with _read(store, values) as sisa:
         if output is not None:
             written = sisa.write_predictions(data, output)
         else:
@@ -282,9 +302,10 @@ def predict(
 
 
 @app.command()
-def evaluate(store: Store, data: Data, as_json: Json = False) -> None:
+@with_options("store")
+def evaluate(store: Store, data: Data, as_json: Json = False, **values: Any) -> None:
     """Accuracy and macro-F1 of the ensemble (soft and hard voting) and of each shard."""
-    with _read(store) as sisa:
+    with _read(store, values) as sisa:
         result = sisa.evaluate(data)
     table = Table("model", "accuracy", "macro-F1", title=f"{result.examples} examples")
     for name, s in [("ensemble", result.ensemble), ("ensemble_soft", result.ensemble_soft),
@@ -315,7 +336,7 @@ def _read_ids(path: Path) -> list[str]:
 
 
 @app.command()
-@with_options("execution")
+@with_options("execution", "store")
 def forget(
     store: Store,
     ids: Annotated[list[str] | None, typer.Argument(help="Record ids to forget.")] = None,
@@ -360,12 +381,13 @@ def forget(
 
 
 @app.command()
-def status(store: Store, as_json: Json = False) -> None:
+@with_options("store")
+def status(store: Store, as_json: Json = False, **values: Any) -> None:
     """Per shard: live slice checkpoint, its weights file and sha256, live and deleted records,
     pending deletions."""
     from sisa.api import Sisa
 
-    result = Sisa.read_status(store)  # no model loaded, no torch imported
+    result = Sisa.read_status(store, build_store(values))  # no model loaded, no torch imported
     table = Table("shard", "live slice", "live", "deleted", "pending", "sha256", "weights",
                   title=f"{result.store}: {result.live_records} live, "
                         f"{result.deleted_records} deleted records")
@@ -376,11 +398,12 @@ def status(store: Store, as_json: Json = False) -> None:
 
 
 @app.command()
-def audit(store: Store, as_json: Json = False) -> None:
+@with_options("store")
+def audit(store: Store, as_json: Json = False, **values: Any) -> None:
     """Verify every checkpoint's files and manifest, that none holds a deleted record, that each
     live checkpoint matches its shard's records, and that nothing unregistered is on disk; exit 1
     on any violation."""
-    with _read(store, tidy=False) as sisa:
+    with _read(store, values, tidy=False) as sisa:
         result = sisa.audit()
     table = Table("shard", "slice", "problem",
                   title=f"audit: {'OK' if result.ok else 'VIOLATIONS'} "
@@ -392,22 +415,60 @@ def audit(store: Store, as_json: Json = False) -> None:
         raise typer.Exit(1)
 
 
-receipts_app = typer.Typer(
-    cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="The deletion receipts: a hash chain, each receipt keyed and linked to the one before.")
-app.add_typer(receipts_app, name="receipts")
+def _subcommands(name: str, help_text: str) -> typer.Typer:
+    """A group of commands under `sisa NAME`."""
+    group = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False,
+                        pretty_exceptions_enable=False, help=help_text)
+    app.add_typer(group, name=name)
+    return group
+
+
+key_app = _subcommands("key", "The store's ledger key: every seal, receipt and tombstone is keyed "
+                              "with it.")
+
+
+@key_app.command("move-out")
+@with_options("store")
+def key_move_out(store: Store, as_json: Json = False, **values: Any) -> None:
+    """Keep the store's ledger key outside it, in the new file --key-file (mode 600, written
+    first): from then on every command on the store needs the key file (or SISA_KEY_FILE), and
+    whoever can write the store's database can no longer re-seal a checkpoint.
+
+    Example: sisa key move-out --store stores/digits --key-file ~/.sisa/digits.key
+    """
+    from sisa.api import Sisa
+
+    config = build_store(values)
+    if config.key_file is None:
+        raise typer.BadParameter("give --key-file (the new file to keep the key in)")
+    inside = dataclasses.replace(config, key_file=None)  # the key is still in the store
+    with Sisa.open(store, recover=False, store_config=inside) as sisa:
+        sisa.move_key_out(config.key_file)
+    payload = {"store": str(store), "key_file": config.key_file}
+    _emit(as_json, payload, _kv_table("key moved out", payload))
+
+
+receipts_app = _subcommands("receipts", "The deletion receipts: a hash chain, each receipt keyed "
+                                        "and linked to the one before.")
 
 
 @receipts_app.command("verify")
-def receipts_verify(store: Store, as_json: Json = False) -> None:
+@with_options("store")
+def receipts_verify(
+    store: Store,
+    expect: Annotated[str | None, typer.Option(
+        help="A head digest kept elsewhere: the chain must end in it or pass through it.")] = None,
+    as_json: Json = False,
+    **values: Any,
+) -> None:
     """Re-check the receipt chain against the store: each receipt's keyed digest, its link to the
     one before, its deleted ids' tombstones and its config digest; exit 1 on any problem. Keep the
     head digest it prints somewhere else: a rewritten chain will not end in it.
 
     Example: sisa receipts verify --store stores/digits
     """
-    with _read(store, tidy=False) as sisa:
-        result = sisa.verify_receipts()
+    with _read(store, values, tidy=False) as sisa:
+        result = sisa.verify_receipts(expect)
     summary = {"chain": "OK" if result.ok else "BROKEN", "receipts checked": result.receipts,
                "head digest": result.head or "-", "pending deletions": result.pending,
                "unchained (schema 4) receipts": result.unchained}
@@ -421,10 +482,12 @@ def receipts_verify(store: Store, as_json: Json = False) -> None:
 
 
 @receipts_app.command("show")
+@with_options("store")
 def receipts_show(
     store: Store,
     which: Annotated[str, typer.Argument(help="Deletion request id, or the receipt's sequence number.")],
     as_json: Json = False,
+    **values: Any,
 ) -> None:
     """Print one receipt: keyed digests of the deleted ids, the shards retrained with their
     weights' sha256 before and after, the untouched shards' sha256, the config digest, the times,
@@ -432,26 +495,30 @@ def receipts_show(
 
     Example: sisa receipts show --store stores/digits 1
     """
-    with _read(store, tidy=False) as sisa:
+    with _read(store, values, tidy=False) as sisa:
         receipt = sisa.receipt(which)
     rows = {k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in receipt.items()}
     _emit(as_json, receipt, _kv_table(f"receipt {receipt.get('sequence', '-')}", rows))
 
 
 @app.command()
-@with_options("execution")
+@with_options("execution", "store")
 def recover(store: Store, no_progress: NoProgress = False, as_json: Json = False,
             **values: Any) -> None:
-    """Finish what a crash interrupted: pending deletions, additions, training, and files left
-    on disk."""
+    """Finish what a crash interrupted (pending deletions, additions, training, files left on
+    disk) and heal what is safe to heal unasked: a cut or lost deletion journal, deletions the
+    database lost (a lost WAL, a backup restored behind its journal or witness), a deleted record
+    that reappeared, a receipt reset to pending. Exit 1 naming any damage it did not build on."""
     with _open(store, values, no_progress) as sisa:
-        receipts = sisa.recovered_
+        receipts, damage = sisa.recovered_, sisa.damage_
     payload = {"deletions_applied": [r.to_dict() for r in receipts]}
     _emit(as_json, payload, _kv_table("recovered", {"deletions applied": len(receipts)}))
+    if damage is not None:
+        raise damage
 
 
 @app.command()
-@with_options("execution")
+@with_options("execution", "store")
 def repair(
     store: Store,
     shard: Annotated[list[int] | None, typer.Option(
@@ -471,7 +538,7 @@ def repair(
 
 
 @app.command()
-@with_options("service", "execution")
+@with_options("service", "execution", "store")
 def serve(
     store: Store,
     token_file: Annotated[Path | None, typer.Option(
@@ -500,7 +567,8 @@ def serve(
             err.print(f"serving {summary['store']} at {summary['url']}")
         sys.stdout.flush()
 
-    run_service(store, config, build_execution(values, progress=False), on_start=started)
+    run_service(store, config, build_execution(values, progress=False), on_start=started,
+                store_config=build_store(values))
 
 
 Combine = Annotated[str, typer.Option(
@@ -515,6 +583,7 @@ def _check_combine(combine: str) -> Any:
 
 
 @app.command()
+@with_options("store")
 def generate(
     store: Store,
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeat for several).")] = None,
@@ -525,6 +594,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed of the sampling (prompt i uses seed + i).")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
     as_json: Json = False,
+    **values: Any,
 ) -> None:
     """Continue prompts with the ensemble of a causal-LM store: all servable shards' adapters in
     one batched pass per token (never a shard with a deletion pending).
@@ -537,7 +607,7 @@ def generate(
         prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise typer.BadParameter("give --prompt or --prompts-file")
-    with _read(store) as sisa:
+    with _read(store, values) as sisa:
         result = sisa.generate(prompts, max_new_tokens, _check_combine(combine), temperature, seed,
                                list(stop or []))
     table = Table("prompt", "generated", "tokens",
@@ -548,14 +618,16 @@ def generate(
 
 
 @app.command()
+@with_options("store")
 def score(
     store: Store, data: Data, combine: Combine = "mean",
     output: Annotated[Path | None, typer.Option(help="Write per-record scores as JSON lines.")] = None,
     as_json: Json = False,
+    **values: Any,
 ) -> None:
     """Log-likelihood and perplexity of each record's text (after its prompt) under the ensemble
     of a causal-LM store."""
-    with _read(store) as sisa:
+    with _read(store, values) as sisa:
         result = sisa.score(data, _check_combine(combine))
     if output is not None:
         output.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in result.records))
@@ -569,7 +641,7 @@ def score(
 
 
 @app.command()
-@with_options("execution")
+@with_options("execution", "store")
 def canaries(
     store: Store,
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the canary set (JSON).")],
@@ -594,7 +666,7 @@ def canaries(
 
 
 @app.command()
-@with_options("execution")
+@with_options("execution", "store")
 def prove(
     store: Store,
     canaries_file: Annotated[Path, typer.Option("--canaries", help="Canary set from `sisa canaries`.")],

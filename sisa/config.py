@@ -436,6 +436,40 @@ class SisaConfig:
         return dataclasses.replace(self, **changes)
 
 
+KEY_FILE_ENV = "SISA_KEY_FILE"  # a store's key file, from the environment
+WITNESS_ENV = "SISA_WITNESS"  # a store's witness, from the environment
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where a store's ledger key and its witness are kept, when not in the store (every command
+    that opens a store takes these; each also comes from the environment)."""
+
+    key_file: str | None = option(
+        None, "File holding the store's ledger key, kept outside the store (mode 600; default: "
+              "$SISA_KEY_FILE). A store created with one holds no key, so whoever can write its "
+              "database cannot re-seal it.")
+    witness: str | None = option(
+        None, "File outside the store that witnesses its deletions (default: $SISA_WITNESS): "
+              "every acknowledgement is written there before it returns, so a store restored from "
+              "a backup gets them applied again.")
+
+    def __post_init__(self) -> None:
+        check = _Checks("store settings")
+        for name in ("key_file", "witness"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, str) and bool(value)),
+                  f"{name} must be a path, got {value!r}")
+        check.raise_all()
+
+    def resolved(self) -> StoreConfig:
+        """These settings, with the environment's where none was given."""
+        import os
+
+        return StoreConfig(key_file=self.key_file or os.environ.get(KEY_FILE_ENV) or None,
+                           witness=self.witness or os.environ.get(WITNESS_ENV) or None)
+
+
 TOKEN_ENV = "SISA_SERVE_TOKEN"  # the service's bearer token, from the environment
 OnPending = Literal["exclude", "wait"]
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -100,6 +100,33 @@ class CheckpointError(StoreError):
     """A checkpoint file is missing, malformed, or does not match its recorded sha256."""
 
 
+class SymlinkError(CheckpointError):
+    """A path inside the store is a symbolic link: nothing is read or written through one."""
+
+
+class StoreKeyError(StoreError):
+    """The store's ledger key is kept outside it and was not given, or the key given is not its."""
+
+
+class WitnessError(StoreError):
+    """The witness kept outside the store is missing, unreadable or another store's, or a writer
+    of a witnessed store was not given it."""
+
+
+class DamagedStoreError(StoreError):
+    """A writer found damage it did not build on: the shards it blocks stay out of service (the
+    others' work was done); the message names them and the remedy."""
+
+    def __init__(self, message: str, blocked: dict[int, str] | None = None,
+                 applied: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.blocked = dict(blocked or {})
+        self.applied = list(applied or [])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.blocked, self.applied))
+
+
 class CheckpointMovedError(StoreError):
     """A live checkpoint was replaced (by a deletion or a retrain) while it was being read: read
     the servable shards again. Transient, never damage."""

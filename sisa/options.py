@@ -24,6 +24,7 @@ from sisa.config import (
     PartitionConfig,
     ServiceConfig,
     SisaConfig,
+    StoreConfig,
     TrainingConfig,
     training_config,
 )
@@ -34,7 +35,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The option groups, and the config class whose fields make each one.
 GROUPS: dict[str, type] = {"data": DataSpec, "partition": PartitionConfig, "training": TrainingConfig,
                            "execution": ExecutionConfig, "serving": SisaConfig,
-                           "service": ServiceConfig}
+                           "service": ServiceConfig, "store": StoreConfig}
 # The groups of the README's option table (the service's options are in docs/cli.md).
 TABLE_GROUPS = ("data", "partition", "execution", "serving", "training")
 
@@ -212,6 +213,12 @@ def build_config(values: Mapping[str, Any], progress: bool = True) -> SisaConfig
 def build_service(values: Mapping[str, Any], token: str | None) -> ServiceConfig:
     """The service's settings from `sisa serve`'s generated options and its token."""
     return ServiceConfig(**_values("service", values, skip_none=False), token=token)
+
+
+def build_store(values: Mapping[str, Any]) -> StoreConfig:
+    """Where the store's key and witness are kept, from a command's generated options (or, for
+    each not given, the environment)."""
+    return StoreConfig(**_values("store", values, skip_none=False)).resolved()
 
 
 def build_spec(values: Mapping[str, Any]) -> DataSpec | None:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import numbers
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,18 @@ Input = str | tuple[float, ...]
 
 # The largest float32: the models compute in float32, so a larger feature becomes inf (then NaN).
 FLOAT32_MAX = 3.4028234663852886e38
+# Control characters (C0, DEL, C1): an id holding one cannot be typed on a command line, and may
+# hide in a log line; refused in ids and group ids.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def feature_problems(features: np.ndarray) -> tuple[list[bool], list[bool]]:
+    """Per row of a (rows, features) float64 matrix: whether every value is finite, and whether
+    any is beyond float32's range (the models compute in float32)."""
+    finite: list[bool] = np.isfinite(features).all(axis=1).tolist()
+    outside = np.abs(features) > FLOAT32_MAX
+    huge: list[bool] = outside.any(axis=1).tolist()
+    return finite, huge
 
 
 @contextlib.contextmanager
@@ -236,6 +249,7 @@ class Validator:
         self.odd_values: dict[str, _Few] = {}
         self.empty_ids, self.missing_labels, self.bad_inputs = _Few(), _Few(), _Few()
         self.out_of_range, self.bad_priors, self.bad_prompts = _Few(), _Few(), _Few()
+        self.control_ids, self.control_groups = _Few(), _Few()
         self.label_kinds = {True: _Few(), False: _Few()}  # numeric?: (row, id, label)
         self._numeric: dict[str, bool] = {}
 
@@ -243,6 +257,7 @@ class Validator:
     def failed(self) -> bool:
         return bool(self.odd_values or self.duplicates or self.empty_ids or self.missing_labels
                     or self.bad_inputs or self.out_of_range or self.bad_priors or self.bad_prompts
+                    or self.control_ids or self.control_groups
                     or (self.label_kinds[True] and self.label_kinds[False]))
 
     def _odd(self, column: str, row: int, raw_id: Any, kind: str, value: Any) -> None:
@@ -275,8 +290,7 @@ class Validator:
         finite: list[bool] = []
         huge: list[bool] = []
         if features is not None:  # per row, as Python lists: the loop below reads them fast
-            finite = np.isfinite(features).all(axis=1).tolist()
-            huge = ((features > FLOAT32_MAX) | (features < -FLOAT32_MAX)).any(axis=1).tolist()  # type: ignore[assignment]
+            finite, huge = feature_problems(features)
         skipped = skip.tolist()
         labels = values.get(self.label_column) if self.label_column is not None else None
         prompts = values.get(spec.prompt_column) if spec.prompt_column is not None else None
@@ -295,6 +309,9 @@ class Validator:
             record_id = _canonical_id(raw_ids[i])
             if not record_id:
                 self.empty_ids.add(row)
+                continue
+            if CONTROL.search(record_id):
+                self.control_ids.add(row)
                 continue
             first = self.seen.setdefault(record_id, row)
             if first != row:
@@ -328,6 +345,9 @@ class Validator:
             group = None
             if groups is not None:
                 group = _canonical_id(groups[i]) or None
+                if group is not None and CONTROL.search(group):
+                    self.control_groups.add(row)
+                    continue
             prior = None
             if priors is not None:
                 try:
@@ -385,6 +405,12 @@ class Validator:
             problems.append(_name_rows(f"duplicate ids in column {spec.id_column!r}", self.duplicates))
         if self.empty_ids:
             problems.append(f"empty ids in column {spec.id_column!r} at rows: {self.empty_ids.named()}")
+        if self.control_ids:
+            problems.append(f"ids with control characters (which no command line can name) in "
+                            f"column {spec.id_column!r} at rows: {self.control_ids.named()}")
+        if self.control_groups:
+            problems.append(f"group ids with control characters in column {spec.group_column!r} at "
+                            f"rows: {self.control_groups.named()}")
         if self.missing_labels:
             problems.append(f"missing labels in column {spec.label_column!r} at rows: "
                             f"{self.missing_labels.named()}")

@@ -39,6 +39,7 @@ class ShardStatus(_Dict):
     deleted_records: int
     deletion_pending: bool
     current: bool  # the live checkpoint is trained on the shard's records as they are now
+    problem: str | None = None  # why its live checkpoint may not serve (damage), if it may not
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class StatusReport(_Dict):
     embeddings_cached: int
     shards: list[ShardStatus]
     model_version: str  # digest of the live checkpoints that serve
+    key_outside: bool = False  # the ledger key is kept outside the store
+    witnessed: bool = False  # a witness outside the store was checked
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class AuditReport(_Dict):
     records_checked: int = 0  # live records whose content was re-digested
     receipts_checked: int = 0  # links of the receipt chain re-verified
     receipt_head: str | None = None  # digest of the last receipt: keep it to detect a rewrite
+    warnings: list[str] = field(default_factory=list)  # what weakens the proof without breaking it
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class ReceiptsReport(_Dict):
     pending: int  # acknowledged, not yet applied: no receipt yet
     head: str | None  # digest of the last receipt
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,18 @@ from pathlib import Path
 
 import shard_store
 from shard_store import CheckpointRow, ShardStore
+from sisa.config import StoreConfig
+from sisa.custody import open_store
 from sisa.errors import (
     CheckpointError,
     IncompleteStoreError,
     StoreCorruptError,
     StoreError,
     StoreExistsError,
+    StoreKeyError,
     StoreNotFoundError,
+    SymlinkError,
+    WitnessError,
 )
 from sisa.reports import ShardStatus, StatusReport
 
@@ -28,7 +33,10 @@ _STORE_ERRORS: dict[type[shard_store.StoreError], type[StoreError]] = {
     shard_store.StoreExists: StoreExistsError,
     shard_store.StoreIncomplete: IncompleteStoreError,
     shard_store.CheckpointFileError: CheckpointError,
+    shard_store.SymlinkError: SymlinkError,
     shard_store.StoreCorrupt: StoreCorruptError,
+    shard_store.StoreKeyError: StoreKeyError,
+    shard_store.WitnessError: WitnessError,
 }
 
 
@@ -61,13 +69,27 @@ def model_version(live: Mapping[int, str]) -> str:
 
 
 def servable(store: ShardStore, journal: bool = True) -> dict[int, CheckpointRow]:
-    """Live checkpoints that may serve: non-empty, and with no deletion pending. None while the
-    deletion journal holds a deletion the database lacks (which shards it touches is unknown
-    until a writer applies it again); `journal=False` leaves that check to the caller."""
-    if journal and store.journal_missing():
+    """Live checkpoints that may serve: non-empty, with no deletion pending, and sealed (their
+    registration is as it was written). None while the deletion journal or the witness holds a
+    deletion the database lacks (which shards it touches is unknown until a writer applies it
+    again); `journal=False` leaves the journal's check to the caller. The files themselves are
+    verified when a checkpoint is loaded (`sisa.serving.loader`)."""
+    if store.witness_missing() or (journal and store.journal_missing()):
         return {}
     pending = store.pending_shards()
-    return {s: row for s, row in store.live().items() if s not in pending and row.record_count > 0}
+    return {s: row for s, row in store.live().items()
+            if s not in pending and row.record_count > 0 and store.sealed(row)}
+
+
+def checkpoint_problem(store: ShardStore, row: CheckpointRow) -> str | None:
+    """Why a registered checkpoint may not be used (its seal, its files, a link), or None."""
+    if not store.sealed(row):
+        return "its registration does not match its seal (it was altered)"
+    try:
+        store.verify_files(row)
+    except shard_store.CheckpointFileError as exc:
+        return str(exc)
+    return None
 
 
 def store_status(store: ShardStore, config: Mapping[str, object] | None = None,
@@ -79,9 +101,10 @@ def store_status(store: ShardStore, config: Mapping[str, object] | None = None,
     counts = store.record_counts()
     pending = store.pending_deletions()
     pending_shards = store.pending_shards()
-    lost = [e["request_id"] for e in store.journal_missing()]
+    lost = sorted({e["request_id"] for e in [*store.journal_missing(), *store.witness_missing()]})
     if lost:  # which shards they touch is unknown until a writer applies them again
         pending_shards = set(shards)
+    damaged = {s: problem for s, row in live.items() if (problem := checkpoint_problem(store, row))}
     rows = []
     for s, state in shards.items():
         row = live.get(s)
@@ -96,6 +119,7 @@ def store_status(store: ShardStore, config: Mapping[str, object] | None = None,
             deleted_records=c["deleted"],
             deletion_pending=s in pending_shards,
             current=state.current,
+            problem=damaged.get(s),
         ))
     return StatusReport(
         store=str(store.root),
@@ -106,20 +130,24 @@ def store_status(store: ShardStore, config: Mapping[str, object] | None = None,
         deleted_records=sum(r.deleted_records for r in rows),
         deletion_requests=store.deletion_count(),
         pending_deletions=[d.request_id for d in pending] + lost,
-        clean_shards=sorted(set(shards) - pending_shards),
+        clean_shards=sorted(set(shards) - pending_shards - set(damaged)),
         checkpoints=store.checkpoint_count(),
         embeddings_cached=store.embedding_count(),
         shards=rows,
-        model_version=model_version({s: r.sha256 for s, r in servable(store).items()}),
+        model_version=model_version({s: r.sha256 for s, r in servable(store).items()
+                                     if s not in damaged}),
+        key_outside=store.key_outside,
+        witnessed=store.witness_log is not None,
     )
 
 
-def quick_status(store_dir: str | Path) -> StatusReport | None:
+def quick_status(store_dir: str | Path, config: StoreConfig | None = None) -> StatusReport | None:
     """The status of a store opened read-only, without loading any model (None for a store
-    trained before its config digest was recorded: ask `Sisa.status`). Tidies, like any reader."""
+    trained before its config digest was recorded: ask `Sisa.status`). Tidies, like any reader.
+    `config`: where the store's key and witness are kept."""
     where = repr(str(Path(store_dir) / "store.db"))
     with store_errors(where):
-        store = ShardStore.open(store_dir, read_only=True)
+        store = open_store(store_dir, read_only=True, config=config)
         try:
             if store.get_meta(CONFIG_DIGEST) is None:
                 return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,7 +32,15 @@ from shard_store import (
 )
 from sisa.checkpoint import WEIGHTS
 from sisa.config import SisaConfig
-from sisa.errors import CheckpointError, RecordError, StoreError, UnknownRecordError, name_some
+from sisa.errors import (
+    CheckpointError,
+    DamagedStoreError,
+    RecordCorruptError,
+    RecordError,
+    StoreError,
+    UnknownRecordError,
+    name_some,
+)
 from sisa.execution import run_jobs
 from sisa.features import Features, Progress
 from sisa.schedule import ShardSchedule, shard_schedule
@@ -146,6 +154,8 @@ class TrainingReport:
     ingest_seconds: float = 0.0
     live: dict[int, str] = field(default_factory=dict)  # shard -> sha256 of its new live weights
     warnings: list[str] = field(default_factory=list)  # e.g. shards that received no record
+    healed: list[str] = field(default_factory=list)  # what the writer repaired before it built
+    blocked: dict[int, str] = field(default_factory=dict)  # damaged shards it did not build on
     deletions_applied: list[DeletionReceipt] = field(default_factory=list)  # their receipts
 
     @property
@@ -217,6 +227,7 @@ class DeletionManager:
         until the deletion is applied, for its receipt."""
         if (ids is None) == (group is None):
             raise RecordError("give either record ids or a group id to delete")
+        self.store.require_witness()  # an acknowledgement the witness never saw could be lost
         if group is not None:
             wanted = self.store.group_record_ids(group)
             if not wanted:
@@ -273,19 +284,26 @@ class DeletionManager:
         return report
 
     def repair(self, shards: Iterable[int], from_scratch: bool = False) -> TrainingReport:
-        """Retrain each shard from its first missing or damaged checkpoint (from slice 0 with
-        `from_scratch`): unregister it and those after it, then plan, retrain and commit."""
+        """Heal the store and rebuild what is damaged: links and stray files removed, then each
+        shard retrained from its first missing or damaged checkpoint (from slice 0 with
+        `from_scratch`; a checkpoint not on the shard's schedule any more goes too), then plan,
+        retrain and commit. The healing is listed in the report's `healed`."""
         doomed: list[str] = []
         with self.store.writer():
-            for shard, schedule in self.schedules(shards).items():
+            healed = [f"removed the link {p}" for p in self.store.remove_symlinks()]
+            healed += [f"removed the stray {p}" for p in self.store.remove_strays()]
+            for shard, schedule in self.schedules(shards, fresh=True).items():
                 rows = {c.key: c for c in self.store.checkpoints(shard)}
+                stale = [key for key in rows if key not in schedule.keys]
                 for k, key in enumerate(schedule.keys):
                     if from_scratch or key not in rows or not self._intact(rows[key]):
                         doomed += [key for key in schedule.keys[k:] if key in rows]
                         break
+                doomed += stale
             dropped = self.store.drop_checkpoints(doomed)
             report = self.update("repairing shards")
         report.checkpoints_dropped += dropped
+        report.healed = healed + report.healed
         return report
 
     # -- the steps -------------------------------------------------------------------------------
@@ -300,14 +318,21 @@ class DeletionManager:
         return shard_schedule(self.config_digest, data.shard, data.members,
                               self.config.partition.slices, data.lines)
 
-    def plan(self) -> Plan:
+    def plan(self, blocked: dict[int, str] | None = None) -> Plan:
         """Every shard whose live checkpoint is not current, with what to retrain, and the
-        pending deletions."""
-        dirty = [s for s, row in self.store.shards().items() if not row.current]
+        pending deletions. A shard in `blocked` is left out; one whose records fail their check
+        joins it (with why), and the others are planned."""
+        blocked = blocked if blocked is not None else {}
+        dirty = [s for s, row in self.store.shards().items() if not row.current and s not in blocked]
         existing = {c.key for c in self.store.checkpoints()}
-        data = self.data.get(dirty)
-        shards = [dataclasses.replace(plan_shard(self._schedule(d), d.version, existing), data=d)
-                  for d in data.values()]
+        shards = []
+        for s in dirty:
+            try:
+                d = self.data.get([s])[s]
+            except RecordCorruptError as exc:
+                blocked[s] = str(exc)
+                continue
+            shards.append(dataclasses.replace(plan_shard(self._schedule(d), d.version, existing), data=d))
         return Plan(shards, self.store.pending_deletions())
 
     def _job(self, plan: ShardPlan) -> ShardJob | None:
@@ -343,11 +368,24 @@ class DeletionManager:
             return False
         return True
 
-    def retrain(self, plan: Plan, report: TrainingReport, description: str) -> list[ShardResult]:
+    def retrain(self, plan: Plan, report: TrainingReport, description: str,
+                blocked: dict[int, str] | None = None) -> list[ShardResult]:
         """Train what the plan says; each shard's checkpoints are registered as soon as it
-        finishes, unless a deletion reached the shard meanwhile (then it is planned again)."""
+        finishes, unless a deletion reached the shard meanwhile (then it is planned again). A
+        shard whose resume checkpoint fails its verification joins `blocked` (it is never built
+        on); the others train."""
         todo = plan.todo
-        jobs = [job for job in map(self._job, todo) if job is not None]
+        jobs = []
+        for p in todo:
+            try:
+                job = self._job(p)
+            except CheckpointError as exc:
+                if blocked is None:
+                    raise
+                blocked[p.shard] = str(exc).splitlines()[0]
+                continue
+            if job is not None:
+                jobs.append(job)
         versions = {p.shard: p.version for p in todo}
         tick = self.progress(description, len(jobs)) if self.progress and jobs else None
         results = []
@@ -364,15 +402,16 @@ class DeletionManager:
                 tick(result)
         return results
 
-    def commit(self, plan: Plan, retrains: Mapping[int, ShardRetrain],
-               started: float) -> tuple[Committed, list[DeletionReceipt]]:
+    def commit(self, plan: Plan, retrains: Mapping[int, ShardRetrain], started: float,
+               blocked: Collection[int] = ()) -> tuple[Committed, list[DeletionReceipt]]:
         """One transaction: swap in every planned shard whose final checkpoint is registered and
         whose records did not change meanwhile, and mark applied (with receipts) the pending
-        deletions whose shards are then all current."""
+        deletions whose shards are then all current. A receipt vouches for no `blocked` shard's
+        (damaged) checkpoint."""
         existing = {c.key: c for c in self.store.checkpoints()}
         commits = {p.shard: ShardCommit(p.version, p.schedule.keys[-1], frozenset(p.schedule.keys))
                    for p in plan.shards if p.schedule.keys[-1] in existing}
-        after = {s: row.sha256 for s, row in self.store.live().items()}
+        after = {s: row.sha256 for s, row in self.store.live().items() if s not in blocked}
         after.update({s: existing[c.live_key].sha256 for s, c in commits.items()})
         seconds = round(time.perf_counter() - started, 4)
         receipts = {r.request_id: _receipt(r, retrains, after, seconds, self.config_digest,
@@ -401,30 +440,87 @@ class DeletionManager:
         first = len(receipts)
         retrains: dict[int, ShardRetrain] = {}
         with self.store.writer():
-            self.store.sweep()
-            # Deletions the journal holds and the database lost (a lost WAL, a restored backup).
-            self.store.replay_journal()
-            if self.store.scrub_owed():
-                self.store.scrub()
+            report.healed = self.heal()
+            blocked = self.damaged_live()
             for _ in range(_MAX_ROUNDS):
-                plan = self.plan()
+                plan = self.plan(blocked)
                 if not plan.shards and not plan.requests:
                     break
                 starts = {p.shard: p.start_slice or 0 for p in plan.todo}
-                for result in self.retrain(plan, report, description):
+                for result in self.retrain(plan, report, description, blocked):
                     _record_retrain(retrains, result, starts[result.shard])
-                committed, applied = self.commit(plan, retrains, started)
+                committed, applied = self.commit(plan, retrains, started, blocked)
                 receipts += applied
                 report.checkpoints_dropped += committed.dropped
                 live = self.store.live()
                 report.live.update({s: live[s].sha256 for s in committed.shards})
+                if not committed.shards and not applied and not plan.todo:
+                    break  # what is left waits on blocked shards
             else:
                 raise StoreError(f"the store's records kept changing over {_MAX_ROUNDS} rounds of "
                                  "retraining; try again when the deletions have settled")
+            self.store.catch_up_witness()
         report.retrained = [retrains[s] for s in sorted(retrains)]
         report.seconds = time.perf_counter() - started
         report.deletions_applied = receipts[first:]
+        report.blocked = dict(sorted(blocked.items()))
         return report
+
+    def heal(self) -> list[str]:
+        """Before a writer plans: bring the store to a state it may build on, where that is safe
+        to do unasked, and say what was done. A link anywhere in the store stops the writer (only
+        `repair` removes links). Removes files a crash left; checks that a witnessed store got
+        its witness; rebuilds a journal that was cut, removed or damaged (from the ledger and the
+        witness); applies again the deletions the journal or the witness holds and the database
+        lacks (a lost WAL, a restored backup); deletes again a deleted record that reappeared;
+        marks applied a deletion whose sound receipt was reset to pending; truncates an owed WAL."""
+        store = self.store
+        links = store.symlinks()
+        if links:
+            raise DamagedStoreError(
+                f"the store holds symbolic links ({name_some(links)}): nothing is written through "
+                "one, so this writer stops; repair the store (it removes them and rebuilds what "
+                "they replaced)")
+        store.sweep()
+        store.require_witness()
+        healed = [f"rebuilt the deletion journal ({', '.join(wrong)})"
+                  for wrong in [store.rebuild_journal()] if wrong]
+        replayed = store.replay_journal()
+        if replayed:
+            healed.append(f"applied again {len(replayed)} deletion(s) the database lacked: "
+                          f"{name_some(replayed)}")
+        back = store.retombstone()
+        if back:
+            healed.append(f"deleted again {len(back)} record(s) that reappeared after their deletion")
+        reset = store.reset_receipts()
+        if reset:
+            healed.append(f"marked applied again {len(reset)} deletion(s) whose receipt was reset "
+                          f"to pending: {name_some(reset)}")
+        if store.scrub_owed():
+            store.scrub()
+        return healed
+
+    def damaged_live(self) -> dict[int, str]:
+        """Shards whose live checkpoint fails its seal or its files, or was trained on another
+        number of records than its shard holds (a row inserted or removed by hand, not through
+        the store): never built on, never vouched for in a receipt; each, with why."""
+        out = {}
+        counts = self.store.record_counts()
+        shards = self.store.shards()
+        for s, row in self.store.live().items():
+            held = counts.get(s, {"live": 0})["live"]
+            if shards[s].current and held != row.record_count:
+                out[s] = (f"it holds {held} live records, and its live checkpoint was trained on "
+                          f"{row.record_count}: a record was inserted or removed by hand")
+                continue
+            if not self.store.sealed(row):
+                out[s] = "its live checkpoint's registration does not match its seal (it was altered)"
+                continue
+            try:
+                self.store.verify_files(row)
+            except CheckpointFileError as exc:
+                out[s] = str(exc)
+        return out
 
 
 def _record_retrain(retrains: dict[int, ShardRetrain], result: ShardResult, start: int) -> None:

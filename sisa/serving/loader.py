@@ -29,8 +29,13 @@ Fetch = Callable[[int, str], Checkpoint]
 
 
 def read_checkpoint(store: ShardStore, row: CheckpointRow) -> Checkpoint:
-    """A registered checkpoint's weights and manifest, verified against its registration."""
+    """A registered checkpoint's weights and manifest, verified: its registration against its
+    seal (a keyed digest), each file's bytes (read once, never through a link) against the sha256
+    registered, and the manifest against the registration. Anything else is CheckpointError."""
     where = repr(str(store.root / row.path))
+    if not store.sealed(row):
+        raise CheckpointError(f"checkpoint {where} (shard {row.shard}, slice {row.slice}) fails its "
+                              "seal: its registration (files and their sha256) was altered")
     try:
         blobs = store.read_files(row, [WEIGHTS, MANIFEST])
     except CheckpointFileError as exc:
@@ -69,6 +74,8 @@ class Loader:
         self.device = device
         self.fetch = fetch
         self.reads = 0  # checkpoints fetched since start (a reload fetches only what changed)
+        # (shard, weights sha256) -> why that checkpoint failed verification: it never serves.
+        self.damaged: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()
         self._cache: dict[tuple[int, str], Checkpoint] = {}  # (shard, weights sha256) -> checkpoint
         self._ensemble: Ensemble | None = None
@@ -79,22 +86,36 @@ class Loader:
         current = self._ensemble
         return dict(current.shas) if current is not None else {}
 
+    def unservable(self, wanted: Mapping[int, str]) -> dict[int, str]:
+        """Which of these checkpoints failed verification when loaded, and why."""
+        return {s: self.damaged[(s, sha)] for s, sha in wanted.items() if (s, sha) in self.damaged}
+
     def ensemble(self, wanted: Mapping[int, str], exact: bool = True) -> Ensemble:
-        """The ensemble of these checkpoints (shard -> weights sha256). Checkpoints already loaded
-        are not read again; without `exact`, an ensemble holding more shards (with these very
-        weights) will do, and the caller drops the extra shards' outputs."""
+        """The ensemble of these checkpoints (shard -> weights sha256), less any that fails its
+        verification (it is remembered, and never served). Checkpoints already loaded are not
+        read again; without `exact`, an ensemble holding more shards (with these very weights)
+        will do, and the caller drops the extra shards' outputs."""
+        wanted = {s: sha for s, sha in sorted(wanted.items()) if (s, sha) not in self.damaged}
         if not wanted:
-            raise NoServableShardError("no shard can serve: every shard is empty or has a deletion "
-                                       "pending")
-        wanted = dict(sorted(wanted.items()))
+            raise NoServableShardError("no shard can serve: every shard is empty, has a deletion "
+                                       "pending, or failed its verification")
         with self._lock:
             current = self._ensemble
             if current is not None and all(current.shas.get(s) == sha for s, sha in wanted.items()):
                 return current if not exact or current.shas == wanted else current.subset(wanted)
             keys = set(wanted.items())
             for key in sorted(keys - set(self._cache)):
-                self._cache[key] = self.fetch(*key)
+                try:
+                    self._cache[key] = self.fetch(*key)
+                except CheckpointError as exc:  # damage (a moved checkpoint is another error)
+                    self.damaged[key] = str(exc).splitlines()[0]
+                    continue
                 self.reads += 1
+            keys = {k for k in keys if k in self._cache}
+            wanted = dict(sorted(keys))
+            if not wanted:
+                raise NoServableShardError("no shard can serve: every servable shard's checkpoint "
+                                           "failed its verification")
             for key in set(self._cache) - keys:
                 del self._cache[key]
             checkpoints = {s: self._cache[(s, sha)] for s, sha in wanted.items()}

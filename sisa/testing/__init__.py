@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,13 @@ def tiny_bert(directory: Path) -> str:
                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
     BertForSequenceClassification(config).save_pretrained(directory)
     return str(directory)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a service started by a test or a benchmark)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def store_snapshot(root: Path) -> dict[str, str]:

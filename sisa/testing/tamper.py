@@ -168,6 +168,31 @@ def swap_weights(store: Path) -> None:
     reregister(store, mine, {**mine.files, "weights.safetensors": digest}, digest)
 
 
+def substitute_weights(store: Path, shard: int, data: bytes) -> None:
+    """Shard `shard`'s live weights replaced by `data` (say, a copy of them kept from before a
+    deletion), with the registration's sha256 updated to match, as an operator with access to
+    the database (but not the key) would."""
+    row = checkpoint(store, shard)
+    (store / row.path / "weights.safetensors").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    reregister(store, row, {**row.files, "weights.safetensors": digest}, digest)
+
+
+def link_out(store: Path, relative: str, outside: Path) -> Path:
+    """Replace `store/relative` by a symbolic link to a copy of it at `outside` (what a careless
+    `mv` and `ln -s` to another disk leave); returns the link."""
+    inside = store / relative
+    if inside.is_dir():
+        shutil.copytree(inside, outside)
+        shutil.rmtree(inside)
+    else:
+        outside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(inside, outside)
+        inside.unlink()
+    inside.symlink_to(outside)
+    return inside
+
+
 def set_lr(m: dict[str, Any]) -> None:
     m["state"]["optimizer"]["param_groups"][0]["lr"] = 0.5
 
@@ -218,6 +243,130 @@ class Damage:
     # whose transaction is only in store.db-wal).
     store: str = "receipted"
     gap: str = ""  # why nothing detects it yet (a known gap), or "" for a case that must be
+    # The command that brings the store back to a passing audit ("recover" or "repair"), or ""
+    # where the data to do so is gone (`cannot_heal` says why).
+    heal: str = "repair"
+    cannot_heal: str = ""
+
+    def flags(self, store: Path) -> list[str]:
+        """Options every command on the damaged store takes (the witness, the key file)."""
+        extra = []
+        if (store.parent / WITNESS).exists():
+            extra += ["--witness", str(store.parent / WITNESS)]
+        if (store.parent / KEY).exists():
+            extra += ["--key-file", str(store.parent / KEY)]
+        return extra
+
+
+# Files the damages keep beside the store (never in it): a witness, a key, what links point to.
+WITNESS, KEY, OUTSIDE = "store.witness", "store.key", "outside"
+
+
+def link_away(store: Path, relative: str) -> Path:
+    """`store/relative` moved beside the store and replaced by a link to it."""
+    return link_out(store, relative, store.parent / OUTSIDE / relative.replace("/", "_"))
+
+
+def link_dir_in_checkpoint(store: Path) -> None:
+    """A directory inside shard 1's live checkpoint, as a link to one outside the store."""
+    target = store.parent / OUTSIDE / "planted"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "weights.safetensors").write_bytes(b"not the store's")
+    (store / checkpoint(store, 1).path / "planted").symlink_to(target)
+
+
+def reinsert_deleted(store: Path) -> str:
+    """A deleted record's row written back (as from an old export of the table): the record is
+    deleted first, through the CLI's library, then its saved row inserted again; returns its id."""
+    from sisa.api import Sisa
+
+    rid = sql(store, "SELECT id FROM records WHERE deleted_at IS NULL ORDER BY id LIMIT 1 OFFSET 7")[0][0]
+    saved = sql(store, "SELECT * FROM records WHERE id = ?", [rid])[0]
+    with Sisa.open(store) as sisa:
+        sisa.forget([rid])
+    sql(store, f"INSERT INTO records VALUES ({','.join('?' * len(saved))})", list(saved))
+    return str(rid)
+
+
+def journal_lines(store: Path, keep: Callable[[list[bytes]], bytes]) -> None:
+    path = store / "deletions.journal"
+    path.write_bytes(keep(path.read_bytes().split(b"\n")[:-1]))
+
+
+def edit_journal_line(lines: list[bytes]) -> bytes:
+    lines = list(lines)
+    lines[0] = lines[0].replace(b'"requested_at":"', b'"requested_at":"1')
+    return b"\n".join(lines) + b"\n"
+
+
+def swap_shard_dirs(store: Path) -> None:
+    """checkpoints/shard-000 and shard-001 trade places (a careless `mv`)."""
+    top = store / "checkpoints"
+    (top / "shard-000").rename(top / "swapping")
+    (top / "shard-001").rename(top / "shard-000")
+    (top / "swapping").rename(top / "shard-001")
+
+
+def insert_row(store: Path) -> str:
+    """A copy of a live record's row under a new id, inserted by SQL (its content digest is sound:
+    it does not cover the id); returns the new id."""
+    row = sql(store, "SELECT * FROM records WHERE deleted_at IS NULL ORDER BY id LIMIT 1")[0]
+    names = [r[1] for r in sql(store, "PRAGMA table_info(records)")]
+    values = dict(zip(names, row, strict=True))
+    values["id"] = "inserted-by-hand"
+    sql(store, f"INSERT INTO records ({','.join(names)}) VALUES ({','.join('?' * len(names))})",
+        [values[n] for n in names])
+    return "inserted-by-hand"
+
+
+def reset_receipt(store: Path) -> None:
+    """The last applied deletion set back to pending (its receipt and place in the chain kept)."""
+    sql(store, "UPDATE deletions SET status = 'pending', applied_at = NULL WHERE seq = "
+               "(SELECT MAX(seq) FROM deletions)")
+
+
+def restore_backup(store: Path, witness: bool) -> list[str]:
+    """A backup of the whole store directory taken, two deletions made (with a witness kept
+    beside the store, if asked), then the backup restored over the store; returns the ids
+    deleted after the backup."""
+    from sisa.api import Sisa
+    from sisa.config import StoreConfig
+
+    config = StoreConfig(witness=str(store.parent / WITNESS) if witness else None)
+    if witness:
+        Sisa.open(store, store_config=config).close()  # starts the witness
+    backup = store.parent / "backup"
+    shutil.copytree(store, backup)
+    ids = [r[0] for r in sql(store, "SELECT id FROM records WHERE deleted_at IS NULL ORDER BY id "
+                                    "LIMIT 2 OFFSET 20")]
+    with Sisa.open(store, store_config=config) as sisa:
+        for rid in ids:
+            sisa.forget([rid])
+    shutil.rmtree(store)
+    shutil.move(str(backup), store)
+    return ids
+
+
+def reseal_with_own_key(store: Path) -> None:
+    """In a store whose key is kept outside: a manifest edited, its sha256 registered, and the
+    registration re-sealed with a key of the writer's own (store.db holds none to read)."""
+    import os
+
+    edit_manifest(store, set_lr)
+    row = checkpoint(store, 0)
+    files = {**row.files, "manifest.json": hashlib.sha256((store / row.path / "manifest.json")
+                                                         .read_bytes()).hexdigest()}
+    reregister(store, row, files, row.sha256, key=os.urandom(32))
+
+
+# Why some damage has no command that heals it: the data to do so is gone from the store.
+RECORD_LOST = ("the record's content is lost (only its digest is left): forget it and add it again "
+               "from the source data")
+RECEIPT_LOST = ("a receipt is evidence given when its deletion was applied: an edited, removed or "
+                "reordered one cannot be made again (the deletions stand; the head kept elsewhere, or "
+                "the witness, shows what the chain was)")
+DB_LOST = ("the database is damaged: restore the store from a backup (with its witness, `recover` "
+           "then applies every later deletion again), or train it again from the source data")
 
 
 def _wal_cut(s: Path) -> None:
@@ -242,18 +391,21 @@ DAMAGES: list[Damage] = [
            store="lora"),
     Damage("adapter config: deleted (lora, live checkpoint)", "adapter",
            lambda s: live_file(s, "adapter/adapter_config.json").unlink(), FILE_WORDS, store="lora"),
-    Damage("record features: byte flipped by an SQL UPDATE", "records", sql_flip, ("content digest",)),
+    Damage("record features: byte flipped by an SQL UPDATE", "records", sql_flip, ("content digest",),
+           heal="", cannot_heal=RECORD_LOST),
     Damage("record features: bit rot in the database file", "records",
-           lambda s: bit_rot(s, "features"), ("content digest",)),
+           lambda s: bit_rot(s, "features"), ("content digest",), heal="", cannot_heal=RECORD_LOST),
     Damage("record text: bit rot in the database file (lora)", "records",
-           lambda s: bit_rot(s, "text"), ("content digest",), store="lora"),
+           lambda s: bit_rot(s, "text"), ("content digest",), store="lora", heal="", cannot_heal=RECORD_LOST),
     Damage("database page: records root page header flipped", "database",
-           lambda s: flip(s / DB, page_offset(s, "records"), 0xFF), DB_WORDS),
+           lambda s: flip(s / DB, page_offset(s, "records"), 0xFF), DB_WORDS, heal="", cannot_heal=DB_LOST),
     Damage("database page: an index page zeroed", "database",
-           lambda s: zero_page(s, "records_placement"), DB_WORDS),
-    Damage("database file: cut to half", "database", lambda s: cut_half(s / DB), DB_WORDS),
+           lambda s: zero_page(s, "records_placement"), DB_WORDS, heal="", cannot_heal=DB_LOST),
+    Damage("database file: cut to half", "database", lambda s: cut_half(s / DB), DB_WORDS, heal="",
+           cannot_heal=DB_LOST),
     Damage("database file: last page cut off", "database",
-           lambda s: truncate(s / DB, (s / DB).stat().st_size - 4096), DB_WORDS),
+           lambda s: truncate(s / DB, (s / DB).stat().st_size - 4096), DB_WORDS, heal="",
+           cannot_heal=DB_LOST),
     Damage("database page: a registered sha256 digit changed", "database", registered_digit,
            ("seal", "sha256", "corrupt")),
     Damage("WAL: last frame cut, after an acknowledged deletion", "WAL", _wal_cut, WAL_WORDS,
@@ -276,14 +428,19 @@ DAMAGES: list[Damage] = [
     Damage("manifest: lr edited, database updated and re-sealed with the key in store.db",
            "tampering", lambda s: edit_manifest(s, set_lr, register=True, reseal=True), ("seal",),
            gap="whoever can write store.db can read the ledger key in its meta table and re-seal "
-               "an edited registration (the key lives beside what it protects)"),
-    Damage("receipt: JSON edited (valid JSON)", "receipts", edit_receipt, ("receipt",)),
+               "an edited registration (the key lives beside what it protects): keep the key "
+               "outside the store (the same edit on such a store is caught)",
+           heal="", cannot_heal="nothing tells the forged registration from a sound one"),
+    Damage("receipt: JSON edited (valid JSON)", "receipts", edit_receipt, ("receipt",), heal="",
+           cannot_heal=RECEIPT_LOST),
     Damage("receipt: first row deleted", "receipts",
-           lambda s: sql(s, "DELETE FROM deletions WHERE seq = 1"), ("receipt",)),
+           lambda s: sql(s, "DELETE FROM deletions WHERE seq = 1"), ("receipt",), heal="",
+           cannot_heal=RECEIPT_LOST),
     Damage("receipt: last row deleted", "receipts",
            lambda s: sql(s, "DELETE FROM deletions WHERE seq = (SELECT MAX(seq) FROM deletions)"),
-           ("receipt", "ledger", "tombstone")),
-    Damage("receipt: sequence numbers swapped", "receipts", swap_seq, ("receipt",)),
+           ("receipt", "ledger", "tombstone"), heal="recover"),
+    Damage("receipt: sequence numbers swapped", "receipts", swap_seq, ("receipt",), heal="",
+           cannot_heal=RECEIPT_LOST),
     Damage("stray file in the store directory", "strays", lambda s: plant(s / "backup.csv"),
            ("not part of the store",)),
     Damage("stray file under checkpoints/", "strays", lambda s: plant(s / "checkpoints" / "notes.csv"),
@@ -293,6 +450,43 @@ DAMAGES: list[Damage] = [
     Damage("stray temporary directory under checkpoints/shard-000", "strays",
            lambda s: plant(s / "checkpoints" / "shard-000" / ".tmp-0123" / "weights.safetensors"),
            ("not registered",)),
+    Damage("checkpoint directories: two shards' swapped", "checkpoint files", swap_shard_dirs,
+           FILE_WORDS),
+    Damage("record: a row inserted by SQL (a copy of a live record under a new id)", "records",
+           insert_row, ("current records", "stale"), heal="repair"),
+    Damage("link: the live weights, to a copy outside the store", "links",
+           lambda s: link_away(s, checkpoint(s, 2).path + "/weights.safetensors"), ("symbolic link",)),
+    Damage("link: checkpoints/, to a copy outside the store", "links",
+           lambda s: link_away(s, "checkpoints"), ("symbolic link",)),
+    Damage("link: a shard's directory, to a copy outside the store", "links",
+           lambda s: link_away(s, "checkpoints/shard-001"), ("symbolic link",)),
+    Damage("link: the deletion journal, to a copy outside the store", "links",
+           lambda s: link_away(s, "deletions.journal"), ("symbolic link",)),
+    Damage("link: a directory inside a live checkpoint, to one outside", "links",
+           link_dir_in_checkpoint, ("symbolic link",)),
+    Damage("journal: removed", "journal", lambda s: (s / "deletions.journal").unlink(),
+           ("journal",), heal="recover"),
+    Damage("journal: cut to its first line", "journal",
+           lambda s: journal_lines(s, lambda lines: lines[0] + b"\n"), ("journal",), heal="recover"),
+    Damage("journal: its last line cut short", "journal",
+           lambda s: journal_lines(s, lambda lines: b"\n".join(lines[:-1]) + b"\n" + lines[-1][:20]),
+           ("journal",), heal="recover"),
+    Damage("journal: a line edited (valid JSON)", "journal",
+           lambda s: journal_lines(s, edit_journal_line), ("journal",), heal="recover"),
+    Damage("record: a deleted record's row inserted again", "records", reinsert_deleted,
+           ("live again",), heal="recover"),
+    Damage("receipt: the last applied deletion reset to pending", "receipts", reset_receipt,
+           ("pending",), heal="recover"),
+    Damage("backup: the whole store restored after two deletions, with a witness", "restore",
+           lambda s: restore_backup(s, witness=True), ("the database lacks it",), heal="recover"),
+    Damage("backup: the whole store restored after two deletions, no witness", "restore",
+           lambda s: restore_backup(s, witness=False), ("the database lacks it",), heal="",
+           gap="a store restored whole, journal included, is an older store: without a witness "
+               "(or the receipts' head kept elsewhere, `sisa receipts verify --expect`) nothing "
+               "tells it from one that never had the deletions",
+           cannot_heal="the deletions made after the backup are known nowhere but outside it"),
+    Damage("key outside: a manifest edited, registered and re-sealed with another key", "tampering",
+           reseal_with_own_key, ("seal",), store="keyed"),
 ]
 
 
