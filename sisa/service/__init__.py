@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sisa.config import TOKEN_ENV, ExecutionConfig, ServiceConfig
+from sisa.config import TOKEN_ENV, ExecutionConfig, ServiceConfig, StoreConfig
 from sisa.service.app import create_app
 from sisa.service.model import LiveModel, ModelVersion, adapter_id
 from sisa.service.service import Service
@@ -26,29 +26,31 @@ OnStart = Callable[[dict[str, Any]], None]
 
 
 def serve(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None,
-          on_start: OnStart | None = None) -> None:
+          on_start: OnStart | None = None, store_config: StoreConfig | None = None) -> None:
     """Serve a store over HTTP until interrupted: with uvicorn on `config.host`:`config.port`, or
     on Ray Serve with `config.ray`. `on_start` is called with `settings_summary` once the service
     listens. The deletion worker stops with it (a deletion it had not applied stays pending,
-    durable)."""
+    durable). `store_config`: where the store's key and witness are kept."""
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.ray:
         from sisa.service.ray_serve import serve_on_ray
 
-        serve_on_ray(store_dir, config, execution, on_start)
+        serve_on_ray(store_dir, config, execution, on_start, store_config)
         return
     import uvicorn
 
-    service = Service(store_dir, config, execution).start()
+    service = Service(store_dir, config, execution, store_config=store_config).start()
     try:
         listener = _listen(config.host, config.port)
         host, port = listener.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         if on_start is not None:
             on_start(settings_summary(store_dir, config, url))
+        # uvicorn's access log would record query strings: sisa's own logs routes only.
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=config.log_level,
-                                               server_header=False, timeout_graceful_shutdown=5))
+                                               access_log=False, server_header=False,
+                                               timeout_graceful_shutdown=5))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
             server.run(sockets=[listener])
     finally:

@@ -8,8 +8,10 @@ content. Deletion and admin routes need the bearer token; prediction routes too 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, which name
 # dependencies local to `create_app`.
 import hmac
+import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, Response
@@ -33,6 +35,7 @@ from sisa.service.model import Unavailable
 from sisa.service.service import Service
 
 log = logging.getLogger("sisa.service")
+access = logging.getLogger("sisa.access")
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -67,6 +70,14 @@ class DeletionIn(_Body):
     group: str | None = Field(None, min_length=1, description="A group id: delete all its records")
 
 
+# The API's own words (its fields, routes and choices): an error names them, and a request that
+# holds one is not quoted by that.
+_OWN_WORDS = frozenset({*PredictIn.model_fields, *GenerateIn.model_fields, *ScoreIn.model_fields,
+                        *DeletionIn.model_fields, "v1", "deletions", "predict", "generate", "score",
+                        "status", "healthz", "readyz", "metrics", "mean", "product", "pending",
+                        "applied", "failed", "limit", "body"})
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -86,8 +97,11 @@ _STATUS: list[tuple[type[SisaError], int, str]] = [
 ]
 
 
-class BodyLimit:
-    """Refuses (413) a request body over `limit` bytes, by its Content-Length or as it streams in."""
+class RequestGuard:
+    """Reads every request body whole before the app sees it, so one over `limit` bytes is `413`
+    however it is sent (a declared length or chunks), and keeps error answers from quoting the
+    request: an error body holding any string of the request (a value, an unknown key, a path
+    segment) is replaced by one that names the problem's code only."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -98,25 +112,91 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(scope, receive, send)
+            await _error(413, "body_too_large", self._text())(scope, receive, send)
             return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPError(413, "body_too_large", self._text())
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await _error(413, "body_too_large", self._text())(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        given = False
 
-        await self.app(scope, counted, send)
+        async def replay() -> Message:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        start: dict[str, Any] = {}
+        held: list[bytes] = []
+
+        async def guarded(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                if message["status"] < 400:
+                    await send(message)
+                return
+            if message["type"] != "http.response.body" or start.get("status", 200) < 400:
+                await send(message)
+                return
+            held.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            content = _unquoted(b"".join(held), body, scope)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(content)).encode())]})
+            await send({"type": "http.response.body", "body": content})
+
+        await self.app(scope, replay, guarded)
 
     def _text(self) -> str:
         return f"the request body is larger than {self.limit} bytes (the service's max_body_bytes)"
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _error(413, "body_too_large", self._text())(scope, receive, send)
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value: its values, and its objects' keys."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _unquoted(content: bytes, request_body: bytes, scope: Scope) -> bytes:
+    """An error body, or one naming no content of the request if it quoted any."""
+    try:
+        parsed = json.loads(request_body) if request_body else None
+    except ValueError:
+        parsed = request_body.decode("utf-8", "replace")
+    found = [*_strings(parsed), *str(scope.get("path", "")).split("/"),
+             *str(scope.get("query_string", b""), "utf-8", "replace").replace("&", "=").split("=")]
+    found = [f for f in found if len(f) >= 3 and f not in _OWN_WORDS]
+    text = content.decode("utf-8", "replace")
+    for value in found:
+        needles = {value[:24], json.dumps(value[:24])[1:-1], repr(value[:24])[1:-1]}
+        if any(n and n in text for n in needles):
+            try:
+                code = json.loads(content)["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                code = "invalid_request"
+            return json.dumps({"error": {"code": code, "message": (
+                f"the request was refused ({code}); the service never quotes a request's content, "
+                "so check each field against the API")}}).encode()
+    return content
 
 
 def create_app(service: Service) -> FastAPI:
@@ -194,10 +274,14 @@ def create_app(service: Service) -> FastAPI:
         finally:
             route = request.scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
+            seconds = time.perf_counter() - begun
             metrics.requests.labels(endpoint, request.method, str(status)).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - begun)
+            metrics.latency.labels(endpoint).observe(seconds)
+            # The access log: the route, never the path's values or the query string (a token
+            # sent as ?token=... would land in the log).
+            access.info("%s %s %d %.1f ms", request.method, endpoint, status, seconds * 1000)
 
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(RequestGuard, limit=config.max_body_bytes)
 
     # -- answers ---------------------------------------------------------------------------------
 
@@ -259,7 +343,7 @@ def create_app(service: Service) -> FastAPI:
     def deletion(request_id: str) -> dict[str, Any]:
         found = service.deletion(request_id)
         if found is None:
-            raise HTTPError(404, "unknown_deletion", f"no deletion request {request_id[:64]!r}")
+            raise HTTPError(404, "unknown_deletion", "no deletion request has that id")
         return found
 
     @app.get("/v1/deletions", dependencies=deleting, summary="Deletions, newest last")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -42,13 +42,15 @@ class ModelVersion:
 
     version: str  # digest of the (shard, weights sha256) pairs below
     shards: dict[int, str]  # shard -> sha256 of the weights that served
-    excluded: list[int]  # shards holding records that did not serve (a deletion pending, reloading)
+    excluded: list[int]  # shards holding records that did not serve (a deletion pending, damage)
+    why: dict[int, str] = field(default_factory=dict)  # excluded shard -> why it did not serve
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version,
                 "shards": {str(s): sha for s, sha in sorted(self.shards.items())},
                 "adapters": [adapter_id(s, sha) for s, sha in sorted(self.shards.items())],
-                "excluded_shards": self.excluded}
+                "excluded_shards": self.excluded,
+                "excluded_why": {str(s): w for s, w in sorted(self.why.items())}}
 
 
 class Unavailable(NoServableShardError):
@@ -132,4 +134,9 @@ class LiveModel:
                           self.sisa.excluded({}))
 
     def _version(self, used: dict[int, str]) -> ModelVersion:
-        return ModelVersion(model_version(used), dict(sorted(used.items())), self.sisa.excluded(used))
+        excluded = self.sisa.excluded(used)
+        why = {}
+        if excluded:  # read only when a shard sits out (rarely): the reasons cost a few queries
+            reasons = self.sisa.unservable()
+            why = {s: reasons.get(s, "it changed while the answer was computed") for s in excluded}
+        return ModelVersion(model_version(used), dict(sorted(used.items())), excluded, why)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sisa.api import Sisa
-from sisa.config import ExecutionConfig, ServiceConfig
+from sisa.config import ExecutionConfig, ServiceConfig, StoreConfig
 from sisa.execution import local_ray, require_loopback
 from sisa.service.app import create_app
 from sisa.service.service import Service
@@ -37,10 +37,12 @@ _RAY_POLL = 0.1  # seconds: how soon the driver's worker finds a deletion a repl
 class SisaReplica:
     """One Ray Serve replica: a `Service` without a worker, and its FastAPI app."""
 
-    def __init__(self, store_dir: str, settings: dict[str, Any], execution: dict[str, Any] | None) -> None:
+    def __init__(self, store_dir: str, settings: dict[str, Any], execution: dict[str, Any] | None,
+                 store: dict[str, Any] | None = None) -> None:
         _loopback_replica_server()
         self.service = Service(store_dir, ServiceConfig(**settings),
-                               ExecutionConfig(**execution) if execution else None, worker=False).start()
+                               ExecutionConfig(**execution) if execution else None, worker=False,
+                               store_config=StoreConfig(**store) if store else None).start()
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.service)
@@ -74,7 +76,8 @@ def _loopback_replica_server() -> None:
         replica.add_port_to_grpc_server = loopback
 
 
-def deploy(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None) -> str:
+def deploy(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None,
+           store_config: StoreConfig | None = None) -> str:
     """Deploy the service on the running Ray (Serve's proxy on `config.host`:`config.port`, with
     `config.replicas` replicas); returns the URL. Blocks until every replica is up."""
     from ray import serve
@@ -85,26 +88,29 @@ def deploy(store_dir: str | Path, config: ServiceConfig, execution: ExecutionCon
         serve.ingress()(SisaReplica))
     settings = asdict(config)
     serve.run(deployment.bind(str(Path(store_dir).resolve()), settings,
-                              asdict(execution) if execution else None),
+                              asdict(execution) if execution else None,
+                              asdict(store_config.resolved()) if store_config else None),
               name=APP_NAME, route_prefix="/")
     return f"http://{config.host}:{config.port}"
 
 
 @contextlib.contextmanager
 def ray_service(store_dir: str | Path, config: ServiceConfig,
-                execution: ExecutionConfig | None = None) -> Iterator[str]:
+                execution: ExecutionConfig | None = None,
+                store_config: StoreConfig | None = None) -> Iterator[str]:
     """Run the service on Ray Serve (a local Ray on 127.0.0.1, or the cluster at the execution
     config's `ray_address`), with the deletion worker in this process; yields the URL, and tears
     down what it started."""
     import ray
     from ray import serve
 
-    writer = Sisa.open(store_dir, execution) if config.deletions else None  # recovers first
+    writer = (Sisa.open(store_dir, execution, store_config=store_config)  # recovers first
+              if config.deletions else None)
     worker = (DeletionWorker(writer, config.batch_window, min(config.poll_interval, _RAY_POLL)).start()
               if writer is not None else None)
     try:
         with _ray(ray, execution.ray_address if execution is not None else None):
-            url = deploy(store_dir, config, execution)
+            url = deploy(store_dir, config, execution, store_config)
             try:
                 yield url
             finally:
@@ -133,13 +139,14 @@ def _ray(ray: Any, address: str | None) -> Iterator[None]:
 
 
 def serve_on_ray(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None,
-                 on_start: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_start: Callable[[dict[str, Any]], None] | None = None,
+                 store_config: StoreConfig | None = None) -> None:
     """`sisa serve --ray`: run until interrupted (SIGINT or SIGTERM), then tear down what it
     started: the deployment, a local Ray, the worker. `on_start`: as for `sisa.service.serve`."""
     def interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    with ray_service(store_dir, config, execution) as url:
+    with ray_service(store_dir, config, execution, store_config) as url:
         signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs its own
         log.info("serving %s on Ray Serve at %s with %d replica(s)", store_dir, url, config.replicas)
         if on_start is not None:

@@ -19,8 +19,16 @@ from typing import Any
 import numpy as np
 
 from sisa.api import Sisa
-from sisa.config import Combine, ExecutionConfig, ServiceConfig
-from sisa.errors import ConfigError, InputKindError, NoServableShardError, RecordError, SisaError
+from sisa.config import Combine, ExecutionConfig, ServiceConfig, StoreConfig
+from sisa.errors import (
+    ConfigError,
+    InputKindError,
+    NoServableShardError,
+    RecordError,
+    SisaError,
+    UnknownRecordError,
+)
+from sisa.records import FLOAT32_MAX, feature_problems
 from sisa.reports import Generation, ScoreReport
 from sisa.service.metrics import Metrics
 from sisa.service.model import LiveModel, ModelVersion
@@ -44,7 +52,8 @@ class Service:
     elsewhere (another `Service`'s, the Ray Serve driver's, or a CLI `sisa recover`)."""
 
     def __init__(self, store_dir: str | Path, config: ServiceConfig,
-                 execution: ExecutionConfig | None = None, worker: bool = True) -> None:
+                 execution: ExecutionConfig | None = None, worker: bool = True,
+                 store_config: StoreConfig | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
         self.started = time.time()
@@ -53,13 +62,13 @@ class Service:
         if config.deletions:
             # The writer first: where the worker runs, it finishes whatever a crash interrupted
             # before anything serves.
-            self.writer = Sisa.open(store_dir, execution, recover=worker)
+            self.writer = Sisa.open(store_dir, execution, recover=worker, store_config=store_config)
             if worker:
                 self.worker = DeletionWorker(self.writer, config.batch_window, config.poll_interval,
                                              self._after_run,
                                              lambda _exc: self.metrics.worker_failures.inc())
         self.reader = Sisa.open(store_dir, execution, recover=False, read_only=True,
-                                share_with=self.writer)
+                                share_with=self.writer, store_config=store_config)
         self.model = LiveModel(self.reader, config.on_pending, config.wait_timeout)
         self._ack_lock = threading.Lock()
         self._counted = 0  # checkpoints read, as counted in the metrics
@@ -109,6 +118,12 @@ class Service:
         for i, x in enumerate(inputs):
             if isinstance(x, str) or len(x) != width:
                 raise InputKindError(f"input {i}: this store's model takes rows of {width} numbers")
+        # The same rules as a file's rows: finite, and within float32 (the models compute in it).
+        finite, huge = feature_problems(np.asarray(inputs, dtype=np.float64).reshape(len(inputs), width))
+        for i, (ok, big) in enumerate(zip(finite, huge, strict=True)):
+            if not ok or big:
+                raise RecordError(f"input {i}: numbers must be finite and within float32's range "
+                                  f"(|x| <= {FLOAT32_MAX:.4g})")
 
     def predict(self, inputs: Sequence[Any]) -> Prediction:
         task = self.reader.task
@@ -161,8 +176,16 @@ class Service:
                               f"{self.config.max_deletion_ids}: split it")
         begun = time.perf_counter()
         with self._ack_lock:
-            # The ids in clear stay with the caller, not in this long-lived process's memory.
-            request = self.writer.request_deletion(ids, group, keep_ids=False)
+            try:
+                # The ids in clear stay with the caller, not in this long-lived process's memory.
+                request = self.writer.request_deletion(ids, group, keep_ids=False)
+            except UnknownRecordError:  # its message quotes the ids: name the field, count them
+                if group is not None:
+                    raise UnknownRecordError("group: no record has that group id; nothing was "
+                                             "deleted") from None
+                unknown = len(set(ids or ()) - set(self.writer.records(list(ids or ()))))
+                raise UnknownRecordError(f"ids: {unknown} of the {len(set(ids or ()))} ids are not in "
+                                         "the store; nothing was deleted") from None
         if request.request_id:
             self.metrics.ack_seconds.observe(time.perf_counter() - begun)
             self.metrics.acknowledged.inc()
@@ -233,10 +256,13 @@ class Service:
         }
 
     def ready(self) -> tuple[bool, str]:
-        """Whether an answer can be given now, and why not."""
+        """Whether an answer can be given now, and why not (the shards that may not serve, each
+        with why)."""
         if self.worker is not None and not self.worker.alive:
             return False, "the deletion worker is not running"
         live = self.model.servable()
+        out = self.reader.unservable()
+        why = "; ".join(f"shard {s}: {reason}" for s, reason in out.items())
         if not live:
-            return False, "no shard can serve: every shard is empty or has a deletion pending"
-        return True, f"{len(live)} shard(s) serving"
+            return False, "no shard can serve" + (f" ({why})" if why else "")
+        return True, f"{len(live)} shard(s) serving" + (f"; not serving: {why}" if why else "")
