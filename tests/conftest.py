@@ -5,11 +5,12 @@ makers and store helpers are the fault kit's (`sisa.testing`), which the benchma
 from __future__ import annotations
 
 import random
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -69,6 +70,32 @@ def assert_exact(sisa: Sisa, rows: list[dict[str, Any]], config: SisaConfig, spe
             assert torch.equal(mine[shard][name], theirs[shard][name]), (shard, name)
     assert live_shas(sisa) == live_shas(scratch)
     scratch.close()
+
+
+class Trained(NamedTuple):
+    """A small trained store (90 records, S=3, R=3) that tests copy before they change it."""
+
+    root: Path
+    rows: list[dict[str, Any]]
+    shas: dict[int, str]  # the live weights' sha256: a scratch training on `rows`
+    first: dict[tuple[int, int], str]  # (shard, slice) -> the first record there
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Trained:
+    root = tmp_path_factory.mktemp("base")
+    rows = make_rows(90)
+    with Sisa.train(root / "store", rows, small_config(), SPEC) as sisa:
+        first: dict[tuple[int, int], str] = {}
+        for r in sisa.live_records():
+            first.setdefault((r.shard, r.slice), r.id)
+        return Trained(root / "store", rows, live_shas(sisa), first)
+
+
+def copy_store(source: Path, tmp_path: Path, name: str = "store") -> Path:
+    """A copy of a store (its links kept as links)."""
+    shutil.copytree(source, tmp_path / name, symlinks=True)
+    return tmp_path / name
 
 
 @contextmanager

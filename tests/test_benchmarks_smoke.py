@@ -116,3 +116,19 @@ def test_serve_load_tiny_run_checks_every_answer(tmp_path):
     assert steady["stale_answers"] == deleting["stale_answers"] == 0
     assert deleting["ack_p50_ms"] > 0 and deleting["ack_to_applied_p50_s"] is not None
     assert "| store | serving | phase |" in (tmp_path / "serve" / "serve_load.md").read_text()
+
+
+def test_service_faults_tiny_run_counts_every_goal(tmp_path):
+    result = run_tiny("benchmarks.service_faults", tmp_path / "faults")
+    totals = result["totals"]
+    assert totals["answers_after_substitution"] > 0 and totals["kill_trials"] == 1
+    assert totals["answers_from_an_unverified_checkpoint"] == 0
+    assert totals["acknowledged_deletions_lost"] == 0 and totals["audits_failed"] == 0
+    assert totals["bad_inputs_tried"] == len(result["bad_inputs"]["statuses"])
+    assert totals["bad_inputs_answered_200"] == totals["error_bodies_quoting_the_request"] == 0
+
+
+def test_verify_cost_tiny_run_states_its_share(tmp_path):
+    result = run_tiny("benchmarks.verify_cost", tmp_path / "verify")
+    assert result["read_and_hash_seconds_per_gb"] > 0 and result["live_checkpoints_bytes"] > 0
+    assert 0 < result["predict_verify_share"] < 1 and 0 < result["forget_verify_share"] < 1

@@ -37,6 +37,21 @@ def test_cli_quick_start_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "stores" / "digits" / "store.db").is_file()
 
 
+def test_the_proving_sections_command_keeps_the_key_and_witness_outside(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = blocks("bash", "## Proving a deletion").strip()
+    argv = shlex.split(line.replace("~/.sisa", str(tmp_path / "keys")).replace("/backups",
+                                                                              str(tmp_path / "backups")))
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "backups").mkdir()
+    assert argv[:2] == ["sisa", "train"]
+    result = CliRunner().invoke(app, [*argv[1:], "--shards", "2", "--slices", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "keys" / "kept.key").is_file() and (tmp_path / "backups" / "kept.witness").is_file()
+    store_db = (tmp_path / "stores" / "kept" / "store.db").read_bytes()
+    assert bytes.fromhex((tmp_path / "keys" / "kept.key").read_text().strip()) not in store_db
+
+
 def test_library_quick_start_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = blocks("python", "## Quick start: the library")
@@ -75,20 +90,18 @@ def test_the_language_model_demo_runs_end_to_end(tmp_path):
 def test_serving_example_runs_as_written(tmp_path, monkeypatch):
     """The README's serving example: its `sisa serve` command as a fresh process (on a free port),
     and its client code against it."""
-    import socket
     import time
 
     import httpx
 
     from sisa import PartitionConfig, Sisa, SisaConfig
+    from sisa.testing import free_port
 
     monkeypatch.chdir(tmp_path)
     Sisa.train("stores/digits", "builtin:digits", SisaConfig(PartitionConfig(shards=4, slices=4))).close()
     commands = [line.split("  #")[0].strip() for line in blocks("bash", "## Serving over HTTP").splitlines()]
     subprocess.run(commands[0], shell=True, check=True)  # the token file
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     argv = shlex.split(commands[1].replace("8000", port))
     assert argv[:2] == ["sisa", "serve"]
     with open(tmp_path / "serve.log", "wb") as log:

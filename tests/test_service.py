@@ -211,13 +211,71 @@ def test_unknown_ids_change_nothing(served, store):
     before = store_snapshot(store)
     response = client.post("/v1/deletions", json={"ids": ["r0001", "no-such-id"]}, headers=AUTH)
     assert response.status_code == 404, response.text
-    assert response.json()["error"] == {
-        "code": "unknown_record", "message": "unknown record id(s), nothing was deleted: 'no-such-id'"}
+    assert response.json()["error"] == {  # the field and a count, never the ids
+        "code": "unknown_record", "message": "ids: 1 of the 2 ids are not in the store; nothing was deleted"}
     for body in ({}, {"ids": ["r0001"], "group": "u1"}, {"ids": []}, {"ids": "r0001"}):
         assert client.post("/v1/deletions", json=body, headers=AUTH).status_code == 422, body
     assert client.get("/v1/deletions/nope", headers=AUTH).status_code == 404
     assert store_snapshot(store) == before
     assert service.reader.pending() == []
+
+
+@pytest.mark.parametrize("row", [[1e39, 0, 0, 0], [-1e39, 0, 0, 0], [3.5e38, 0, 0, 0], [0, 0, 0, -3.5e38]])
+def test_inputs_beyond_float32_are_refused_as_the_cli_refuses_them(served, row):
+    _service, client = served
+    response = predict(client, [ROW, row])
+    assert response.status_code == 422, response.text
+    assert "input 1" in response.json()["error"]["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_413(served):
+    _service, client = served
+    big = b'{"inputs": [["' + b"x" * (2 << 20) + b'"]]}'  # 2 MB, sent in chunks with no length
+    streamed = client.post("/v1/predict", content=(big[i:i + 65536] for i in range(0, len(big), 65536)),
+                           headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("get", "/v1/deletions/' OR 1=1--", None),
+    ("get", "/v1/deletions/SECRET-REQUEST-ID", None),
+    ("post", "/v1/deletions", {"group": "SECRET-GROUP"}),
+    ("post", "/v1/deletions", {"ids": ["r0001", "SECRET-ID-0042"]}),
+    ("post", "/v1/predict", {"inputs": [[1, 2, 3, 4]], "SECRET-FIELD": 1}),
+    ("post", "/v1/predict", {"inputs": ["SECRET-TEXT"]}),
+    ("post", "/v1/generate", {"prompts": ["SECRET-PROMPT"]}),
+    ("post", "/v1/score", {"texts": ["SECRET-TEXT"], "prompts": ["SECRET-PROMPT"]}),
+])
+def test_no_error_body_quotes_the_request(served, method, path, body):
+    _service, client = served
+    response = getattr(client, method)(path, headers=AUTH, **({"json": body} if body is not None else {}))
+    assert 400 <= response.status_code < 500, response.text
+    assert "SECRET" not in response.text and "OR 1=1" not in response.text
+    assert response.json()["error"]["code"]
+
+
+def test_the_access_log_names_routes_never_values_or_query_strings(served, caplog):
+    _service, client = served
+    with caplog.at_level(logging.INFO, logger="sisa.access"):
+        client.get("/v1/deletions/secret-request-id?token=SECRET-TOKEN", headers=AUTH)
+        predict(client, params={"token": "SECRET-TOKEN"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "sisa.access"]
+    assert lines and any("/v1/deletions/{request_id}" in line for line in lines)
+    assert not any("SECRET" in line or "secret-request-id" in line for line in lines)
+
+
+def test_a_tampered_shard_sits_out_and_every_answer_says_why(served, store):
+    from sisa.testing.tamper import checkpoint, substitute_weights
+
+    _service, client = served
+    assert predict(client).json()["model"]["excluded_shards"] == []
+    other = (store / checkpoint(store, 1).path / "weights.safetensors").read_bytes()
+    substitute_weights(store, 0, other)  # another shard's weights, registered without the key
+    model = predict(client).json()["model"]
+    assert "0" not in model["shards"] and model["excluded_shards"] == [0]
+    assert "seal" in model["excluded_why"]["0"]
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and "shard 0" in ready["reason"] and "seal" in ready["reason"]
 
 
 def test_unknown_routes_and_methods_answer_json(served):

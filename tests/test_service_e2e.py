@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,17 +16,12 @@ import psutil
 
 from sisa import Sisa
 from sisa.service.staleness import Answer, Deletion, check
+from sisa.testing import free_port
 
 from .conftest import SPEC, make_rows, small_config
 
 TOKEN = "e2e-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(store: Path, port: int, log: Path) -> subprocess.Popen[bytes]:

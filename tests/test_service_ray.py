@@ -12,6 +12,7 @@ import pytest
 
 from sisa import Sisa
 from sisa.service.staleness import Answer, Deletion, check
+from sisa.testing import free_port
 
 from .conftest import SPEC, make_rows, small_config
 
@@ -78,13 +79,9 @@ print("REPORT " + json.dumps(report))
 
 
 def test_ray_serve_two_replicas_never_answer_stale_and_catch_up(tmp_path: Path) -> None:
-    import socket
-
     store = tmp_path / "store"
     Sisa.train(store, make_rows(150), small_config(), SPEC).close()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", _PROBE, str(store), str(port)], cwd=root,
                           capture_output=True, text=True, timeout=600)

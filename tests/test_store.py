@@ -19,7 +19,7 @@ from shard_store import (
 )
 from shard_store import files as store_files
 from shard_store.schema import SCHEMA_VERSION
-from sisa import CheckpointError, Sisa, StoreError
+from sisa import CheckpointError, NoServableShardError, Sisa, StoreError
 from sisa.checkpoint import FORMAT, Manifest
 
 from .conftest import SPEC
@@ -86,7 +86,7 @@ def test_an_interrupted_creation_is_named_and_replaced(tmp_path, rows, config):
 def test_checkpoint_files_round_trip_atomically(tmp_path):
     blobs = {"weights.safetensors": b"w" * 10, "manifest.json": b"{}", "adapter/config.json": b"{}"}
     digests = store_files.write_dir(tmp_path, "checkpoints/shard-000/slice-000-k", blobs)
-    assert store_files.read_files(tmp_path / "checkpoints/shard-000/slice-000-k", digests,
+    assert store_files.read_files(tmp_path, "checkpoints/shard-000/slice-000-k", digests,
                                   list(blobs)) == blobs
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # nothing half-written is left
     again = store_files.write_dir(tmp_path, "checkpoints/shard-000/slice-000-k", blobs)
@@ -100,14 +100,14 @@ def test_corrupt_missing_and_extra_files_are_named(tmp_path):
     digests = store_files.write_dir(tmp_path, "c", {"weights.safetensors": b"abcd", "manifest.json": b"{}"})
     (directory / "weights.safetensors").write_bytes(b"abce")
     with pytest.raises(CheckpointFileError, match=r"weights\.safetensors.*is corrupt"):
-        store_files.read_files(directory, digests, ["weights.safetensors"])
+        store_files.read_files(tmp_path, "c", digests, ["weights.safetensors"])
     (directory / "weights.safetensors").unlink()
     with pytest.raises(CheckpointFileError, match="is missing"):
-        store_files.verify_dir(directory, digests)
+        store_files.verify_dir(tmp_path, "c", digests)
     store_files.write_dir(tmp_path, "c", {"weights.safetensors": b"abcd", "manifest.json": b"{}"})
     (directory / "planted.bin").write_bytes(b"x")
     with pytest.raises(CheckpointFileError, match="unrecorded files"):
-        store_files.verify_dir(directory, digests)
+        store_files.verify_dir(tmp_path, "c", digests)
 
 
 def test_malformed_manifests_are_named():
@@ -129,8 +129,12 @@ def test_audit_and_serving_detect_a_corrupted_live_checkpoint(tmp_path, rows, co
     assert not result.ok
     assert any(v.shard == 1 and "corrupt" in v.problem and str(weights) in v.problem
                for v in result.violations)
-    with pytest.raises(CheckpointError, match="corrupt"):
-        sisa.ensemble()
+    # Verified as it is loaded: the damaged shard sits out (as a pending one does), saying why,
+    # and the others serve; asked for alone, nothing can serve.
+    assert sisa.ensemble().shards == [0, 2]
+    assert 1 not in sisa.servable() and "corrupt" in sisa.unservable()[1]
+    with pytest.raises(NoServableShardError, match="failed its verification"):
+        sisa.ensemble({1: row.sha256})
 
 
 def test_audit_catches_an_edited_manifest_and_a_planted_file(tmp_path, rows, config):
