@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+
+from sisa.testing import free_port
 
 SISA = [sys.executable, "-m", "sisa.cli"]
 
@@ -48,6 +52,51 @@ def sisa(*argv: str, check: bool = True) -> Timed:
     if check and proc.returncode != 0:
         raise RuntimeError(f"sisa {' '.join(argv[:3])} ... failed ({proc.returncode}): {errors[-2000:]}")
     return result
+
+
+class Serving:
+    """`sisa serve --store store *options` as a fresh process, its output appended to `log`,
+    started when /readyz answers one of `ready` (200 only: every shard servable; 503 too: up, some
+    shard sitting out). `startup` is the seconds from launch to that answer."""
+
+    def __init__(self, store: Path, log: Path, token: str, *options: str,
+                 ready: tuple[int, ...] = (200,), timeout: float = 600) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        argv = [*SISA, "serve", "--store", str(store), "--port", str(self.port),
+                "--log-level", "warning", *options]
+        started = time.perf_counter()
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "SISA_SERVE_TOKEN": token})
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sisa serve exited: {log.read_text()[-3000:]}")
+            if time.perf_counter() - started > timeout:
+                self.kill()
+                raise RuntimeError(f"sisa serve did not start in {timeout:.0f} s")
+            try:
+                if self.client.get("/readyz").status_code in ready:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.startup = time.perf_counter() - started
+
+    def stop(self) -> None:
+        """SIGINT, as Ctrl-C: a graceful shutdown; killed if it takes over a minute."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to tidy up."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(60)
 
 
 def write_table(path: Path, columns: dict[str, Any]) -> Path:

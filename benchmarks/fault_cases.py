@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.fault_kit import STORE, Fixture, killed_at, tree_digest
-from sisa import ExecutionConfig, LoraConfig, PartitionConfig, Sisa, SisaConfig
-from sisa.testing import TEXT_SPEC, make_text_rows, tiny_bert, write_csv
-from sisa.testing.tamper import DAMAGES, Damage, sql
+from benchmarks.fault_kit import CONFIG, STORE, Fixture, killed_at, tree_digest
+from sisa import ExecutionConfig, LoraConfig, PartitionConfig, Sisa, SisaConfig, StoreConfig
+from sisa.testing import SPEC, TEXT_SPEC, make_text_rows, tiny_bert, write_csv
+from sisa.testing.tamper import DAMAGES, KEY, Damage, sql
 
 
 @dataclass
@@ -73,7 +73,7 @@ def cases(fx: Fixture) -> list[Case]:
     use_by_kind: dict[str, Callable[[Path, Any], list[str]]] = {
         "checkpoint files": predict, "adapter": lora_predict, "records": same_shard_as_rotten,
         "database": status, "WAL": status, "tampering": predict, "receipts": verify,
-        "strays": recover}
+        "strays": recover, "links": recover, "journal": status, "restore": status}
     return [Case(d, use_by_name.get(d.name) or use_by_kind[d.kind]) for d in DAMAGES]
 
 
@@ -95,19 +95,25 @@ def _invoke(argv: list[str]) -> dict[str, Any]:
 def build_stores(fx: Fixture, with_lora: bool) -> dict[str, Path]:
     """The matrix's stores: `receipted` (two deletions applied), `wal` (a forget killed right
     after its acknowledgement committed, before the WAL was checkpointed: the acknowledgement is
-    only in store.db-wal), `lora` (a tiny LoRA store, if asked)."""
-    receipted = fx.work / "receipted"
+    only in store.db-wal), `keyed` (the receipted store's data, its key kept beside it), `lora`
+    (a tiny LoRA store, if asked). Each store is `<name>/store`, what is kept beside it next to it."""
+    receipted = fx.work / "receipted" / "store"
     shutil.copytree(fx.base, receipted)
     with Sisa.open(receipted) as sisa:
         sisa.forget(["r0001"])
         sisa.forget_group("u3")
-    wal = fx.work / "wal"
+    keyed = fx.work / "keyed" / "store"
+    with Sisa.train(keyed, fx.rows, CONFIG, SPEC,
+                    store_config=StoreConfig(key_file=str(keyed.parent / KEY))) as sisa:
+        sisa.forget(["r0001"])
+        sisa.forget_group("u3")
+    wal = fx.work / "wal" / "store"
     shutil.copytree(receipted, wal)
     run = killed_at(f"{STORE}.truncate_wal:before:1", "forget", "--store", str(wal), "r0010",
                     "--no-progress")
     if run.outcome != "killed" or not (wal / "store.db-wal").stat().st_size:
         raise RuntimeError(f"could not leave an acknowledgement in the WAL: {run.stderr[-2000:]}")
-    stores = {"receipted": receipted, "wal": wal}
+    stores = {"receipted": receipted, "wal": wal, "keyed": keyed}
     if with_lora:
         stores["lora"] = _lora_store(fx)
     return stores
@@ -122,31 +128,41 @@ def _lora_store(fx: Fixture) -> Path:
                         training=LoraConfig(model=model, epochs_per_slice=1, batch_size=8,
                                             learning_rate=1e-2, max_length=32, lora_r=2),
                         execution=ExecutionConfig(progress=False))
-    store = fx.work / "lora"
+    store = fx.work / "lora" / "store"
     Sisa.train(store, rows, config, TEXT_SPEC).close()
     return store
 
 
 def run_case(case: Case, source: Path, work: Path) -> dict[str, Any]:
-    """Damage a fresh copy of `source` as the case says; then `sisa audit` and the command that
-    meets the damage: did either name it, and did they leave the store as it was?"""
+    """Damage a fresh copy of `source` (and of what is kept beside it) as the case says; then
+    `sisa audit` and the command that meets the damage: did either name it, and did they leave
+    the store as it was? Then the command meant to heal it: is the audit clean after?"""
+    case_dir = work / "case"
+    shutil.rmtree(case_dir, ignore_errors=True)
+    case_dir.mkdir(parents=True)
+    if (source.parent / KEY).exists():
+        shutil.copy2(source.parent / KEY, case_dir / KEY)
     try:
-        return _run_case(case, source, work / "case")
+        return _run_case(case, source, case_dir / "store")
     except Exception as exc:  # a harness surprise: the case counts as not detected
         return {"case": case.name, "kind": case.kind, "detected": False, "by_audit": False,
                 "audit_exit": None, "command": "-", "command_exit": None, "traceback": False,
-                "unchanged_by_audit": False, "unchanged_by_command": False,
-                "error": f"harness error: {exc!r}"[:1000]}
+                "unchanged_by_audit": False, "unchanged_by_command": False, "healed": False,
+                "heal": case.damage.heal, "cannot_heal": case.damage.cannot_heal,
+                "gap": case.damage.gap, "error": f"harness error: {exc!r}"[:1000]}
+    finally:
+        shutil.rmtree(case_dir, ignore_errors=True)
 
 
 def _run_case(case: Case, source: Path, store: Path) -> dict[str, Any]:
     shutil.rmtree(store, ignore_errors=True)
     shutil.copytree(source, store)
     context = case.damage.damage(store)
+    flags = case.damage.flags(store)
     damaged = tree_digest(store)
-    audit = _invoke(["audit", "--store", str(store), "--json"])
+    audit = _invoke(["audit", "--store", str(store), "--json", *flags])
     after_audit = tree_digest(store)
-    argv = case.use(store, context)
+    argv = [*case.use(store, context), *flags]
     use = _invoke(argv)
     after_use = tree_digest(store)
     try:
@@ -171,11 +187,22 @@ def _run_case(case: Case, source: Path, store: Path) -> dict[str, Any]:
         "changed": sorted(k for k in set(damaged) | set(after_use)
                           if damaged.get(k) != after_use.get(k))[:5],
     }
+    out.update(heal=case.damage.heal, cannot_heal=case.damage.cannot_heal, gap=case.damage.gap,
+               healed=False)
+    if case.damage.heal:  # healed: the command exits 0 and the audit is clean after it
+        healing = _invoke([case.damage.heal, "--store", str(store), "--no-progress", *flags])
+        clean = _invoke(["audit", "--store", str(store), "--json", *flags])
+        out["healed"] = healing["exit"] == 0 and clean["exit"] == 0
+        out["heal_error"] = healing["error"][:300]
     if case.store == "wal":  # lost = still live once a writer has opened the store
         recovered = _invoke(["recover", "--store", str(store), "--no-progress"])
         with Sisa.open(store, recover=False, read_only=True) as sisa:
             out["acknowledged_deletion_lost"] = (
                 recovered["exit"] != 0
                 or sisa.records(["r0010"])["r0010"].deleted_at is None)
-    shutil.rmtree(store, ignore_errors=True)
+    if case.damage.kind == "restore" and "--witness" in flags:  # a deletion made after the backup
+        with Sisa.open(store, recover=False, read_only=True,
+                       store_config=StoreConfig(witness=flags[flags.index("--witness") + 1])) as sisa:
+            lost = [rid for rid, row in sisa.records(context or []).items() if row.deleted_at is None]
+        out["acknowledged_deletion_lost"] = bool(lost)
     return out

@@ -367,14 +367,18 @@ def summary(payload: dict[str, Any]) -> str:
     matrix = payload.get("corruption")
     if matrix:
         lines += ["", f"Corruption and tampering: {matrix['detected']} of {matrix['tried']} detected "
-                  f"({matrix['by_audit']} by the audit).", "",
-                  "| case | detected | audit | command (exit) | store left as it was |",
-                  "| --- | --- | --- | --- | --- |"]
+                  f"({matrix['by_audit']} by the audit); {matrix['healed']} of the "
+                  f"{matrix['healable']} with a remedy in the store healed to a passing audit.", "",
+                  "| case | detected | audit | command (exit) | store left as it was | healed by |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for c in matrix["cases"]:
+            heal = (f"{c['heal']}: {'yes' if c['healed'] else 'NO'}" if c.get("heal")
+                    else f"no remedy: {c.get('cannot_heal', '')}")
             lines.append(f"| {c['case']} | {'yes' if c['detected'] else 'NO'} | "
                          f"{'flags it' if c['by_audit'] else 'exit ' + str(c['audit_exit'])} | "
                          f"{c['command']} ({c['command_exit']}) | "
-                         f"{'yes' if c['unchanged_by_audit'] and c['unchanged_by_command'] else 'no'} |")
+                         f"{'yes' if c['unchanged_by_audit'] and c['unchanged_by_command'] else 'no'} | "
+                         f"{heal} |")
         if matrix["acknowledged_deletion_lost_in"]:
             lines += ["", "An acknowledged deletion was lost in: "
                       + "; ".join(matrix["acknowledged_deletion_lost_in"]) + "."]
@@ -420,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
             lost = [r["case"] for r in rows if r.get("acknowledged_deletion_lost")]
             matrix = {"tried": len(rows), "detected": sum(r["detected"] for r in rows),
                       "by_audit": sum(r["by_audit"] for r in rows),
+                      "healable": sum(bool(r.get("heal")) for r in rows),
+                      "healed": sum(bool(r.get("healed")) for r in rows),
                       "acknowledged_deletion_lost_in": lost, "cases": rows}
     finally:
         shutil.rmtree(work, ignore_errors=True)

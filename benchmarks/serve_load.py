@@ -19,9 +19,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.cli_kit import feature_flags, gaussian, sisa, write_table
+from benchmarks.cli_kit import Serving, feature_flags, gaussian, sisa, write_table
 from benchmarks.common import machine, write_json
 from sisa.service.staleness import Answer, Deletion, check
 from sisa.service.worker import ack_to_applied
@@ -40,12 +37,6 @@ from sisa.unlearning import DeletionReceipt
 
 TOKEN = "load-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_store(kind: str, root: Path, tiny: bool) -> tuple[Path, list[str], list[Any]]:
@@ -79,42 +70,17 @@ def build_store(kind: str, root: Path, tiny: bool) -> tuple[Path, list[str], lis
     return store, [r["id"] for r in texts], [r["text"] for r in held_out[:512]]
 
 
-class Server:
-    """`sisa serve` as a fresh process, its output in a file."""
-
-    def __init__(self, store: Path, root: Path, ray: bool, replicas: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / f"serve-{store.name}{'-ray' if ray else ''}.log"
-        argv = [sys.executable, "-m", "sisa.cli", "serve", "--store", str(store), "--port",
-                str(self.port), "--log-level", "warning", "--batch-window", "0.1", "--max-batch", "512"]
-        if ray:
-            argv += ["--ray", "--replicas", str(replicas), "--replica-cpus", str(1 / replicas)]
-        started = time.perf_counter()
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "SISA_SERVE_TOKEN": TOKEN})
-        self.client = httpx.Client(base_url=self.url, timeout=120)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sisa serve exited: {self.log.read_text()[-3000:]}")
-            try:
-                if self.client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.startup = time.perf_counter() - started
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def served(store: Path, root: Path, ray: bool, replicas: int) -> Serving:
+    """`sisa serve` up with every shard servable; under Ray, `replicas` replicas sharing one CPU."""
+    options = ["--batch-window", "0.1", "--max-batch", "512"]
+    if ray:
+        options += ["--ray", "--replicas", str(replicas), "--replica-cpus", str(1 / replicas)]
+    log = root / f"serve-{store.name}{'-ray' if ray else ''}.log"
+    log.unlink(missing_ok=True)
+    return Serving(store, log, TOKEN, *options)
 
 
-def phase(server: Server, inputs: list[Any], seconds: float, clients: int, batch: int,
+def phase(server: Serving, inputs: list[Any], seconds: float, clients: int, batch: int,
           ids: list[str], deletion_gap: float | None, seed: int) -> dict[str, Any]:
     """Clients predicting for `seconds`; with `deletion_gap`, a stream of deletions meanwhile, one
     at a time: a random live record, acknowledged, applied, then `deletion_gap` seconds of pause."""
@@ -200,7 +166,7 @@ def phase(server: Server, inputs: list[Any], seconds: float, clients: int, batch
     return out
 
 
-def _applied(server: Server, request_id: str, timeout: float = 600) -> dict[str, Any]:
+def _applied(server: Serving, request_id: str, timeout: float = 600) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = server.client.get(f"/v1/deletions/{request_id}", headers=AUTH).json()
@@ -266,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         for kind in args.stores.split(","):
             store, ids, inputs = build_store(kind, root, args.tiny)
-            server = Server(store, root, args.ray, args.replicas)
+            server = served(store, root, args.ray, args.replicas)
             try:
                 serving = f"ray serve, {args.replicas} replicas" if args.ray else "uvicorn"
                 run: dict[str, Any] = {"store": kind, "shards": 4, "serving": serving,
