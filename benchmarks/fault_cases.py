@@ -103,6 +103,7 @@ def build_stores(fx: Fixture, with_lora: bool) -> dict[str, Path]:
         sisa.forget(["r0001"])
         sisa.forget_group("u3")
     keyed = fx.work / "keyed" / "store"
+    keyed.parent.mkdir()  # the key file lives beside the store, outside it
     with Sisa.train(keyed, fx.rows, CONFIG, SPEC,
                     store_config=StoreConfig(key_file=str(keyed.parent / KEY))) as sisa:
         sisa.forget(["r0001"])
