@@ -35,9 +35,15 @@ class Timed:
 
 def sisa(*argv: str, check: bool = True) -> Timed:
     """`sisa argv` as a fresh process (stdout to a file: a pipe could block a large output)."""
+    return timed([*SISA, *argv], list(argv), check)
+
+
+def timed(command: list[str], argv: list[str] | None = None, check: bool = True) -> Timed:
+    """Any command as a fresh process, timed as `sisa` is (`argv`: what the result names)."""
+    argv = command if argv is None else argv
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        proc = subprocess.Popen([*SISA, *argv], stdout=out, stderr=err)
+        proc = subprocess.Popen(command, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -50,7 +56,8 @@ def sisa(*argv: str, check: bool = True) -> Timed:
         parsed = None
     result = Timed(list(argv), wall, usage.ru_maxrss / 1024, proc.returncode, parsed, errors)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"sisa {' '.join(argv[:3])} ... failed ({proc.returncode}): {errors[-2000:]}")
+        name = "sisa " if command[:len(SISA)] == SISA else ""
+        raise RuntimeError(f"{name}{' '.join(argv[:3])} ... failed ({proc.returncode}): {errors[-2000:]}")
     return result
 
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import sys
 import threading
 import urllib.parse
 import uuid
@@ -34,8 +35,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
-
-from sqlite_utils import Database
 
 from shard_store import files
 from shard_store.errors import (
@@ -74,6 +73,18 @@ from shard_store.schema import (
     keyed,
     migrate,
 )
+
+# sqlite-utils imports pandas where it is installed, only to give its Timestamp a column type (never
+# stored here: every table is declared in schema.py); that is a third of a second of every command.
+# Hidden while sqlite-utils loads, it is skipped, and imports as usual afterwards.
+_HIDE_PANDAS = "pandas" not in sys.modules and "sqlite_utils" not in sys.modules
+if _HIDE_PANDAS:
+    sys.modules["pandas"] = None  # type: ignore[assignment]  # None: `import pandas` fails
+try:
+    from sqlite_utils import Database
+finally:
+    if _HIDE_PANDAS:
+        del sys.modules["pandas"]
 
 DB_NAME = "store.db"
 LOCK_NAME = "writer.lock"

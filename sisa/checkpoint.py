@@ -140,8 +140,18 @@ class Checkpoint:
                                   f"not the registered {key!r}")
         checkpoint = cls(manifest, blobs[WEIGHTS],
                          {n: b for n, b in blobs.items() if n not in (WEIGHTS, MANIFEST)})
-        checkpoint.tensors(where)  # parse once, so a malformed file is named here, not later
+        checkpoint.check_weights(where)  # so a malformed file is named here, not later
         return checkpoint
+
+    def check_weights(self, where: str = "") -> None:
+        """Parse the weights file (its header, and every tensor's bytes against its dtype and
+        shape) without torch: the audit and the receipts, which read checkpoints, load no model."""
+        from safetensors import SafetensorError, deserialize
+
+        try:
+            deserialize(self.weights)  # what safetensors.torch.load parses before handing to torch
+        except (SafetensorError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint weights {where or self.key} are malformed: {exc}") from exc
 
     def tensors(self, where: str = "") -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError

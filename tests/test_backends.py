@@ -68,6 +68,32 @@ def test_soft_voting_is_the_mean_of_the_shard_models(tmp_path, tiny_model, text_
         np.testing.assert_allclose(per_shard[shard], alone.double().numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["mlp", *BACKENDS])
+def test_a_backend_is_known_before_it_is_built(tmp_path, tiny_model, text_rows, backend):
+    """A store opened for its audit or receipts builds no backend (no torch import): the name,
+    shape and fingerprint it uses then are the built backend's; a text store reopened that way
+    still encodes, audits and predicts as the one that trained it."""
+    from sisa import MLPConfig
+    from sisa.tasks import ModelSpec
+    from sisa.training import LazyBackend, backend_fingerprint, resolve_backend
+
+    training = MLPConfig() if backend == "mlp" else text_config(tiny_model, backend).training
+    built = resolve_backend(training, ModelSpec(num_classes=2, input_dim=4 if backend == "mlp" else None))
+    lazy = LazyBackend(training, built.spec)
+    assert backend_fingerprint(training) == lazy.fingerprint() == built.fingerprint()
+    assert (lazy.name, lazy.spec) == (built.name, built.spec)
+    assert (lazy.encoder is None) == (built.encoder is None)
+    if backend == "mlp":
+        return
+    config = text_config(tiny_model, backend)
+    texts = [r["text"] for r in text_rows[:6]]
+    with Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC) as trained:
+        expected = trained.predict_proba(texts)
+    with Sisa.open(tmp_path / "store", recover=False, read_only=True) as sisa:
+        assert sisa.verify_receipts().ok and sisa.audit().ok
+        np.testing.assert_array_equal(sisa.predict_proba(texts), expected)
+
+
 def test_head_embeddings_are_cached_and_never_recomputed(tmp_path, tiny_model, text_rows):
     config = text_config(tiny_model, "head")
     sisa = Sisa.train(tmp_path / "store", text_rows, config, TEXT_SPEC)

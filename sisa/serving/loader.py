@@ -12,6 +12,7 @@ The library (`Sisa.ensemble`), the HTTP service and Ray Serve replicas all load 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping
 
@@ -66,12 +67,14 @@ def store_fetch(store: ShardStore) -> Fetch:
 class Loader:
     """Servable models of one store's backend, for many threads at once (one reload at a time)."""
 
-    def __init__(self, backend: Backend, features: Features, seed: int, device: str,
-                 fetch: Fetch) -> None:
+    def __init__(self, backend: Backend, features: Features, seed: int,
+                 device: str | Callable[[], str], fetch: Fetch) -> None:
+        """`device`: where the models run, or how to find out when the first one loads (asking
+        whether there is a GPU imports torch, which a store opened for its audit never needs)."""
         self.backend = backend
         self.features = features
         self.seed = seed
-        self.device = device
+        self._device = device
         self.fetch = fetch
         self.reads = 0  # checkpoints fetched since start (a reload fetches only what changed)
         # (shard, weights sha256) -> why that checkpoint failed verification: it never serves.
@@ -79,6 +82,10 @@ class Loader:
         self._lock = threading.Lock()
         self._cache: dict[tuple[int, str], Checkpoint] = {}  # (shard, weights sha256) -> checkpoint
         self._ensemble: Ensemble | None = None
+
+    @functools.cached_property
+    def device(self) -> str:
+        return self._device() if callable(self._device) else self._device
 
     @property
     def loaded(self) -> dict[int, str]:

@@ -57,8 +57,14 @@ class Encoder(Protocol):
 class Backend(Protocol):
     name: str
     config: TrainingConfig
-    spec: ModelSpec  # the task's shape, resolved (e.g. the head's input is the embedding width)
-    encoder: Encoder | None  # a frozen encoder whose (cached) features replace the texts
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The task's shape, resolved (e.g. the head's input is the embedding width)."""
+
+    @property
+    def encoder(self) -> Encoder | None:
+        """A frozen encoder whose (cached) features replace the texts, or None."""
 
     def fingerprint(self) -> str:
         """Digest of external artifacts the weights depend on (a base model); '' if none."""
