@@ -87,7 +87,7 @@ def run_stream(name: str, store: Path, rows: list[dict[str, Any]], test: list[di
                config: SisaConfig, spec: DataSpec, requests: list[list[str]]) -> dict[str, Any]:
     sisa = Sisa.train(store, rows, config, spec)
     report = sisa.training_report_
-    _, test_inputs, test_labels = sisa.load_inputs(test)
+    _, test_inputs, test_labels = sisa.load_inputs(test, labelled=True)
 
     def accuracy() -> float:
         predicted = sisa.predict(test_inputs)

@@ -41,7 +41,9 @@ from sisa.errors import (
     name_some,
 )
 from sisa.features import Features
+from sisa.inputs import model_input
 from sisa.intake import Placer
+from sisa.models import prepare_model
 from sisa.records import Batch, Ingest, load_records, paused_gc, refuse_new_columns, unused_columns, wanted
 from sisa.reports import (
     AuditReport,
@@ -59,7 +61,7 @@ from sisa.shard_data import ShardData
 from sisa.sources import rows_of
 from sisa.status import CONFIG_DIGEST, quick_status, servable, store_errors, store_status
 from sisa.tasks import ClassificationTask, LanguageModelingTask, ModelSpec, task_from_meta
-from sisa.training import resolve_backend
+from sisa.training import LazyBackend, resolve_backend
 from sisa.training.protocol import Backend, ShardModel
 from sisa.unlearning import (
     DeletionManager,
@@ -174,13 +176,15 @@ class Sisa:
         self.config = config if execution is None else config.replace(execution=execution)
         self.data_spec = DataSpec(**store.get_meta("data_spec"))
         self.task = task_from_meta(store.get_meta("task"))
-        self._backend = backend or resolve_backend(self.config.training,
-                                                   ModelSpec(**store.get_meta("model_spec")))
-        self._features = Features(store, self._backend.encoder, progress)
+        # Built on first use: the audit, the receipts and the status need no model (nor torch).
+        self._backend = backend or LazyBackend(self.config.training,
+                                               ModelSpec(**store.get_meta("model_spec")))
+        self._features = Features(store, self._backend, progress)
         self._manager = DeletionManager(store, self.task, self._backend, self._features, self.config,
                                         config_digest(self.config, self._backend), progress)
         self._loader = Loader(self._backend, self._features, self.config.partition.seed,
-                              serving_device(self.config.execution), store_fetch(store))
+                              functools.partial(serving_device, self.config.execution),
+                              store_fetch(store))
         self.training_report_ = TrainingReport()  # what `train` did (nothing, for a store opened)
         self.recovered_: list[DeletionReceipt] = []
         # Damage that opening (recovering) found and did not build on: the rest was recovered.
@@ -256,6 +260,7 @@ class Sisa:
         source, spec = data_source(source, spec)
         spec = _check_data(config, spec)
         begun = time.perf_counter()
+        prepare_model(getattr(config.training, "model", None), progress)  # a packaged model, once
         probe = _probe_backend(config, spec)  # a bad model fails here, before anything is written
         backend_seconds = time.perf_counter() - begun
         ingest = Ingest(source, spec)
@@ -673,37 +678,61 @@ class Sisa:
         """shard -> weights sha256 of the models loaded to serve."""
         return self._loader.loaded
 
-    def load_inputs(self, source: Any) -> tuple[list[str], list[Any], list[str | None]]:
-        """Ids, model inputs and (where present) labels of records to predict on (all in memory:
-        `input_batches` reads a large input a chunk at a time)."""
-        records = load_records(*data_source(source, self.data_spec), require_target=False)
+    def load_inputs(self, source: Any,
+                    labelled: bool = False) -> tuple[list[str], list[Any], list[str | None]]:
+        """Ids (row numbers where the input has none), model inputs and, where `labelled`, labels
+        of records to predict on (all in memory: `input_batches` reads a large input a chunk at a
+        time)."""
+        records = load_records(*data_source(source, self.data_spec), require_target=False,
+                               labelled=labelled)
         return [r.id for r in records], [r.input for r in records], [r.target for r in records]
 
-    def input_batches(self, source: Any) -> Iterator[Batch]:
-        """Validated records to predict on, a chunk at a time (numeric inputs as one array); a
-        problem anywhere in the input raises once all of it was read."""
-        return iter(Ingest(*data_source(source, self.data_spec), require_target=False))
+    def input_batches(self, source: Any, labelled: bool = False) -> Iterator[Batch]:
+        """Validated records to predict on (with their labels where `labelled`), a chunk at a
+        time (numeric inputs as one array); a problem anywhere in the input raises once all of it
+        was read. Only the model's input columns must be there: an id is carried where present."""
+        return iter(Ingest(*data_source(source, self.data_spec), require_target=False,
+                           labelled=labelled))
 
-    def predict_proba(self, inputs: Sequence[Any] | np.ndarray) -> np.ndarray:
-        """Class probabilities (columns in `classes_` order); argmax is always `predict`."""
+    def predict_proba(self, inputs: Any) -> np.ndarray:
+        """Class probabilities (columns in `classes_` order); argmax is always `predict`.
+        `inputs`: a pandas DataFrame (or any table) or a list of dicts, whose columns are matched
+        by name to `feature_names_in_`; a numpy array or a list of rows of `n_features_in_`
+        numbers; or a list of texts."""
+        return self._proba(model_input(inputs, self.data_spec))
+
+    def predict(self, inputs: Any) -> list[str]:
+        """The predicted class of each input (`inputs` as for `predict_proba`)."""
+        classes = self.classes_
+        return [classes[i] for i in self.predict_proba(inputs).argmax(axis=-1)]
+
+    def _proba(self, inputs: list[str] | np.ndarray) -> np.ndarray:
         task = self._classifier()
         return task.predict_proba(self.ensemble().shard_proba(inputs), self.config.voting)
 
-    def predict(self, inputs: Sequence[Any] | np.ndarray) -> list[str]:
-        task = self._classifier()
-        indices = task.predict(self.ensemble().shard_proba(inputs), self.config.voting)
-        return [task.classes[i] for i in indices]
-
     @_mapped
     def predictions(self, source: Any) -> Iterator[list[dict[str, Any]]]:
-        """Predictions for a file or table of records, a chunk at a time: each row's id, predicted
-        class and every class's probability."""
+        """Predictions for a file or table of records, a chunk at a time: each row's id (or, where
+        the input has no id column, its row as error messages name it), predicted class and every
+        class's probability."""
         classes = self.classes_
         for batch in self.input_batches(source):
-            proba = self.predict_proba(batch.inputs)
-            yield [{"id": i, "prediction": classes[int(row.argmax())],
-                    "probabilities": {c: round(float(v), 6) for c, v in zip(classes, row, strict=True)}}
-                   for i, row in zip(batch.ids, proba, strict=True)]
+            proba = self._proba(batch.inputs)
+            key, names = ("id", batch.ids) if batch.has_ids else ("row", batch.rows)
+            best = proba.argmax(axis=1).tolist() if len(proba) else []
+            yield [{key: i, "prediction": classes[b],
+                    "probabilities": dict(zip(classes, row, strict=True))}
+                   for i, b, row in zip(names, best, np.round(proba, 6).tolist(), strict=True)]
+
+    @_mapped
+    def prediction_lines(self, source: Any) -> Iterator[list[str]]:
+        """`predictions(source)` as JSON text, one object per prediction, a chunk at a time; made
+        from the probabilities without building the objects (a million rows are a few seconds of
+        formatting, not tens). A probability that is not a number (a diverged model) is null."""
+        classes = self.classes_
+        for batch in self.input_batches(source):
+            key, names = ("id", batch.ids) if batch.has_ids else ("row", batch.rows)
+            yield json_predictions(key, names, classes, self._proba(batch.inputs))
 
     @_mapped
     def write_predictions(self, source: Any, output: str | Path) -> int:
@@ -715,8 +744,8 @@ class Sisa:
         written = 0
         try:
             with sink.open("w") as handle:
-                for chunk in self.predictions(source):
-                    handle.write("".join(json.dumps(r) + "\n" for r in chunk))
+                for chunk in self.prediction_lines(source):
+                    handle.write("\n".join(chunk) + "\n" if chunk else "")
                     written += len(chunk)
             sink.replace(output)
         finally:
@@ -730,7 +759,7 @@ class Sisa:
         ensemble = self.ensemble()
         parts: list[dict[int, np.ndarray]] = []
         labels: list[str | None] = []
-        for batch in self.input_batches(source):
+        for batch in self.input_batches(source, labelled=True):
             labels += batch.targets
             parts.append(ensemble.shard_proba(batch.inputs))
         y = task.labels(labels)
@@ -870,6 +899,29 @@ class Sisa:
         each live checkpoint matches its shard's records, and that nothing unregistered is on
         disk."""
         return audit(self._store, self._manager)
+
+
+def json_predictions(key: str, names: Sequence[Any], classes: Sequence[str],
+                     proba: np.ndarray) -> list[str]:
+    """Each row's `{key: name, "prediction": class, "probabilities": {class: p}}` as the JSON
+    `json.dumps` writes, p rounded to 6 decimals; made with one template (a float's repr is its
+    JSON). A row with a probability that is not finite takes `json.dumps`, with null for it."""
+    labels = [json.dumps(c) for c in classes]
+    escaped = [label.replace("%", "%%") for label in labels]
+    template = (f'{{{json.dumps(key)}: %s, "prediction": %s, "probabilities": {{'
+                + ", ".join(f"{label}: %r" for label in escaped) + "}}")
+    best = proba.argmax(axis=1).tolist() if len(proba) else []
+    finite = np.isfinite(proba).all(axis=1).tolist()
+    rounded = np.round(proba, 6).tolist()
+    numbered = key == "row"  # row numbers are ints: their JSON is their str
+    out = []
+    for name, b, ok, row in zip(names, best, finite, rounded, strict=True):
+        if ok:
+            out.append(template % (name if numbered else json.dumps(name), labels[b], *row))
+        else:
+            out.append(json.dumps({key: name, "prediction": classes[b], "probabilities": {
+                c: v if math.isfinite(v) else None for c, v in zip(classes, row, strict=True)}}))
+    return out
 
 
 def _perplexity(logprob: float, tokens: int) -> float:

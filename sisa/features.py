@@ -18,20 +18,27 @@ from sisa.errors import InputKindError
 from sisa.records import input_digest
 
 if TYPE_CHECKING:
-    from sisa.training.protocol import Encoder
+    from sisa.training.protocol import Backend, Encoder
 
-# The library's progress hook: progress(description, total) returns a tick, called per item done.
+# The library's progress hook: progress(description, total) returns a tick, called once per item
+# done; an item that is a str says where the work is now (a renderer shows it by the description).
 Progress = Callable[[str, int], Callable[[Any], None]]
 
 
 class Features:
     """Model inputs of records: cached encoder embeddings, or the inputs themselves."""
 
-    def __init__(self, store: ShardStore, encoder: Encoder | None,
+    def __init__(self, store: ShardStore, backend: Backend,
                  progress: Progress | None = None) -> None:
         self.store = store
-        self.encoder = encoder
+        self.backend = backend
         self.progress = progress
+
+    @property
+    def encoder(self) -> Encoder | None:
+        """The backend's frozen encoder, or None; asked for only when inputs are featurised (a
+        store opened for its audit builds no model)."""
+        return self.backend.encoder
 
     def model_inputs(self, inputs: Sequence[Any] | np.ndarray,
                      contexts: Sequence[str | None] | None = None) -> Any:
@@ -57,21 +64,30 @@ class Features:
             encoder.fingerprint, encoder.dim, digests,
             lambda missing, tick: [a.astype("<f4").tobytes()
                                    for a in encoder.lower([examples[index[d]] for d in missing], tick)],
-            "running the frozen layers")
+            f"frozen layers of {_short(encoder.config.model)} on {{n}} texts")
         lower = [np.frombuffer(v, dtype="<f4").reshape(-1, encoder.dim) for v in vectors]
         return encoder.inputs(examples, lower)
 
     def _cached(self, model: str, dim: int, digests: list[str],
                 compute: Callable[[list[str], Callable[[int], None] | None], list[bytes]],
                 description: str) -> list[bytes]:
-        """The cached vectors of these input digests, computing (and caching) only the misses."""
+        """The cached vectors of these input digests, computing (and caching) only the misses.
+        `description` names the work, `{n}` standing for how many inputs it computes."""
         cached = self.store.get_embeddings(model, digests)
         missing = list(dict.fromkeys(d for d in digests if d not in cached))
         if missing:
-            tick = None
+            tick: Callable[[int], None] | None = None
             if self.progress is not None:
-                bar = self.progress(description, len(missing))
-                tick = lambda _i: bar(None)  # noqa: E731 - one tick per input
+                bar = self.progress(description.format(n=len(missing)), len(missing))
+                ticked = [0]
+
+                def count(done: int) -> None:  # the encoders count the inputs done so far
+                    for _ in range(done - ticked[0]):
+                        bar(None)
+                    ticked[0] = max(ticked[0], done)
+
+                tick = count
+
             new = dict(zip(missing, compute(missing, tick), strict=True))
             self.store.put_embeddings(model, dim, new)
             cached.update(new)
@@ -91,7 +107,29 @@ class Features:
             encoder.fingerprint, encoder.dim, digests,
             lambda missing, tick: [v.astype("<f4").tobytes()
                                    for v in encoder.encode([first[d] for d in missing], tick)],
-            "encoding texts")
+            f"encoding {{n}} texts with {_short(encoder.model_name)}")
         if not digests:
             return np.zeros((0, encoder.dim), dtype=np.float32)
         return np.stack([np.frombuffer(v, dtype="<f4") for v in vectors])
+
+
+def _short(model: str) -> str:
+    """A model's name as a person calls it (a directory's last part)."""
+    return model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def counter(progress: Progress | None, description: str) -> Callable[[int, int], None] | None:
+    """An `on_progress(done, total)` callback for work that counts its own steps: it opens a bar
+    of `progress` on its first call and ticks it up to `done` (None without `progress`)."""
+    if progress is None:
+        return None
+    state: dict[str, Any] = {"tick": None, "done": 0}
+
+    def on_progress(done: int, total: int) -> None:
+        if state["tick"] is None:
+            state["tick"] = progress(description, total)
+        for _ in range(done - state["done"]):
+            state["tick"](None)
+        state["done"] = max(state["done"], done)
+
+    return on_progress

@@ -17,6 +17,8 @@ from sisa.records import Batch, check_counts, empty_shards
 # Inputs (feature bytes, text) a new store's placed records may hold in memory for its first
 # training, which then need not read back and re-check what was just written and digested.
 KEEP_BYTES = 1 << 30
+# Shards whose sizes differ by more than this factor under grouped placement get a warning.
+IMBALANCE = 2.0
 
 
 class Placer:
@@ -88,10 +90,20 @@ class Placer:
         return empty_shards(self.shards, self.partition.shards)
 
     def warnings(self) -> list[str]:
-        """What a user should know about the placement: shards that received no record."""
+        """What a user should know about the placement: shards that received no record, and,
+        where groups are placed whole, shards whose sizes differ by more than IMBALANCE times
+        (a shard with more records weighs as much in the vote, and costs more to retrain)."""
+        out = []
         empty = self.empty_shards()
-        if not empty:
-            return []
-        return [f"{len(empty)} of {self.partition.shards} shards received no record (shards "
-                f"{name_some(empty)}): they train on nothing and never serve; fewer shards would "
-                "use the data better"]
+        if empty:
+            out.append(f"{len(empty)} of {self.partition.shards} shards received no record (shards "
+                       f"{name_some(empty)}): they train on nothing and never serve; fewer shards "
+                       "would use the data better")
+        sizes = [self.shards[s] for s in range(self.partition.shards) if self.shards[s]]
+        if self.groups and len(sizes) > 1 and max(sizes) > IMBALANCE * min(sizes):
+            listed = ", ".join(f"{s}: {self.shards[s]}" for s in range(self.partition.shards))
+            out.append(f"grouped placement left the shards uneven (records per shard {listed}; the "
+                       f"largest is {max(sizes) / min(sizes):.1f}x the smallest): a group stays in "
+                       "one shard, so a few large groups unbalance them; fewer shards, or smaller "
+                       "groups, even them out")
+        return out

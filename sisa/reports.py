@@ -59,6 +59,8 @@ class StatusReport(_Dict):
     model_version: str  # digest of the live checkpoints that serve
     key_outside: bool = False  # the ledger key is kept outside the store
     witnessed: bool = False  # a witness outside the store was checked
+    data_spec: dict[str, Any] = field(default_factory=dict)  # the columns training read
+    reads: list[str] = field(default_factory=list)  # the columns a prediction's input needs
 
 
 @dataclass(frozen=True)

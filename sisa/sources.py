@@ -1,5 +1,5 @@
 """Reading input records in chunks, as columns: csv, json(l) and parquet files through Arrow, a
-`datasets.Dataset`, a `pyarrow.Table`, or a list of dicts.
+`datasets.Dataset`, a `pyarrow.Table`, a pandas DataFrame, or a list of dicts.
 
 A chunk holds the wanted columns as Python lists and the numeric features as one float64 array
 (NaN where a value is missing or not a number), so validation, digests and placement work on whole
@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,12 +130,34 @@ def _rows_chunk(start: int, rows: Sequence[Mapping[str, Any]], wanted: Wanted) -
                          arrow=False)
 
 
+class Numbering(NamedTuple):
+    """How a message names an input row so that the user finds it: a file's line (1-based, the
+    header counted), a JSON array's record (1-based), an in-memory table's position (0-based, as
+    `df.iloc` and a list index count)."""
+
+    unit: str
+    units: str
+    first: int  # the number of the input's first row
+
+    def name(self, rows: Sequence[int]) -> str:
+        """`rows`: input row numbers (0-based), as this numbering names them."""
+        return f"{self.unit if len(rows) == 1 else self.units} {', '.join(str(r + self.first) for r in rows)}"
+
+
+POSITIONS = Numbering("index", "indices", 0)
+CSV_LINES = Numbering("line", "lines", 2)
+JSON_LINES = Numbering("line", "lines", 1)
+JSON_RECORDS = Numbering("record", "records", 1)
+PARQUET_ROWS = Numbering("row", "rows", 1)
+
+
 class Source:
     """An input opened for reading: its column names, then its chunks (read once)."""
 
-    def __init__(self, columns: list[str], chunks: Iterator[Chunk]):
+    def __init__(self, columns: list[str], chunks: Iterator[Chunk], numbering: Numbering = POSITIONS):
         self.columns = columns
         self._chunks = chunks
+        self.numbering = numbering
 
     def chunks(self) -> Iterator[Chunk]:
         return self._chunks
@@ -151,11 +175,18 @@ def _rows_chunks(rows: Sequence[Mapping[str, Any]], wanted: Wanted, rows_per_chu
         yield _rows_chunk(start, rows[start:start + rows_per_chunk], wanted)
 
 
+def is_data_frame(source: Any) -> bool:
+    """A pandas DataFrame (duck-typed: pandas is not imported for it)."""
+    return all(hasattr(source, a) for a in ("columns", "iloc", "dtypes", "to_numpy"))
+
+
 def open_source(source: Any, wanted: Wanted, rows_per_chunk: int = CHUNK_ROWS) -> Source:
-    """Open a local csv/json(l)/parquet file, a `datasets.Dataset`, a `pyarrow.Table` or a list of
-    dicts; an unreadable file is a `RecordError` naming it and why."""
+    """Open a local csv/json(l)/parquet file, a `datasets.Dataset`, a `pyarrow.Table`, a pandas
+    DataFrame or a list of dicts; an unreadable file is a `RecordError` naming it and why."""
     if isinstance(source, (str, Path)):
         return _open_file(Path(source), wanted)
+    if is_data_frame(source):
+        source = frame_table(source)
     table = getattr(getattr(source, "data", None), "table", None)  # a datasets.Dataset
     if table is None and hasattr(source, "to_batches") and hasattr(source, "schema"):
         table = source  # a pyarrow.Table
@@ -169,8 +200,60 @@ def open_source(source: Any, wanted: Wanted, rows_per_chunk: int = CHUNK_ROWS) -
     return Source(columns, _rows_chunks(rows, wanted, rows_per_chunk))
 
 
+def frame_table(frame: Any) -> Any:
+    """A pandas DataFrame as a `pyarrow.Table` (its index dropped: rows are named by position);
+    column names become text. A column Arrow cannot convert (mixed objects) is named."""
+    import pyarrow as pa
+
+    frame = frame.rename(columns=str) if not all(isinstance(c, str) for c in frame.columns) else frame
+    twice = sorted(c for c, n in Counter(frame.columns).items() if n > 1)
+    if twice:
+        raise RecordError(f"the DataFrame has duplicate column names: {twice}")
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        columns = {}
+        for name in frame.columns:  # column by column, as Python values: validation names them
+            try:
+                columns[name] = pa.array(frame[name], from_pandas=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                columns[name] = pa.array([_plain(v) for v in frame[name].tolist()], type=pa.string())
+        return pa.table(columns)
+
+
+def _plain(value: Any) -> str | None:
+    """A value of a mixed-type DataFrame column as text (None stays missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value)
+
+
+# Arrow's CSV parser quotes the offending row ("Expected 3 columns, got 4: a,b,c,d"): a message
+# must not carry a record's content, so it becomes the row's line number and the counts.
+_RAGGED = re.compile(r"Expected (\d+) columns?, got (\d+)")
+
+
 def _unreadable(path: Path, exc: BaseException) -> RecordError:
+    ragged = _RAGGED.search(str(exc)) if path.suffix.lower() == ".csv" else None
+    if ragged:
+        line = _ragged_line(path, int(ragged.group(1)))
+        where = f"line {line}" if line else "a row"
+        return RecordError(f"cannot read {str(path)!r}: {where} has {ragged.group(2)} fields where "
+                           f"the header has {ragged.group(1)} (a quote or a delimiter out of place?)")
     return RecordError(f"cannot read {str(path)!r}: {type(exc).__name__}: {exc}")
+
+
+def _ragged_line(path: Path, width: int) -> int | None:
+    """The line number of the first row whose field count differs from the header's."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if row and len(row) != width:
+                    return reader.line_num
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return None
 
 
 def _open_file(path: Path, wanted: Wanted) -> Source:
@@ -216,7 +299,7 @@ def _open_csv(path: Path, wanted: Wanted) -> Source:
         path, read_options=pacsv.ReadOptions(block_size=CHUNK_BYTES),
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in present},
                                              include_columns=present, strings_can_be_null=False))
-    return Source(header, _guarded(path, _table_chunks(iter(reader), wanted)))
+    return Source(header, _guarded(path, _table_chunks(iter(reader), wanted)), CSV_LINES)
 
 
 def _open_parquet(path: Path, wanted: Wanted) -> Source:
@@ -226,7 +309,7 @@ def _open_parquet(path: Path, wanted: Wanted) -> Source:
     names = list(parquet.schema_arrow.names)
     present = [c for c in (*wanted.scalars, *wanted.features) if c in names]
     batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=present)
-    return Source(names, _guarded(path, _table_chunks(batches, wanted)))
+    return Source(names, _guarded(path, _table_chunks(batches, wanted)), PARQUET_ROWS)
 
 
 def _open_json(path: Path, wanted: Wanted) -> Source:
@@ -237,7 +320,7 @@ def _open_json(path: Path, wanted: Wanted) -> Source:
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise RecordError(f"cannot read {str(path)!r}: a JSON array of objects was expected")
         columns = list(dict.fromkeys(key for row in rows for key in row))
-        return Source(columns, _rows_chunks(rows, wanted, CHUNK_ROWS))
+        return Source(columns, _rows_chunks(rows, wanted, CHUNK_ROWS), JSON_RECORDS)
     import pyarrow as pa
     import pyarrow.json as pj
 
@@ -246,7 +329,7 @@ def _open_json(path: Path, wanted: Wanted) -> Source:
         columns = list(reader.schema.names)
     except pa.ArrowInvalid:  # types vary within the first block: Python reads it all
         reader, columns = None, list(_first_json_row(path))
-    return Source(columns, _guarded(path, _json_lines(path, reader, wanted)))
+    return Source(columns, _guarded(path, _json_lines(path, reader, wanted)), JSON_LINES)
 
 
 def _first_json_row(path: Path) -> dict[str, Any]:
@@ -255,7 +338,7 @@ def _first_json_row(path: Path) -> dict[str, Any]:
             if line.strip():
                 row = json.loads(line)
                 if not isinstance(row, dict):
-                    raise ValueError(f"line 1 is not a JSON object: {line[:80]!r}")
+                    raise ValueError("the first record is not a JSON object")
                 return row
     raise ValueError("the file holds no records")
 
@@ -289,7 +372,7 @@ def _json_lines(path: Path, reader: Any, wanted: Wanted) -> Iterator[Chunk]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"line {number} is not valid JSON: {exc}") from exc
             if not isinstance(row, dict):
-                raise ValueError(f"line {number} is not a JSON object: {line[:80]!r}")
+                raise ValueError(f"line {number} is not a JSON object")
             rows.append(row)
             if len(rows) == CHUNK_ROWS:
                 yield _rows_chunk(done, rows, wanted)

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import shard_store
 from shard_store import CheckpointRow, ShardStore
@@ -92,6 +93,14 @@ def checkpoint_problem(store: ShardStore, row: CheckpointRow) -> str | None:
     return None
 
 
+def model_columns(spec: Mapping[str, Any]) -> list[str]:
+    """The columns a prediction's input needs, from a stored data spec: the features, or the text
+    (and a causal LM's prompt)."""
+    if spec.get("feature_columns"):
+        return list(spec["feature_columns"])
+    return [c for c in (spec.get("prompt_column"), spec.get("text_column")) if c]
+
+
 def store_status(store: ShardStore, config: Mapping[str, object] | None = None,
                  config_digest: str | None = None) -> StatusReport:
     """Per shard: live checkpoint, weights and sha256, live and deleted records, pending
@@ -105,6 +114,7 @@ def store_status(store: ShardStore, config: Mapping[str, object] | None = None,
     if lost:  # which shards they touch is unknown until a writer applies them again
         pending_shards = set(shards)
     damaged = {s: problem for s, row in live.items() if (problem := checkpoint_problem(store, row))}
+    spec = store.get_meta("data_spec") or {}
     rows = []
     for s, state in shards.items():
         row = live.get(s)
@@ -138,6 +148,8 @@ def store_status(store: ShardStore, config: Mapping[str, object] | None = None,
                                      if s not in damaged}),
         key_outside=store.key_outside,
         witnessed=store.witness_log is not None,
+        data_spec=dict(spec),
+        reads=model_columns(spec),
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from sisa.config import SisaConfig
 from sisa.errors import (
     CheckpointError,
     DamagedStoreError,
+    DeletionTargetError,
     RecordCorruptError,
     RecordError,
     StoreError,
@@ -51,6 +52,16 @@ from sisa.training.jobs import ShardJob, ShardResult
 from sisa.training.protocol import Backend
 
 _MAX_ROUNDS = 100  # plan/retrain/commit rounds before a store that keeps changing is reported
+
+
+def check_deletion_target(ids: Sequence[str] | None, group: str | None) -> None:
+    """A deletion names record ids or a group, never both nor neither (else `DeletionTargetError`,
+    a `RecordError`): one rule for the library, the CLI and the HTTP service."""
+    if ids is not None and group is not None:
+        raise DeletionTargetError("give either record ids or a group id to delete, not both "
+                                  "(nothing was deleted)")
+    if ids is None and group is None:
+        raise DeletionTargetError("give either record ids or a group id to delete")
 
 
 def expected_speedup(shards: int, slices: int) -> float:
@@ -212,7 +223,9 @@ class DeletionManager:
         self.config = config
         self.config_digest = config_digest
         self.progress = progress
-        input_dim = backend.spec.input_dim if backend.encoder is None else None
+        # Numeric inputs are kept as rows of the model's input width; texts (whatever encodes
+        # them) are not: known from the config, so opening a store builds no model.
+        input_dim = backend.spec.input_dim if backend.config.input_kind == "features" else None
         self.data = ShardCache(store, task, input_dim)
         # Requests this manager acknowledged and has not applied yet, with their ids in clear: a
         # receipt for any other says it was recovered.
@@ -225,8 +238,7 @@ class DeletionManager:
         """Validate and acknowledge a deletion of record ids, or of every record of a group.
         Returns once it is durable, before any training. `keep_ids`: remember the ids in clear
         until the deletion is applied, for its receipt."""
-        if (ids is None) == (group is None):
-            raise RecordError("give either record ids or a group id to delete")
+        check_deletion_target(ids, group)
         self.store.require_witness()  # an acknowledgement the witness never saw could be lost
         if group is not None:
             wanted = self.store.group_record_ids(group)
@@ -259,8 +271,14 @@ class DeletionManager:
                                already_deleted=already, record_digests=ack.record_digests)
 
     def pending(self) -> list[DeletionRequest]:
-        """Deletions acknowledged but not applied."""
-        return [DeletionRequest.from_row(r) for r in self.store.pending_deletions()]
+        """Deletions acknowledged but not applied; with their ids in clear where this object
+        acknowledged them (the ledger keeps keyed digests only)."""
+        out = []
+        for row in self.store.pending_deletions():
+            request = DeletionRequest.from_row(row)
+            known = self.acknowledged.get(row.request_id)
+            out.append(dataclasses.replace(request, record_ids=list(known)) if known else request)
+        return out
 
     def clean_shards(self) -> set[int]:
         """Shards with no acknowledged deletion pending against them: the ones that may serve."""
@@ -387,9 +405,10 @@ class DeletionManager:
             if job is not None:
                 jobs.append(job)
         versions = {p.shard: p.version for p in todo}
-        tick = self.progress(description, len(jobs)) if self.progress and jobs else None
+        on_epoch, on_result = self._training_progress(description, jobs)
         results = []
-        for result in run_jobs(jobs, self.config.execution, self.backend):
+        for result in run_jobs(jobs, self.config.execution, self.backend,
+                               **({"on_epoch": on_epoch} if on_epoch is not None else {})):
             for c in result.checkpoints:
                 row = self.store.register_checkpoint(
                     c.shard, versions[c.shard], c.key, c.slice, c.manifest.parent, c.blobs(),
@@ -398,9 +417,33 @@ class DeletionManager:
                     break  # the shard changed while it trained
                 report.checkpoints_written += 1
             results.append(result)
-            if tick is not None:
-                tick(result)
+            if on_result is not None:
+                on_result(result)
         return results
+
+    def _training_progress(self, description: str, jobs: Sequence[ShardJob]) -> tuple[
+            Callable[[ShardJob, int, int], None] | None, Callable[[ShardResult], None] | None]:
+        """Progress of these jobs: in this process, a tick per epoch saying which shard, slice and
+        epoch trains next; in Ray tasks (other processes), a tick per shard as it finishes."""
+        if self.progress is None or not jobs:
+            return None, None
+        slices, epochs = self.config.partition.slices, self.config.training.epochs_per_slice
+        if self.config.execution.executor == "ray":
+            tick = self.progress(f"{description} (Ray tasks: counted as shards finish)", len(jobs))
+            return None, lambda r: tick(f"shard {r.shard} done ({len(r.checkpoints)} slices)")
+        steps = [f"shard {job.shard} ({i}/{len(jobs)}), slice {k + 1}/{slices}, epoch {e + 1}/{epochs}"
+                 for i, job in enumerate(jobs, 1) for k in range(job.start_slice, slices)
+                 for e in range(epochs)]
+        first, done = {}, 0  # a job's first step in `steps`
+        for job in jobs:
+            first[job.shard], done = done, done + (slices - job.start_slice) * epochs
+        tick = self.progress(description, len(steps))
+
+        def epoch_done(job: ShardJob, slice_: int, epoch: int) -> None:
+            following = first[job.shard] + (slice_ - job.start_slice) * epochs + epoch + 1
+            tick(steps[following] if following < len(steps) else "done")
+
+        return epoch_done, None
 
     def commit(self, plan: Plan, retrains: Mapping[int, ShardRetrain], started: float,
                blocked: Collection[int] = ()) -> tuple[Committed, list[DeletionReceipt]]:

@@ -63,8 +63,9 @@ def test_duplicates_and_bad_values_in_later_chunks_are_named_by_row(tmp_path, sm
     with pytest.raises(RecordError) as info:
         load_records(path, SPEC)
     message = str(info.value)
-    assert f"duplicate ids in column 'id': '{rows[3]['id']}' (rows 3, 55)" in message
-    assert "missing or non-numeric inputs in 'f0,f1,f2,f3' at rows: 41" in message
+    # CSV lines: the header is line 1, data row i is line i + 2
+    assert f"duplicate ids in column 'id': '{rows[3]['id']}' (lines 5, 57)" in message
+    assert "missing or non-numeric values in feature column 'f2' at lines: 43" in message
 
 
 def test_numbers_arrow_does_not_parse_are_read_as_python_reads_them(tmp_path, small_chunks):
@@ -93,7 +94,7 @@ def test_bad_input_at_the_end_of_a_large_file_leaves_no_store(tmp_path, small_ch
     rows = make_rows(90)
     rows[-1]["label"] = None
     path = write_csv(tmp_path / "data.csv", rows)
-    with pytest.raises(RecordError, match="missing labels in column 'label' at rows: 89"):
+    with pytest.raises(RecordError, match="missing labels in column 'label' at lines: 91"):
         Sisa.train(tmp_path / "new", path, small_config(), SPEC)
     assert not (tmp_path / "new").exists()
     made = tmp_path / "made"
@@ -108,7 +109,7 @@ def test_bad_input_at_the_end_of_an_added_file_writes_nothing(tmp_path, small_ch
     before = store_snapshot(tmp_path / "store")
     new = make_rows(40, prefix="n")
     new[-1]["f0"] = float("nan")
-    with pytest.raises(RecordError, match="at rows: 39"):
+    with pytest.raises(RecordError, match="feature column 'f0' at lines: 41"):
         sisa.add(write_csv(tmp_path / "new.csv", new))
     assert store_snapshot(tmp_path / "store") == before
     report = sisa.add(write_csv(tmp_path / "good.csv", make_rows(40, prefix="g")))
@@ -132,11 +133,11 @@ def test_predict_streams_to_its_output_and_writes_nothing_for_bad_input(tmp_path
         ids, inputs, _ = sisa.load_inputs(test_rows)
         expected = sisa.predict(inputs)
     assert [(x["id"], x["prediction"]) for x in lines] == list(zip(ids, expected, strict=True))
-    test_rows[-1]["id"] = test_rows[0]["id"]
+    test_rows[-1]["f1"] = "n/a"
     out.unlink()
     bad_file = str(write_csv(tmp_path / "b.csv", test_rows))
     bad = runner.invoke(app, ["predict", "--store", store, "--data", bad_file, "--output", str(out)])
-    assert bad.exit_code == 1 and "duplicate ids" in bad.output
+    assert bad.exit_code == 1 and "feature column 'f1' at lines: 41" in bad.output
     assert not out.exists() and not list(tmp_path.glob(".predictions.jsonl*"))
 
 
@@ -168,5 +169,5 @@ def test_a_column_some_rows_lack_is_missing_in_those_rows(tmp_path):
     records = {r.id: r for r in load_records(path, SPEC)}
     assert records[rows[0]["id"]].group is None and records[rows[1]["id"]].group == "u0"
     del rows[5]["label"]  # a row without its label, in a list of dicts
-    with pytest.raises(RecordError, match="missing labels in column 'label' at rows: 5"):
+    with pytest.raises(RecordError, match="missing labels in column 'label' at indices: 5"):
         records_from_rows(rows, SPEC)

@@ -45,8 +45,10 @@ class _Body(BaseModel):
 
 
 class PredictIn(_Body):
-    inputs: list[str] | list[list[Finite]] = Field(
-        min_length=1, description="Texts (text stores) or rows of numbers (feature stores)")
+    inputs: list[str] | list[list[Finite]] | list[dict[str, Finite | str]] = Field(
+        min_length=1, description="Texts (text stores) or rows of numbers (feature stores), or "
+        "objects of column -> value, matched by name to the columns the model reads (the data "
+        "spec's id, label, group and prior may be there and are ignored)")
     probabilities: bool = Field(False, description="Also return each class's probability")
 
 

@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ from sisa.errors import (
     SisaError,
     UnknownRecordError,
 )
-from sisa.records import FLOAT32_MAX, feature_problems
+from sisa.inputs import model_reads
+from sisa.records import FLOAT32_MAX, feature_problems, spec_columns
 from sisa.reports import Generation, ScoreReport
 from sisa.service.metrics import Metrics
 from sisa.service.model import LiveModel, ModelVersion
@@ -105,6 +106,33 @@ class Service:
     def classifier(self) -> bool:
         return isinstance(self.reader.task, ClassificationTask)
 
+    def named_inputs(self, inputs: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Objects of column -> value as the model's rows (or texts), matched by name: each must
+        hold the columns the model reads, and no key that no part of the data spec names. Errors
+        name the input and the model's columns, never a key or a value of the request."""
+        spec = self.reader.data_spec
+        reads = model_reads(spec)
+        known = set(spec_columns(spec))
+        out: list[Any] = []
+        for i, item in enumerate(inputs):
+            if not isinstance(item, Mapping):
+                raise InputKindError(f"input {i}: give every input as an object, or none")
+            missing = [c for c in reads if c not in item]
+            if missing:
+                raise InputKindError(f"input {i} lacks the column(s) {missing}; the model reads "
+                                     f"{reads}")
+            if any(k not in known for k in item):
+                raise InputKindError(f"input {i} has key(s) the model does not read; it reads {reads}")
+            values = [item[c] for c in reads]
+            if spec.kind == "text":
+                out.append(values[0])
+                continue
+            for c, v in zip(reads, values, strict=True):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise InputKindError(f"input {i}: column {c!r} must be a number")
+            out.append(values)
+        return out
+
     def check_inputs(self, inputs: Sequence[Any]) -> None:
         """Inputs of the kind and width this store's model takes (a RecordError names the first
         bad one)."""
@@ -129,6 +157,8 @@ class Service:
         task = self.reader.task
         if not isinstance(task, ClassificationTask):
             raise InputKindError("this store holds a causal LM: use /v1/generate or /v1/score")
+        if inputs and isinstance(inputs[0], Mapping):
+            inputs = self.named_inputs(inputs)
         self.check_inputs(inputs)
         features = self.reader.data_spec.kind == "features"
         batch = np.asarray(inputs, dtype=np.float32) if features else list(inputs)

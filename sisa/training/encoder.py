@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from sisa.config import HeadConfig
-from sisa.models import model_fingerprint, quiet_transformers, resolve_model
+from sisa.models import encoder_fingerprint, quiet_transformers, resolve_model
 
 BATCH = 64  # at most this many texts (of one token count) per forward pass
 # Batches encoded at once, each by a worker thread (torch runs without the GIL); every operation
@@ -63,10 +62,7 @@ class TextEncoder:
     @functools.cached_property
     def fingerprint(self) -> str:
         """Digest of the model files and the pooling settings: the embedding cache's key."""
-        settings = f"mean-pool/l2/max_length={self.max_length}"
-        return hashlib.blake2b(
-            f"{model_fingerprint(self.model_name)}/{settings}".encode(), digest_size=16
-        ).hexdigest()
+        return encoder_fingerprint(self.model_name, self.max_length)
 
     @functools.cached_property
     def dim(self) -> int:
