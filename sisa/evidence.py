@@ -126,3 +126,16 @@ def ks_pvalue(a: Sequence[float], b: Sequence[float]) -> float:
     if not a or not b:
         return math.nan
     return float(stats.ks_2samp(list(a), list(b)).pvalue)
+
+
+def ks_min_pvalue(n: int, m: int) -> float:
+    """The smallest p-value the two-sample KS test can give for samples of sizes n and m (when
+    they do not overlap at all): above the test's level, no outcome can show the samples differ."""
+    return ks_pvalue([float(m + i) for i in range(n)], [float(i) for i in range(m)])
+
+
+def chance_of_exposure(bits: float) -> float:
+    """The probability that a canary the model never saw has at least this exposure: its secret
+    is a uniform draw, so its rank among the candidates is uniform and P(rank <= r) = r / N,
+    which is 2 ** -exposure (ties, ranked against it, only make this larger)."""
+    return float(2.0 ** -bits)

@@ -9,6 +9,7 @@ shard and carries the original traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import ipaddress
 import os
@@ -17,7 +18,7 @@ import shutil
 import stat
 import tempfile
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,28 +28,30 @@ from sisa.training.jobs import ShardJob, ShardResult
 from sisa.training.protocol import Backend
 
 
-def run_jobs(jobs: Sequence[ShardJob], execution: ExecutionConfig,
-             backend: Backend | None = None) -> Iterator[ShardResult]:
+def run_jobs(jobs: Sequence[ShardJob], execution: ExecutionConfig, backend: Backend | None = None,
+             on_epoch: Callable[[ShardJob, int, int], None] | None = None) -> Iterator[ShardResult]:
     """Train every job, yielding each result as its shard finishes. `backend` (the driver's) serves
-    in-process jobs; Ray tasks resolve their own."""
+    in-process jobs; Ray tasks resolve their own. `on_epoch(job, slice, epoch)`: called as each
+    epoch of an in-process job ends (a Ray task's progress is its result)."""
     if not jobs:
         return
     if execution.executor == "ray":
         yield from _run_ray(jobs, execution)
     else:
-        yield from _run_local(jobs, execution, backend)
+        yield from _run_local(jobs, execution, backend, on_epoch)
 
 
-def _run_local(jobs: Sequence[ShardJob], execution: ExecutionConfig,
-               backend: Backend | None) -> Iterator[ShardResult]:
+def _run_local(jobs: Sequence[ShardJob], execution: ExecutionConfig, backend: Backend | None,
+               on_epoch: Callable[[ShardJob, int, int], None] | None = None) -> Iterator[ShardResult]:
     from sisa.training.shard_trainer import train_shard  # torch: only where shards train
 
     for job in jobs:
         attempts = 0
+        progress = {"on_epoch": functools.partial(on_epoch, job)} if on_epoch is not None else {}
         while True:
             attempts += 1
             try:
-                result = train_shard(job, backend)
+                result = train_shard(job, backend, **progress)
                 break
             except Exception:  # retried, then surfaced with the shard and the traceback
                 if attempts > execution.max_retries:

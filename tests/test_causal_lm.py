@@ -4,6 +4,7 @@ approximate baselines, and the CLI end to end."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -94,6 +95,30 @@ def test_top_k_training_path_equals_the_served_full_model(tmp_path: Path, tiny_l
     scored = sisa.language_model().scores(LMInputs(cached.examples))
     served = [s.logp[s.view(f"shard-{shard}")].sum() for s in scored]
     np.testing.assert_allclose(trained, served, rtol=1e-4, atol=1e-4)
+
+
+def test_scoring_runs_the_frozen_layers_once_for_all_shards(tmp_path: Path, tiny_lm: str,
+                                                            rows: list[dict[str, Any]]) -> None:
+    """With adapters on the top layer only, scoring runs the layer below once per text, not once
+    per shard: the same scores as the whole model run for every shard, and the model untouched."""
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, top_k=1, shards=3), CHAT_SPEC)
+    scorer = sisa.language_model()
+    assert scorer.split == 1 and len(scorer.names) == 3
+    inputs = LMInputs([make_example(scorer.tokenizer, r["text"], r["prompt"] or None, 48)
+                       for r in rows[:6]])
+    rows_seen: list[int] = []
+    bottom = scorer.model.get_base_model().model.layers[0]
+    hook = bottom.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[0]))
+    split = scorer.scores(inputs, "product")
+    whole = copy.copy(scorer)
+    whole.split = 0  # every row through the whole model
+    full = whole.scores(inputs, "product")
+    hook.remove()
+    assert sum(rows_seen[:2]) == 6 and sum(rows_seen[2:]) == 3 * 6  # 2 batches of 4 and 2
+    for a, b in zip(split, full, strict=True):
+        for x, y in ((a.logp, b.logp), (a.mu, b.mu), (a.sigma, b.sigma)):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    assert len(scorer.model.get_base_model().model.layers) == 2  # the views changed nothing
 
 
 def _scorers(sisa: Sisa) -> tuple[LMScorer, dict[int, LMScorer]]:

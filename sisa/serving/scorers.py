@@ -14,7 +14,7 @@ behind one protocol. Every scorer holds some shards' models, gives a view of few
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -153,6 +153,10 @@ class LMScorer(_Adapters):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self._load(base, lora_config(training, "CAUSAL_LM", layers), adapters, seed, device)
+        # With adapters on the top layers only, the layers below compute the same for every
+        # shard: `scores` runs them once per text, not once per shard (see `split_model`).
+        self.split = min(layers) if layers else 0
+        self._parts: tuple[Any, Any] | None = None
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -170,39 +174,64 @@ class LMScorer(_Adapters):
             kwargs["cache"] = cache
         return self.model(input_ids=input_ids.to(self.device), **kwargs)
 
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(shards * n, T, V) logits of n padded inputs under every shard, shard-major; below the
+        adapted layers, one pass for all shards."""
+        shards = len(self.names)
+        if not self.split:
+            return self.forward(input_ids.repeat(shards, 1), attention_mask.repeat(shards, 1)).logits
+        if self._parts is None:
+            self._parts = split_model(self.model, self.split)
+        lower, upper = self._parts
+        mask = attention_mask.to(self.device)
+        hidden = lower(input_ids=input_ids.to(self.device), attention_mask=mask,
+                       use_cache=False).last_hidden_state
+        return upper(inputs_embeds=hidden.repeat(shards, 1, 1), attention_mask=mask.repeat(shards, 1),
+                     adapter_names=self.rows(input_ids.shape[0]), use_cache=False).logits
+
     @torch.no_grad()
-    def scores(self, inputs: Any, combine: Combine = "mean") -> list[TokenScores]:
-        """Each record's learned tokens scored under every shard and under the ensemble."""
+    def scores(self, inputs: Any, combine: Combine = "mean",
+               on_progress: Callable[[int, int], None] | None = None) -> list[TokenScores]:
+        """Each record's learned tokens scored under every shard and under the ensemble.
+        `on_progress(batches done, batches)`: called as each batch is scored."""
         from sisa.training.causal_lm import make_batch
 
         out: list[TokenScores] = []
         pad = self.tokenizer.pad_token_id
         shards = len(self.names)
-        for start in range(0, len(inputs), self.batch_size):
+        starts = range(0, len(inputs), self.batch_size)
+        for number, start in enumerate(starts, 1):
             positions = list(range(start, min(start + self.batch_size, len(inputs))))
             batch = make_batch(inputs, positions, pad)
-            rep = batch.input_ids.repeat(shards, 1)
-            logits = self.forward(rep, batch.attention_mask.repeat(shards, 1)).logits.float().cpu()
+            logits = self._logits(batch.input_ids, batch.attention_mask).float().cpu()
             n, width = batch.input_ids.shape
-            logp = torch.log_softmax(logits[:, :-1], -1).view(shards, n, width - 1, -1)
-            views = torch.cat([logp, combine_logprobs(logp, combine)[None]])  # (views, n, T-1, V)
-            nxt = batch.input_ids[:, 1:]
-            picked = views.gather(-1, nxt[None, :, :, None].expand(len(self.views), -1, -1, 1)).squeeze(-1)
+            # Only the learned positions (not padding, not a prompt) are scored: the rest of the
+            # work is over the vocabulary, per position.
+            keep = batch.learned  # (n, T-1)
+            logp = torch.log_softmax(logits.view(shards, n, width, -1)[:, :, :-1][:, keep], -1)
+            views = torch.cat([logp, combine_logprobs(logp, combine)[None]])  # (views, L, V)
+            nxt = batch.input_ids[:, 1:][keep]
+            picked = views.gather(-1, nxt[None, :, None].expand(len(self.views), -1, 1)).squeeze(-1)
             mu, sigma = _moments(views)
-            for row in range(n):
-                keep = batch.learned[row]
-                out.append(TokenScores(self.views, picked[:, row, keep].double().numpy(),
-                                       mu[:, row, keep].double().numpy(),
-                                       sigma[:, row, keep].double().numpy()))
+            counts = keep.sum(1).tolist()
+            for p, m, sd in zip(picked.split(counts, 1), mu.split(counts, 1), sigma.split(counts, 1),
+                                strict=True):
+                out.append(TokenScores(self.views, p.double().numpy(), m.double().numpy(),
+                                       sd.double().numpy()))
+            if on_progress is not None:
+                on_progress(number, len(starts))
         return out
 
     @torch.no_grad()
     def continuation_logprobs(self, prefix: Sequence[int], continuations: np.ndarray,
-                              combine: Combine = "mean", chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                              combine: Combine = "mean", chunk: int = 64,
+                              on_progress: Callable[[int, int], None] | None = None
+                              ) -> tuple[np.ndarray, np.ndarray]:
         """Log-probability of each continuation (rows of token ids, all the same length) after
         `prefix` under every view, (views, candidates); and whether greedy decoding under the view
         produces it. The prefix runs once; continuations sharing their first tokens share the
-        work (a trie, walked depth first with a KV cache)."""
+        work (a trie, walked depth first with a KV cache). `on_progress(nodes done, nodes)`:
+        called as each inner node of the trie has run its children."""
         from transformers import DynamicCache
 
         shards = len(self.names)
@@ -214,6 +243,9 @@ class LMScorer(_Adapters):
         cands = np.asarray(continuations, dtype=np.int64)
         total = np.zeros((len(self.views), len(cands)))
         greedy = np.ones((len(self.views), len(cands)), dtype=bool)
+        # Inner nodes: the distinct paths of 0 .. L-2 tokens (each runs its children once).
+        inner = sum(len({tuple(r) for r in cands[:, :d].tolist()}) for d in range(cands.shape[1] - 1))
+        walked = [0]
 
         def walk(rows: np.ndarray, depth: int, logits: torch.Tensor, cache: Any) -> None:
             # rows: the candidates sharing the path so far; logits (shards, V) after that path.
@@ -237,9 +269,47 @@ class LMScorer(_Adapters):
                     picks = [s * len(part) + j for s in range(shards)]
                     walk(rows[tokens == token], depth + 1, nxt[picks],
                          None if leaves else select_cache(child_cache, picks))
+            walked[0] += 1
+            if on_progress is not None:
+                on_progress(walked[0], inner)
 
         walk(np.arange(len(cands)), 0, out.logits[:, -1], cache)
         return total, greedy
+
+
+def _view(module: torch.nn.Module, **children: torch.nn.Module) -> Any:
+    """A shallow copy of `module` with some children replaced: it shares every other child (and
+    every parameter) with `module`, which is left as it was."""
+    view = copy.copy(module)
+    view.__dict__["_modules"] = dict(module._modules)  # its own registry of children
+    for name, child in children.items():
+        view._modules[name] = child
+    return view
+
+
+def split_model(model: Any, split: int) -> tuple[Any, Any]:
+    """Two models made of a peft Llama-style causal LM's own modules: the decoder's layers below
+    `split` (no adapter on them), whose output is the input of layer `split`; and the causal LM
+    whose decoder starts at layer `split`, fed that as its embeddings, with every adapter (called
+    as the whole model is, `adapter_names` and all). Together they compute what the whole model
+    computes (the decoders of `causal_lm.TOP_K_ARCHITECTURES` add nothing between the embeddings
+    and the first layer); nothing of `model` changes, so both may run beside it."""
+    lora = model.base_model  # peft's tuner, around the causal LM
+    causal = lora.model
+    layers = list(causal.model.layers)
+
+    def decoder(kept: list[Any], norm: torch.nn.Module) -> Any:
+        config = copy.copy(causal.config)
+        config.num_hidden_layers = len(kept)
+        part = _view(causal.model, layers=torch.nn.ModuleList(kept), norm=norm)
+        part.config = config
+        return part
+
+    lower = decoder(layers[:split], torch.nn.Identity())
+    top = decoder(layers[split:], causal.model.norm)
+    upper_lm = _view(causal, model=top)
+    upper_lm.config = top.config
+    return lower, _view(model, base_model=_view(lora, model=upper_lm))
 
 
 def copy_cache(cache: Any, repeats: int) -> Any:

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -84,10 +85,12 @@ def setup_process(torch_threads: int, device: str) -> str:
     return device
 
 
-def train_shard(job: ShardJob, backend: Backend | None = None) -> ShardResult:
+def train_shard(job: ShardJob, backend: Backend | None = None,
+                on_epoch: Callable[[int, int], None] | None = None) -> ShardResult:
     """Run one shard job; pure apart from the seeded RNG it owns. `backend`: the driver's, when
-    the job runs in-process (a Ray task resolves its own from the job's training config). The
-    result's seconds cover the training, not the process set-up."""
+    the job runs in-process (a Ray task resolves its own from the job's training config).
+    `on_epoch(slice, epoch)`: called as each epoch ends (progress; it never changes the result).
+    The result's seconds cover the training, not the process set-up."""
     training = job.training
     device = setup_process(training.torch_threads, job.device)
     started = time.perf_counter()
@@ -115,12 +118,13 @@ def train_shard(job: ShardJob, backend: Backend | None = None) -> ShardResult:
                 torch.manual_seed(epoch_seed)
             else:
                 torch.default_generator.manual_seed(epoch_seed)
-            if n == 0:
-                continue
-            generator = torch.Generator().manual_seed(epoch_seed)
-            order = torch.randperm(n, generator=generator)
-            model.train_epoch(inputs, targets, order)
-            samples += n
+            if n:
+                generator = torch.Generator().manual_seed(epoch_seed)
+                order = torch.randperm(n, generator=generator)
+                model.train_epoch(inputs, targets, order)
+                samples += n
+            if on_epoch is not None:
+                on_epoch(k, epoch)
         samples_seen += n * training.epochs_per_slice
         checkpoints.append(_checkpoint(job, k, model, samples_seen))
     return ShardResult(job.shard, checkpoints, samples, time.perf_counter() - started)

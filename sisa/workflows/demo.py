@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from sisa.builtin import stable_subset
 from sisa.config import PartitionConfig, SisaConfig
 from sisa.errors import ConfigError
 from sisa.unlearning import Progress, expected_retrain_fraction
-from sisa.workflows.proof import make_canaries, prove
+from sisa.workflows.proof import CanarySet, canary_shards, make_canaries, prove
 
 RT = "builtin:rotten_tomatoes"
 # backend -> (built-in data set, training records used); training settings are the backend's own
@@ -34,7 +35,9 @@ DEMO_DATA: dict[str, tuple[str, int | None]] = {
 }
 # The causal-LM demo's training, where the command line leaves it open: LoRA on the top 2 of
 # SmolLM2's 30 layers (the 28 below run once per text, cached), at a rate that memorises a canary
-# inserted 8 times within 3 epochs per slice (measured: 11-12 bits of exposure).
+# within 3 epochs per slice. Each canary is inserted 12 times (`run_lm_demo`): one in the last
+# slice is then seen 36 times (at 8 copies, 24 times, one reached only 8.2 bits of exposure;
+# at 12, the forgotten ones measured 11.7 and 13.3 bits before the deletion).
 LM_DEMO_TRAINING = {"top_k_layers": 2, "learning_rate": 5e-3, "epochs_per_slice": 3, "max_length": 64}
 
 
@@ -168,14 +171,17 @@ def run_lm_demo(
     config: SisaConfig,
     dataset: str = "builtin:chitchat",
     limit: int | None = 160,
-    canaries: int = 4,
-    never: int = 8,
-    repeats: int = 8,
+    canaries: int = 5,
+    never: int = 16,
+    repeats: int = 12,
     workdir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train a causal-LM store on chat turns plus canaries (one per chosen user), generate from
-    it, then forget one canary's user and measure exposure and membership before and after."""
+    it, then forget in one request every canary user of one shard (the shard holding the most
+    canaries: with more canaries than shards, at least two, enough for the KS test against the
+    never-inserted canaries to decide) and measure exposure and membership before and after.
+    The choice depends on where the canaries were placed, never on what was measured."""
     train_rows, spec = resolve_source(dataset, None)
     train_rows = stable_subset(train_rows, spec.id_column, limit)
     if spec.group_column is None:
@@ -192,10 +198,15 @@ def run_lm_demo(
         test_rows, _ = resolve_source(f"{dataset}:test", None)
         # The opening words of held-out turns: a whole turn is followed by its end-of-text token.
         prompts = [" ".join(str(r["text"]).split()[:4]) for r in stable_subset(test_rows, spec.id_column, 2)]
-        generated = sisa.generate(prompts, max_new_tokens=24, stop=["\n"])
-        forget_user = chosen.canaries[0].group
-        proof = prove(sisa, chosen, f"{dataset}:test", [forget_user], holdout_limit=32,
-                      retain_limit=32)
+        tick = progress(f"generating from {len(prompts)} prompts", len(prompts)) if progress else None
+        generated = []
+        for prompt in prompts:
+            generated += sisa.generate([prompt], max_new_tokens=24, stop=["\n"])
+            if tick is not None:
+                tick(None)
+        forget_users = users_of_one_shard(sisa, chosen)
+        proof = prove(sisa, chosen, f"{dataset}:test", forget_users, holdout_limit=32,
+                      retain_limit=32, progress=progress)
         audit = sisa.audit()
         sisa.close()
     return {
@@ -211,7 +222,17 @@ def run_lm_demo(
         "train_seconds": round(train_seconds, 3),
         "train_samples": report.samples,
         "generated": [g.to_dict() for g in generated],
-        "forgotten_user": forget_user,
+        "forgotten_users": forget_users,
         "proof": proof,
         "audit_ok": audit.ok,
     }
+
+
+def users_of_one_shard(sisa: Sisa, canaries: CanarySet) -> list[str]:
+    """The users of the inserted canaries on the shard that holds the most of them (the lowest
+    such shard): forgetting them retrains that shard alone."""
+    shard_of = canary_shards(sisa, canaries)
+    inserted = [c for c in canaries.canaries if c.inserted]
+    counts = Counter(shard_of[c.id] for c in inserted)
+    shard = min(counts, key=lambda s: (-counts[s], s))
+    return [c.group for c in inserted if shard_of[c.id] == shard]

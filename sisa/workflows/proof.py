@@ -25,6 +25,7 @@ from sisa.api import Sisa, resolve_source
 from sisa.builtin import stable_subset
 from sisa.config import Combine, DataSpec
 from sisa.errors import ConfigError, InputKindError, RecordError
+from sisa.features import Progress, counter
 from sisa.partition import place
 from sisa.records import records_from_rows
 from sisa.reports import _Dict
@@ -32,6 +33,10 @@ from sisa.reports import _Dict
 MEMORISED_BITS = 10.0  # the bar: inserted canaries' mean exposure on their own shard, before
 # ... or, for secrets too short to reach it, this share of the largest exposure there is.
 MEMORISED_SHARE = 0.75
+KS_LEVEL = 0.05  # forgotten vs never-inserted canaries: below this p-value, they differ
+# A forgotten canary keeps memorisation if a never-inserted canary reaches its exposure with a
+# probability below this (shared among the forgotten canaries, Bonferroni).
+RESIDUAL_LEVEL = 0.01
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,65 @@ class ProofReport(_Dict):
     forgotten_mean_exposure: float | None  # after, forgotten canaries (own shard)
     never_mean_exposure: float | None  # after, never-inserted canaries (own shard)
     ks_pvalue: float | None  # forgotten vs never-inserted exposures, after
-    forgotten_like_never: bool | None  # p > 0.05 and means within 0.5 bit
+    forgotten_like_never: bool | None  # the verdict, where it is decided (see `judge`)
     notes: list[str] = field(default_factory=list)
+    verdict: str | None = None  # "yes", "no" or "inconclusive" (None: nothing was forgotten)
+    verdict_reason: str = ""  # why, in a sentence: what decided it, or what was too weak to
+    memorised_bar: float = MEMORISED_BITS  # the mean exposure before that counts as memorised
+
+
+@dataclass(frozen=True)
+class Verdict(_Dict):
+    """Do the forgotten canaries look like canaries never inserted? Decided only where the
+    evidence can decide it; else "inconclusive", saying why."""
+
+    answer: str  # "yes", "no" or "inconclusive"
+    reason: str
+
+
+def judge(memorised: bool, mean_before: float, bar: float,
+          forgotten: Sequence[tuple[str, float, float]], never: Sequence[float]) -> Verdict:
+    """The verdict on a deletion, from the forgotten canaries' (id, exposure before, exposure
+    after) on their own shard and the never-inserted canaries' exposures after, in bits.
+
+    "no" where a forgotten canary keeps an exposure that a never-inserted canary reaches with a
+    probability below RESIDUAL_LEVEL / n (exact: `evidence.chance_of_exposure`), or where the KS
+    test tells the two groups apart (p <= KS_LEVEL). "inconclusive" where there was nothing to
+    forget (not memorised) or where the KS test cannot reach its level at these sample sizes,
+    whatever the exposures. "yes" otherwise."""
+    n, m = len(forgotten), len(never)
+    if not n:
+        return Verdict("inconclusive", "no forgotten canary was measured on its own shard")
+    if not memorised:
+        return Verdict("inconclusive", f"the canaries were not memorised before the deletion "
+                       f"(mean exposure {mean_before:.2f} bits on their own shard, below "
+                       f"{bar:.1f}): forgetting them shows nothing")
+    level = RESIDUAL_LEVEL / n
+    for name, before, after in forgotten:
+        chance = evidence.chance_of_exposure(after)
+        if chance < level:
+            return Verdict("no", f"{name} keeps {after:.2f} bits of exposure ({before:.2f} before): "
+                                 f"a never-inserted canary reaches that with probability "
+                                 f"{chance:.2g}, below {level:.2g}")
+    if not m:
+        return Verdict("inconclusive", "no never-inserted canary to compare the forgotten ones with")
+    floor = evidence.ks_min_pvalue(n, m)
+    if floor > KS_LEVEL:
+        enough = next(k for k in range(n + 1, n + m + 2) if evidence.ks_min_pvalue(k, m) <= KS_LEVEL)
+        word = "canary" if n == 1 else "canaries"
+        return Verdict("inconclusive", f"{n} forgotten {word} against {m} never inserted is too few "
+                       f"for the KS test: its smallest possible p-value at these sizes is "
+                       f"{floor:.2f}, above {KS_LEVEL}, so no outcome could show a difference. "
+                       f"Forget at least {enough} canary users in one request to decide (each "
+                       f"forgotten canary's exposure is shown beside the never-inserted range)")
+    p = evidence.ks_pvalue([a for _, _, a in forgotten], list(never))
+    if p <= KS_LEVEL:
+        return Verdict("no", f"the forgotten canaries' exposures differ from the never-inserted "
+                             f"ones' (KS p = {p:.3f}, at most {KS_LEVEL})")
+    return Verdict("yes", f"the KS test finds no difference from {m} never-inserted canaries "
+                          f"(p = {p:.2f}; it could have reached {floor:.2g}), and no forgotten "
+                          f"canary keeps an exposure a never-inserted one reaches with probability "
+                          f"below {level:.2g}")
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -202,11 +264,14 @@ def candidate_tokens(tokenizer: Any, canaries: CanarySet) -> tuple[list[int], np
 def measure(scorer: Any, canaries: CanarySet, shard_of: dict[str, int],
             forget: tuple[Any, list[str]] | None, holdout: tuple[Any, list[str]],
             retain: tuple[Any, list[str]] | None, forget_shards: Sequence[int] = (),
-            combine: Combine = "mean", references: int = 1000, seed: int = 0) -> Evidence:
+            combine: Combine = "mean", references: int = 1000, seed: int = 0,
+            progress: Progress | None = None) -> Evidence:
     """Canary exposures and membership scores under `scorer`'s views (its shards and the
     ensemble). `forget`, `holdout`, `retain`: (model inputs, texts)."""
     prefix, cands, secrets = candidate_tokens(scorer.tokenizer, canaries)
-    logp, greedy = scorer.continuation_logprobs(prefix, cands, combine)
+    shards = f"{len(scorer.views) - 1} shard{'s' if len(scorer.views) > 2 else ''}"
+    logp, greedy = scorer.continuation_logprobs(
+        prefix, cands, combine, on_progress=counter(progress, f"scoring {len(cands)} secrets ({shards})"))
     index = {s: i for i, s in enumerate(secrets)}
     views = list(scorer.views)
     ens = views.index("ensemble")
@@ -224,10 +289,14 @@ def measure(scorer: Any, canaries: CanarySet, shard_of: dict[str, int],
             e_shard.rank if e_shard else None,
             bool(greedy[views.index(name), i]) if name in views else None, bool(greedy[ens, i])))
 
-    def scored(part: tuple[Any, list[str]] | None) -> list[Any]:
-        return scorer.scores(part[0], combine) if part is not None and len(part[1]) else []
+    def scored(part: tuple[Any, list[str]] | None, what: str) -> list[Any]:
+        if part is None or not len(part[1]):
+            return []
+        bar = counter(progress, f"scoring {len(part[1])} {what} texts ({shards})")
+        return scorer.scores(part[0], combine, on_progress=bar)
 
-    s_forget, s_holdout, s_retain = scored(forget), scored(holdout), scored(retain)
+    s_forget, s_holdout = scored(forget, "forgotten"), scored(holdout, "held-out")
+    s_retain = scored(retain, "retained")
     aucs: dict[str, dict[str, float]] = {}
     if s_forget and s_holdout:
         for view in ["ensemble", *(f"shard-{s}" for s in forget_shards)]:
@@ -283,18 +352,21 @@ def stored_inputs(sisa: Sisa, ids: Sequence[str]) -> tuple[Any, list[str]]:
 
 def evidence_of(sisa: Sisa, canaries: CanarySet, forget: tuple[Any, list[str]] | None,
                 holdout: tuple[Any, list[str]], retain: tuple[Any, list[str]] | None,
-                forget_shards: Sequence[int], combine: Combine, references: int, seed: int) -> Evidence:
+                forget_shards: Sequence[int], combine: Combine, references: int, seed: int,
+                progress: Progress | None = None) -> Evidence:
     scorer = sisa.language_model()
     found = measure(scorer, canaries, canary_shards(sisa, canaries), forget, holdout, retain,
-                    forget_shards, combine, references, seed)
+                    forget_shards, combine, references, seed, progress)
     return dataclasses.replace(found, model_version=sisa.ensemble().version)
 
 
 def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: Sequence[str] = (),
           holdout_limit: int = 64, retain_limit: int = 64, combine: Combine = "mean",
-          references: int = 1000, seed: int = 0) -> ProofReport:
+          references: int = 1000, seed: int = 0, progress: Progress | None = None) -> ProofReport:
     """Measure, forget `forget_groups` (if any), measure again, and judge: did the model memorise
-    the canaries, and do the forgotten ones now look like those never inserted?"""
+    the canaries, and do the forgotten ones now look like those never inserted (`judge`)?
+    `progress`: the library's hook, for the scoring (the deletion's retraining reports through
+    the store's own)."""
     sisa.require_language_model()
     rows, spec = resolve_source(holdout_source, sisa.data_spec)
     spec = dataclasses.replace(spec, label_column=None)
@@ -316,7 +388,8 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
     retain = stored_inputs(sisa, retain_ids)
     shards = sorted({r.shard for r in sisa.records(forget_ids).values()})
 
-    before = evidence_of(sisa, canaries, forget, holdout, retain, shards, combine, references, seed)
+    before = evidence_of(sisa, canaries, forget, holdout, retain, shards, combine, references, seed,
+                         progress)
     inserted = [c for c in before.canaries if c.inserted and c.group in set(groups)]
     exposures = [c.exposure_shard for c in inserted if c.exposure_shard is not None]
     mean_before = float(np.mean(exposures)) if exposures else math.nan
@@ -325,23 +398,90 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
     notes = []
     if not memorised:
         notes.append(f"the model did not memorise the canaries: their mean exposure on their own "
-                     f"shard is {mean_before:.1f} bits, below {bar:.1f}; insert them more "
+                     f"shard is {mean_before:.2f} bits, below {bar:.1f}; insert them more "
                      "often (repeats) or train longer before this evidence means anything")
     if not forget_groups:
         return ProofReport(before, None, [], 0, None, memorised, mean_before, None, None, None, None,
-                           notes)
+                           notes, memorised_bar=bar)
 
     receipt = sisa.forget(forget_ids)  # one request: each affected shard retrains once
-    after = evidence_of(sisa, canaries, forget, holdout, retain, shards, combine, references, seed)
-    gone = [c.exposure_shard for c in after.canaries if c.inserted and c.group in set(groups)
-            and c.exposure_shard is not None]
+    after = evidence_of(sisa, canaries, forget, holdout, retain, shards, combine, references, seed,
+                        progress)
+    then = {c.id: c.exposure_shard for c in before.canaries}
+    pairs: list[tuple[str, float, float]] = []  # each forgotten canary: before, after
+    for c in after.canaries:
+        was = then[c.id]
+        if c.inserted and c.group in set(groups) and c.exposure_shard is not None and was is not None:
+            pairs.append((c.id, was, c.exposure_shard))
     never = [c.exposure_shard for c in after.canaries if not c.inserted and c.exposure_shard is not None]
+    gone = [a for _, _, a in pairs]
     p = evidence.ks_pvalue(gone, never)
-    if len(gone) < 5:
-        notes.append(f"only {len(gone)} forgotten canaries: the KS test and the mean comparison "
-                     "with never-inserted canaries are weak at this size (forget more canary users)")
     m_gone = float(np.mean(gone)) if gone else math.nan
     m_never = float(np.mean(never)) if never else math.nan
-    alike = bool(gone and never and p > 0.05 and abs(m_gone - m_never) <= 0.5)
+    verdict = judge(memorised, mean_before, bar, pairs, never)
+    alike = {"yes": True, "no": False}.get(verdict.answer)
     return ProofReport(before, after, groups, len(forget_ids), receipt.seconds,
-                       memorised, mean_before, m_gone, m_never, p, alike, notes)
+                       memorised, mean_before, m_gone, m_never, p, alike, notes,
+                       verdict.answer, verdict.reason, bar)
+
+
+# -- the report as rows of text (the CLI lays them out) ----------------------------------------
+
+
+def _bits(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _yes(value: bool | None) -> str:
+    return "-" if value is None else "yes" if value else "no"
+
+
+def canary_rows(report: ProofReport) -> list[tuple[str, ...]]:
+    """Per canary: id, inserted, shard, then for each measurement (before, after) its exposure
+    in bits as "own shard / ensemble", then greedy reproduction by the ensemble (before / after)."""
+    phases = [report.before] + ([report.after] if report.after is not None else [])
+    rows = []
+    for i, c in enumerate(report.before.canaries):
+        bits = [f"{_bits(e.canaries[i].exposure_shard)} / {_bits(e.canaries[i].exposure_ensemble)}"
+                for e in phases]
+        greedy = " / ".join(_yes(e.canaries[i].greedy_ensemble) for e in phases)
+        rows.append((c.id, _yes(c.inserted), str(c.shard), *bits, greedy))
+    return rows
+
+
+def forgotten_rows(report: ProofReport) -> list[tuple[str, str, str, str, str]]:
+    """Each forgotten canary: id, user, exposure on its own shard before and after (bits), and the
+    chance that a never-inserted canary has at least the exposure after; then the never-inserted
+    canaries' range after, for comparison."""
+    if report.after is None:
+        return []
+    then = {c.id: c for c in report.before.canaries}
+    gone = set(report.forgotten_groups)
+    rows = []
+    for c in report.after.canaries:
+        if c.inserted and c.group in gone:
+            chance = (f"{evidence.chance_of_exposure(c.exposure_shard):.2g}"
+                      if c.exposure_shard is not None else "-")
+            rows.append((c.id, c.group, _bits(then[c.id].exposure_shard), _bits(c.exposure_shard),
+                         chance))
+    never = [c.exposure_shard for c in report.after.canaries
+             if not c.inserted and c.exposure_shard is not None]
+    if never:
+        rows.append((f"never inserted ({len(never)})", "", "",
+                     f"{min(never):.2f} to {max(never):.2f}", f"mean {float(np.mean(never)):.2f}"))
+    return rows
+
+
+def verdict_rows(report: ProofReport) -> list[tuple[str, str]]:
+    """The judgement as (what, finding) rows."""
+    rows = [("memorised before", f"{_yes(report.memorised)}: {_bits(report.mean_exposure_before)} "
+                                 f"bits mean on own shard (bar {report.memorised_bar:.1f})")]
+    if report.after is not None:
+        rows += [("forgotten users", ", ".join(report.forgotten_groups)),
+                 ("deletion seconds", _bits(report.deletion_seconds)),
+                 ("KS p, forgotten vs never inserted",
+                  "-" if report.ks_pvalue is None or math.isnan(report.ks_pvalue)
+                  else f"{report.ks_pvalue:.3f}"),
+                 ("forgotten look like never inserted", report.verdict or "-"),
+                 ("why", report.verdict_reason)]
+    return rows
