@@ -8,12 +8,16 @@ errors become one clean message, with the command that fixes them, and exit stat
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import numbers
 import os
+import re
+import shlex
 import sys
 import tomllib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,8 +25,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from typer.core import TyperGroup
+from rich.table import Column, Table
+from typer.core import TyperCommand, TyperGroup
 
 from sisa import errors
 from sisa.options import (
@@ -71,6 +75,8 @@ HINTS: list[tuple[type[errors.SisaError], str]] = [
                                 "them again from the source data"),
     (errors.ColumnError, "name the columns with --id-column, --label-column, --text-column or "
                          "--feature-columns (and --group-column, --prior-column)"),
+    (errors.DeletionTargetError, "forget the ids (ID... or --ids-file) and the --group in two "
+                                 "commands"),
     (errors.InputKindError, "for a --text-column use --backend head, lora or causal_lm; for numeric "
                             "--feature-columns use --backend mlp. A causal-LM store serves `sisa "
                             "generate` and `sisa score`; a classifier `sisa predict` and `sisa "
@@ -78,7 +84,18 @@ HINTS: list[tuple[type[errors.SisaError], str]] = [
 ]
 
 
-def hint(exc: errors.SisaError) -> str | None:
+# Where a command meets an error otherwise than training does: (error, commands, what to do).
+COMMAND_HINTS: list[tuple[type[errors.SisaError], set[str], str]] = [
+    (errors.ColumnError, {"predict", "evaluate", "score"},
+     "give a file holding the columns the model reads (`sisa status --store DIR` names them); an "
+     "id column is optional (carried into the output), evaluate also needs the label column"),
+]
+
+
+def hint(exc: errors.SisaError, command: str | None = None) -> str | None:
+    for cls, commands, text in COMMAND_HINTS:
+        if isinstance(exc, cls) and command in commands:
+            return text
     return next((text for cls, text in HINTS if isinstance(exc, cls)), None)
 
 
@@ -88,29 +105,101 @@ _CommandLineError: type[Exception] = next(
     c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-def _fail(message: str, hint_text: str | None) -> None:
+def error_code(exc: BaseException) -> str:
+    """An error's stable kind, as `--json` prints it: `usage` (a malformed command line), `io` (a
+    file the system cannot read or write), or a library error's class in snake case without
+    `Error` (`store_not_found`, `unknown_record`, `config`, ...; the service's codes where they
+    meet)."""
+    if isinstance(exc, _CommandLineError):
+        return "usage"
+    if isinstance(exc, OSError):
+        return "io"
+    name = type(exc).__name__.removesuffix("Error") or "sisa"
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def error_object(exc: BaseException, message: str, hint_text: str | None) -> dict[str, Any]:
+    """An error as `--json` prints it (the HTTP service's error bodies have the same shape)."""
+    return {"error": {"code": error_code(exc), "message": message, "hint": hint_text}}
+
+
+_JSON = "sisa.json"  # ctx.meta: the command's --json, once parsed
+_ARGS = "sisa.args"  # ctx.meta: the command line, for an error found before --json was parsed
+
+
+def _wants_json(ctx: Any) -> bool:
+    if _JSON in ctx.meta:
+        return bool(ctx.meta[_JSON])
+    args = ctx.meta.get(_ARGS, [])
+    return "--json" in args[:args.index("--")] if "--" in args else "--json" in args
+
+
+def _fail(ctx: Any, exc: BaseException, message: str, hint_text: str | None) -> None:
+    if _wants_json(ctx):
+        _print_json(error_object(exc, message, hint_text))
+        return
     err.print("[bold red]error:[/bold red] " + escape(message), highlight=False, markup=True)
     if hint_text:
         err.print("[bold]hint:[/bold] " + escape(hint_text), highlight=False, markup=True)
 
 
+def _flags_take_no_value(params: list[Any]) -> list[Any]:
+    """A flag shows as a flag in --help (`--json`), not with a type as if it took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+def _unwrapped(text: str | None) -> str | None:
+    """A docstring's paragraphs, each on one line: the help wraps them to the terminal, where
+    the source's line breaks would break lines early."""
+    if text is None:
+        return None
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+class _Command(TyperCommand):
+    """A command whose help wraps to the terminal and whose flags show as flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _unwrapped(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
 class _Group(TyperGroup):
     """Turns every library error (and a file the system cannot read or write) into one clean
-    message and exit status 1, and a malformed command line into one clean message and status 2."""
+    message and exit status 1, and a malformed command line into one clean message and status 2;
+    with --json, the message is a JSON object on stdout (`error_object`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _unwrapped(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta.setdefault(_ARGS, list(args))  # the outermost group's: the whole command line
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except errors.SisaError as exc:
-            _fail(str(exc), hint(exc))
+            _fail(ctx, exc, str(exc), hint(exc, ctx.invoked_subcommand))
             raise typer.Exit(1) from None
         except _CommandLineError as exc:  # typer's own panel spans many lines: keep to one
             context = getattr(exc, "ctx", None)
             where = context.command_path if context is not None else "sisa"
-            _fail(exc.format_message(), f"`{where} --help` lists the options")  # type: ignore[attr-defined]
+            _fail(ctx, exc, exc.format_message(),  # type: ignore[attr-defined]
+                  f"`{where} --help` lists the options")
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
         except OSError as exc:  # e.g. an --output path in a missing directory
-            _fail(str(exc), None)
+            _fail(ctx, exc, str(exc), None)
             raise typer.Exit(1) from None
 
 
@@ -127,26 +216,46 @@ app = typer.Typer(
 # Shared options ------------------------------------------------------------------------------------
 Store = Annotated[Path, typer.Option("--store", help="Store directory (SQLite + checkpoints).")]
 Data = Annotated[str, typer.Option("--data", help="csv/json/jsonl/parquet file, or builtin:NAME[:test].")]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+
+
+def _json_errors(ctx: typer.Context, value: bool) -> bool:
+    """--json's callback: from now on an error prints as JSON too (parsed first: is_eager)."""
+    ctx.meta[_JSON] = value
+    return value
+
+
+Json = Annotated[bool, typer.Option(
+    "--json", help='Print JSON instead of tables; an error, too, is then JSON on stdout: '
+                   '{"error": {"code", "message", "hint"}}.',
+    callback=_json_errors, is_eager=True)]
+NoProgress = Annotated[bool, typer.Option("--no-progress",
+                                          help="Hide progress bars (--json hides them too).")]
 
 
 class ShardProgress:
-    """Rich progress bars (on stderr) for the library's `progress(description, total)` hook."""
+    """Rich progress bars (on stderr) for the library's `progress(description, total)` hook, one
+    at a time (a new bar ends the last); an item ticked that is a str (where the work is now)
+    shows after the description. Narrow enough for 80 columns."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self._bar: Progress | None = None
 
     def __call__(self, description: str, total: int) -> Any:
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=err, disable=not self.enabled)
+        if self._bar is not None:
+            self._bar.stop()
+        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(bar_width=12),
+                       MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                       disable=not self.enabled)
+        self._bar = bar
         bar.start()
         task = bar.add_task(description, total=total)
         done = [0]
 
-        def tick(_result: Any) -> None:
+        def tick(item: Any) -> None:
             done[0] += 1
-            bar.advance(task)
+            now = f"{description}: {item}" if isinstance(item, str) else None  # None: unchanged
+            bar.update(task, advance=1, description=now)
             if done[0] >= total:
                 bar.stop()
 
@@ -174,11 +283,56 @@ def _json_key(key: Any) -> Any:
     return key
 
 
+def _print_json(payload: Any) -> None:
+    """JSON on stdout: indented and highlighted for a terminal, plain `json` (one line) for a pipe
+    or a file."""
+    text = json.dumps(json_safe(payload), default=str, allow_nan=False)
+    if out.is_terminal:
+        out.print_json(text)
+    else:
+        sys.stdout.write(text + "\n")
+
+
 def _emit(as_json: bool, payload: Any, table: Table | None = None) -> None:
     if as_json:
-        out.print_json(json.dumps(json_safe(payload), default=str, allow_nan=False))
+        _print_json(payload)
     elif table is not None:
         out.print(table)
+
+
+_STRICT_JSON = json.JSONEncoder(allow_nan=False)  # made once: json.dumps(allow_nan=False) makes one a call
+
+
+def _json_line(row: Any) -> str:
+    """One result as JSON on one line; the cost per row is one encoding, as in a file the library
+    writes (a non-finite float, which JSON lacks, takes the slow way: null)."""
+    try:
+        return _STRICT_JSON.encode(row)
+    except (TypeError, ValueError):
+        return json.dumps(json_safe(row), default=str, allow_nan=False)
+
+
+def _stream_json_array(chunks: Iterable[list[Any]], encode: Callable[[Any], str] = _json_line) -> int:
+    """Print results as they come, as one JSON array with one element per line (never held in
+    memory whole, never indented or highlighted); returns how many. An error midway leaves the
+    array unclosed, so that no reader takes what came before it for the whole; an error before
+    the first result (a column missing, a file unreadable) prints only the error. `encode`: one
+    result as JSON (`str` for results the library gave as JSON already)."""
+    count = 0
+    try:
+        for chunk in chunks:
+            if chunk:
+                sys.stdout.write(("[\n" if not count else ",\n") + ",\n".join(map(encode, chunk)))
+                count += len(chunk)
+    except BaseException:
+        if count:
+            sys.stdout.write("\n")  # the error (with --json, a JSON object) starts a line of its own
+        raise
+    sys.stdout.write("\n]\n" if count else "[]\n")
+    return count
+
+
+TABLE_ROWS = 50  # rows a table of results shows; --output or --json gives them all
 
 
 def _kv_table(title: str, rows: dict[str, Any]) -> Table:
@@ -231,7 +385,7 @@ def _root(
         ctx.default_map = {name: flat for name in ctx.command.commands}  # type: ignore[attr-defined]
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("data", "partition", "training", "execution", "serving", "store")
 def train(
     store: Store,
@@ -242,14 +396,17 @@ def train(
     as_json: Json = False,
     **values: Any,
 ) -> None:
-    """Validate the data, create a store, and train every shard slice by slice.
+    """Validate the data, create a store, and train every shard.
+
+    Each shard is trained slice by slice, with a checkpoint after every slice.
 
     Example: sisa train --store stores/digits --data builtin:digits --shards 4 --slices 4
     """
     from sisa.api import Sisa
 
-    config = build_config(values, progress=not no_progress)
-    with Sisa.train(store, data, config, build_spec(values), progress=ShardProgress(not no_progress),
+    quiet = no_progress or as_json  # --json: stdout is the document, and stderr stays quiet
+    config = build_config(values, progress=not quiet)
+    with Sisa.train(store, data, config, build_spec(values), progress=ShardProgress(not quiet),
                     embeddings_from=embeddings_from, store_config=build_store(values)) as sisa:
         report = sisa.training_report_
     payload = {"store": str(store), "records": report.records, "shards": config.partition.shards,
@@ -261,18 +418,21 @@ def train(
     _emit(as_json, payload, _kv_table("trained", payload))
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("execution", "store")
 def add(store: Store, data: Data, no_progress: NoProgress = False, as_json: Json = False,
         **values: Any) -> None:
-    """Add new records (same columns as training); affected shards retrain from the earliest
-    affected slice, giving exactly what training from scratch on the union gives."""
-    with _open(store, values, no_progress) as sisa:
+    """Add new records; the affected shards retrain.
+
+    The records have the columns of the training data. Each affected shard retrains from its
+    earliest affected slice, giving exactly what training from scratch on the union gives.
+    """
+    with _open(store, values, no_progress or as_json) as sisa:
         payload = _retrain_payload(sisa.add(data))
     _emit(as_json, payload, _kv_table("added", payload))
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("store")
 def predict(
     store: Store, data: Data,
@@ -280,31 +440,50 @@ def predict(
     as_json: Json = False,
     **values: Any,
 ) -> None:
-    """Predict with the ensemble (never with a shard whose deletion is pending). The input is
-    read a chunk at a time; with --output, predictions are written as they come (to a temporary
-    file, renamed once the whole input was read and found valid)."""
+    """Predict with the ensemble of the servable shards.
+
+    Never with a shard whose deletion is pending. The input is read a chunk at a time, and
+    predictions go out as they come: with --output, into a temporary file renamed once the whole
+    input was read and found valid, and stdout carries a summary (how many, the file, the model
+    that served them); with --json, one JSON array on stdout, one prediction per line; else a
+    table of the first 50.
+    """
     with _read(store, values) as sisa:
         if output is not None:
             written = sisa.write_predictions(data, output)
+            served = sisa.ensemble()
+            summary = {"predictions": written, "output": str(output),
+                       "model_version": served.version, "shards": served.shards,
+                       "config_digest": sisa.config_digest}
+        elif as_json:
+            _stream_json_array(sisa.prediction_lines(data), encode=str)
+            return
         else:
-            rows = [r for chunk in sisa.predictions(data) for r in chunk]
+            first: list[dict[str, Any]] = []
+            count = 0
+            for chunk in sisa.predictions(data):
+                first += chunk[:TABLE_ROWS - len(first)]
+                count += len(chunk)
     if output is not None:
-        err.print(f"wrote {written} predictions to {output}")
-        if as_json:
-            _emit(True, {"predictions": written, "output": str(output)})
-    elif as_json:
-        _emit(True, rows)
-    else:
-        table = Table("id", "prediction", "probability")
-        for r in rows:
-            table.add_row(r["id"], r["prediction"], f"{r['probabilities'][r['prediction']]:.3f}")
-        out.print(table)
+        _emit(as_json, summary, _kv_table("predictions written", summary))
+        return
+    table = Table("id", "prediction", "probability")
+    for r in first:
+        table.add_row(str(r.get("id", r.get("row"))), r["prediction"],
+                      f"{r['probabilities'][r['prediction']]:.3f}")
+    out.print(table)
+    if count > len(first):
+        err.print(f"the first {len(first)} of {count} predictions; --output FILE or --json gives "
+                  "them all")
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("store")
 def evaluate(store: Store, data: Data, as_json: Json = False, **values: Any) -> None:
-    """Accuracy and macro-F1 of the ensemble (soft and hard voting) and of each shard."""
+    """Accuracy and macro-F1 of the ensemble and of each shard.
+
+    The ensemble is scored with the store's voting, and with soft and hard voting each.
+    """
     with _read(store, values) as sisa:
         result = sisa.evaluate(data)
     table = Table("model", "accuracy", "macro-F1", title=f"{result.examples} examples")
@@ -335,7 +514,7 @@ def _read_ids(path: Path) -> list[str]:
     return [line.strip() for line in _read_lines(path, "--ids-file", "ids file") if line.strip()]
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("execution", "store")
 def forget(
     store: Store,
@@ -344,73 +523,89 @@ def forget(
     group: Annotated[str | None, typer.Option(help="Forget every record of this group id.")] = None,
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
-    """Forget records by id (or a whole group): recorded durably, then the affected shards
-    retrain from the last checkpoint before the earliest affected slice. Prints the receipt.
+    """Forget records by id, or a whole group; print the receipt.
+
+    The deletion is recorded durably, then the affected shards retrain from the last checkpoint
+    before the earliest affected slice. Ids (ID... and --ids-file) and --group are two kinds of
+    request: give one or the other, as the HTTP service takes one.
 
     Example: sisa forget --store stores/digits digits-0001 digits-0042
     """
+    from sisa.unlearning import check_deletion_target
+
     wanted = list(ids or [])
     if ids_file is not None:
         wanted += _read_ids(ids_file)
     if not wanted and group is None:
         raise typer.BadParameter("give record ids, --ids-file, or --group")
+    check_deletion_target(wanted if ids or ids_file is not None else None, group)
     # Not recovered on opening: the deletion is acknowledged first, so forgetting a damaged record
     # (which recovery would stop at) works; applying it then finishes anything a crash left.
-    with _open(store, values, no_progress, recover=False, tidy=False) as sisa:
-        receipts = []
-        if wanted:
-            receipts.append(sisa.forget(wanted))
-        if group is not None:
-            receipts.append(sisa.forget_group(group))
-    for r in receipts:
-        if r.already_deleted:
-            err.print(f"already deleted (no-op): {errors.name_some(r.already_deleted)}")
-    if not as_json:
-        for r in receipts:
-            out.print(_kv_table(f"deletion {r.request_id or '(nothing new)'}", {
-                "records": len(r.record_ids),
-                "shards retrained (from slice)": ", ".join(
-                    f"{a['shard']} ({a['start_slice']})" for a in r.affected_shards) or "-",
-                "samples retrained": r.samples_retrained,
-                "seconds": r.seconds,
-                "checkpoints changed": len(r.checkpoints_changed),
-                "checkpoints unchanged": len(r.checkpoints_unchanged),
-            }))
-    payload = [r.to_dict() for r in receipts]
-    _emit(as_json, payload[0] if len(payload) == 1 else payload)
+    with _open(store, values, no_progress or as_json, recover=False, tidy=False) as sisa:
+        r = sisa.forget_group(group) if group is not None else sisa.forget(wanted)
+    if r.already_deleted:
+        err.print(f"already deleted (no-op): {errors.name_some(r.already_deleted)}")
+    _emit(as_json, r.to_dict(), _kv_table(f"deletion {r.request_id or '(nothing new)'}", {
+        "records": len(r.record_ids),
+        "shards retrained (from slice)": ", ".join(
+            f"{a['shard']} ({a['start_slice']})" for a in r.affected_shards) or "-",
+        "samples retrained": r.samples_retrained,
+        "seconds": r.seconds,
+        "checkpoints changed": len(r.checkpoints_changed),
+        "checkpoints unchanged": len(r.checkpoints_unchanged),
+    }))
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("store")
 def status(store: Store, as_json: Json = False, **values: Any) -> None:
-    """Per shard: live slice checkpoint, its weights file and sha256, live and deleted records,
-    pending deletions."""
+    """Per shard: live checkpoint, sha256, records, pending deletions.
+
+    For each shard: the live slice checkpoint, its weights file and sha256, its live and deleted
+    records, and whether a deletion is pending. Loads no model.
+    """
     from sisa.api import Sisa
 
     result = Sisa.read_status(store, build_store(values))  # no model loaded, no torch imported
-    table = Table("shard", "live slice", "live", "deleted", "pending", "sha256", "weights",
+    table = Table("shard", "live slice", "live", "deleted", "pending", "sha256",
+                  Column("weights", overflow="fold"),  # in full: it is there to be found
                   title=f"{result.store}: {result.live_records} live, "
-                        f"{result.deleted_records} deleted records")
+                        f"{result.deleted_records} deleted records",
+                  caption=f"predictions read: {', '.join(result.reads)}" if result.reads else None)
     for s in result.shards:
         table.add_row(str(s.shard), str(s.live_slice), str(s.live_records), str(s.deleted_records),
                       "yes" if s.deletion_pending else "", (s.sha256 or "-")[:16], s.weights_path or "-")
     _emit(as_json, result.to_dict(), table)
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("store")
 def audit(store: Store, as_json: Json = False, **values: Any) -> None:
-    """Verify every checkpoint's files and manifest, that none holds a deleted record, that each
+    """Prove that no file holds or derives from a deleted record.
+
+    Verifies every checkpoint's files and manifest, that none holds a deleted record, that each
     live checkpoint matches its shard's records, and that nothing unregistered is on disk; exit 1
-    on any violation."""
+    on any violation.
+    """
     with _read(store, values, tidy=False) as sisa:
         result = sisa.audit()
-    table = Table("shard", "slice", "problem",
-                  title=f"audit: {'OK' if result.ok else 'VIOLATIONS'} "
-                        f"({result.checkpoints_checked} checkpoints checked)")
-    for v in result.violations:
-        table.add_row(str(v.shard), str(v.slice), v.problem)
-    _emit(as_json, result.to_dict(), table)
+    if as_json:
+        _emit(True, result.to_dict())
+    else:
+        out.print(f"audit: {'OK' if result.ok else 'VIOLATIONS'} ({result.checkpoints_checked} "
+                  "checkpoints checked)")
+        if result.violations:  # paths in full: they are there to be found and copied
+            table = Table("shard", "slice", Column("path", overflow="fold"),
+                          Column("problem", overflow="fold"))
+            for v in result.violations:
+                table.add_row(_fmt(v.shard), _fmt(v.slice), v.path or "-", v.problem)
+            out.print(table)
+        # A violation about a file or a checkpoint is one repair heals (links and strays removed,
+        # checkpoints rebuilt); the others (a damaged database or record, the config) it cannot.
+        if any(v.path is not None or v.key is not None for v in result.violations):
+            err.print(f"[bold]hint:[/bold] `sisa repair --store {escape(shlex.quote(str(store)))}` "
+                      "removes the links and stray files and rebuilds the damaged checkpoints",
+                      highlight=False, markup=True)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -423,16 +618,17 @@ def _subcommands(name: str, help_text: str) -> typer.Typer:
     return group
 
 
-key_app = _subcommands("key", "The store's ledger key: every seal, receipt and tombstone is keyed "
-                              "with it.")
+key_app = _subcommands("key", "The store's ledger key, which keys seals, receipts, tombstones.")
 
 
-@key_app.command("move-out")
+@key_app.command("move-out", cls=_Command)
 @with_options("store")
 def key_move_out(store: Store, as_json: Json = False, **values: Any) -> None:
-    """Keep the store's ledger key outside it, in the new file --key-file (mode 600, written
-    first): from then on every command on the store needs the key file (or SISA_KEY_FILE), and
-    whoever can write the store's database can no longer re-seal a checkpoint.
+    """Keep the store's ledger key outside it, in a key file.
+
+    The new file --key-file (mode 600) is written first: from then on every command on the store
+    needs the key file (or SISA_KEY_FILE), and whoever can write the store's database can no
+    longer re-seal a checkpoint.
 
     Example: sisa key move-out --store stores/digits --key-file ~/.sisa/digits.key
     """
@@ -448,11 +644,11 @@ def key_move_out(store: Store, as_json: Json = False, **values: Any) -> None:
     _emit(as_json, payload, _kv_table("key moved out", payload))
 
 
-receipts_app = _subcommands("receipts", "The deletion receipts: a hash chain, each receipt keyed "
-                                        "and linked to the one before.")
+receipts_app = _subcommands("receipts", "The deletion receipts: a keyed hash chain.\n\nEach "
+                                        "receipt is keyed and linked to the one before.")
 
 
-@receipts_app.command("verify")
+@receipts_app.command("verify", cls=_Command)
 @with_options("store")
 def receipts_verify(
     store: Store,
@@ -461,9 +657,11 @@ def receipts_verify(
     as_json: Json = False,
     **values: Any,
 ) -> None:
-    """Re-check the receipt chain against the store: each receipt's keyed digest, its link to the
-    one before, its deleted ids' tombstones and its config digest; exit 1 on any problem. Keep the
-    head digest it prints somewhere else: a rewritten chain will not end in it.
+    """Re-check the chain of deletion receipts against the store.
+
+    Checks each receipt's keyed digest, its link to the one before, its deleted ids' tombstones
+    and its config digest; exit 1 on any problem. Keep the head digest it prints somewhere else:
+    a rewritten chain will not end in it.
 
     Example: sisa receipts verify --store stores/digits
     """
@@ -481,7 +679,7 @@ def receipts_verify(
         raise typer.Exit(1)
 
 
-@receipts_app.command("show")
+@receipts_app.command("show", cls=_Command)
 @with_options("store")
 def receipts_show(
     store: Store,
@@ -489,9 +687,11 @@ def receipts_show(
     as_json: Json = False,
     **values: Any,
 ) -> None:
-    """Print one receipt: keyed digests of the deleted ids, the shards retrained with their
-    weights' sha256 before and after, the untouched shards' sha256, the config digest, the times,
-    and the digests that chain it.
+    """Print one deletion receipt.
+
+    It holds keyed digests of the deleted ids, the shards retrained with their weights' sha256
+    before and after, the untouched shards' sha256, the config digest, the times, and the digests
+    that chain it.
 
     Example: sisa receipts show --store stores/digits 1
     """
@@ -501,23 +701,29 @@ def receipts_show(
     _emit(as_json, receipt, _kv_table(f"receipt {receipt.get('sequence', '-')}", rows))
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("execution", "store")
 def recover(store: Store, no_progress: NoProgress = False, as_json: Json = False,
             **values: Any) -> None:
-    """Finish what a crash interrupted (pending deletions, additions, training, files left on
-    disk) and heal what is safe to heal unasked: a cut or lost deletion journal, deletions the
-    database lost (a lost WAL, a backup restored behind its journal or witness), a deleted record
-    that reappeared, a receipt reset to pending. Exit 1 naming any damage it did not build on."""
-    with _open(store, values, no_progress) as sisa:
+    """Finish what a crash interrupted.
+
+    Applies pending deletions, additions and training, removes files left on disk, and heals what
+    is safe to heal unasked: a cut or lost deletion journal, deletions the database lost (a lost
+    WAL, a backup restored behind its journal or witness), a deleted record that reappeared, a
+    receipt reset to pending. Exit 1 naming any damage it did not build on.
+    """
+    with _open(store, values, no_progress or as_json) as sisa:
         receipts, damage = sisa.recovered_, sisa.damage_
     payload = {"deletions_applied": [r.to_dict() for r in receipts]}
+    if as_json and damage is not None:  # one JSON object: what was done, and the damage left
+        _emit(True, {**payload, **error_object(damage, str(damage), hint(damage))})
+        raise typer.Exit(1)
     _emit(as_json, payload, _kv_table("recovered", {"deletions applied": len(receipts)}))
     if damage is not None:
         raise damage
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("execution", "store")
 def repair(
     store: Store,
@@ -527,28 +733,35 @@ def repair(
         help="Retrain from slice 0 even where checkpoints are intact.")] = False,
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
-    """Retrain shards from their first missing or corrupt checkpoint (as `sisa audit` reports
-    them), resuming from the intact one before it; the result is bit-identical to the lost one.
-    Then finish any interrupted deletion, as `sisa recover` does."""
-    with _open(store, values, no_progress, recover=False) as sisa:
+    """Heal what the audit reports, bit-identically.
+
+    Removes links and stray files, and retrains shards from their first missing or corrupt
+    checkpoint (as `sisa audit` reports them), resuming from the intact one before it; the result
+    is bit-identical to the lost one. Then finishes any interrupted deletion, as `sisa recover`
+    does.
+    """
+    with _open(store, values, no_progress or as_json, recover=False) as sisa:
         report = sisa.repair(shard, from_scratch=from_scratch)
     payload = {**_retrain_payload(report),
                "deletions_applied": [r.to_dict() for r in report.deletions_applied]}
     _emit(as_json, payload, _kv_table("repaired", _retrain_payload(report)))
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("service", "execution", "store")
 def serve(
     store: Store,
     token_file: Annotated[Path | None, typer.Option(
         help="File holding the bearer token (mode 600); default: the SISA_SERVE_TOKEN variable.")] = None,
     as_json: Annotated[bool, typer.Option(
-        "--json", help="On start, print the settings and the address as JSON.")] = False,
+        "--json", help="On start, print the settings and the address as JSON; an error, too, is "
+                       "then JSON on stdout.", callback=_json_errors, is_eager=True)] = False,
     **values: Any,
 ) -> None:
-    """Serve predictions, generation and deletions over HTTP until interrupted. Answers never come
-    from a shard with an acknowledged deletion; a worker retrains it and swaps it back in.
+    """Serve predictions, generation and deletions over HTTP.
+
+    Runs until interrupted. Answers never come from a shard with an acknowledged deletion; a
+    worker retrains it and swaps it back in.
 
     Example: SISA_SERVE_TOKEN=$(cat token) sisa serve --store stores/digits --port 8000
     """
@@ -582,7 +795,7 @@ def _check_combine(combine: str) -> Any:
     return combine
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("store")
 def generate(
     store: Store,
@@ -596,8 +809,10 @@ def generate(
     as_json: Json = False,
     **values: Any,
 ) -> None:
-    """Continue prompts with the ensemble of a causal-LM store: all servable shards' adapters in
-    one batched pass per token (never a shard with a deletion pending).
+    """Causal LM: continue prompts with the ensemble.
+
+    All servable shards' adapters run in one batched pass per token (never a shard with a
+    deletion pending).
 
     Example: sisa generate --store stores/chat --prompt "how was your weekend?"
     """
@@ -617,7 +832,7 @@ def generate(
     _emit(as_json, [g.to_dict() for g in result], table)
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("store")
 def score(
     store: Store, data: Data, combine: Combine = "mean",
@@ -625,22 +840,32 @@ def score(
     as_json: Json = False,
     **values: Any,
 ) -> None:
-    """Log-likelihood and perplexity of each record's text (after its prompt) under the ensemble
-    of a causal-LM store."""
+    """Causal LM: log-likelihood and perplexity of each record.
+
+    Each record's text (after its prompt) is scored under the ensemble. With --output, the
+    scores go to that file as JSON lines, and stdout carries the totals only.
+    """
     with _read(store, values) as sisa:
         result = sisa.score(data, _check_combine(combine))
     if output is not None:
-        output.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in result.records))
-        err.print(f"wrote {len(result.records)} scores to {output}")
+        output.write_text("".join(_json_line(r.to_dict()) + "\n" for r in result.records))
+        summary = {"scores": len(result.records), "output": str(output), "combine": result.combine,
+                   "tokens": result.tokens, "perplexity": result.perplexity,
+                   "model_version": result.model_version, "shards": result.shards}
+        _emit(as_json, summary, _kv_table("scores written", summary))
+        return
     table = Table("id", "tokens", "log-likelihood", "perplexity",
                   title=f"{len(result.records)} records, {result.tokens} tokens: perplexity "
                         f"{result.perplexity:.3f} ({result.combine})")
-    for r in result.records[:50]:
+    for r in result.records[:TABLE_ROWS]:
         table.add_row(r.id, str(r.tokens), f"{r.logprob:.3f}", f"{r.perplexity:.3f}")
     _emit(as_json, result.to_dict(), table)
+    if not as_json and len(result.records) > TABLE_ROWS:
+        err.print(f"the first {TABLE_ROWS} of {len(result.records)} records; --output FILE or "
+                  "--json gives them all")
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("execution", "store")
 def canaries(
     store: Store,
@@ -652,12 +877,15 @@ def canaries(
     seed: Annotated[int, typer.Option(help="Seed of the users chosen and the secrets.")] = 0,
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
-    """Insert canaries into a causal-LM store (a secret of random digits in a fixed template,
-    one per chosen user, as records of that user) and write the canary set that `sisa prove`
-    reads. The affected shards retrain, exactly as for any `add`."""
+    """Causal LM: insert canaries, secrets of chosen users.
+
+    Each canary is a secret of random digits in a fixed template, one per chosen user, added as
+    records of that user; the canary set that `sisa prove` reads is written to --out. The affected
+    shards retrain, exactly as for any `add`.
+    """
     from sisa.workflows.proof import insert_canaries
 
-    with _open(store, values, no_progress) as sisa:
+    with _open(store, values, no_progress or as_json) as sisa:
         chosen, report = insert_canaries(sisa, inserted, never, digits, repeats, seed)
     chosen.save(out_file)
     payload = {"canaries": str(out_file), "inserted": inserted, "never_inserted": never,
@@ -665,7 +893,7 @@ def canaries(
     _emit(as_json, payload, _kv_table("canaries", payload))
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("execution", "store")
 def prove(
     store: Store,
@@ -681,9 +909,11 @@ def prove(
     combine: Combine = "mean",
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
-    """Evidence that forgotten text is gone: canary exposure (own shard and ensemble) and
-    membership-inference AUCs (LOSS, zlib, Min-K%, Min-K%++) before and after forgetting; says
-    plainly when the model never memorised the canaries.
+    """Causal LM: evidence that forgotten text is gone.
+
+    Measures canary exposure (own shard and ensemble) and membership-inference AUCs (LOSS, zlib,
+    Min-K%, Min-K%++) before and after forgetting; says plainly when the model never memorised
+    the canaries.
 
     Example: sisa prove --store stores/chat --canaries canaries.json --holdout builtin:chitchat:test
     --forget-group <user id>
@@ -692,9 +922,10 @@ def prove(
     from sisa.workflows.proof import prove as run_prove
 
     chosen = CanarySet.load(canaries_file)
-    with _open(store, values, no_progress) as sisa:
+    quiet = no_progress or as_json
+    with _open(store, values, quiet) as sisa:
         report = run_prove(sisa, chosen, holdout, forget_group or [], holdout_limit, retain_limit,
-                           _check_combine(combine), references)
+                           _check_combine(combine), references, progress=ShardProgress(not quiet))
     if not as_json:
         _print_proof(report)
     else:
@@ -711,43 +942,59 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def _print_proof(report: Any) -> None:
-    phases = [("before", report.before)] + ([("after", report.after)] if report.after else [])
-    table = Table("canary", "inserted", "shard", *[f"{p}: shard / ensemble (bits)" for p, _ in phases],
-                  *[f"{p}: greedy" for p, _ in phases], title="canary exposure")
-    for i, c in enumerate(report.before.canaries):
-        cells = [f"{_fmt(e.canaries[i].exposure_shard)} / {_fmt(e.canaries[i].exposure_ensemble)}"
-                 for _, e in phases]
-        greedy = [_fmt(e.canaries[i].greedy_ensemble) for _, e in phases]
-        table.add_row(c.id, _fmt(c.inserted), str(c.shard), *cells, *greedy)
-    out.print(table)
-    mia = Table("view", "score", *[p for p, _ in phases], title="membership AUC (forget vs holdout)")
+def proof_tables(report: Any) -> list[Table]:
+    """`sisa prove`'s tables, 80 columns wide at most: numbers never wrap (no_wrap), names and
+    ids fold onto a second line where the width runs out."""
+    from sisa.workflows.proof import canary_rows, forgotten_rows, verdict_rows
+
+    phases = ["before"] + (["after"] if report.after is not None else [])
+
+    def table(title: str, names: list[str], numbers: list[str], caption: str | None = None) -> Table:
+        t = Table(title=title, caption=caption)
+        for name in names:
+            t.add_column(name, overflow="fold", min_width=6)
+        for name in numbers:
+            t.add_column(name, no_wrap=True, justify="right")
+        return t
+
+    canaries = table("canary exposure", ["canary"], ["inserted", "shard", *phases, "greedy"],
+                     "bits, own shard / ensemble; greedy: the ensemble's greedy decoding gives the "
+                     "secret (" + " / ".join(phases) + ")")
+    for row in canary_rows(report):
+        canaries.add_row(*row)
+    tables = [canaries]
+    forgotten = forgotten_rows(report)
+    if forgotten:
+        gone = table("the forgotten canaries, own shard", ["canary", "user"],
+                     ["before", "after", "chance"],
+                     "bits; chance: that a never-inserted canary's exposure is as high (2^-bits)")
+        for row in forgotten:
+            gone.add_row(*row)
+        tables.append(gone)
+    mia = table("membership AUC (forget vs holdout)", ["view", "score"], phases)
     for view, scores in report.before.membership_auc.items():
         for name, value in scores.items():
-            later = [_fmt(e.membership_auc.get(view, {}).get(name), 3) for _, e in phases[1:]]
+            later = [_fmt(report.after.membership_auc.get(view, {}).get(name), 3)] if report.after else []
             mia.add_row(view, name, _fmt(value, 3), *later)
-    out.print(mia)
-    ppl = Table("perplexity", *[p for p, _ in phases])
+    ppl = table("perplexity", ["texts"], phases)
     for name in report.before.perplexity:
-        ppl.add_row(name, *[_fmt(e.perplexity[name]) for _, e in phases])
-    out.print(ppl)
-    summary = {"memorised before (mean exposure on own shard, bits)":
-               f"{_fmt(report.memorised)} ({_fmt(report.mean_exposure_before)})"}
-    if report.after is not None:
-        summary.update({
-            "forgotten groups": ", ".join(report.forgotten_groups),
-            "deletion seconds": _fmt(report.deletion_seconds),
-            "forgotten canaries, mean exposure after": _fmt(report.forgotten_mean_exposure),
-            "never-inserted canaries, mean exposure": _fmt(report.never_mean_exposure),
-            "KS p-value (forgotten vs never inserted)": _fmt(report.ks_pvalue, 3),
-            "forgotten look like never inserted": _fmt(report.forgotten_like_never),
-        })
-    out.print(_kv_table("verdict", summary))
+        ppl.add_row(name, *[_fmt(e.perplexity[name]) for e in [report.before, report.after] if e])
+    verdict = Table(title="verdict", show_header=False)
+    verdict.add_column(style="bold", overflow="fold", max_width=22)
+    verdict.add_column(overflow="fold")
+    for key, value in verdict_rows(report):
+        verdict.add_row(key, value)
+    return [*tables, mia, ppl, verdict]
+
+
+def _print_proof(report: Any) -> None:
+    for table in proof_tables(report):
+        out.print(table)
     for note in report.notes:
         err.print(f"[bold yellow]note:[/bold yellow] {escape(note)}", markup=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options("partition", "training", "execution", exclude=("backend",))
 def demo(
     backend: Annotated[str, typer.Option(
@@ -762,13 +1009,17 @@ def demo(
     as_json: Json = False,
     **values: Any,
 ) -> None:
-    """Train a SISA ensemble and a monolith (S=1, R=1) on a built-in data set, evaluate both on its
-    held-out split, forget random records, and compare the deletion's cost with retraining from
-    scratch. Default: the frozen-encoder head backend on Rotten Tomatoes."""
+    """Train SISA and a monolith on built-in data, forget, compare costs.
+
+    Trains a SISA ensemble and a monolith (S=1, R=1) on a built-in data set, evaluates both on its
+    held-out split, forgets random records, and compares the deletion's cost with retraining from
+    scratch. Default: the frozen-encoder head backend on Rotten Tomatoes.
+    """
     from sisa.workflows.demo import demo_options, run, summary_rows
 
-    config = build_config(demo_options(backend, values), progress=not no_progress)
-    result = run(config, dataset, limit, forget_count, ShardProgress(not no_progress))
+    quiet = no_progress or as_json  # --json: stdout is the document, and stderr stays quiet
+    config = build_config(demo_options(backend, values), progress=not quiet)
+    result = run(config, dataset, limit, forget_count, ShardProgress(not quiet))
     proof = result.get("proof")
     if as_json:
         _emit(True, {**result, "proof": proof.to_dict()} if proof is not None else result)
@@ -778,7 +1029,7 @@ def demo(
                       f"{escape(g['text'])}", markup=True)
         out.print(f"trained {result['records']} records ({result['canary_records']} canary copies) "
                   f"on S={result['shards']}, R={result['slices']} in {result['train_seconds']:.1f} "
-                  f"s; forgot user {result['forgotten_user']}; audit "
+                  f"s; forgot {len(proof.forgotten_groups)} user(s) in one request; audit "
                   f"{'OK' if result['audit_ok'] else 'VIOLATIONS'}")
         _print_proof(proof)
     else:
@@ -795,8 +1046,28 @@ REFERENCE_HEAD = """# Command-line reference
 
 Every `sisa` command and its options, generated from the CLI itself (`python -c 'import sisa.cli
 as c; print(c.cli_reference(), end="")' > docs/cli.md`; a test checks it is current). `sisa COMMAND
---help` prints the same. Options may also come from a TOML file (`sisa --config sisa.toml train`,
-keys are option names); `--json` prints machine-readable output.
+--help` prints the same, its options grouped in panels as the table below groups them. Options
+may also come from a TOML file (`sisa --config sisa.toml train`, keys are option names).
+
+## Output
+
+- `--json` prints one JSON document on stdout: indented and highlighted on a terminal, plain
+  `json` on one line on a pipe or into a file. The tables of `predict` and `score` show the first
+  50 rows; `--json` or `--output` gives them all.
+- An error with `--json` is one JSON object on stdout, `{"error": {"code": ..., "message": ...,
+  "hint": ...}}` (`hint`: null when there is none), and the exit status is the same as without
+  `--json`: 1, or 2 for a malformed command line. `code` is stable: `usage` (a malformed command
+  line), `io` (a file the system cannot read or write), or the library error's class in snake
+  case without `Error` (`store_not_found`, `unknown_record`, `config`, `record`, `column`,
+  `deletion_target`, `damaged_store`, ...; where the HTTP service has the same error, the same
+  code). `sisa recover --json` that leaves damage prints its result with `error` added.
+- `sisa predict --json` streams: one JSON array, one prediction per line, printed as the input is
+  read (never held whole). An error midway leaves the array unclosed (so no reader takes the part
+  for the whole), then the error follows on a line of its own, with exit status 1.
+- `sisa predict --output FILE` writes the predictions to FILE as JSON lines and prints a summary
+  only: `predictions` (how many), `output`, and what identifies the model that served them,
+  `model_version` (a digest of the serving checkpoints), `shards` and `config_digest`. `sisa
+  score --output FILE` likewise.
 
 ## The options that set a configuration
 
@@ -834,6 +1105,8 @@ def cli_reference() -> str:
             flags = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
             default = param.default
             shown = "-" if default is None or (param.is_flag and default is False) else cell(str(default))
+            if isinstance(param.show_default, str):  # a default that depends (on the backend)
+                shown = cell(param.show_default)
             if param.required:
                 shown = "required"
             rows.append(f"| {flags} | {shown} | {cell(param.help or '')} |")

@@ -53,6 +53,10 @@ class RecordError(SisaError, ValueError):
     """Input records are malformed: duplicate, empty or missing ids, missing labels, bad columns."""
 
 
+class DeletionTargetError(RecordError):
+    """A deletion names both record ids and a group, or neither: it names one or the other."""
+
+
 class ColumnError(RecordError):
     """The input lacks a column the data spec names, or the data spec names none."""
 

@@ -8,7 +8,9 @@ class's default (shown per backend), and giving it for another backend is an err
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -38,6 +40,11 @@ GROUPS: dict[str, type] = {"data": DataSpec, "partition": PartitionConfig, "trai
                            "service": ServiceConfig, "store": StoreConfig}
 # The groups of the README's option table (the service's options are in docs/cli.md).
 TABLE_GROUPS = ("data", "partition", "execution", "serving", "training")
+# The help panels of a command's generated options, in the order `--help` shows them (after the
+# command's own options); a training option that only some backends take gets a panel named after
+# them, as the README's table does.
+PANELS = {"data": "Data", "partition": "Partition", "service": "Service", "execution": "Execution",
+          "serving": "Serving", "training": "Training", "store": "Key and witness"}
 
 
 @dataclass(frozen=True)
@@ -77,18 +84,43 @@ class ConfigOption:
 
     def annotation(self) -> Any:
         base = {"int": int, "float": float, "str": str, "bool": bool}.get(self.kind, str)
-        text = self.help + self._default_note()
         optional = self.default is None
+        # Where the command's default is None (it depends on the backend, or on a built-in data
+        # set), the help still shows the default that applies: the README's text for it.
+        shown: bool | str = True
+        if optional:
+            shown = self.default_text() if self.default_text() != "-" else False
         return Annotated[base | None if optional else base,
-                         typer.Option(self.flag, help=text, show_default=not optional)]
+                         typer.Option(self.flag, help=self.help, show_default=shown,
+                                      rich_help_panel=self.panel)]
 
     def backends(self) -> list[str]:
         return [b for b in self.defaults if b]
 
-    def _default_note(self) -> str:
-        if self.group != "training" or self.field == "backend":
-            return ""
-        return f" (default: {self.default_text()})"
+    @property
+    def where(self) -> str:
+        """What the option is for, as the README's table says: its group, or for a training
+        option that only some backends take, those backends."""
+        if self.group == "training" and self.field != "backend" \
+                and len(self.backends()) < len(TRAINING_CONFIGS):
+            return ", ".join(self.backends())
+        return self.group
+
+    @property
+    def panel(self) -> str:
+        """The panel of `--help` that lists it."""
+        if self.where != self.group:
+            return f"{PANELS['training']}: {self.where}"
+        return PANELS[self.group]
+
+    def panel_order(self) -> tuple[int, int, int]:
+        """Sorts options into PANELS' order; the backends' panels follow the training one, by
+        their first backend (the widest first)."""
+        rank = list(PANELS).index(self.group)
+        if self.where == self.group:
+            return rank, 0, 0
+        backends = list(TRAINING_CONFIGS)
+        return rank, 1 + min(backends.index(b) for b in self.backends()), -len(self.backends())
 
     def default_text(self) -> str:
         """The default as the docs show it: one value, or one per backend."""
@@ -149,6 +181,39 @@ def _collect() -> list[ConfigOption]:
 
 
 OPTIONS: list[ConfigOption] = _collect()
+# A field's name in a config error, as the command line spells it (`no_auth` -> `--no-auth`;
+# `epochs_per_slice` -> `--epochs`). A negated field's flag says the opposite: left alone.
+_FLAGS = {o.field: o.flag for o in OPTIONS if not o.negate}
+_FIELD = re.compile(r"(?<![\w'\"-])(" + "|".join(sorted(map(re.escape, _FLAGS), key=len, reverse=True))
+                    + r")(?![\w'\"-])")
+
+
+def in_flags(message: str) -> str:
+    """A config error's message naming options, not fields: a name with an underscore wherever it
+    stands (unquoted: a quoted one is a value), a one-word name where it is the subject of
+    "must" (`port must be ...`), since as a plain word (`seed`, `model`) it may mean the thing."""
+
+    def flag(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if "_" in name or message.startswith(" must", match.end()):
+            return _FLAGS[name]
+        return name
+
+    return _FIELD.sub(flag, message)
+
+
+def _naming_flags(build: F) -> F:
+    """`build` with the config errors it raises naming the options that set the bad values."""
+
+    @functools.wraps(build)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return build(*args, **kwargs)
+        except ConfigError as exc:
+            exc.args = (in_flags(str(exc)), *exc.args[1:])
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 def options(*groups: str) -> list[ConfigOption]:
@@ -159,7 +224,8 @@ def with_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[F], F
     """Give a typer command the options of these groups (but those named in `exclude`). The
     command takes them as `**values` (keyword arguments named after the options) and passes them
     to `build_*` below."""
-    generated = [o for o in options(*groups) if o.name not in exclude]
+    generated = sorted((o for o in options(*groups) if o.name not in exclude),
+                       key=ConfigOption.panel_order)  # a stable sort: the fields' order within
 
     def decorate(func: F) -> F:
         hints = typing.get_type_hints(func, include_extras=True)
@@ -184,10 +250,12 @@ def _values(group: str, values: Mapping[str, Any], skip_none: bool) -> dict[str,
     return out
 
 
+@_naming_flags
 def build_execution(values: Mapping[str, Any], progress: bool = True) -> ExecutionConfig:
     return ExecutionConfig(**_values("execution", values, skip_none=False), progress=progress)
 
 
+@_naming_flags
 def build_training(values: Mapping[str, Any]) -> TrainingConfig:
     given = _values("training", values, skip_none=True)
     backend = given.pop("backend", "mlp")
@@ -200,6 +268,7 @@ def build_training(values: Mapping[str, Any]) -> TrainingConfig:
     return training_config(backend, **given)
 
 
+@_naming_flags
 def build_config(values: Mapping[str, Any], progress: bool = True) -> SisaConfig:
     """The store's config from a command's generated options."""
     return SisaConfig(
@@ -210,17 +279,20 @@ def build_config(values: Mapping[str, Any], progress: bool = True) -> SisaConfig
     )
 
 
+@_naming_flags
 def build_service(values: Mapping[str, Any], token: str | None) -> ServiceConfig:
     """The service's settings from `sisa serve`'s generated options and its token."""
     return ServiceConfig(**_values("service", values, skip_none=False), token=token)
 
 
+@_naming_flags
 def build_store(values: Mapping[str, Any]) -> StoreConfig:
     """Where the store's key and witness are kept, from a command's generated options (or, for
     each not given, the environment)."""
     return StoreConfig(**_values("store", values, skip_none=False)).resolved()
 
 
+@_naming_flags
 def build_spec(values: Mapping[str, Any]) -> DataSpec | None:
     """The data's columns, or None where no column option was given (a built-in data set)."""
     given = _values("data", values, skip_none=True)
@@ -231,10 +303,7 @@ def markdown_table() -> str:
     """The README's table of configuration options."""
     lines = ["| option | for | default | what it sets |", "| --- | --- | --- | --- |"]
     for o in options(*TABLE_GROUPS):
-        where = o.group
-        if o.group == "training" and o.field != "backend":
-            where = ", ".join(o.backends()) if len(o.backends()) < len(TRAINING_CONFIGS) else "training"
-        lines.append(f"| `{o.flag}` | {where} | {o.default_text()} | {o.help.replace('|', '/')} |")
+        lines.append(f"| `{o.flag}` | {o.where} | {o.default_text()} | {o.help.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -132,3 +132,22 @@ def test_verify_cost_tiny_run_states_its_share(tmp_path):
     result = run_tiny("benchmarks.verify_cost", tmp_path / "verify")
     assert result["read_and_hash_seconds_per_gb"] > 0 and result["live_checkpoints_bytes"] > 0
     assert 0 < result["predict_verify_share"] < 1 and 0 < result["forget_verify_share"] < 1
+
+
+def test_quick_commands_tiny_run_times_every_command(tmp_path):
+    result = run_tiny("benchmarks.quick_commands", tmp_path / "quick")
+    commands = {c["command"]: c for c in result["commands"]}
+    assert list(commands) == ["python -c pass", "sisa --help", "sisa status", "sisa audit",
+                              "sisa receipts verify", "sisa receipts show ID", "sisa predict (4 rows)"]
+    for c in commands.values():
+        assert len(c["runs"]) == result["repeats"] == 1 and c["median_seconds"] > 0
+        assert isinstance(c["heavy_imports"], list)
+    assert "torch" in commands["sisa predict (4 rows)"]["heavy_imports"]  # the imports are read
+    assert "| command | median s |" in (tmp_path / "quick" / "quick_commands.md").read_text()
+
+
+def test_predict_scale_tiny_run_predicts_every_row_of_new_data(tmp_path):
+    result = run_tiny("benchmarks.predict_scale", tmp_path / "predict")
+    assert result["rows"] == result["output_file"]["lines_written"] == 10_000
+    assert result["output_file"]["stdout"]["predictions"] == 10_000  # a summary, not the rows
+    assert result["json_stdout"]["rows_parsed"] == 10_000

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from sisa.cli import app, cli_reference
@@ -200,23 +203,181 @@ def test_text_backend_end_to_end(tmp_path, tiny_model):
     assert evaluation["examples"] == 40
 
 
-def test_status_loads_no_model_and_agrees_with_the_library(tmp_path):
-    """`sisa status` reads the store alone (no torch import: it starts fast), and reports what
-    `Sisa.status()` does."""
-    import subprocess
-    import sys
+@pytest.fixture(scope="module")
+def forgotten(tmp_path_factory) -> tuple[Path, str]:
+    """A small store with one deletion applied (so it holds a receipt), and that deletion's id."""
+    root = tmp_path_factory.mktemp("forgotten")
+    data = write_csv(root / "train.csv", make_rows(30))
+    run("train", "--store", str(root / "s"), "--data", str(data), *TRAIN)
+    receipt = as_json(run("forget", "--store", str(root / "s"), "r0004", "--no-progress", "--json"))
+    return root / "s", receipt["request_id"]
 
-    from sisa import Sisa
 
-    data = write_csv(tmp_path / "train.csv", make_rows(30))
-    run("train", "--store", str(tmp_path / "s"), "--data", str(data), *TRAIN)
-    run("forget", "--store", str(tmp_path / "s"), "r0004", "--no-progress")
+def in_a_fresh_process(args: list[str]) -> tuple[str, list[str]]:
+    """`sisa ARGS` run in a new interpreter: what it printed, and which of torch, transformers and
+    ray it had imported by the end."""
     code = ("import json, sys; from sisa.cli import app\n"
-            f"app(['status', '--store', {str(tmp_path / 's')!r}, '--json'], standalone_mode=False)\n"
-            "print(json.dumps({'torch': 'torch' in sys.modules}))")
+            f"code = app({args!r}, standalone_mode=False)\n"
+            "print(json.dumps([code, [m for m in ('torch', 'transformers', 'ray') if m in sys.modules]]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    *report, flags = proc.stdout.strip().splitlines()
-    assert json.loads(flags) == {"torch": False}
-    with Sisa.open(tmp_path / "s", recover=False, read_only=True) as sisa:
-        assert json.loads("\n".join(report)) == json.loads(json.dumps(sisa.status().to_dict()))
+    *output, last = proc.stdout.strip().splitlines()
+    exit_code, loaded = json.loads(last)
+    assert exit_code in (None, 0), proc.stderr
+    return "\n".join(output), loaded
+
+
+# The commands that run no model, as `sisa ...` on the `forgotten` store ({store}, {request}).
+QUICK = {
+    "status": ["status", "--store", "{store}", "--json"],
+    "audit": ["audit", "--store", "{store}", "--json"],
+    "receipts verify": ["receipts", "verify", "--store", "{store}", "--json"],
+    "receipts show": ["receipts", "show", "--store", "{store}", "{request}", "--json"],
+    "--help": ["--help"],
+    "train --help": ["train", "--help"],
+}
+
+
+@pytest.mark.parametrize("command", QUICK)
+def test_commands_that_run_no_model_import_none(command, forgotten):
+    """Status, the audit, the receipts and the help import neither torch (its import alone is
+    more than a second of every command) nor transformers nor ray."""
+    store, request = forgotten
+    output, loaded = in_a_fresh_process([a.format(store=store, request=request) for a in QUICK[command]])
+    assert loaded == [], f"`sisa {command}` imported {loaded}"
+    if command == "receipts show":
+        assert json.loads(output)["request_id"] == request
+    elif "--help" not in command and command != "status":
+        assert json.loads(output)["ok"], output
+
+
+def test_status_agrees_with_the_library(forgotten):
+    """`sisa status` (which reads the store alone, in a process that imports no torch) reports
+    what `Sisa.status()` does."""
+    from sisa import Sisa
+
+    store, _ = forgotten
+    report, loaded = in_a_fresh_process(["status", "--store", str(store), "--json"])
+    assert loaded == []
+    with Sisa.open(store, recover=False, read_only=True) as sisa:
+        assert json.loads(report) == json.loads(json.dumps(sisa.status().to_dict()))
+
+
+# Where users meet the CLI: its help, its errors, its output ------------------------------------------
+
+def help_of(*command: str) -> str:
+    return runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"}).output
+
+
+def flat(text: str) -> str:
+    """Help text without its boxes and line breaks: a cell wrapped over lines reads as one."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def test_train_help_groups_its_options_as_the_readme_table_does():
+    text = help_of("train")
+    panels = re.findall(r"╭─ (.+?) ─", text)
+    assert panels == ["Options", "Data", "Partition", "Execution", "Serving", "Training",
+                      "Training: mlp, head", "Training: head, lora, causal_lm",
+                      "Training: lora, causal_lm", "Training: causal_lm", "Key and witness"]
+    body = flat(text)
+    assert "--id-column <str> Column with the stable record id. [default: (id)]" in body
+    assert "--label-column <str> Column with the class label. [default: (label)]" in body
+    assert "[default: (mlp 5, head 10, lora 2, causal_lm 2)]" in body  # --epochs, per backend
+    assert re.search(r"--lora-r <int> Adapter rank\. \[default: \(8\)\]", body)
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_flags_show_as_flags(command):
+    text = help_of(*command.split())
+    assert "<bool>" not in text
+    assert re.search(r"--help +Show this message", text)
+
+
+def test_the_command_list_has_one_line_per_command():
+    text = help_of()
+    rows = text.split("╭─ Commands")[1].split("╰")[0].splitlines()[1:]
+    group = typer.main.get_command(app)
+    assert len(rows) == len(group.commands)  # type: ignore[attr-defined]
+    for row, (name, command) in zip(rows, group.commands.items(), strict=True):  # type: ignore[attr-defined]
+        first_line = command.help.split("\n\n")[0]
+        assert "\n" not in first_line and flat(row) == f"{name} {first_line}"
+
+
+def test_a_json_error_is_one_json_object_on_stdout(tmp_path):
+    missing = run("status", "--store", str(tmp_path / "nothing"), "--json", ok=False)
+    assert missing.exit_code == 1 and missing.stderr == ""
+    error = as_json(missing)["error"]
+    assert error["code"] == "store_not_found" and "no store at" in error["message"]
+    assert error["hint"].startswith("create one with `sisa train")
+    usage = run("train", "--store", str(tmp_path / "s"), "--data", "x.csv", "--shards", "many",
+                "--json", ok=False)
+    assert usage.exit_code == 2 and as_json(usage)["error"]["code"] == "usage"
+    unknown = run("status", "--json", "--store", "x", "--no-such-option", ok=False)
+    assert unknown.exit_code == 2 and as_json(unknown)["error"]["code"] == "usage"
+    plain = run("status", "--store", str(tmp_path / "nothing"), ok=False)
+    assert plain.stdout == "" and plain.stderr.startswith("error: no store at")
+
+
+def test_a_config_error_names_the_options(tmp_path):
+    data = write_csv(tmp_path / "train.csv", make_rows(20))
+    result = run("train", "--store", str(tmp_path / "s"), "--data", str(data), *TRAIN, "--epochs", "0",
+                 ok=False)
+    assert result.exit_code == 1 and "--epochs must be" in result.stderr
+    assert "epochs_per_slice" not in result.stderr
+
+
+def test_serve_without_a_token_names_the_flag(trained, monkeypatch):
+    monkeypatch.delenv("SISA_SERVE_TOKEN", raising=False)
+    result = run("serve", "--store", str(trained[0]), ok=False)
+    assert result.exit_code == 1 and "--no-auth" in result.stderr and "no_auth" not in result.stderr
+
+
+def test_predict_output_prints_a_summary_and_json_streams_plainly(trained):
+    store, tmp = trained
+    data = write_csv(tmp / "test.csv", make_rows(30, seed=99, prefix="t"))
+    out = tmp / "pred.jsonl"
+    summary = as_json(run("predict", "--store", str(store), "--data", str(data), "--output", str(out),
+                          "--json"))
+    status = as_json(run("status", "--store", str(store), "--json"))
+    assert summary == {"predictions": 30, "output": str(out), "model_version": status["model_version"],
+                       "shards": [0, 1, 2], "config_digest": status["config_digest"]}
+    assert len(out.read_text().splitlines()) == 30
+    streamed = run("predict", "--store", str(store), "--data", str(data), "--json").stdout
+    lines = streamed.splitlines()
+    assert lines[0] == "[" and lines[-1] == "]" and len(lines) == 32  # one prediction a line
+    assert [json.loads(line.removesuffix(",")) for line in lines[1:-1]] == json.loads(streamed)
+    assert json.loads(streamed) == [json.loads(line) for line in out.read_text().splitlines()]
+    assert "\x1b" not in streamed
+    status_lines = run("status", "--store", str(store), "--json").stdout.splitlines()
+    assert len(status_lines) == 1 and json.loads(status_lines[0])["live_records"] == 90  # plain
+    table = run("predict", "--store", str(store), "--data", str(data))
+    assert "t0000" in table.stdout and "the first" not in table.stderr  # 30 rows: all shown
+
+
+def test_forget_refuses_ids_and_a_group_together(trained):
+    store, tmp = trained
+    both = run("forget", "--store", str(store), "r0001", "--group", "u5", "--no-progress", ok=False)
+    assert both.exit_code == 1 and "not both" in both.stderr
+    assert "--group" in both.stderr and "--ids-file" in both.stderr
+    ids_file = tmp / "ids.txt"
+    ids_file.write_text("r0002\n")
+    as_file = run("forget", "--store", str(store), "--ids-file", str(ids_file), "--group", "u5",
+                  "--json", ok=False)
+    assert as_file.exit_code == 1 and as_json(as_file)["error"]["code"] == "deletion_target"
+    status = as_json(run("status", "--store", str(store), "--json"))
+    assert status["deleted_records"] == 0 and status["deletion_requests"] == 0
+
+
+def test_a_clean_audit_is_one_line_and_violations_show_whole_paths(trained):
+    store, _ = trained
+    clean = run("audit", "--store", str(store))
+    assert clean.stdout == "audit: OK (6 checkpoints checked)\n" and "hint" not in clean.stderr
+    stray = store / ("stray-" + "x" * 60 + ".bin")
+    stray.write_bytes(b"?")
+    result = runner.invoke(app, ["audit", "--store", str(store)], env={"COLUMNS": "80"})
+    assert result.exit_code == 1 and result.stdout.startswith("audit: VIOLATIONS")
+    paths = "".join(line.split("│")[3].strip() for line in result.stdout.splitlines()
+                    if line.startswith("│"))
+    assert str(stray) in paths and "…" not in result.stdout  # folded, never cut
+    assert f"`sisa repair --store {store}`" in result.stderr

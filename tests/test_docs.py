@@ -26,37 +26,80 @@ def blocks(language: str, heading: str) -> str:
     return found[0]
 
 
-def test_cli_quick_start_runs_as_written(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def run_cli_quick_start(folder: Path) -> None:
     lines = [line.split("  #")[0].strip() for line in blocks("bash", "## Quick start: the command line")
              .splitlines() if line.strip()]
     assert shlex.split(lines[0])[:2] == ["sisa", "train"]
     for line in lines:
         result = CliRunner().invoke(app, shlex.split(line)[1:])
         assert result.exit_code == 0, f"{line}\n{result.output}"
-    assert (tmp_path / "stores" / "digits" / "store.db").is_file()
+    assert (folder / "stores" / "digits" / "store.db").is_file()
 
 
-def test_the_proving_sections_command_keeps_the_key_and_witness_outside(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def run_library_quick_start(folder: Path) -> None:
+    code = blocks("python", "## Quick start: the library")
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # our own docs
+    assert (folder / "stores" / "library" / "store.db").is_file()
+
+
+def run_serving_example(folder: Path) -> None:
+    """Its `sisa serve` command as a fresh process (on a free port), its client code against it."""
+    import time
+
+    import httpx
+
+    from sisa.testing import free_port
+
+    commands = [line.split("  #")[0].strip() for line in blocks("bash", "## Serving over HTTP").splitlines()]
+    subprocess.run(commands[0], shell=True, check=True)  # the token file
+    port = str(free_port())
+    argv = shlex.split(commands[1].replace("8000", port))
+    assert argv[:2] == ["sisa", "serve"]
+    with open(folder / "serve.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sisa.cli", *argv[1:]], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (folder / "serve.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        code = blocks("python", "## Serving over HTTP").replace("8000", port)
+        scope: dict = {"__name__": "readme"}
+        exec(compile(code, "README.md", "exec"), scope)  # our own docs
+        assert scope["ack"].status_code == 202 and scope["state"]["status"] in ("pending", "applied")
+        assert len(scope["answer"]["predictions"]) == 3
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_proving_section(folder: Path) -> None:
+    """Its command keeps the key and the witness outside the store (paths under `folder`)."""
     line = blocks("bash", "## Proving a deletion").strip()
-    argv = shlex.split(line.replace("~/.sisa", str(tmp_path / "keys")).replace("/backups",
-                                                                              str(tmp_path / "backups")))
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "backups").mkdir()
+    argv = shlex.split(line.replace("~/.sisa", str(folder / "keys")).replace("/backups",
+                                                                             str(folder / "backups")))
+    (folder / "keys").mkdir()
+    (folder / "backups").mkdir()
     assert argv[:2] == ["sisa", "train"]
     result = CliRunner().invoke(app, [*argv[1:], "--shards", "2", "--slices", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "keys" / "kept.key").is_file() and (tmp_path / "backups" / "kept.witness").is_file()
-    store_db = (tmp_path / "stores" / "kept" / "store.db").read_bytes()
-    assert bytes.fromhex((tmp_path / "keys" / "kept.key").read_text().strip()) not in store_db
+    assert (folder / "keys" / "kept.key").is_file() and (folder / "backups" / "kept.witness").is_file()
+    store_db = (folder / "stores" / "kept" / "store.db").read_bytes()
+    assert bytes.fromhex((folder / "keys" / "kept.key").read_text().strip()) not in store_db
 
 
-def test_library_quick_start_runs_as_written(tmp_path, monkeypatch):
+def test_the_readme_runs_in_order_in_one_folder(tmp_path, monkeypatch):
+    """A new user's path: each quick start, then the serving example and the proving section's
+    command, one after the other in one folder, as written (no section may trip over another's
+    store)."""
     monkeypatch.chdir(tmp_path)
-    code = blocks("python", "## Quick start: the library")
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # our own docs
-    assert (tmp_path / "stores" / "library" / "store.db").is_file()
+    run_cli_quick_start(tmp_path)
+    run_library_quick_start(tmp_path)
+    run_serving_example(tmp_path)
+    run_proving_section(tmp_path)
 
 
 @pytest.mark.slow
@@ -85,42 +128,4 @@ def test_the_language_model_demo_runs_end_to_end(tmp_path):
     proof = result["proof"]
     assert result["audit_ok"] and proof["memorised"]
     assert proof["forgotten_mean_exposure"] < proof["mean_exposure_before"] - 5
-
-
-def test_serving_example_runs_as_written(tmp_path, monkeypatch):
-    """The README's serving example: its `sisa serve` command as a fresh process (on a free port),
-    and its client code against it."""
-    import time
-
-    import httpx
-
-    from sisa import PartitionConfig, Sisa, SisaConfig
-    from sisa.testing import free_port
-
-    monkeypatch.chdir(tmp_path)
-    Sisa.train("stores/digits", "builtin:digits", SisaConfig(PartitionConfig(shards=4, slices=4))).close()
-    commands = [line.split("  #")[0].strip() for line in blocks("bash", "## Serving over HTTP").splitlines()]
-    subprocess.run(commands[0], shell=True, check=True)  # the token file
-    port = str(free_port())
-    argv = shlex.split(commands[1].replace("8000", port))
-    assert argv[:2] == ["sisa", "serve"]
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "sisa.cli", *argv[1:]], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        code = blocks("python", "## Serving over HTTP").replace("8000", port)
-        scope: dict = {"__name__": "readme"}
-        exec(compile(code, "README.md", "exec"), scope)  # our own docs
-        assert scope["ack"].status_code == 202 and scope["state"]["status"] in ("pending", "applied")
-        assert len(scope["answer"]["predictions"]) == 3
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    assert proof["verdict"] == "yes", proof["verdict_reason"]  # decided: enough canaries forgotten

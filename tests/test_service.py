@@ -541,4 +541,4 @@ def test_sisa_serve_refuses_to_start_without_a_token(store, monkeypatch, tmp_pat
     assert result.exit_code == 1 and "chmod 600" in result.output
     result = CliRunner().invoke(app, ["serve", "--store", str(store), "--on-pending", "later",
                                       "--no-auth"])
-    assert result.exit_code == 1 and "on_pending" in result.output
+    assert result.exit_code == 1 and "--on-pending" in result.output
