@@ -467,10 +467,10 @@ def predict(
     if output is not None:
         _emit(as_json, summary, _kv_table("predictions written", summary))
         return
-    table = Table("id", "prediction", "probability")
+    key = "id" if not first or "id" in first[0] else "row"  # rows are numbered where ids are absent
+    table = Table(key, "prediction", "probability")
     for r in first:
-        table.add_row(str(r.get("id", r.get("row"))), r["prediction"],
-                      f"{r['probabilities'][r['prediction']]:.3f}")
+        table.add_row(str(r[key]), r["prediction"], f"{r['probabilities'][r['prediction']]:.3f}")
     out.print(table)
     if count > len(first):
         err.print(f"the first {len(first)} of {count} predictions; --output FILE or --json gives "

@@ -117,6 +117,8 @@ def test_the_cli_predicts_a_file_without_id_or_group(trained, frame, tmp_path):
                                       "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["row"] for line in out.read_text().splitlines()] == list(range(2, 14))
+    table = CliRunner().invoke(app, ["predict", "--store", str(trained[0]), "--data", str(path)])
+    assert table.exit_code == 0 and "┃ row " in table.stdout and "┃ id " not in table.stdout
     status = CliRunner().invoke(app, ["status", "--store", str(trained[0]), "--json"])
     assert json.loads(status.stdout)["reads"] == FEATURES  # where a user finds the columns
     short = write_csv(tmp_path / "short.csv", frame[FEATURES[:2]].to_dict("records"))
