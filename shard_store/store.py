@@ -76,7 +76,8 @@ from shard_store.schema import (
 
 # sqlite-utils imports pandas where it is installed, only to give its Timestamp a column type (never
 # stored here: every table is declared in schema.py); that is a third of a second of every command.
-# Hidden while sqlite-utils loads, it is skipped, and imports as usual afterwards.
+# Hidden while sqlite-utils loads, it is skipped, and imports as usual afterwards. (Another thread
+# importing pandas at that moment would fail: shard_store is imported before any thread starts.)
 _HIDE_PANDAS = "pandas" not in sys.modules and "sqlite_utils" not in sys.modules
 if _HIDE_PANDAS:
     sys.modules["pandas"] = None  # type: ignore[assignment]  # None: `import pandas` fails

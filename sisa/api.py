@@ -713,8 +713,10 @@ class Sisa:
     @_mapped
     def predictions(self, source: Any) -> Iterator[list[dict[str, Any]]]:
         """Predictions for a file or table of records, a chunk at a time: each row's id (or, where
-        the input has no id column, its row as error messages name it), predicted class and every
-        class's probability."""
+        the input has no id column, its number: a CSV's line counting the header as 1, a JSON
+        lines file's line, a JSON array's or Parquet file's record from 1, an in-memory position
+        from 0; a file with blank lines or fields spanning lines is counted by records), predicted
+        class and every class's probability."""
         classes = self.classes_
         for batch in self.input_batches(source):
             proba = self._proba(batch.inputs)

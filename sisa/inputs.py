@@ -64,6 +64,8 @@ def model_input(inputs: Any, spec: DataSpec) -> list[str] | np.ndarray:
         raise InputKindError("give a list of inputs (one text is a list of one)")
     columns = _named_columns(inputs)
     if columns is not None:
+        if isinstance(inputs, Sequence) and not all(isinstance(k, str) for row in inputs for k in row):
+            inputs = [{str(k): v for k, v in row.items()} for row in inputs]  # as a DataFrame's
         check_columns(columns, spec)
         batches = list(Ingest(inputs, spec, require_target=False))
         if spec.kind == "text":
@@ -85,10 +87,10 @@ def _texts(inputs: Any) -> list[str]:
     empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
     problems = []
     if wrong:
-        problems.append(f"inputs that are not texts at indices "
+        problems.append(f"inputs that are not texts at positions "
                         f"{name_some(wrong[:MAX_NAMED], total=len(wrong))}")
     if empty:
-        problems.append(f"empty texts at indices {name_some(empty[:MAX_NAMED], total=len(empty))}")
+        problems.append(f"empty texts at positions {name_some(empty[:MAX_NAMED], total=len(empty))}")
     if problems:
         raise RecordError(f"invalid input (nothing was predicted): {'; '.join(problems)}")
     return texts
@@ -98,13 +100,16 @@ def _rows(inputs: Any, spec: DataSpec) -> np.ndarray:
     width = len(spec.feature_columns)
     expected = f"rows of {width} numbers (the columns {name_some(model_reads(spec), quote=True)})"
     try:
-        # Row-major, whatever the caller's layout (pandas gives column-major arrays): the same
-        # rows give bit-identical answers however they were passed.
-        array = np.ascontiguousarray(inputs, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        ragged = "setting an array element with a sequence" in str(exc)
-        kind = "rows of different lengths" if ragged else "values that are not numbers"
-        raise InputKindError(f"this model reads {expected}; the input has {kind}") from None
+        raw = np.asarray(inputs)
+    except ValueError:  # numpy refuses rows of different lengths
+        raise InputKindError(f"this model reads {expected}; the input has rows of different "
+                             "lengths") from None
+    if raw.dtype.kind not in "iuf":  # text, booleans, objects: a file's rows refuse them too
+        raise InputKindError(f"this model reads {expected}; the input has values that are not "
+                             "numbers")
+    # Row-major, whatever the caller's layout (pandas gives column-major arrays): the same rows
+    # give bit-identical answers however they were passed.
+    array = np.ascontiguousarray(raw, dtype=np.float64)
     if array.ndim == 1:
         raise InputKindError(
             f"this model reads {expected}; got a 1-D array of {array.shape[0]} values: give one "
@@ -119,6 +124,6 @@ def _rows(inputs: Any, spec: DataSpec) -> np.ndarray:
         columns = [spec.feature_columns[j] for j in np.flatnonzero(wrong.any(axis=0)).tolist()]
         raise RecordError(
             f"invalid input (nothing was predicted): values missing, not finite or beyond float32's "
-            f"range (|x| > {FLOAT32_MAX:.3g}) in rows at indices "
+            f"range (|x| > {FLOAT32_MAX:.3g}) in rows at positions "
             f"{name_some(bad[:MAX_NAMED], total=len(bad))} (column(s) {name_some(columns, quote=True)})")
     return array

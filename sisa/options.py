@@ -184,8 +184,9 @@ OPTIONS: list[ConfigOption] = _collect()
 # A field's name in a config error, as the command line spells it (`no_auth` -> `--no-auth`;
 # `epochs_per_slice` -> `--epochs`). A negated field's flag says the opposite: left alone.
 _FLAGS = {o.field: o.flag for o in OPTIONS if not o.negate}
-_FIELD = re.compile(r"(?<![\w'\"-])(" + "|".join(sorted(map(re.escape, _FLAGS), key=len, reverse=True))
-                    + r")(?![\w'\"-])")
+# Not inside a path or a file name (`/srv/top_k_layers/m`, `model.key_file`): those are values.
+_FIELD = re.compile(r"(?<![\w'\"/\\.-])(" + "|".join(sorted(map(re.escape, _FLAGS), key=len, reverse=True))
+                    + r")(?![\w'\"/\\.-])")
 
 
 def in_flags(message: str) -> str:

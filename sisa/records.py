@@ -18,7 +18,7 @@ import math
 import numbers
 import re
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,9 +115,9 @@ def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = N
     return _digest(data)
 
 
-def _name_rows(problem: str, rows: Mapping[str, list[int]], units: str) -> str:
+def _name_rows(problem: str, rows: Mapping[str, list[int]], units: str, line: Mapping[int, int]) -> str:
     return f"{problem}: " + name_some(
-        f"{key!r} ({units} {', '.join(map(str, idx[:5]))})" for key, idx in rows.items())
+        f"{key!r} ({units} {', '.join(str(line[i]) for i in idx[:5])})" for key, idx in rows.items())
 
 
 _KINDS = {bool: "boolean", list: "list", tuple: "list", dict: "object"}
@@ -186,8 +186,12 @@ class _Few:
     def __bool__(self) -> bool:
         return self.count > 0
 
-    def named(self) -> str:
-        return name_some(self.items, total=self.count)
+    def named(self, show: Callable[[Any], str] = str) -> str:
+        return name_some([show(i) for i in self.items], total=self.count)
+
+    def rows(self) -> list[int]:
+        """The input rows its items name (an item is a row, or a tuple that starts with one)."""
+        return [i if isinstance(i, int) else i[0] for i in self.items]
 
 
 @dataclass
@@ -202,7 +206,8 @@ class Batch:
     digests: list[str]
     input_digests: list[str]
     packed: list[bytes] | None  # each row of numeric inputs as pack_features gives it
-    # Each record's row as messages name it (see `sisa.sources.Numbering`), and whether the ids
+    # Each record's number (its line in a file with no blank line or multi-line field; messages
+    # read the file again for the exact line: `sisa.sources.Numbering`), and whether the ids
     # came from the input (records to predict on may have none: their ids are these numbers).
     rows: list[int] = dataclasses.field(default_factory=list)
     has_ids: bool = True
@@ -294,10 +299,9 @@ class Validator:
 
     def _odd(self, column: str, row: int, raw_id: Any, kind: str) -> None:
         # The value itself is not quoted: a message must not carry a record's content.
-        where = f"{self.numbering.unit} {row}"
-        if self.has_ids and _odd_kind(raw_id) is None and _canonical_id(raw_id):
-            where = f"record {_canonical_id(raw_id)!r} ({self.numbering.unit} {row})"
-        self.odd_values.setdefault(column, _Few()).add(f"{where}: {kind}")
+        named = self.has_ids and _odd_kind(raw_id) is None and _canonical_id(raw_id)
+        self.odd_values.setdefault(column, _Few()).add((row, _canonical_id(raw_id) if named else None,
+                                                        kind))
 
     def _bad_features(self, row: int, values: np.ndarray) -> None:
         """Name the columns of a row whose features are missing, not numbers, or too large."""
@@ -313,7 +317,7 @@ class Validator:
 
     def _feed(self, chunk: Chunk) -> Batch:
         spec, n, values = self.spec, chunk.size, chunk.values
-        base = chunk.start + self.numbering.first
+        base = chunk.start  # rows are counted from 0 here; messages name them (`finish`)
         self.rows += n
         raw_ids = values[spec.id_column] if self.has_ids else [None] * n
         skip = np.zeros(n, dtype=bool)
@@ -350,7 +354,10 @@ class Validator:
                 continue
             row = base + i
             if self.predicting:  # ids are only carried (or the row numbered)
-                record_id = _canonical_id(raw_ids[i]) if self.has_ids else str(row)
+                record_id = _canonical_id(raw_ids[i]) if self.has_ids else str(row + self.numbering.first)
+                if CONTROL.search(record_id):  # it would be printed: no escape reaches a terminal
+                    self.control_ids.add(row)
+                    continue
             else:
                 record_id = _canonical_id(raw_ids[i])
                 if not record_id:
@@ -412,7 +419,8 @@ class Validator:
             targets.append(label)
             out_priors.append(prior)
         batch = self._digested(keep, ids, out_groups, targets, out_priors, texts, features)
-        batch.rows, batch.has_ids = rows, self.has_ids
+        first = self.numbering.first
+        batch.rows, batch.has_ids = [r + first for r in rows], self.has_ids
         return batch
 
     def _digested(self, keep: list[int], ids: list[str], groups: list[str | None],
@@ -446,6 +454,12 @@ class Validator:
         input_digests = [input_digest((), row) for row in packed]
         return Batch(ids, groups, targets, matrix, priors, digests, input_digests, packed)
 
+    def _fews(self) -> list[_Few]:
+        return [*self.odd_values.values(), self.empty_ids, self.control_ids, self.control_groups,
+                self.missing_labels, self.bad_inputs, self.empty_texts, *self.bad_features.values(),
+                *self.huge_features.values(), self.bad_priors, self.bad_prompts,
+                *self.label_kinds.values()]
+
     def finish(self) -> None:
         """Raise the input's problems, if any."""
         spec = self.spec
@@ -453,53 +467,65 @@ class Validator:
         if not self.rows:
             raise RecordError("no records in the input")
         problems: list[str] = []
-        units = self.numbering.units
+        units, unit = self.numbering.units, self.numbering.unit
+        shown = {r for few in self._fews() for r in few.rows()}
+        shown.update(r for idx in self.duplicates.values() for r in idx[:5])
+        line = self.numbering.lines(shown) if self.failed else {}  # the file is read again only here
+
+        def at(row: int) -> str:
+            return str(line[row])
+
+        def odd(item: tuple[int, str | None, str]) -> str:
+            row, record_id, kind = item
+            where = f"{unit} {at(row)}" if record_id is None else f"record {record_id!r} ({unit} {at(row)})"
+            return f"{where}: {kind}"
+
         for column, places in self.odd_values.items():
             problems.append(f"column {column!r} holds values that are neither numbers nor text (give "
-                            f"numbers or text there): {places.named()}")
+                            f"numbers or text there): {places.named(odd)}")
         if self.duplicates:
             problems.append(_name_rows(f"duplicate ids in column {spec.id_column!r}", self.duplicates,
-                                       units))
+                                       units, line))
         if self.empty_ids:
-            problems.append(f"empty ids in column {spec.id_column!r} at {units}: {self.empty_ids.named()}")
+            problems.append(f"empty ids in column {spec.id_column!r} at {units}: {self.empty_ids.named(at)}")
         if self.control_ids:
             problems.append(f"ids with control characters (which no command line can name) in "
-                            f"column {spec.id_column!r} at {units}: {self.control_ids.named()}")
+                            f"column {spec.id_column!r} at {units}: {self.control_ids.named(at)}")
         if self.control_groups:
             problems.append(f"group ids with control characters in column {spec.group_column!r} at "
-                            f"{units}: {self.control_groups.named()}")
+                            f"{units}: {self.control_groups.named(at)}")
         if self.missing_labels:
             problems.append(f"missing labels in column {spec.label_column!r} at {units}: "
-                            f"{self.missing_labels.named()}")
+                            f"{self.missing_labels.named(at)}")
         if self.bad_inputs:
             problems.append(f"missing or non-text values in text column {spec.text_column!r} at "
-                            f"{units}: {self.bad_inputs.named()}")
+                            f"{units}: {self.bad_inputs.named(at)}")
         if self.empty_texts:
             problems.append(f"empty texts in column {spec.text_column!r} at {units}: "
-                            f"{self.empty_texts.named()}")
+                            f"{self.empty_texts.named(at)}")
         for column, places in self.bad_features.items():
             problems.append(f"missing or non-numeric values in feature column {column!r} at {units}: "
-                            f"{places.named()}")
+                            f"{places.named(at)}")
         for column, places in self.huge_features.items():
             problems.append(f"values beyond float32's range (|x| > {FLOAT32_MAX:.3g}) in feature "
-                            f"column {column!r} at {units}: {places.named()}")
+                            f"column {column!r} at {units}: {places.named(at)}")
         numeric, text = self.label_kinds[True], self.label_kinds[False]
         if numeric and text:
             stray, others, kind = (text, "numeric", "text") if text.count <= numeric.count else (
                 numeric, "text", "numeric")
             problems.append(
                 f"labels in column {self.label_column!r} mix numbers and text: {kind} label(s) "
-                + name_some([f"{label!r} (record {rid!r}, {self.numbering.unit} {row})"
+                + name_some([f"{label!r} (record {rid!r}, {unit} {at(row)})"
                              for row, rid, label in stray.items],
                             total=stray.count)
                 + f" among {numeric.count + text.count - stray.count} {others} ones; fix or remove "
                 "those rows")
         if self.bad_priors:
             problems.append(f"missing or non-numeric priors in {spec.prior_column!r} at {units}: "
-                            f"{self.bad_priors.named()}")
+                            f"{self.bad_priors.named(at)}")
         if self.bad_prompts:
             problems.append(f"non-text prompts in {spec.prompt_column!r} at {units}: "
-                            f"{self.bad_prompts.named()}")
+                            f"{self.bad_prompts.named(at)}")
         if problems:
             what = "invalid input (nothing was predicted)" if self.predicting else \
                 "invalid records (nothing was written)"

@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -88,7 +88,9 @@ def _arrow_features(column: Any, odd: list[tuple[int, Any]]) -> np.ndarray:
     kind = column.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind) \
             or pa.types.is_null(kind):
-        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        # Unchecked: an integer beyond 2**53 rounds to the nearest float, as float() rounds it
+        # (a checked cast refuses it, quoting the value).
+        return pc.cast(column, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
             return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
@@ -137,16 +139,67 @@ class Numbering(NamedTuple):
 
     unit: str
     units: str
-    first: int  # the number of the input's first row
+    first: int  # the number of the input's first row, where no blank line or multi-line field is
+    path: Path | None = None  # a CSV or JSON-lines file, whose lines `lines` counts
+    kind: str = ""  # "csv" or "jsonl"
 
-    def name(self, rows: Sequence[int]) -> str:
-        """`rows`: input row numbers (0-based), as this numbering names them."""
-        return f"{self.unit if len(rows) == 1 else self.units} {', '.join(str(r + self.first) for r in rows)}"
+    def of(self, path: Path) -> Numbering:
+        """This numbering for the lines of `path`."""
+        return self._replace(path=path)
+
+    def lines(self, rows: Iterable[int]) -> dict[int, int]:
+        """Input rows (0-based) -> their numbers as messages name them; a file's physical line
+        numbers, read from the file (blank lines and fields that span lines counted), which only
+        an error message pays for."""
+        wanted = set(rows)
+        found: dict[int, int] = {}
+        if wanted and self.path is not None:
+            try:
+                found = _csv_lines(self.path, wanted) if self.kind == "csv" else \
+                    _json_lines_of(self.path, wanted)
+            except (OSError, UnicodeDecodeError, csv.Error):
+                found = {}
+        return {r: found.get(r, r + self.first) for r in wanted}
 
 
-POSITIONS = Numbering("index", "indices", 0)
-CSV_LINES = Numbering("line", "lines", 2)
-JSON_LINES = Numbering("line", "lines", 1)
+def _csv_lines(path: Path, wanted: set[int]) -> dict[int, int]:
+    """The line each wanted data row starts on (the header is row -1), as Arrow reads the file:
+    blank lines skipped, quoted fields spanning lines."""
+    out: dict[int, int] = {}
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        row, end = -1, 0
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if not fields:
+                continue
+            if row in wanted:
+                out[row] = start
+                if len(out) == len(wanted):
+                    break
+            row += 1
+    return out
+
+
+def _json_lines_of(path: Path, wanted: set[int]) -> dict[int, int]:
+    """The line of each wanted record of a JSON-lines file (blank lines skipped)."""
+    out: dict[int, int] = {}
+    with path.open(encoding="utf-8-sig") as f:
+        row = 0
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if row in wanted:
+                out[row] = number
+                if len(out) == len(wanted):
+                    break
+            row += 1
+    return out
+
+
+POSITIONS = Numbering("position", "positions", 0)
+CSV_LINES = Numbering("line", "lines", 2, kind="csv")
+JSON_LINES = Numbering("line", "lines", 1, kind="jsonl")
 JSON_RECORDS = Numbering("record", "records", 1)
 PARQUET_ROWS = Numbering("row", "rows", 1)
 
@@ -299,7 +352,7 @@ def _open_csv(path: Path, wanted: Wanted) -> Source:
         path, read_options=pacsv.ReadOptions(block_size=CHUNK_BYTES),
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in present},
                                              include_columns=present, strings_can_be_null=False))
-    return Source(header, _guarded(path, _table_chunks(iter(reader), wanted)), CSV_LINES)
+    return Source(header, _guarded(path, _table_chunks(iter(reader), wanted)), CSV_LINES.of(path))
 
 
 def _open_parquet(path: Path, wanted: Wanted) -> Source:
@@ -329,7 +382,7 @@ def _open_json(path: Path, wanted: Wanted) -> Source:
         columns = list(reader.schema.names)
     except pa.ArrowInvalid:  # types vary within the first block: Python reads it all
         reader, columns = None, list(_first_json_row(path))
-    return Source(columns, _guarded(path, _json_lines(path, reader, wanted)), JSON_LINES)
+    return Source(columns, _guarded(path, _json_lines(path, reader, wanted)), JSON_LINES.of(path))
 
 
 def _first_json_row(path: Path) -> dict[str, Any]:

@@ -169,5 +169,5 @@ def test_a_column_some_rows_lack_is_missing_in_those_rows(tmp_path):
     records = {r.id: r for r in load_records(path, SPEC)}
     assert records[rows[0]["id"]].group is None and records[rows[1]["id"]].group == "u0"
     del rows[5]["label"]  # a row without its label, in a list of dicts
-    with pytest.raises(RecordError, match="missing labels in column 'label' at indices: 5"):
+    with pytest.raises(RecordError, match="missing labels in column 'label' at positions: 5"):
         records_from_rows(rows, SPEC)

@@ -149,10 +149,10 @@ def test_a_stray_text_label_among_numbers_is_refused_with_its_record_and_row():
     with pytest.raises(RecordError) as info:
         records_from_rows(rows, SPEC)
     assert "labels in column 'label' mix numbers and text: text label(s) 'cat' (record 'r0005', " \
-           "index 5) among 11 numeric ones" in str(info.value)
+           "position 5) among 11 numeric ones" in str(info.value)
     words = [{**row, "label": ["pos", "neg"][i % 2]} for i, row in enumerate(make_rows(12))]
     words[3]["label"] = 7  # a stray number among text labels is named the same way
-    with pytest.raises(RecordError, match=r"numeric label\(s\) '7' \(record 'r0003', index 3\)"):
+    with pytest.raises(RecordError, match=r"numeric label\(s\) '7' \(record 'r0003', position 3\)"):
         records_from_rows(words, SPEC)
     assert {r.target for r in records_from_rows(words[:3], SPEC)} == {"pos", "neg"}  # text only: fine
     with pytest.raises(RecordError, match="labels mix numbers and text: 'cat' among numeric ones"):
@@ -186,7 +186,7 @@ def test_booleans_lists_and_objects_are_refused_naming_column_and_record(column,
     rows[4][column] = value
     with pytest.raises(RecordError) as info:
         records_from_rows(rows, PRIOR_SPEC)
-    record = "index 4" if column == "id" else "record 'r0004' (index 4)"
+    record = "position 4" if column == "id" else "record 'r0004' (position 4)"
     assert f"column {column!r} holds values that are neither numbers nor text" in str(info.value)
     assert f"{record}: {shown}" in str(info.value)
 
@@ -213,7 +213,7 @@ def test_a_json_boolean_label_is_refused_by_train(tmp_path):
 def test_features_beyond_float32_are_refused():
     rows = make_rows(6)
     rows[2]["f1"] = 1e300  # finite, but the model computes in float32: it would be inf
-    with pytest.raises(RecordError, match=r"beyond float32's range .* feature column 'f1' at indices: 2"):
+    with pytest.raises(RecordError, match=r"beyond float32's range .* feature column 'f1' at positions: 2"):
         records_from_rows(rows, SPEC)
 
 

@@ -64,7 +64,7 @@ def test_a_data_frame_is_matched_by_name_whatever_its_column_order(model, frame)
     (lambda f: [[1.0, 2.0], [3.0]], InputKindError, ["rows of different lengths"]),
     (lambda f: ["a text"], InputKindError, ["values that are not numbers"]),
     (lambda f: "a text", InputKindError, ["list of inputs"]),
-    (lambda f: f[FEATURES].assign(f2="n/a"), RecordError, ["feature column 'f2'", "indices: 0, 1"]),
+    (lambda f: f[FEATURES].assign(f2="n/a"), RecordError, ["feature column 'f2'", "positions: 0, 1"]),
     (lambda f: f[FEATURES].to_numpy() * 1e39, RecordError, ["float32", "'f0'"]),
 ])
 def test_wrong_inputs_are_sisa_errors_that_say_what_was_expected(model, frame, change, error, words):
@@ -80,9 +80,9 @@ def test_text_inputs_by_list_array_frame_or_dicts():
     assert model_input(np.array(texts), TEXT_SPEC) == texts
     assert model_input(pd.DataFrame({"text": texts, "id": ["a", "b"]}), TEXT_SPEC) == texts
     assert model_input([{"text": t} for t in texts], TEXT_SPEC) == texts
-    with pytest.raises(RecordError, match="empty texts at indices 1"):
+    with pytest.raises(RecordError, match="empty texts at positions 1"):
         model_input(["fine", "  "], TEXT_SPEC)
-    with pytest.raises(RecordError, match="not texts at indices 0"):
+    with pytest.raises(RecordError, match="not texts at positions 0"):
         model_input([3.5], TEXT_SPEC)
     with pytest.raises(ColumnError, match="no column\\(s\\) 'text'"):
         model_input(pd.DataFrame({"message": texts}), TEXT_SPEC)
@@ -214,3 +214,45 @@ def test_json_output_leaves_stderr_quiet(tmp_path):
                           env={**__import__("os").environ, "COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["records"] == 60 and proc.stderr == ""
+
+
+def test_line_numbers_count_blank_lines_and_fields_that_span_lines(tmp_path):
+    rows = make_rows(6)
+    header = ",".join(rows[0])
+    lines = [",".join(str(v) for v in r.values()) for r in rows]
+    lines[1] = lines[1].replace(rows[1]["user"], '"a user\nwho spans two lines"')  # line 3 and 4
+    lines[4] = lines[4].replace(f",{rows[4]['f1']},", ",n/a,")  # data row 4
+    path = tmp_path / "odd.csv"
+    path.write_text(header + "\n\n" + "\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")
+    # line 1 header, 2 blank, 3 row 0, 4-5 row 1, 6 row 2, 7 blank, 8 row 3, 9 row 4
+    with pytest.raises(RecordError, match=r"feature column 'f1' at lines: 9$"):
+        load_records(path, SPEC)
+    jsonl = tmp_path / "odd.jsonl"
+    bad = [dict(r) for r in rows]
+    bad[2]["f0"] = None
+    jsonl.write_text("\n".join(json.dumps(r) for r in bad[:2]) + "\n\n" +
+                     "\n".join(json.dumps(r) for r in bad[2:]) + "\n")
+    with pytest.raises(RecordError, match=r"feature column 'f0' at lines: 4$"):
+        load_records(jsonl, SPEC)
+
+
+def test_prediction_input_refuses_what_it_cannot_show_or_read(model, frame):
+    with pytest.raises(RecordError, match=r"control characters .* at positions: 1"):
+        model.predict(frame[["id", *FEATURES]].assign(id=["a", "b\x1b]0;x\x07", *frame["id"][2:]]))
+    with pytest.raises(InputKindError, match="values that are not numbers"):
+        model.predict([[True, False, True, True]])
+    with pytest.raises(InputKindError, match="values that are not numbers"):
+        model.predict([["1.5", "2", "3", "4"]])
+    keyed = [{j: row[f] for j, f in enumerate(FEATURES)} for row in frame.to_dict("records")]
+    with pytest.raises(ColumnError, match="no column\\(s\\) 'f0'"):  # keys are names, as text
+        model.predict(keyed)
+    big = frame[FEATURES].assign(f0=2**53 + 1)  # beyond float64's integers: rounded, as float() does
+    assert model.predict(big) == model.predict(big.astype(float).to_numpy())
+
+
+def test_config_errors_name_flags_but_leave_paths_alone():
+    from sisa.options import in_flags
+
+    message = "model directory '/srv/top_k_layers/m' is missing; top_k_layers must be >= 1"
+    assert in_flags(message) == ("model directory '/srv/top_k_layers/m' is missing; --top-k-layers "
+                                 "must be >= 1")

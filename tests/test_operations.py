@@ -376,7 +376,7 @@ def test_ids_with_control_characters_are_refused_at_intake(tmp_path):
     with pytest.raises(RecordError) as info:
         Sisa.train(tmp_path / "s", rows, small_config(shards=2, slices=2), SPEC)
     text = str(info.value)
-    assert "control characters" in text and "indices: 4" in text and "indices: 7" in text
+    assert "control characters" in text and "positions: 4" in text and "positions: 7" in text
     assert "\x00" not in text and "\x1b" not in text
 
 

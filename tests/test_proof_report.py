@@ -47,6 +47,19 @@ def test_one_forgotten_canary_is_inconclusive_and_says_why() -> None:
     assert evidence.ks_min_pvalue(1, 8) == pytest.approx(2 / 9)
 
 
+@pytest.mark.parametrize(("n", "m"), [(1, 1), (1, 2), (4, 2), (5, 1)])
+def test_few_never_inserted_canaries_get_a_remedy_not_a_crash(n: int, m: int) -> None:
+    """However few canaries there are, the verdict says what would decide it (it once raised
+    StopIteration after the deletion had run)."""
+    verdict = judge(True, 12.0, BAR, [(f"canary-{i}", 12.0, 1.0) for i in range(n)], [1.0] * m)
+    assert verdict.answer == "inconclusive"
+    wanted = re.search(r"at least (\d+)", verdict.reason)
+    assert wanted, verdict.reason
+    k = int(wanted.group(1))
+    decides = evidence.ks_min_pvalue(k, m) if "Forget" in verdict.reason else evidence.ks_min_pvalue(n, k)
+    assert decides <= KS_LEVEL
+
+
 def test_memorisation_left_is_no_even_for_one_canary() -> None:
     """Exposure kept at 11 bits: a never-inserted canary gets there with probability 2^-11, far
     below the level; one canary decides that."""

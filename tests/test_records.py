@@ -28,7 +28,7 @@ def test_digest_changes_with_content(rows):
 
 def test_duplicate_ids_are_named_with_rows(rows):
     rows[5]["id"] = rows[2]["id"]
-    with pytest.raises(RecordError, match=r"duplicate ids.*'r0002' \(indices 2, 5\)"):
+    with pytest.raises(RecordError, match=r"duplicate ids.*'r0002' \(positions 2, 5\)"):
         records_from_rows(rows, SPEC)
 
 
@@ -37,7 +37,7 @@ def test_empty_ids_and_missing_labels_are_reported_together(rows):
     rows[7]["label"] = None
     with pytest.raises(RecordError) as info:
         records_from_rows(rows, SPEC)
-    assert "empty ids" in str(info.value) and "indices: 3" in str(info.value)
+    assert "empty ids" in str(info.value) and "positions: 3" in str(info.value)
     assert "missing labels" in str(info.value) and "7" in str(info.value)
 
 
@@ -49,7 +49,7 @@ def test_missing_column_names_the_columns(rows):
 
 def test_non_numeric_feature_is_named(rows):
     rows[4]["f1"] = "abc"
-    with pytest.raises(RecordError, match=r"non-numeric values in feature column .f1. at indices: 4"):
+    with pytest.raises(RecordError, match=r"non-numeric values in feature column .f1. at positions: 4"):
         records_from_rows(rows, SPEC)
 
 
@@ -92,9 +92,9 @@ def test_text_records():
     records = records_from_rows([{"id": "a", "y": "pos", "text": "good"},
                                  {"id": "b", "y": "neg", "text": ""}][:1], spec)
     assert records[0].input == "good"
-    with pytest.raises(RecordError, match="empty texts in column 'text' at indices: 0"):
+    with pytest.raises(RecordError, match="empty texts in column 'text' at positions: 0"):
         records_from_rows([{"id": "b", "y": "neg", "text": ""}], spec)
-    with pytest.raises(RecordError, match="non-text values in text column 'text' at indices: 0"):
+    with pytest.raises(RecordError, match="non-text values in text column 'text' at positions: 0"):
         records_from_rows([{"id": "b", "y": "neg", "text": None}], spec)
 
 

@@ -223,13 +223,12 @@ def judge(memorised: bool, mean_before: float, bar: float,
         return Verdict("inconclusive", "no never-inserted canary to compare the forgotten ones with")
     floor = evidence.ks_min_pvalue(n, m)
     if floor > KS_LEVEL:
-        enough = next(k for k in range(n + 1, n + m + 2) if evidence.ks_min_pvalue(k, m) <= KS_LEVEL)
         word = "canary" if n == 1 else "canaries"
         return Verdict("inconclusive", f"{n} forgotten {word} against {m} never inserted is too few "
                        f"for the KS test: its smallest possible p-value at these sizes is "
                        f"{floor:.2f}, above {KS_LEVEL}, so no outcome could show a difference. "
-                       f"Forget at least {enough} canary users in one request to decide (each "
-                       f"forgotten canary's exposure is shown beside the never-inserted range)")
+                       f"{_enough(n, m)} to decide (each forgotten canary's exposure is shown "
+                       f"beside the never-inserted range)")
     p = evidence.ks_pvalue([a for _, _, a in forgotten], list(never))
     if p <= KS_LEVEL:
         return Verdict("no", f"the forgotten canaries' exposures differ from the never-inserted "
@@ -238,6 +237,18 @@ def judge(memorised: bool, mean_before: float, bar: float,
                           f"(p = {p:.2f}; it could have reached {floor:.2g}), and no forgotten "
                           f"canary keeps an exposure a never-inserted one reaches with probability "
                           f"below {level:.2g}")
+
+
+def _enough(n: int, m: int) -> str:
+    """What would let the KS test decide, from n forgotten and m never-inserted canaries: more
+    forgotten canaries where that suffices (within 100 more), else more never-inserted ones."""
+    forgotten = next((k for k in range(n + 1, n + 101) if evidence.ks_min_pvalue(k, m) <= KS_LEVEL),
+                     None)
+    if forgotten is not None:
+        return f"Forget at least {forgotten} canary users in one request"
+    never = next((j for j in range(m + 1, m + 1001) if evidence.ks_min_pvalue(n, j) <= KS_LEVEL), None)
+    at_least = f"at least {never}" if never is not None else "many more"
+    return f"Insert more never-inserted canaries ({at_least} with {n} forgotten)"
 
 
 # -- measuring ---------------------------------------------------------------------------------
