@@ -78,3 +78,28 @@ def load_adapter(model: Any, tensors: Mapping[str, torch.Tensor], name: str = "d
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise KeyError(f"adapter tensors this model does not have: {unexpected[:3]}")
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def merged_deltas(adapters: Mapping[int, Mapping[str, torch.Tensor]],
+                  scaling: float) -> dict[str, torch.Tensor]:
+    """The mean of the shards' LoRA weight updates, module by module: (1/S) sum over shards of
+    scaling * B @ A, in float64, summed in shard order, so the same adapters always give the same
+    bits. Keys: the base model's weight names (`model.layers.3.self_attn.q_proj.weight`).
+    `adapters`: shard -> an adapter's tensors as peft names them on the full model."""
+    if not adapters:
+        raise ValueError("no adapter to merge")
+    total: dict[str, torch.Tensor] = {}
+    for shard in sorted(adapters):
+        tensors = adapters[shard]
+        for key, a in sorted(tensors.items()):
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[:-len(".lora_A.weight")]
+            b = tensors[f"{module}.lora_B.weight"]
+            name = module.removeprefix(_PEFT_PREFIX) + ".weight"
+            delta = scaling * (b.double() @ a.double())
+            total[name] = total[name] + delta if name in total else delta
+    return {name: delta / len(adapters) for name, delta in total.items()}

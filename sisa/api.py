@@ -35,6 +35,7 @@ from sisa.errors import (
     ConfigError,
     DamagedStoreError,
     InputKindError,
+    NoServableShardError,
     RecordError,
     StoreError,
     UnknownReceiptError,
@@ -783,6 +784,23 @@ class Sisa:
         weights = {s: dict(t) for s, t in adapters.items()}
         return build_scorer(self._backend, weights, init_seed(self.config.partition.seed, min(weights)),
                             self._loader.device)
+
+    @_mapped
+    def live_adapters(self) -> dict[int, dict[str, Any]]:
+        """Every shard's live adapter tensors (a causal LM's), each read from its checkpoint and
+        verified; refused while any shard may not serve (a deletion pending, damage): what is
+        handed out must hold no deleted record and miss no shard."""
+        self.require_language_model()
+        blocked = self.unservable()
+        if blocked:
+            raise NoServableShardError(
+                "not every shard can serve, so no whole model can leave the store: "
+                + "; ".join(f"shard {s}: {why}" for s, why in blocked.items()))
+        from sisa.training.state import model_tensors
+
+        live = self._store.live()
+        return {s: model_tensors(read_checkpoint(self._store, live[s]).tensors())
+                for s in sorted(self.servable())}
 
     def lm_inputs(self, texts: Sequence[str], prompts: Sequence[str | None] | None = None) -> Any:
         """Texts (after their prompts) tokenised as the causal LM scores them."""

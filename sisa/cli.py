@@ -834,6 +834,34 @@ def generate(
 
 @app.command(cls=_Command)
 @with_options("store")
+def export(
+    store: Store,
+    directory: Annotated[Path, typer.Argument(help="A new (or empty) directory for the model.")],
+    export_format: Annotated[str, typer.Option(
+        "--format", help="hf: one Hugging Face model directory, the base with the shards' "
+                         "adapters merged in (their mean update), and its provenance.")] = "hf",
+    as_json: Json = False,
+    **values: Any,
+) -> None:
+    """Causal LM: the store's model as one Hugging Face directory.
+
+    AutoModelForCausalLM (and evaluators that take a model path) load it with no sisa installed.
+    The shards' LoRA updates are averaged into the base: one model, not the ensemble's mixture
+    that generate and score serve. Refused while a deletion is pending; after a deletion the
+    weights are bit-identical to a store trained from scratch without the deleted records.
+    sisa_provenance.json names the checkpoints, the config digest and the receipts' head.
+    """
+    from sisa.workflows.export import export_hf
+
+    if export_format != "hf":
+        raise errors.ConfigError(f"--format must be 'hf', got {export_format!r}")
+    with _read(store, values) as sisa:
+        report = export_hf(sisa, directory)
+    _emit(as_json, report.to_dict(), _kv_table("exported", report.to_dict()))
+
+
+@app.command(cls=_Command)
+@with_options("store")
 def score(
     store: Store, data: Data, combine: Combine = "mean",
     output: Annotated[Path | None, typer.Option(help="Write per-record scores as JSON lines.")] = None,
