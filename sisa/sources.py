@@ -155,46 +155,41 @@ class Numbering(NamedTuple):
         found: dict[int, int] = {}
         if wanted and self.path is not None:
             try:
-                found = _csv_lines(self.path, wanted) if self.kind == "csv" else \
-                    _json_lines_of(self.path, wanted)
+                starts = _csv_starts(self.path) if self.kind == "csv" else _jsonl_starts(self.path)
+                found = _record_lines(starts, wanted)
             except (OSError, UnicodeDecodeError, csv.Error):
                 found = {}
         return {r: found.get(r, r + self.first) for r in wanted}
 
 
-def _csv_lines(path: Path, wanted: set[int]) -> dict[int, int]:
-    """The line each wanted data row starts on (the header is row -1), as Arrow reads the file:
-    blank lines skipped, quoted fields spanning lines."""
+def _record_lines(starts: Iterator[int], wanted: set[int]) -> dict[int, int]:
+    """Data row -> its line, for the wanted rows, from the line each record starts on."""
     out: dict[int, int] = {}
+    for row, line in enumerate(starts):
+        if row in wanted:
+            out[row] = line
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+def _csv_starts(path: Path) -> Iterator[int]:
+    """The line each data record of a CSV file starts on, as Arrow reads the file: blank lines
+    skipped, quoted fields spanning lines, the header not a record."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        row, end = -1, 0
+        header, end = True, 0
         for fields in reader:
             start, end = end + 1, reader.line_num
-            if not fields:
-                continue
-            if row in wanted:
-                out[row] = start
-                if len(out) == len(wanted):
-                    break
-            row += 1
-    return out
+            if fields and not header:
+                yield start
+            header = header and not fields
 
 
-def _json_lines_of(path: Path, wanted: set[int]) -> dict[int, int]:
-    """The line of each wanted record of a JSON-lines file (blank lines skipped)."""
-    out: dict[int, int] = {}
+def _jsonl_starts(path: Path) -> Iterator[int]:
+    """The line of each record of a JSON-lines file (blank lines skipped)."""
     with path.open(encoding="utf-8-sig") as f:
-        row = 0
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if row in wanted:
-                out[row] = number
-                if len(out) == len(wanted):
-                    break
-            row += 1
-    return out
+        yield from (number for number, line in enumerate(f, 1) if line.strip())
 
 
 POSITIONS = Numbering("position", "positions", 0)
