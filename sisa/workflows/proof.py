@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from sisa import evidence
 from sisa.api import Sisa, resolve_source
 from sisa.builtin import stable_subset
 from sisa.config import Combine, DataSpec
-from sisa.errors import ConfigError, InputKindError, RecordError
+from sisa.errors import ConfigError, InputKindError, RecordError, name_some
 from sisa.features import Progress, counter
 from sisa.partition import place
 from sisa.records import records_from_rows
@@ -371,6 +371,27 @@ def evidence_of(sisa: Sisa, canaries: CanarySet, forget: tuple[Any, list[str]] |
     return dataclasses.replace(found, model_version=sisa.ensemble().version)
 
 
+def refuse_members(sisa: Sisa, rows: Sequence[Mapping[str, Any]], spec: DataSpec) -> None:
+    """Refuse held-out texts that are not non-members: records the store holds (or held), or
+    texts of users it trained on (their other words make a text look like a member: the AUCs
+    would measure the user, not the record). Nothing has been changed when this raises."""
+    ids = [str(r[spec.id_column]) for r in rows if r.get(spec.id_column) is not None]
+    known = sisa.records(ids)
+    if known:
+        raise ConfigError(f"the holdout holds {len(known)} record(s) the store has or had (e.g. "
+                          f"{name_some(sorted(known)[:3], quote=True)}): held-out texts must never "
+                          "have been trained on; nothing was deleted")
+    if spec.group_column is not None:
+        users = {str(r[spec.group_column]) for r in rows if r.get(spec.group_column) is not None}
+        shared = sorted(users & set(sisa.groups()))
+        if shared:
+            raise ConfigError(
+                f"the holdout shares {len(shared)} user(s) with the store's training data (e.g. "
+                f"{name_some(shared[:3], quote=True)}): their other texts were trained on, so "
+                "membership scores would measure the user, not the record. Hold out whole users "
+                "(builtin data sets' :test splits do); nothing was deleted")
+
+
 def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: Sequence[str] = (),
           holdout_limit: int = 64, retain_limit: int = 64, combine: Combine = "mean",
           references: int = 1000, seed: int = 0, progress: Progress | None = None) -> ProofReport:
@@ -381,6 +402,7 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
     sisa.require_language_model()
     rows, spec = resolve_source(holdout_source, sisa.data_spec)
     spec = dataclasses.replace(spec, label_column=None)
+    refuse_members(sisa, rows, spec)
     held = records_from_rows(stable_subset(rows, spec.id_column, holdout_limit), spec, require_target=False)
     holdout = text_inputs(sisa, [r.input for r in held],  # type: ignore[misc]
                      [r.target for r in held] if spec.prompt_column else None)
