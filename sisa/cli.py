@@ -986,8 +986,8 @@ def proof_tables(report: Any) -> list[Table]:
         return t
 
     canaries = table("canary exposure", ["canary"], ["inserted", "shard", *phases, "greedy"],
-                     "bits, own shard / ensemble; greedy: the ensemble's greedy decoding gives the "
-                     "secret (" + " / ".join(phases) + ")")
+                     "bits, own shard / ensemble; greedy: whether greedy decoding gives the secret, "
+                     "own shard/ensemble, " + " then ".join(phases) + " (y, n; -: shard not serving)")
     for row in canary_rows(report):
         canaries.add_row(*row)
     tables = [canaries]

@@ -5,6 +5,7 @@ epoch, silent under --json and --no-progress."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -206,3 +207,12 @@ def test_progress_is_on_stderr_and_off_under_json_or_no_progress() -> None:
         assert quiet.exit_code == 0, quiet.output
         assert quiet.stderr == "", (flags, quiet.stderr)
     assert json.loads(_demo("--json").stdout)["audit_ok"]
+
+
+def test_greedy_reproduction_is_shown_for_the_own_shard_and_the_ensemble() -> None:
+    report = _report()
+    shard_hit = dataclasses.replace(report.before.canaries[1], greedy_shard=True, greedy_ensemble=False)
+    before = dataclasses.replace(report.before, canaries=[report.before.canaries[0], shard_hit,
+                                                          *report.before.canaries[2:]])
+    rows = canary_rows(dataclasses.replace(report, before=before))
+    assert rows[0][-1] == "n/n n/n" and rows[1][-1] == "y/n n/n"  # own shard/ensemble, before then after

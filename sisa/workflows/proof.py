@@ -471,13 +471,15 @@ def _yes(value: bool | None) -> str:
 
 def canary_rows(report: ProofReport) -> list[tuple[str, ...]]:
     """Per canary: id, inserted, shard, then for each measurement (before, after) its exposure
-    in bits as "own shard / ensemble", then greedy reproduction by the ensemble (before / after)."""
+    in bits as "own shard / ensemble", then whether greedy decoding reproduces the secret, as
+    "own shard/ensemble" per measurement (y, n, or - where its shard did not serve)."""
     phases = [report.before] + ([report.after] if report.after is not None else [])
     rows = []
     for i, c in enumerate(report.before.canaries):
         bits = [f"{_bits(e.canaries[i].exposure_shard)} / {_bits(e.canaries[i].exposure_ensemble)}"
                 for e in phases]
-        greedy = " / ".join(_yes(e.canaries[i].greedy_ensemble) for e in phases)
+        greedy = " ".join(f"{_yes(e.canaries[i].greedy_shard)[0]}/{_yes(e.canaries[i].greedy_ensemble)[0]}"
+                          for e in phases)
         rows.append((c.id, _yes(c.inserted), str(c.shard), *bits, greedy))
     return rows
 
