@@ -291,10 +291,7 @@ class Validator:
 
     @property
     def failed(self) -> bool:
-        return bool(self.odd_values or self.duplicates or self.empty_ids or self.missing_labels
-                    or self.bad_inputs or self.empty_texts or self.bad_features
-                    or self.huge_features or self.bad_priors or self.bad_prompts
-                    or self.control_ids or self.control_groups
+        return bool(self.duplicates or any(self._row_fews())
                     or (self.label_kinds[True] and self.label_kinds[False]))
 
     def _odd(self, column: str, row: int, raw_id: Any, kind: str) -> None:
@@ -454,11 +451,11 @@ class Validator:
         input_digests = [input_digest((), row) for row in packed]
         return Batch(ids, groups, targets, matrix, priors, digests, input_digests, packed)
 
-    def _fews(self) -> list[_Few]:
+    def _row_fews(self) -> list[_Few]:
+        """Every problem found row by row (the labels' kinds aside: they are a problem together)."""
         return [*self.odd_values.values(), self.empty_ids, self.control_ids, self.control_groups,
                 self.missing_labels, self.bad_inputs, self.empty_texts, *self.bad_features.values(),
-                *self.huge_features.values(), self.bad_priors, self.bad_prompts,
-                *self.label_kinds.values()]
+                *self.huge_features.values(), self.bad_priors, self.bad_prompts]
 
     def finish(self) -> None:
         """Raise the input's problems, if any."""
@@ -468,12 +465,16 @@ class Validator:
             raise RecordError("no records in the input")
         problems: list[str] = []
         units, unit = self.numbering.units, self.numbering.unit
-        shown = {r for few in self._fews() for r in few.rows()}
+        shown = {r for few in [*self._row_fews(), *self.label_kinds.values()] for r in few.rows()}
         shown.update(r for idx in self.duplicates.values() for r in idx[:5])
         line = self.numbering.lines(shown) if self.failed else {}  # the file is read again only here
 
         def at(row: int) -> str:
             return str(line[row])
+
+        def at_rows(what: str, few: _Few) -> None:
+            if few:
+                problems.append(f"{what} at {units}: {few.named(at)}")
 
         def odd(item: tuple[int, str | None, str]) -> str:
             row, record_id, kind = item
@@ -486,29 +487,19 @@ class Validator:
         if self.duplicates:
             problems.append(_name_rows(f"duplicate ids in column {spec.id_column!r}", self.duplicates,
                                        units, line))
-        if self.empty_ids:
-            problems.append(f"empty ids in column {spec.id_column!r} at {units}: {self.empty_ids.named(at)}")
-        if self.control_ids:
-            problems.append(f"ids with control characters (which no command line can name) in "
-                            f"column {spec.id_column!r} at {units}: {self.control_ids.named(at)}")
-        if self.control_groups:
-            problems.append(f"group ids with control characters in column {spec.group_column!r} at "
-                            f"{units}: {self.control_groups.named(at)}")
-        if self.missing_labels:
-            problems.append(f"missing labels in column {spec.label_column!r} at {units}: "
-                            f"{self.missing_labels.named(at)}")
-        if self.bad_inputs:
-            problems.append(f"missing or non-text values in text column {spec.text_column!r} at "
-                            f"{units}: {self.bad_inputs.named(at)}")
-        if self.empty_texts:
-            problems.append(f"empty texts in column {spec.text_column!r} at {units}: "
-                            f"{self.empty_texts.named(at)}")
+        at_rows(f"empty ids in column {spec.id_column!r}", self.empty_ids)
+        at_rows(f"ids with control characters (which no command line can name) in column "
+                f"{spec.id_column!r}", self.control_ids)
+        at_rows(f"group ids with control characters in column {spec.group_column!r}",
+                self.control_groups)
+        at_rows(f"missing labels in column {spec.label_column!r}", self.missing_labels)
+        at_rows(f"missing or non-text values in text column {spec.text_column!r}", self.bad_inputs)
+        at_rows(f"empty texts in column {spec.text_column!r}", self.empty_texts)
         for column, places in self.bad_features.items():
-            problems.append(f"missing or non-numeric values in feature column {column!r} at {units}: "
-                            f"{places.named(at)}")
+            at_rows(f"missing or non-numeric values in feature column {column!r}", places)
         for column, places in self.huge_features.items():
-            problems.append(f"values beyond float32's range (|x| > {FLOAT32_MAX:.3g}) in feature "
-                            f"column {column!r} at {units}: {places.named(at)}")
+            at_rows(f"values beyond float32's range (|x| > {FLOAT32_MAX:.3g}) in feature column "
+                    f"{column!r}", places)
         numeric, text = self.label_kinds[True], self.label_kinds[False]
         if numeric and text:
             stray, others, kind = (text, "numeric", "text") if text.count <= numeric.count else (
@@ -520,12 +511,8 @@ class Validator:
                             total=stray.count)
                 + f" among {numeric.count + text.count - stray.count} {others} ones; fix or remove "
                 "those rows")
-        if self.bad_priors:
-            problems.append(f"missing or non-numeric priors in {spec.prior_column!r} at {units}: "
-                            f"{self.bad_priors.named(at)}")
-        if self.bad_prompts:
-            problems.append(f"non-text prompts in {spec.prompt_column!r} at {units}: "
-                            f"{self.bad_prompts.named(at)}")
+        at_rows(f"missing or non-numeric priors in {spec.prior_column!r}", self.bad_priors)
+        at_rows(f"non-text prompts in {spec.prompt_column!r}", self.bad_prompts)
         if problems:
             what = "invalid input (nothing was predicted)" if self.predicting else \
                 "invalid records (nothing was written)"

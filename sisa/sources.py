@@ -11,6 +11,7 @@ through Python's JSON parser, still a chunk at a time). A JSON array is read who
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import re
@@ -173,17 +174,21 @@ def _record_lines(starts: Iterator[int], wanted: set[int]) -> dict[int, int]:
     return out
 
 
-def _csv_starts(path: Path) -> Iterator[int]:
-    """The line each data record of a CSV file starts on, as Arrow reads the file: blank lines
-    skipped, quoted fields spanning lines, the header not a record."""
+def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Each record of a CSV file, the header first, with the line it starts on, as Arrow reads
+    the file: blank lines skipped, quoted fields spanning lines."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        header, end = True, 0
+        end = 0
         for fields in reader:
             start, end = end + 1, reader.line_num
-            if fields and not header:
-                yield start
-            header = header and not fields
+            if fields:
+                yield start, fields
+
+
+def _csv_starts(path: Path) -> Iterator[int]:
+    """The line each data record of a CSV file starts on (the header is not one)."""
+    return (start for start, _ in itertools.islice(_csv_records(path), 1, None))
 
 
 def _jsonl_starts(path: Path) -> Iterator[int]:
@@ -292,16 +297,11 @@ def _unreadable(path: Path, exc: BaseException) -> RecordError:
 
 
 def _ragged_line(path: Path, width: int) -> int | None:
-    """The line number of the first row whose field count differs from the header's."""
+    """The line the first record whose field count differs from the header's starts on."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            for row in reader:
-                if row and len(row) != width:
-                    return reader.line_num
+        return next((start for start, fields in _csv_records(path) if len(fields) != width), None)
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
-    return None
 
 
 def _open_file(path: Path, wanted: Wanted) -> Source:
