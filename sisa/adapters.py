@@ -8,6 +8,7 @@ base, so an ensemble holds the base once and runs every shard in one mixed-adapt
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -103,3 +104,37 @@ def merged_deltas(adapters: Mapping[int, Mapping[str, torch.Tensor]],
             delta = scaling * (b.double() @ a.double())
             total[name] = total[name] + delta if name in total else delta
     return {name: delta / len(adapters) for name, delta in total.items()}
+
+
+def merged_adapter(adapters: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One LoRA adapter of rank S*r whose update is the sum of the S shards' updates: each
+    module's A matrices stacked (rows) and B matrices side by side (columns), in shard order, so
+    that B_cat @ A_cat = sum over shards of B_s @ A_s exactly (concatenation: no arithmetic, the
+    same adapters always give the same bits). Served with `merged_lora_config`, whose scaling
+    alpha / (S*r) is the shards' alpha / r divided by S: the mean of their updates, in one pass.
+    `adapters`: shard -> an adapter's tensors as peft names them (LoRA A and B only)."""
+    if not adapters:
+        raise ValueError("no adapter to merge")
+    shards = sorted(adapters)
+    keys = sorted(adapters[shards[0]])
+    for shard in shards[1:]:
+        if sorted(adapters[shard]) != keys:
+            raise ValueError(f"shard {shard}'s adapter adapts other modules than shard {shards[0]}'s")
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        parts = [adapters[s][key] for s in shards]
+        if key.endswith(".lora_A.weight"):
+            out[key] = torch.cat(parts, dim=0)
+        elif key.endswith(".lora_B.weight"):
+            out[key] = torch.cat(parts, dim=1)
+        else:
+            raise ValueError(f"cannot merge adapter tensor {key!r} (LoRA A and B only)")
+    return out
+
+
+def merged_lora_config(config: Any, shards: int) -> Any:
+    """The peft config of `merged_adapter` of `shards` adapters trained with `config`: rank S*r
+    and the same alpha, so its scaling is the shards' divided by S."""
+    if getattr(config, "use_rslora", False):
+        raise ValueError("rank-stabilised LoRA scales by alpha / sqrt(r): its merge is not a mean")
+    return dataclasses.replace(config, r=config.r * shards, lora_alpha=config.lora_alpha)

@@ -27,7 +27,7 @@ import numpy as np
 from shard_store import CheckpointRow, NewRecord, RecordRow, ShardStore
 from sisa import builtin
 from sisa.audit import audit, verify_receipts
-from sisa.config import Combine, DataSpec, ExecutionConfig, SisaConfig, StoreConfig
+from sisa.config import COMBINES, Combine, DataSpec, ExecutionConfig, SisaConfig, StoreConfig
 from sisa.custody import new_key, open_store, read_key_file, write_key_file
 from sisa.errors import (
     CheckpointMovedError,
@@ -825,14 +825,24 @@ class Sisa:
 
         return load_model(self._backend, read_checkpoint(self._store, row), self.config.partition.seed)
 
+    def combine_mode(self, combine: str | None) -> Combine:
+        """`combine` checked, or the store's default (`SisaConfig.combine`) where it is None."""
+        if combine is None:
+            return self.config.combine
+        if combine not in COMBINES:
+            raise ConfigError(f"combine must be one of {', '.join(COMBINES)}, got {combine!r}")
+        return combine  # type: ignore[return-value]
+
     @_mapped
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 48, combine: Combine = "mean",
-                 temperature: float = 0.0, seed: int = 0, stop: Sequence[str] = (),
-                 ensemble: Ensemble | None = None) -> list[Generation]:
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 48,
+                 combine: Combine | None = None, temperature: float = 0.0, seed: int = 0,
+                 stop: Sequence[str] = (), ensemble: Ensemble | None = None) -> list[Generation]:
         """Continue each prompt from the ensemble's next-token distribution (the servable shards'
-        `mean` mixture or normalised `product`): greedy at temperature 0, else sampled, seeded.
-        Stops at the end-of-text token or any `stop` string. `ensemble`: the shard models to use
-        (default: the servable ones, reloaded as the store changes)."""
+        `mean` mixture or normalised `product`, or their `merged` adapter; default: the store's
+        `combine`): greedy at temperature 0, else sampled, seeded. Stops at the end-of-text token
+        or any `stop` string. `ensemble`: the shard models to use (default: the servable ones,
+        reloaded as the store changes)."""
+        combine = self.combine_mode(combine)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         if not math.isfinite(temperature) or temperature < 0:
@@ -852,10 +862,11 @@ class Sisa:
                 for p, (text, tokens) in zip(prompts, out, strict=True)]
 
     @_mapped
-    def score(self, source: Any, combine: Combine = "mean",
+    def score(self, source: Any, combine: Combine | None = None,
               ensemble: Ensemble | None = None) -> ScoreReport:
         """Log-likelihood and perplexity of each record's text (after its prompt) under the
-        ensemble (`ensemble`: as for `generate`)."""
+        ensemble (`combine`, `ensemble`: as for `generate`)."""
+        combine = self.combine_mode(combine)
         self.require_language_model()
         ensemble = ensemble if ensemble is not None else self.ensemble()
         scorer: Any = ensemble.scorer

@@ -29,6 +29,7 @@ from rich.table import Column, Table
 from typer.core import TyperCommand, TyperGroup
 
 from sisa import errors
+from sisa.config import COMBINES
 from sisa.options import (
     build_config,
     build_execution,
@@ -784,14 +785,16 @@ def serve(
                 store_config=build_store(values))
 
 
-Combine = Annotated[str, typer.Option(
-    help="How the shards' next-token distributions combine: mean (mixture of probabilities) or "
-         "product (normalised mean of log-probabilities).")]
+Combine = Annotated[str | None, typer.Option(
+    help="How the shards combine: mean (mixture of next-token probabilities), product "
+         "(normalised mean of log-probabilities) or merged (one adapter merged from theirs: one "
+         "pass per token). Default: the store's (set at train time with --combine).")]
 
 
-def _check_combine(combine: str) -> Any:
-    if combine not in ("mean", "product"):
-        raise typer.BadParameter(f"must be mean or product, got {combine!r}", param_hint="--combine")
+def _check_combine(combine: str | None) -> Any:
+    if combine is not None and combine not in COMBINES:
+        raise typer.BadParameter(f"must be {', '.join(COMBINES)}, got {combine!r}",
+                                 param_hint="--combine")
     return combine
 
 
@@ -802,7 +805,7 @@ def generate(
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeat for several).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="File with one prompt per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 48,
-    combine: Combine = "mean",
+    combine: Combine = None,
     temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled, seeded.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampling (prompt i uses seed + i).")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
@@ -863,7 +866,7 @@ def export(
 @app.command(cls=_Command)
 @with_options("store")
 def score(
-    store: Store, data: Data, combine: Combine = "mean",
+    store: Store, data: Data, combine: Combine = None,
     output: Annotated[Path | None, typer.Option(help="Write per-record scores as JSON lines.")] = None,
     as_json: Json = False,
     **values: Any,
@@ -934,7 +937,7 @@ def prove(
     references: Annotated[int, typer.Option(help="Random reference secrets per canary.")] = 1000,
     holdout_limit: Annotated[int, typer.Option(help="Held-out texts scored.")] = 64,
     retain_limit: Annotated[int, typer.Option(help="Retained texts scored.")] = 64,
-    combine: Combine = "mean",
+    combine: Combine = None,
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
     """Causal LM: evidence that forgotten text is gone.

@@ -267,7 +267,8 @@ class LoraConfig(TextModelConfig):
         _check_lora(self, check)
 
 
-Combine = Literal["mean", "product"]
+Combine = Literal["mean", "product", "merged"]
+COMBINES: tuple[str, ...] = ("mean", "product", "merged")
 
 
 @dataclass(frozen=True)
@@ -402,12 +403,18 @@ class SisaConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig, metadata={
         "help": "Where shard jobs run (never changes the weights).", "cli": False})
     voting: Voting = option("soft", "Ensemble voting: soft (mean probability) or hard (majority).")
+    combine: Combine = option(
+        "mean", "How a causal LM's shards combine by default: mean (mixture of their next-token "
+                "probabilities), product (normalised geometric mean), or merged (one adapter "
+                "merged from theirs: one forward pass per token whatever the shard count).")
 
     def __post_init__(self) -> None:
         if not isinstance(self.training, TrainingConfig):
             raise ConfigError(f"training must be a backend's training config, got {self.training!r}")
         if self.voting not in ("soft", "hard"):
             raise ConfigError(f"voting must be 'soft' or 'hard', got {self.voting!r}")
+        if self.combine not in COMBINES:
+            raise ConfigError(f"combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
 
     def digest(self) -> str:
         """Digest of every setting that changes the weights (partition and training)."""
@@ -417,7 +424,8 @@ class SisaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"partition": dataclasses.asdict(self.partition), "training": self.training.to_dict(),
-                "execution": dataclasses.asdict(self.execution), "voting": self.voting}
+                "execution": dataclasses.asdict(self.execution), "voting": self.voting,
+                "combine": self.combine}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SisaConfig:
@@ -428,6 +436,7 @@ class SisaConfig:
                 training=training_config(training.pop("backend", "mlp"), **training),
                 execution=ExecutionConfig(**data.get("execution", {})),
                 voting=data.get("voting", "soft"),
+                combine=data.get("combine", "mean"),
             )
         except TypeError as exc:  # an unknown key
             raise ConfigError(f"invalid config: {exc}") from exc

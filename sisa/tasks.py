@@ -27,6 +27,7 @@ class ModelSpec:
 
     num_classes: int
     input_dim: int | None = None  # numeric features (or embedding width); None for raw text
+    chat: bool = False  # a causal LM's inputs are conversations, formatted by the chat template
 
 
 class Task(Protocol):
@@ -157,16 +158,17 @@ class ClassificationTask:
 
 @dataclass(frozen=True)
 class LanguageModelingTask:
-    """A causal LM learns each record's text (after its prompt, if the record has one). Nothing to
-    vote on: the ensemble mixes the shards' next-token distributions (see `combine_logprobs`)."""
+    """A causal LM learns each record's text (after its prompt, if the record has one), or the
+    assistant turns of each record's conversation (`chat`). Nothing to vote on: the ensemble mixes the shards' next-token distributions (see `combine_logprobs`)."""
 
     kind: ClassVar[str] = "causal_lm"
+    chat: bool = False  # the records are conversations (a messages column): see `ModelSpec.chat`
 
     def to_meta(self) -> dict[str, Any]:
-        return {"kind": self.kind}
+        return {"kind": self.kind, "chat": True} if self.chat else {"kind": self.kind}
 
     def model_spec(self, input_dim: int | None) -> ModelSpec:
-        return ModelSpec(num_classes=0, input_dim=None)
+        return ModelSpec(num_classes=0, input_dim=None, chat=self.chat)
 
     def encode_targets(self, values: Sequence[str | None]) -> np.ndarray:
         # The prompts travel as contexts; the tokens to learn are the inputs themselves.
@@ -191,7 +193,8 @@ def format_prompt(prompt: str) -> str:
 def combine_logprobs(per_shard: np.ndarray | Any, combine: Combine) -> Any:
     """The ensemble's next-token log-distribution from the shards' ones (shards on axis 0, the
     vocabulary last; numpy arrays or torch tensors). `mean`: the mixture of the shards'
-    probabilities. `product`: their normalised geometric mean (mean of log-probabilities)."""
+    probabilities. `product`: their normalised geometric mean (mean of log-probabilities).
+    (`merged` combines weights, not distributions: the scorer runs the merged adapter.)"""
     import torch
 
     x = torch.as_tensor(per_shard)
@@ -199,7 +202,7 @@ def combine_logprobs(per_shard: np.ndarray | Any, combine: Combine) -> Any:
         return torch.logsumexp(x, dim=0) - math.log(x.shape[0])
     if combine == "product":
         return torch.log_softmax(x.mean(dim=0), dim=-1)
-    raise ConfigError(f"combine must be 'mean' or 'product', got {combine!r}")
+    raise ConfigError(f"combine must be 'mean' or 'product' here, got {combine!r}")
 
 
 AnyTask = ClassificationTask | LanguageModelingTask
@@ -212,5 +215,5 @@ def task_from_meta(meta: Mapping[str, Any]) -> AnyTask:
     if kind not in TASKS:
         raise ConfigError(f"unknown task {kind!r}; this version knows {sorted(TASKS)}")
     if kind == LanguageModelingTask.kind:
-        return LanguageModelingTask()
+        return LanguageModelingTask(chat=bool(meta.get("chat")))
     return ClassificationTask(tuple(meta["classes"]))

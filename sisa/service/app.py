@@ -55,7 +55,8 @@ class PredictIn(_Body):
 class GenerateIn(_Body):
     prompts: list[str] = Field(min_length=1)
     max_new_tokens: int = Field(48, ge=1)
-    combine: Literal["mean", "product"] = "mean"
+    combine: Literal["mean", "product", "merged"] | None = Field(
+        None, description="mean, product or merged (default: the store's)")
     temperature: Finite = Field(0.0, ge=0)
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
@@ -64,7 +65,8 @@ class GenerateIn(_Body):
 class ScoreIn(_Body):
     texts: list[str] = Field(min_length=1)
     prompts: list[str] | None = None
-    combine: Literal["mean", "product"] = "mean"
+    combine: Literal["mean", "product", "merged"] | None = Field(
+        None, description="mean, product or merged (default: the store's)")
 
 
 class DeletionIn(_Body):

@@ -169,7 +169,7 @@ class Service:
         self._note(version)
         return Prediction(labels, combined, list(task.classes), version)
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, combine: Combine,
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, combine: Combine | None,
                  temperature: float, seed: int, stop: Sequence[str]) -> tuple[list[Generation], ModelVersion]:
         self.reader.require_language_model()
         out, version = self.model.run(lambda ensemble: self.reader.generate(
@@ -178,7 +178,7 @@ class Service:
         return out, version
 
     def score(self, texts: Sequence[str], prompts: Sequence[str] | None,
-              combine: Combine) -> tuple[ScoreReport, ModelVersion]:
+              combine: Combine | None) -> tuple[ScoreReport, ModelVersion]:
         self.reader.require_language_model()
         spec = self.reader.data_spec
         if prompts is not None and spec.prompt_column is None:

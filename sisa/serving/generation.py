@@ -3,7 +3,8 @@ distribution, with the prompt formatted as training formatted it (`sisa.tasks.fo
 
 All servable shards run in one batched forward pass per token (peft mixed-adapter rows, one block
 per shard) with a KV cache; their next-token log-probabilities combine as a mixture (`mean`) or a
-normalised product (`product`). Greedy at temperature 0, else sampled with a generator seeded per
+normalised product (`product`). `merged` runs one row instead: the adapter merged from the shards'
+(the mean of their updates, `sisa.adapters.merged_adapter`), so a token costs one pass whatever S. Greedy at temperature 0, else sampled with a generator seeded per
 prompt, so an answer never depends on what else was asked.
 """
 
@@ -28,16 +29,17 @@ def decode(scorer: Any, prompt: Sequence[int], max_new_tokens: int, combine: Com
     `stop` (not returned) or once `should_stop(tokens so far)`."""
     from transformers import DynamicCache
 
-    shards = len(scorer.names)
+    blocks = [scorer.merged_name()] if combine == "merged" else list(scorer.names)
     if not len(prompt):
         raise ConfigError("generation needs a prompt of at least one token")
     generator = torch.Generator().manual_seed(seed)
     cache = DynamicCache()
-    ids = torch.as_tensor(list(prompt), dtype=torch.long)[None].repeat(shards, 1)
+    ids = torch.as_tensor(list(prompt), dtype=torch.long)[None].repeat(len(blocks), 1)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = scorer.forward(ids, cache=cache).logits[:, -1].float().cpu()
-        mixed = combine_logprobs(torch.log_softmax(logits, -1), combine)
+        logits = scorer.forward(ids, cache=cache, blocks=blocks).logits[:, -1].float().cpu()
+        logp = torch.log_softmax(logits, -1)
+        mixed = logp[0] if combine == "merged" else combine_logprobs(logp, combine)
         if temperature <= 0:
             token = int(mixed.argmax())
         else:
@@ -48,7 +50,7 @@ def decode(scorer: Any, prompt: Sequence[int], max_new_tokens: int, combine: Com
         new.append(token)
         if should_stop is not None and should_stop(new):
             break
-        ids = torch.full((shards, 1), token, dtype=torch.long)
+        ids = torch.full((len(blocks), 1), token, dtype=torch.long)
     return new
 
 

@@ -14,6 +14,7 @@ behind one protocol. Every scorer holds some shards' models, gives a view of few
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,7 +22,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sisa.adapters import adapter_name, lora_config, with_adapters
+from sisa.adapters import (
+    adapter_name,
+    load_adapter,
+    lora_config,
+    merged_adapter,
+    merged_lora_config,
+    with_adapters,
+)
 from sisa.config import Combine
 from sisa.errors import ConfigError
 from sisa.tasks import combine_logprobs
@@ -142,9 +150,11 @@ def _moments(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class LMScorer(_Adapters):
-    """The causal_lm backend: one base causal LM, every shard's adapter on it. Rows of a batch are
-    shard-major blocks of the same inputs, one block per shard; the views are the shards' adapter
-    names, then "ensemble" (their next-token distributions combined, see `combine_logprobs`)."""
+    """The causal_lm backend: one base causal LM, every shard's adapter on it. A pass runs blocks
+    of rows, the same inputs once per block: one block per shard's adapter, then (where the
+    ensemble is `merged`) the adapter merged from them, then (in a `with_base` view) the bare base
+    model. The views are the shards' adapter names, then "ensemble" (their next-token
+    distributions combined, see `combine_logprobs`, or the merged adapter's), then "base"."""
 
     def __init__(self, training: Any, base: Any, tokenizer: Any,
                  adapters: Mapping[int, dict[str, torch.Tensor]], seed: int, device: str,
@@ -152,7 +162,14 @@ class LMScorer(_Adapters):
         self.training = training
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self._load(base, lora_config(training, "CAUSAL_LM", layers), adapters, seed, device)
+        self.seed = seed
+        self._config = lora_config(training, "CAUSAL_LM", layers)
+        self._tensors = dict(adapters)  # for the merge of any subset of the shards
+        self._load(base, self._config, adapters, seed, device)
+        # Shared by every view (`subset` copies the reference): a merge is made once per set.
+        self._merges: dict[tuple[int, ...], str] = {}
+        self._merging = threading.Lock()
+        self.base_view = False
         # With adapters on the top layers only, the layers below compute the same for every
         # shard: `scores` runs them once per text, not once per shard (see `split_model`).
         self.split = min(layers) if layers else 0
@@ -160,13 +177,50 @@ class LMScorer(_Adapters):
 
     @property
     def views(self) -> tuple[str, ...]:
-        return (*self.names, "ensemble")
+        return (*self.names, "ensemble", *(("base",) if self.base_view else ()))
+
+    def with_base(self) -> LMScorer:
+        """This view with a "base" view too: the frozen base model without any adapter (peft's
+        `__base__` rows, in the same pass), for calibrating against what the base alone does."""
+        view = copy.copy(self)
+        view.base_view = True
+        return view
+
+    def merged_name(self) -> str:
+        """The name of the adapter merged from this view's shards (`merged_adapter`: their mean
+        update, one pass serves it), made on first use and kept while the scorer lives; a scorer
+        is loaded for one version of the store, so a changed shard gets a new merge."""
+        key = tuple(self.shards)
+        with self._merging:
+            name = self._merges.get(key)
+            if name is None:
+                name = f"merged-{len(self._merges)}"
+                with torch.random.fork_rng(devices=[]):  # throwaway init, replaced below
+                    torch.manual_seed(self.seed)
+                    self.model.add_adapter(name, merged_lora_config(self._config, len(key)))
+                load_adapter(self.model, merged_adapter({s: self._tensors[s] for s in key}), name)
+                self.model.to(self.device).eval()
+                self._merges[key] = name
+        return name
+
+    def blocks(self, combine: Combine) -> list[str]:
+        """The adapter of each block of rows a pass runs for every view (see the class)."""
+        return [*self.names, *([self.merged_name()] if combine == "merged" else []),
+                *(["__base__"] if self.base_view else [])]
+
+    def combine_views(self, logp: torch.Tensor, combine: Combine) -> torch.Tensor:
+        """Log-probabilities per view from those per block (laid out as `blocks(combine)`)."""
+        shards = logp[:len(self.names)]
+        ensemble = logp[len(self.names)] if combine == "merged" else combine_logprobs(shards, combine)
+        return torch.cat([shards, ensemble[None], *([logp[-1:]] if self.base_view else [])])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: Any = None) -> Any:
-        """One forward pass of every row under its shard's adapter (`cache`: a KV cache that the
-        pass extends)."""
-        kwargs: dict[str, Any] = {"adapter_names": self.rows(input_ids.shape[0] // len(self.names)),
+                cache: Any = None, blocks: Sequence[str] | None = None) -> Any:
+        """One forward pass of every row under its block's adapter (`blocks`: default, one per
+        shard; `cache`: a KV cache that the pass extends)."""
+        names = list(blocks) if blocks is not None else self.names
+        n = input_ids.shape[0] // len(names)
+        kwargs: dict[str, Any] = {"adapter_names": [b for b in names for _ in range(n)],
                                   "use_cache": cache is not None}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask.to(self.device)
@@ -174,20 +228,23 @@ class LMScorer(_Adapters):
             kwargs["cache"] = cache
         return self.model(input_ids=input_ids.to(self.device), **kwargs)
 
-    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(shards * n, T, V) logits of n padded inputs under every shard, shard-major; below the
-        adapted layers, one pass for all shards."""
-        shards = len(self.names)
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                blocks: Sequence[str]) -> torch.Tensor:
+        """(blocks * n, T, V) logits of n padded inputs under every block, block-major; below the
+        adapted layers, one pass for all blocks."""
+        k = len(blocks)
         if not self.split:
-            return self.forward(input_ids.repeat(shards, 1), attention_mask.repeat(shards, 1)).logits
+            return self.forward(input_ids.repeat(k, 1), attention_mask.repeat(k, 1),
+                                blocks=blocks).logits
         if self._parts is None:
             self._parts = split_model(self.model, self.split)
         lower, upper = self._parts
         mask = attention_mask.to(self.device)
         hidden = lower(input_ids=input_ids.to(self.device), attention_mask=mask,
                        use_cache=False).last_hidden_state
-        return upper(inputs_embeds=hidden.repeat(shards, 1, 1), attention_mask=mask.repeat(shards, 1),
-                     adapter_names=self.rows(input_ids.shape[0]), use_cache=False).logits
+        n = input_ids.shape[0]
+        return upper(inputs_embeds=hidden.repeat(k, 1, 1), attention_mask=mask.repeat(k, 1),
+                     adapter_names=[b for b in blocks for _ in range(n)], use_cache=False).logits
 
     @torch.no_grad()
     def scores(self, inputs: Any, combine: Combine = "mean",
@@ -198,18 +255,18 @@ class LMScorer(_Adapters):
 
         out: list[TokenScores] = []
         pad = self.tokenizer.pad_token_id
-        shards = len(self.names)
+        blocks = self.blocks(combine)
         starts = range(0, len(inputs), self.batch_size)
         for number, start in enumerate(starts, 1):
             positions = list(range(start, min(start + self.batch_size, len(inputs))))
             batch = make_batch(inputs, positions, pad)
-            logits = self._logits(batch.input_ids, batch.attention_mask).float().cpu()
+            logits = self._logits(batch.input_ids, batch.attention_mask, blocks).float().cpu()
             n, width = batch.input_ids.shape
             # Only the learned positions (not padding, not a prompt) are scored: the rest of the
             # work is over the vocabulary, per position.
             keep = batch.learned  # (n, T-1)
-            logp = torch.log_softmax(logits.view(shards, n, width, -1)[:, :, :-1][:, keep], -1)
-            views = torch.cat([logp, combine_logprobs(logp, combine)[None]])  # (views, L, V)
+            logp = torch.log_softmax(logits.view(len(blocks), n, width, -1)[:, :, :-1][:, keep], -1)
+            views = self.combine_views(logp, combine)  # (views, L, V)
             nxt = batch.input_ids[:, 1:][keep]
             picked = views.gather(-1, nxt[None, :, None].expand(len(self.views), -1, 1)).squeeze(-1)
             mu, sigma = _moments(views)
@@ -234,12 +291,13 @@ class LMScorer(_Adapters):
         called as each inner node of the trie has run its children."""
         from transformers import DynamicCache
 
-        shards = len(self.names)
+        blocks = self.blocks(combine)
+        k = len(blocks)
         if not len(prefix):
             raise ConfigError("continuations need a prefix of at least one token")
-        prefix_ids = torch.as_tensor(list(prefix), dtype=torch.long)[None].repeat(shards, 1)
+        prefix_ids = torch.as_tensor(list(prefix), dtype=torch.long)[None].repeat(k, 1)
         cache = DynamicCache()
-        out = self.forward(prefix_ids, cache=cache)
+        out = self.forward(prefix_ids, cache=cache, blocks=blocks)
         cands = np.asarray(continuations, dtype=np.int64)
         total = np.zeros((len(self.views), len(cands)))
         greedy = np.ones((len(self.views), len(cands)), dtype=bool)
@@ -248,9 +306,8 @@ class LMScorer(_Adapters):
         walked = [0]
 
         def walk(rows: np.ndarray, depth: int, logits: torch.Tensor, cache: Any) -> None:
-            # rows: the candidates sharing the path so far; logits (shards, V) after that path.
-            logp = torch.log_softmax(logits.float().cpu(), -1)
-            views = torch.cat([logp, combine_logprobs(logp, combine)[None]])
+            # rows: the candidates sharing the path so far; logits (blocks, V) after that path.
+            views = self.combine_views(torch.log_softmax(logits.float().cpu(), -1), combine)
             best = views.argmax(-1).numpy()
             tokens = cands[rows, depth]
             total[:, rows] += views.double().numpy()[:, tokens]
@@ -262,11 +319,11 @@ class LMScorer(_Adapters):
             for group in range(0, len(children), chunk):
                 part = children[group:group + chunk]
                 child_cache = copy_cache(cache, len(part))
-                # Rows of this step: shard-major, one per child token.
-                ids = torch.as_tensor(part, dtype=torch.long).repeat(shards)[:, None]
-                nxt = self.forward(ids, cache=child_cache).logits[:, -1]
+                # Rows of this step: block-major, one per child token.
+                ids = torch.as_tensor(part, dtype=torch.long).repeat(k)[:, None]
+                nxt = self.forward(ids, cache=child_cache, blocks=blocks).logits[:, -1]
                 for j, token in enumerate(part):
-                    picks = [s * len(part) + j for s in range(shards)]
+                    picks = [b * len(part) + j for b in range(k)]
                     walk(rows[tokens == token], depth + 1, nxt[picks],
                          None if leaves else select_cache(child_cache, picks))
             walked[0] += 1

@@ -393,13 +393,14 @@ def refuse_members(sisa: Sisa, rows: Sequence[Mapping[str, Any]], spec: DataSpec
 
 
 def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: Sequence[str] = (),
-          holdout_limit: int = 64, retain_limit: int = 64, combine: Combine = "mean",
+          holdout_limit: int = 64, retain_limit: int = 64, combine: Combine | None = None,
           references: int = 1000, seed: int = 0, progress: Progress | None = None) -> ProofReport:
     """Measure, forget `forget_groups` (if any), measure again, and judge: did the model memorise
     the canaries, and do the forgotten ones now look like those never inserted (`judge`)?
     `progress`: the library's hook, for the scoring (the deletion's retraining reports through
     the store's own)."""
     sisa.require_language_model()
+    combine = sisa.combine_mode(combine)
     rows, spec = resolve_source(holdout_source, sisa.data_spec)
     spec = dataclasses.replace(spec, label_column=None)
     refuse_members(sisa, rows, spec)
