@@ -52,7 +52,7 @@ PACKAGE_ORDER: dict[str, list[str]] = {
     "sisa.training": ["protocol", "jobs", "state", "encoder", "mlp", "head", "lora", "causal_lm",
                       "", "shard_trainer"],
     "sisa.serving": ["", "scorers", "ensemble", "generation", "loader"],
-    "sisa.workflows": ["", "proof", "approximate", "export", "demo"],
+    "sisa.workflows": ["", "attacks", "proof", "approximate", "export", "demo"],
     "sisa.service": ["settings", "metrics", "staleness", "model", "worker", "service", "app",
                      "ray_serve", ""],
     "sisa.testing": ["", "tamper", "killer"],
