@@ -139,6 +139,10 @@ def _check_data(config: SisaConfig, spec: DataSpec) -> DataSpec:
     if config.training.task != LanguageModelingTask.kind and spec.prompt_column is not None:
         raise ConfigError(f"a prompt column ({spec.prompt_column!r}) is for the causal_lm "
                           f"backend; backend {config.training.backend!r} learns labels")
+    if config.training.task != LanguageModelingTask.kind and spec.messages_column is not None:
+        raise ConfigError(f"a messages column ({spec.messages_column!r}) is for the causal_lm "
+                          f"backend; backend {config.training.backend!r} learns labels of texts: "
+                          "give a text column")
     if config.training.input_kind != spec.kind:
         need = "a text column" if config.training.input_kind == "text" else "numeric feature columns"
         raise InputKindError(
@@ -147,11 +151,26 @@ def _check_data(config: SisaConfig, spec: DataSpec) -> DataSpec:
     return spec
 
 
+def conversation_problems(backend: Backend, batch: Batch) -> list[str]:
+    """The records of a batch of conversations (a store trained on a messages column) that the
+    model's chat template refuses, named, before any is written; [] for other stores."""
+    if not backend.spec.chat:
+        return []
+    encoder: Any = backend.encoder
+    refused = encoder.check_conversations(batch.inputs)
+    if not refused:
+        return []
+    model = getattr(backend.config, "model", "")
+    return [f"the chat template of model {model!r} refuses record(s) "
+            + name_some([f"{batch.ids[i]!r} ({why})" for i, why in refused[:5]], total=len(refused))]
+
+
 def _probe_backend(config: SisaConfig, spec: DataSpec) -> Backend:
     """The backend, checked before any store is written: its model resolves (never downloaded),
     is fingerprinted, and fits the config (a causal LM's layers against top-k: this loads it).
     Its shape is provisional for a classifier (the classes are known once the data was read)."""
-    task = LanguageModelingTask() if config.training.task == LanguageModelingTask.kind else None
+    task = LanguageModelingTask(chat=spec.messages_column is not None) \
+        if config.training.task == LanguageModelingTask.kind else None
     shape = task.model_spec(None) if task is not None else ModelSpec(num_classes=2, input_dim=(
         len(spec.feature_columns) if spec.kind == "features" else None))
     backend = resolve_backend(config.training, shape)
@@ -180,6 +199,7 @@ class Sisa:
         # Built on first use: the audit, the receipts and the status need no model (nor torch).
         self._backend = backend or LazyBackend(self.config.training,
                                                ModelSpec(**store.get_meta("model_spec")))
+        self._progress = progress
         self._features = Features(store, self._backend, progress)
         self._manager = DeletionManager(store, self.task, self._backend, self._features, self.config,
                                         config_digest(self.config, self._backend), progress)
@@ -215,7 +235,7 @@ class Sisa:
     def feature_names_in_(self) -> list[str]:
         """The feature columns the model reads, in order (or its text column)."""
         spec = self.data_spec
-        return list(spec.feature_columns) if spec.kind == "features" else [str(spec.text_column)]
+        return list(spec.feature_columns) if spec.kind == "features" else [str(spec.input_column)]
 
     @property
     def encoder(self) -> Any:
@@ -270,6 +290,9 @@ class Sisa:
         def placed() -> Iterator[list[NewRecord]]:
             """The input, validated and placed a chunk at a time, as the store writes it."""
             for batch in ingest:
+                refused = conversation_problems(probe, batch)
+                if refused:
+                    raise RecordError("invalid records (nothing was written): " + "; ".join(refused))
                 yield placer.place(batch)
             placer.finish()
             placer.check_partition()  # no shard or slice that nothing could fill
@@ -281,7 +304,7 @@ class Sisa:
             classes, and the backend of that shape."""
             task: ClassificationTask | LanguageModelingTask
             if config.training.task == LanguageModelingTask.kind:
-                task = LanguageModelingTask()
+                task = LanguageModelingTask(chat=spec.messages_column is not None)
             else:
                 task = ClassificationTask.fit(sorted(placer.labels, key=lambda x: (x is None, x or "")))
             shape = task.model_spec(len(spec.feature_columns) if spec.kind == "features" else None)
@@ -374,6 +397,22 @@ class Sisa:
                 sisa.damage_ = exc
             sisa.recovered_ = receipts
         return sisa
+
+    @_mapped
+    def copy(self, directory: str | Path) -> Sisa:
+        """A copy of this store at `directory` (which must not exist), opened: whatever it then
+        does (a deletion, to measure it) never reaches this store, its ledger or its witness (a
+        store that keeps one gets a copy beside the new directory). It shares this one's loaded
+        models and progress hook; anything a crash left undone in the copy is finished as
+        `open` would."""
+        target = Path(directory)
+        witness = target.parent / f"{target.name}.witness"
+        copied = Sisa(self._store.copy_to(target, witness), self.config.execution, self._progress,
+                      self._backend)
+        receipts: list[DeletionReceipt] = []
+        copied.recover(receipts)
+        copied.recovered_ = receipts
+        return copied
 
     @staticmethod
     def read_status(store_dir: str | Path, store_config: StoreConfig | None = None) -> StatusReport:
@@ -502,6 +541,7 @@ class Sisa:
                         problems.append(f"ids already in the store (live or deleted): "
                                         f"{sorted(existing)[:10]}")
                     problems += self.task.check_new(batch.targets)
+                    problems += conversation_problems(self._backend, batch)
                     if problems:
                         raise RecordError("cannot add records (nothing was written): "
                                           + "; ".join(problems))
@@ -543,7 +583,9 @@ class Sisa:
 
     @_mapped
     def texts(self, ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
-        """(text, prompt or label) of the live text records among `ids`."""
+        """(text, prompt or label) of the live text records among `ids`. A conversation's text
+        (a store trained on a messages column) is its messages as canonical JSON, which
+        `lm_inputs` and `model_inputs` take as they are."""
         return self._store.record_texts(ids)
 
     @_mapped
@@ -802,8 +844,17 @@ class Sisa:
         return {s: model_tensors(read_checkpoint(self._store, live[s]).tensors())
                 for s in sorted(self.servable())}
 
+    @property
+    def tokenizer(self) -> Any:
+        """A causal-LM store's tokenizer (loads no model weights)."""
+        self.require_language_model()
+        backend: Any = self._backend
+        return backend.tokenizer
+
     def lm_inputs(self, texts: Sequence[str], prompts: Sequence[str | None] | None = None) -> Any:
-        """Texts (after their prompts) tokenised as the causal LM scores them."""
+        """Texts (after their prompts) tokenised as the causal LM scores them; for a store trained
+        on conversations, conversations (lists of {"role", "content"} messages, or their JSON as
+        `texts` gives it), formatted by the chat template, their assistant turns scored."""
         self.require_language_model()
         encoder: Any = self._backend.encoder
         return encoder.inputs(encoder.examples(list(texts), prompts), None)
@@ -841,7 +892,9 @@ class Sisa:
         `mean` mixture or normalised `product`, or their `merged` adapter; default: the store's
         `combine`): greedy at temperature 0, else sampled, seeded. Stops at the end-of-text token
         or any `stop` string. `ensemble`: the shard models to use (default: the servable ones,
-        reloaded as the store changes)."""
+        reloaded as the store changes). A store trained on conversations takes each prompt as a
+        user message, formatted by the chat template with the assistant's turn opened, and stops
+        at the end of that turn."""
         combine = self.combine_mode(combine)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
@@ -849,15 +902,25 @@ class Sisa:
             raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if any(not s for s in stop):
             raise ConfigError("a stop string must not be empty")
+        chat = self.data_spec.messages_column is not None
         prompted = self.data_spec.prompt_column is not None
-        if not prompted and any(not p for p in prompts):
+        if not prompted and not chat and any(not p for p in prompts):
             raise RecordError("a prompt is empty: give some text to continue")
         self.require_language_model()
         from sisa.serving.generation import generate_texts
 
         ensemble = ensemble if ensemble is not None else self.ensemble()
-        out = generate_texts(ensemble.scorer, prompts, prompted, max_new_tokens, combine, temperature,
-                             seed, stop)
+        asked = list(prompts)
+        if chat:  # formatted here as training formatted the conversations; then taken as they are
+            from sisa.training.causal_lm import chat_prompt, end_of_turn
+
+            scorer: Any = ensemble.scorer
+            tok, model = scorer.tokenizer, getattr(self.config.training, "model", "")
+            asked = [chat_prompt(tok, p, model) for p in prompts]
+            end = end_of_turn(tok, model)
+            stop = [*stop, end] if end and end != tok.eos_token and end not in stop else stop
+        out = generate_texts(ensemble.scorer, asked, prompted and not chat, max_new_tokens, combine,
+                             temperature, seed, stop)
         return [Generation(p, text, tokens, ensemble.version, ensemble.shards)
                 for p, (text, tokens) in zip(prompts, out, strict=True)]
 

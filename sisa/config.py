@@ -372,21 +372,38 @@ class DataSpec:
                                             "deleted (deletion-aware placement).")
     prompt_column: str | None = option(None, "causal_lm: column with a prompt; the model learns the "
                                              "text that follows it (the loss skips the prompt).")
+    messages_column: str | None = option(
+        None, "causal_lm: column with one conversation per record, a list of {role, content} "
+              "messages (roles system, user, assistant; in CSV, that list as JSON text), formatted "
+              "by the model's chat template; the loss covers the assistant turns only. Instead of "
+              "a text column.")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_columns", tuple(self.feature_columns))
         check = _Checks("data spec")
         check(bool(self.id_column), "id_column must be given")
-        check((self.text_column is None) != (not self.feature_columns),
-              "give exactly one of text_column or feature_columns, got "
-              f"text_column={self.text_column!r}, feature_columns={list(self.feature_columns)!r}")
-        check(self.prompt_column is None or self.text_column is not None,
-              "prompt_column needs a text_column (the text that follows the prompt)")
+        given = [v for v in (self.text_column, self.messages_column, self.feature_columns) if v]
+        check(len(given) == 1,
+              "give exactly one of text_column or feature_columns (or a causal LM's messages_column), "
+              f"got text_column={self.text_column!r}, feature_columns={list(self.feature_columns)!r}"
+              + (f", messages_column={self.messages_column!r}" if self.messages_column else ""))
+        if self.messages_column is not None:
+            check(self.prompt_column is None,
+                  "messages_column holds whole conversations (the user turns are the prompts): "
+                  f"give no prompt_column, got {self.prompt_column!r}")
+        else:
+            check(self.prompt_column is None or self.text_column is not None,
+                  "prompt_column needs a text_column (the text that follows the prompt)")
         check.raise_all()
 
     @property
     def kind(self) -> InputKind:
-        return "text" if self.text_column is not None else "features"
+        return "features" if self.feature_columns else "text"
+
+    @property
+    def input_column(self) -> str | None:
+        """The column holding a text model's input: the text, or the conversation."""
+        return self.messages_column or self.text_column
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

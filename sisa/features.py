@@ -15,7 +15,7 @@ import numpy as np
 
 from shard_store import ShardStore
 from sisa.errors import InputKindError
-from sisa.records import input_digest
+from sisa.records import conversation, input_digest
 
 if TYPE_CHECKING:
     from sisa.training.protocol import Backend, Encoder
@@ -58,7 +58,10 @@ class Features:
         if not encoder.caches:
             return encoder.inputs(examples, None)
         prompts = list(prompts) if prompts is not None else [None] * len(texts)
-        digests = [input_digest(t, prompt=p) for t, p in zip(texts, prompts, strict=True)]
+        chat = bool(getattr(encoder, "chat", False))
+        if chat:  # keyed by the canonical JSON the store holds (the examples checked them)
+            texts = [conversation(t)[0] or "" for t in texts]
+        digests = [input_digest(t, prompt=p, messages=chat) for t, p in zip(texts, prompts, strict=True)]
         index = {d: i for i, d in enumerate(digests)}
         vectors = self._cached(
             encoder.fingerprint, encoder.dim, digests,

@@ -180,15 +180,18 @@ def resolve_model(name: str) -> Path:
 
 
 @functools.lru_cache(maxsize=16)
-def model_fingerprint(name: str) -> str:
+def model_fingerprint(name: str, chat: bool = False) -> str:
     """Digest of the model's files (weights, config, tokenizer), so a changed model never reuses
-    checkpoints or embeddings made with the old one."""
+    checkpoints or embeddings made with the old one. `chat`: a store of conversations, whose
+    weights depend on the chat template too (a `chat_template.jinja` file, where the tokenizer
+    keeps it apart; left out otherwise, so that no other store's digest moves)."""
     if name in PACKAGED_GGUF:  # the directory derives from the file: its digest is the model's
         digest = _gguf_sha256(_gguf_file(name))
         return hashlib.blake2b(f"{digest}/{GGUF_RECIPE}".encode(), digest_size=16).hexdigest()
     root = resolve_model(name)
     h = hashlib.blake2b(digest_size=16)
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _FINGERPRINT_FILES):
+    suffixes = (*_FINGERPRINT_FILES, ".jinja") if chat else _FINGERPRINT_FILES
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
         h.update(str(path.relative_to(root)).encode() + b"\0")
         with open(path, "rb") as f:
             hashlib.file_digest(f, lambda: h)  # reads in chunks into the running digest

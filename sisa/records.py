@@ -103,16 +103,82 @@ def content_digest(inp: Input, target: str | None, group: str | None, prior: flo
     return _digest(features_prefix(target, group, prior) + (packed or pack_features(inp)))
 
 
-def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = None) -> str:
+def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = None,
+                 messages: bool = False) -> str:
     """The key of an input's cached features. A prompt changes what the model computes for the
-    text after it, so it enters the key (and a deletion purges the pair's cached activations)."""
-    if prompt is not None and isinstance(inp, str):
+    text after it, so it enters the key (and a deletion purges the pair's cached activations).
+    `messages`: the input is a conversation's canonical JSON (`conversation`), marked as such."""
+    if messages and isinstance(inp, str):
+        data = json.dumps(["messages", inp], separators=(",", ":"), ensure_ascii=False).encode()
+    elif prompt is not None and isinstance(inp, str):
         data = json.dumps(["prompt", prompt, inp], separators=(",", ":"), ensure_ascii=False).encode()
     elif isinstance(inp, str):  # the key of a cached embedding: keep it stable across versions
         data = json.dumps(inp, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     else:
         data = b"f8\0" + (packed or pack_features(inp))
     return _digest(data)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def conversation(value: Any) -> tuple[str | None, str]:
+    """A messages column's value (a list of {"role", "content"} mappings, or that list as JSON
+    text, as a CSV holds it) as its canonical JSON text, and "", or None and what is wrong with
+    it. Only `role` and `content` are read (and kept). A problem names no content: a message must
+    not carry a record's words."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, "no messages"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None, "not a JSON list of messages (invalid JSON)"
+    if isinstance(value, np.ndarray):  # a DataFrame cell Arrow made
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return None, f"not a list of messages ({_what(value)})"
+    if not value:
+        return None, "no messages"
+    out = []
+    for k, message in enumerate(value, 1):
+        if not isinstance(message, Mapping):
+            return None, f"message {k} is not an object with a role and a content"
+        role, content = message.get("role"), message.get("content")
+        if role is None:
+            return None, f"message {k} has no 'role'"
+        if not isinstance(role, str):
+            return None, f"message {k}'s role is not text (use system, user or assistant)"
+        if role not in ROLES:
+            shown = repr(role if len(role) <= 20 else role[:20] + "...")
+            return None, f"message {k} has an unknown role {shown} (use system, user or assistant)"
+        if content is None:
+            return None, f"message {k} has no 'content'"
+        if not isinstance(content, str):
+            return None, f"message {k}'s content is not text ({_what(content)})"
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        return None, "no assistant message (the loss covers the assistant turns: nothing to learn)"
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":")), ""
+
+
+def _what(value: Any) -> str:
+    """What a JSON value is, for a message that must not quote it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, numbers.Number):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, Mapping):
+        return "an object"
+    return "a list" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+
+
+def parse_conversation(text: str) -> list[dict[str, str]]:
+    """The messages of a stored conversation (`conversation`'s canonical JSON)."""
+    messages: list[dict[str, str]] = json.loads(text)
+    return messages
 
 
 def _name_rows(problem: str, rows: Mapping[str, list[int]], units: str, line: Mapping[int, int]) -> str:
@@ -267,7 +333,7 @@ class Validator:
         wanted = [spec.id_column] if self.has_ids else []
         wanted += [*spec.feature_columns]
         wanted += [c for c in (label_column, spec.text_column, spec.group_column, spec.prior_column,
-                               spec.prompt_column) if c is not None]
+                               spec.prompt_column, spec.messages_column) if c is not None]
         missing = [c for c in wanted if c not in present]
         if missing:
             raise ColumnError(f"input has no column(s) {missing}; it has {sorted(columns)}")
@@ -282,6 +348,7 @@ class Validator:
         self.odd_values: dict[str, _Few] = {}
         self.empty_ids, self.missing_labels, self.bad_inputs = _Few(), _Few(), _Few()
         self.empty_texts = _Few()
+        self.bad_messages = _Few()  # (row, record id or None, what is wrong)
         self.bad_features: dict[str, _Few] = {}  # feature column -> rows missing or not a number
         self.huge_features: dict[str, _Few] = {}  # feature column -> rows beyond float32
         self.bad_priors, self.bad_prompts = _Few(), _Few()
@@ -338,6 +405,8 @@ class Validator:
         labels = values.get(self.label_column) if self.label_column is not None else None
         prompts = values.get(spec.prompt_column) if spec.prompt_column is not None else None
         texts = values.get(spec.text_column) if spec.text_column is not None else None
+        messages = values.get(spec.messages_column) if spec.messages_column is not None else None
+        canonical: list[str | None] = [None] * n if messages is not None else []
         groups = values.get(spec.group_column) if spec.group_column is not None else None
         priors = values.get(spec.prior_column) if spec.prior_column is not None else None
         keep: list[int] = []
@@ -381,7 +450,13 @@ class Validator:
                 if numeric is None:
                     numeric = self._numeric[label] = _is_number(label)
                 self.label_kinds[numeric].add((row, record_id, label))
-            if texts is not None:
+            if messages is not None:
+                text, problem = conversation(messages[i])
+                if text is None:
+                    self.bad_messages.add((row, record_id if self.has_ids else None, problem))
+                    continue
+                canonical[i] = text  # the record's input: the conversation's canonical JSON
+            elif texts is not None:
                 text = texts[i]
                 if not isinstance(text, str):
                     self.bad_inputs.add(row)
@@ -415,7 +490,8 @@ class Validator:
             out_groups.append(group)
             targets.append(label)
             out_priors.append(prior)
-        batch = self._digested(keep, ids, out_groups, targets, out_priors, texts, features)
+        batch = self._digested(keep, ids, out_groups, targets, out_priors,
+                               canonical if messages is not None else texts, features)
         first = self.numbering.first
         batch.rows, batch.has_ids = [r + first for r in rows], self.has_ids
         return batch
@@ -433,7 +509,8 @@ class Validator:
             kept = [texts[i] for i in keep]
             digests = [content_digest(t, y, g, p) for t, y, g, p in zip(kept, targets, groups, priors,
                                                                        strict=True)]
-            input_digests = [input_digest(t, None, y if prompted else None)
+            chat = self.spec.messages_column is not None
+            input_digests = [input_digest(t, None, y if prompted else None, chat)
                              for t, y in zip(kept, targets, strict=True)]
             return Batch(ids, groups, targets, kept, priors, digests, input_digests, None)
         assert features is not None
@@ -454,7 +531,8 @@ class Validator:
     def _row_fews(self) -> list[_Few]:
         """Every problem found row by row (the labels' kinds aside: they are a problem together)."""
         return [*self.odd_values.values(), self.empty_ids, self.control_ids, self.control_groups,
-                self.missing_labels, self.bad_inputs, self.empty_texts, *self.bad_features.values(),
+                self.missing_labels, self.bad_inputs, self.empty_texts, self.bad_messages,
+                *self.bad_features.values(),
                 *self.huge_features.values(), self.bad_priors, self.bad_prompts]
 
     def finish(self) -> None:
@@ -495,6 +573,11 @@ class Validator:
         at_rows(f"missing labels in column {spec.label_column!r}", self.missing_labels)
         at_rows(f"missing or non-text values in text column {spec.text_column!r}", self.bad_inputs)
         at_rows(f"empty texts in column {spec.text_column!r}", self.empty_texts)
+        if self.bad_messages:
+            problems.append(
+                f"invalid conversations in messages column {spec.messages_column!r} (each must be a "
+                "list of {\"role\", \"content\"} messages, roles system, user or assistant, content "
+                f"text, at least one assistant message): {self.bad_messages.named(odd)}")
         for column, places in self.bad_features.items():
             at_rows(f"missing or non-numeric values in feature column {column!r}", places)
         for column, places in self.huge_features.items():
@@ -591,14 +674,14 @@ def empty_shards(placed: Iterable[int], shards: int) -> list[int]:
 def wanted(spec: DataSpec) -> Wanted:
     """The columns of the input that the spec reads, as the readers take them."""
     named = [spec.id_column, spec.label_column, spec.text_column, spec.group_column,
-             spec.prior_column, spec.prompt_column]
+             spec.prior_column, spec.prompt_column, spec.messages_column]
     return Wanted(tuple(dict.fromkeys(c for c in named if c is not None)), spec.feature_columns)
 
 
 def spec_columns(spec: DataSpec) -> list[str]:
     """Every column the data spec reads."""
     named = [spec.id_column, spec.label_column, spec.text_column, *spec.feature_columns,
-             spec.group_column, spec.prior_column, spec.prompt_column]
+             spec.group_column, spec.prior_column, spec.prompt_column, spec.messages_column]
     return list(dict.fromkeys(c for c in named if c is not None))
 
 

@@ -95,10 +95,11 @@ def checkpoint_problem(store: ShardStore, row: CheckpointRow) -> str | None:
 
 def model_columns(spec: Mapping[str, Any]) -> list[str]:
     """The columns a prediction's input needs, from a stored data spec: the features, or the text
-    (and a causal LM's prompt)."""
+    (and a causal LM's prompt), or a causal LM's conversations."""
     if spec.get("feature_columns"):
         return list(spec["feature_columns"])
-    return [c for c in (spec.get("prompt_column"), spec.get("text_column")) if c]
+    return [c for c in (spec.get("prompt_column"), spec.get("text_column"),
+                        spec.get("messages_column")) if c]
 
 
 def store_status(store: ShardStore, config: Mapping[str, object] | None = None,

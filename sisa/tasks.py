@@ -159,7 +159,8 @@ class ClassificationTask:
 @dataclass(frozen=True)
 class LanguageModelingTask:
     """A causal LM learns each record's text (after its prompt, if the record has one), or the
-    assistant turns of each record's conversation (`chat`). Nothing to vote on: the ensemble mixes the shards' next-token distributions (see `combine_logprobs`)."""
+    assistant turns of each record's conversation (`chat`). Nothing to vote on: the ensemble
+    mixes the shards' next-token distributions (see `combine_logprobs`)."""
 
     kind: ClassVar[str] = "causal_lm"
     chat: bool = False  # the records are conversations (a messages column): see `ModelSpec.chat`

@@ -185,7 +185,8 @@ class Service:
             raise RecordError("this store was trained without prompts: give texts only")
         if prompts is not None and len(prompts) != len(texts):
             raise RecordError(f"{len(prompts)} prompts for {len(texts)} texts: give one per text")
-        rows = [{spec.id_column: str(i), spec.text_column: t,
+        # A store of conversations reads each text as one, a JSON list of messages.
+        rows = [{spec.id_column: str(i), spec.input_column: t,
                  **({spec.prompt_column: prompts[i]} if prompts is not None and spec.prompt_column else {})}
                 for i, t in enumerate(texts)]
         report, version = self.model.run(lambda ensemble: self.reader.score(rows, combine, ensemble=ensemble))

@@ -37,14 +37,15 @@ def resolve_backend(config: TrainingConfig, spec: ModelSpec) -> Backend:
     return backend
 
 
-def backend_fingerprint(config: TrainingConfig) -> str:
+def backend_fingerprint(config: TrainingConfig, chat: bool = False) -> str:
     """What the backend of `config` gives as its `fingerprint()`, without building it (no torch
     import, no model loaded): its frozen encoder's digest (`head`), its base model's (`lora`,
-    `causal_lm`), or '' (`mlp`: the weights depend on nothing outside the store)."""
+    `causal_lm`; with its chat template's file for a store of conversations, `chat`), or ''
+    (`mlp`: the weights depend on nothing outside the store)."""
     if isinstance(config, HeadConfig):
         return encoder_fingerprint(config.model, config.max_length)
     if isinstance(config, TextModelConfig):
-        return model_fingerprint(config.model)
+        return model_fingerprint(config.model, chat)
     return ""
 
 
@@ -80,7 +81,7 @@ class LazyBackend:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = backend_fingerprint(self.config)
+            self._fingerprint = backend_fingerprint(self.config, self._spec.chat)
         return self._fingerprint
 
     def prepare(self, inputs: Sequence[Input] | np.ndarray) -> Any:

@@ -1,5 +1,6 @@
 """The `causal_lm` backend: one frozen causal language model, one peft LoRA adapter per shard,
-trained with the next-token loss on each record's text (after its prompt, where it has one).
+trained with the next-token loss on each record's text (after its prompt, where it has one), or
+on the assistant turns of each record's conversation, formatted by the model's chat template.
 
 With `top_k_layers=k` only the top k transformer layers carry an adapter. The layers below are
 frozen, so what they compute for a text never changes: `LMEncoder` runs them once per text (one
@@ -26,9 +27,9 @@ import torch
 
 from sisa.adapters import adapter_tensors, load_adapter, lora_config, with_adapter
 from sisa.config import CausalLMConfig
-from sisa.errors import ConfigError, InputKindError
+from sisa.errors import ConfigError, InputKindError, RecordError
 from sisa.models import PACKAGED_GGUF, fix_tokenizer, model_fingerprint, quiet_transformers, resolve_model
-from sisa.records import Input
+from sisa.records import Input, conversation, parse_conversation
 from sisa.tasks import PROMPT_SEPARATOR, ModelSpec, format_prompt
 from sisa.training.encoder import torch_threads
 from sisa.training.protocol import State
@@ -62,6 +63,9 @@ def load_base(name: str) -> Any:
 class Example:
     tokens: np.ndarray  # int64 token ids: prompt, separator, text, eos (truncated to max_length)
     start: int  # first position whose token is learned (prompt tokens are context only)
+    # Per token, whether it is learned, where that is not "every token from `start`" (a
+    # conversation: its assistant turns only); None for a text.
+    learned: np.ndarray | None = None
 
 
 def make_example(tokenizer: Any, text: str, prompt: str | None, max_length: int) -> Example:
@@ -75,6 +79,85 @@ def make_example(tokenizer: Any, text: str, prompt: str | None, max_length: int)
     body = body[:max_length - 1]
     head = head[-(max_length - len(body)):]
     return Example(np.asarray(head + body, dtype=np.int64), len(head))
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], model: str,
+                generation_prompt: bool = False) -> str:
+    """A conversation as the model's chat template writes it (`generation_prompt`: followed by
+    the opening of the assistant's turn, as generation asks for one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"model {model!r} has no chat template (its tokenizer sets none), so it "
+                          "cannot format conversations: train on a text column instead "
+                          "(--text-column, with --prompt-column for what each text answers), or "
+                          "use a model with a chat template")
+    try:
+        text: str = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja's TemplateError: a template that refuses the conversation
+        raise RecordError(f"the chat template of model {model!r} refuses a conversation: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    return text
+
+
+_MARK = "SISA-CHAT-MARK"  # stands for a message's content, to find where the template writes it
+
+
+def format_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]],
+                model: str) -> tuple[str, list[tuple[int, int]]]:
+    """A conversation as the chat template writes it, and the character spans of its assistant
+    turns: each message's content and the end-of-turn marker after it (TRL's assistant-only
+    loss), not the header that opens the turn, which a prompt supplies at generation. Found by
+    rendering prefixes: messages[:i] and the assistant's message with a mark for its content
+    (where the content starts), then messages[:i + 1] (where the turn ends)."""
+    text = render_chat(tokenizer, messages, model)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        marked = render_chat(tokenizer, [*messages[:i], {"role": "assistant", "content": _MARK}], model)
+        turn = render_chat(tokenizer, messages[:i + 1], model)
+        head = marked.split(_MARK, 1)[0]
+        if _MARK not in marked or not (turn.startswith(head) and text.startswith(turn)):
+            raise RecordError(f"the chat template of model {model!r} does not write the "
+                              "conversation's first turns as a prefix of it (it rewrites earlier "
+                              "turns), so the assistant's tokens cannot be told apart")
+        # The whitespace after the end-of-turn marker (ChatML's newline) opens the next turn.
+        spans.append((len(head), max(len(head), len(turn.rstrip()))))
+    return text, spans
+
+
+def make_chat_example(tokenizer: Any, messages: Sequence[Mapping[str, str]], max_length: int,
+                      model: str) -> Example:
+    """Token ids of one conversation, the whole rendered text tokenised at once (as
+    `apply_chat_template(tokenize=True)` does); a token is learned when it starts inside an
+    assistant turn. A conversation longer than `max_length` keeps its first tokens (TRL's
+    default), the mask cut alike: a turn past the cut is not learned."""
+    text, spans = format_chat(tokenizer, messages, model)
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ConfigError(f"the tokenizer of model {model!r} gives no character offsets (it is "
+                          "not a fast tokenizer), which conversations need") from None
+    ids = encoded["input_ids"][:max_length]
+    learned = np.asarray([any(a <= start < b for a, b in spans)
+                          for start, _ in encoded["offset_mapping"][:max_length]], dtype=bool)
+    first = np.flatnonzero(learned)
+    return Example(np.asarray(ids, dtype=np.int64), int(first[0]) if len(first) else len(ids),
+                   learned)
+
+
+def chat_prompt(tokenizer: Any, prompt: str, model: str) -> str:
+    """A prompt as a store trained on conversations is asked it: a user message, then the
+    opening of the assistant's turn."""
+    return render_chat(tokenizer, [{"role": "user", "content": prompt}], model, generation_prompt=True)
+
+
+def end_of_turn(tokenizer: Any, model: str) -> str:
+    """What the chat template writes after an assistant message (ChatML's '<|im_end|>'), '' if
+    nothing: generation stops there."""
+    text = render_chat(tokenizer, [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": _MARK}], model)
+    return text.split(_MARK, 1)[1].strip() if _MARK in text else ""
 
 
 @dataclass(frozen=True)
@@ -111,7 +194,10 @@ def make_batch(inputs: LMInputs, positions: Sequence[int], pad_id: int) -> Batch
         n = len(e.tokens)
         ids[row, :n] = torch.from_numpy(e.tokens)
         mask[row, :n] = 1
-        learned[row, max(e.start, 1) - 1:n - 1] = True
+        if e.learned is not None:  # position t predicts token t + 1: learned where it is
+            learned[row, :n - 1] = torch.from_numpy(e.learned[1:n])
+        else:
+            learned[row, max(e.start, 1) - 1:n - 1] = True
     lower = None
     if inputs.lower is not None:
         hidden = inputs.lower[positions[0]].shape[-1]
@@ -156,12 +242,15 @@ def _shift_layers(tensors: Mapping[str, torch.Tensor], offset: int) -> dict[str,
 
 
 class LMEncoder:
-    """Tokenises records and, with top-k adaptation, runs the frozen lower layers once per text."""
+    """Tokenises records and, with top-k adaptation, runs the frozen lower layers once per text.
+    `chat`: the records are conversations (canonical JSON, see `sisa.records.conversation`),
+    formatted by the chat template with the loss on the assistant turns."""
 
     per_token = True
 
-    def __init__(self, config: CausalLMConfig) -> None:
+    def __init__(self, config: CausalLMConfig, chat: bool = False) -> None:
         self.config = config
+        self.chat = chat
         self.tokenizer = load_tokenizer(config.model)
         self.caches = config.top_k_layers > 0
         self._model: Any = None
@@ -191,11 +280,47 @@ class LMEncoder:
 
         c = self.config
         settings = f"lower-layers/split={c.top_k_layers}/max_length={c.max_length}/sep={PROMPT_SEPARATOR!r}"
-        return hashlib.blake2b(f"{model_fingerprint(c.model)}/{settings}".encode(),
+        if self.chat:  # the chat template's files enter the model's digest
+            settings += "/chat"
+        return hashlib.blake2b(f"{model_fingerprint(c.model, self.chat)}/{settings}".encode(),
                                digest_size=16).hexdigest()
 
+    def conversations(self, texts: Sequence[Any]) -> list[list[dict[str, str]]]:
+        """Conversations given as canonical JSON (what the store holds) or as lists of messages,
+        each checked (`sisa.records.conversation`)."""
+        out = []
+        for i, t in enumerate(texts):
+            canonical, problem = conversation(t)
+            if canonical is None:
+                raise RecordError(f"conversation {i}: {problem}")
+            out.append(parse_conversation(canonical))
+        return out
+
+    def check_conversations(self, texts: Sequence[str]) -> list[tuple[int, str]]:
+        """(position, problem) of each conversation the chat template cannot format (one that
+        refuses, say, two user turns in a row); checked as records are read, before any is
+        written. Only the template runs, no tokenizer."""
+        problems = []
+        for i, messages in enumerate(self.conversations(texts)):
+            try:
+                format_chat(self.tokenizer, messages, self.config.model)
+            except RecordError as exc:
+                cause = exc.__cause__
+                problems.append((i, f"{type(cause).__name__}: {cause}" if cause is not None else
+                                 "its first turns do not render as a prefix of it"))
+        return problems
+
     def examples(self, texts: Sequence[Any], prompts: Sequence[str | None] | None = None) -> list[Example]:
+        if self.chat:
+            if prompts is not None and any(p is not None for p in prompts):
+                raise InputKindError("this store learns conversations: their user turns are the "
+                                     "prompts, so give no separate prompts")
+            return [make_chat_example(self.tokenizer, m, self.config.max_length, self.config.model)
+                    for m in self.conversations(texts)]
         for t in texts:
+            if isinstance(t, (list, tuple)):
+                raise InputKindError("this store learns texts, not conversations: give texts (a "
+                                     "store trained with a messages column takes conversations)")
             if not isinstance(t, str):
                 raise InputKindError("the causal_lm backend needs texts, not numeric features")
         prompts = prompts if prompts is not None else [None] * len(texts)
@@ -296,6 +421,10 @@ class CausalLMModel:
         """The adapter's tensors, named as on the full model."""
         return _shift_layers(adapter_tensors(self.model), self.offset)
 
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace the adapter's weights with `tensors`, named as on the full model (`adapter`)."""
+        load_adapter(self.model, _shift_layers(tensors, -self.offset))
+
     def state(self) -> State:
         return export_state(self.adapter(), self.optimizer)
 
@@ -333,11 +462,20 @@ class CausalLMBackend:
     def __init__(self, config: CausalLMConfig, spec: ModelSpec) -> None:
         self.config = config
         self.spec = spec
-        self.encoder = LMEncoder(config)
+        self.encoder = LMEncoder(config, chat=spec.chat)
 
     def validate(self) -> None:
         """Fail before a store is written: a model that is not a Llama-style decoder, or a top-k
-        this model cannot take."""
+        this model cannot take; for conversations, a model whose chat template is missing or
+        does not let the assistant's tokens be told apart."""
+        if self.spec.chat:
+            probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                     {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"}]
+            try:
+                format_chat(self.tokenizer, probe, self.config.model)
+            except RecordError as exc:
+                raise ConfigError(f"{exc} (a plain user/assistant exchange); train on a text column "
+                                  "instead (--text-column, with --prompt-column)") from exc
         model = self.encoder.model  # loads it (the first featurisation needs it anyway)
         if self.config.top_k_layers:
             kind = getattr(model.config, "model_type", "?")
@@ -352,7 +490,7 @@ class CausalLMBackend:
         return self.encoder.tokenizer
 
     def fingerprint(self) -> str:
-        return model_fingerprint(self.config.model)
+        return model_fingerprint(self.config.model, self.spec.chat)
 
     def prepare(self, inputs: LMInputs | Sequence[Input] | np.ndarray) -> LMInputs:
         if isinstance(inputs, LMInputs):
