@@ -1,16 +1,35 @@
-"""Unlearning in a causal LM, end to end: SISA's exact deletion against gradient ascent, gradient
-difference and NPO on a monolithic LoRA model trained on the same data.
+"""Unlearning in a causal LM, measured as a reviewer would: SISA's exact deletion and five tuned
+approximate baselines (gradient ascent, gradient difference, NPO, SimNPO, RMU) on a monolith,
+every forgetting figure against its retrained oracle, with bootstrap confidence intervals, an
+equivalence test with its power, and a utility gate.
 
-    python -m benchmarks.llm_unlearning --out results/llm        # SmolLM2-135M on chitchat (CPU: ~25 min)
+    python -m benchmarks.llm_unlearning --out results/llm           # SmolLM2-135M on chitchat (CPU: ~1 h)
     python -m benchmarks.llm_unlearning --tiny --model DIR --out D  # seconds: every code path
 
-Writes results.json, summary.md and exposure.png to --out. The figures:
-1. canary exposure before/after (own shard and ensemble) for SISA and each baseline, membership
-   AUCs, retain and held-out perplexity, seconds per deletion;
-2. ensemble decoding at S shards: per-token latency against a single adapter's;
-3. the ensemble's held-out perplexity against the monolith's;
-4. the deletion's retrain cost against retraining every shard and the monolith (samples; theory);
-5. what top-k adaptation with cached lower-layer activations saves per retrain.
+- Data: chitchat turns of training users plus one canary per forgotten user (a secret of random
+  digits, inserted `repeats` times); held-out texts are turns of users never trained on
+  (`builtin:chitchat:test`); never-inserted canaries (free: every candidate secret is scored once
+  per model) give the null distribution of exposure.
+- SISA: train, forget every canary user in one request, and check the store after against the
+  retrained oracle (a scratch store on the records left) by sha256; its verdict (`prove`).
+- Baselines: a monolith (one shard, one slice) trained with enough epochs to memorise the canaries
+  about as much as the shards do (both stated); each method swept over learning rate and epochs
+  (OpenUnlearning's default point among them, with its warm-up, weight decay and batch 32), on
+  the forgotten users' distinct texts with retain texts drawn from a set kept apart from the
+  retain texts measured; the point selected is the one whose forgotten canaries' exposure is
+  closest to the oracle's among those within the utility gate (held-out perplexity at most 1.05x
+  the monolith's). The oracle: the monolith retrained without the forgotten users.
+- Figures per model: forgotten canaries' exposure (raw; gained over the base model), its paired
+  difference from the oracle's exposure of the same secrets, and the TOST against never-inserted
+  canaries with its power; membership AUCs of forgotten natural turns and of canary texts (each
+  against held-out texts) for LOSS, zlib, Min-K%, Min-K%++, the reference attack (log-likelihood
+  over the base model's) and, for single models, the gradient norm; each AUC minus the oracle's
+  (privleak-style), with 95% bootstrap intervals; held-out, retain and forget perplexity; compute.
+- Also: per-token decoding latency of the mixture, product and merged adapter against one adapter;
+  the export's load check (`sisa export --format hf`, loaded by transformers in a process that
+  cannot import sisa).
+
+Writes results.json, summary.md and exposure.png to --out.
 """
 
 from __future__ import annotations
@@ -18,22 +37,40 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import execution, machine, save_figure, write_json
-from sisa import PartitionConfig, Sisa, SisaConfig
+from sisa import PartitionConfig, Sisa, SisaConfig, evidence
 from sisa.api import resolve_source
 from sisa.builtin import stable_subset
-from sisa.config import CausalLMConfig
-from sisa.evidence import ks_pvalue
+from sisa.config import CausalLMConfig, Combine
 from sisa.serving.generation import decode
 from sisa.unlearning import expected_speedup
-from sisa.workflows.approximate import METHODS, scorer_for, unlearn
-from sisa.workflows.proof import Evidence, make_canaries, measure, prove, stored_inputs, text_inputs
+from sisa.workflows.approximate import METHODS, monolith_model, scorer_for, select, sweep
+from sisa.workflows.attacks import gradient_norm_scores
+from sisa.workflows.export import export_hf
+from sisa.workflows.proof import (
+    POWER_NEEDED,
+    UTILITY_GATE,
+    Evidence,
+    equivalence,
+    make_canaries,
+    measure,
+    prove,
+    stored_inputs,
+    text_inputs,
+)
+
+SCORES = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,183 +83,320 @@ class Setting:
     digits: int
     shards: int
     slices: int
-    epochs: int
+    epochs: int  # per slice, for the shards
+    mono_epochs: int  # for the monolith, to memorise about as much as the shards
     top_k: int
     learning_rate: float
     max_length: int
     holdout: int
-    retain: int
+    retain: int  # retain texts measured
+    retain_train: int  # retain texts the methods with a retain term draw from (disjoint)
     references: int
-    baseline_steps: tuple[int, ...]
-    baseline_rates: tuple[float, ...]
+    grid: tuple[tuple[int, float], ...]  # (epochs, learning rate) points of every method
+    margin: float  # TOST margin, bits
     decode_tokens: int
-    topk_records: int  # records of the top-k comparison
 
 
-# Never-inserted canaries cost nothing extra (every candidate secret is scored once per model), so
-# 64 of them give the forgotten canaries a steady reference.
-FULL = Setting("SmolLM2-135M-Instruct", 240, 8, 64, 8, 4, 4, 2, 3, 2, 5e-3, 64, 48, 48, 1000,
-               (10,), (1e-4, 1e-3, 1e-2), 24, 32)
-TINY = Setting("", 24, 2, 2, 2, 2, 2, 2, 1, 1, 1e-2, 32, 6, 6, 50, (2,), (1e-3, 1e-2), 4, 6)
+# Never-inserted canaries cost nothing extra (every candidate secret is scored once per model).
+FULL = Setting("SmolLM2-135M-Instruct", 240, 24, 512, 8, 4, 4, 2, 3, 5, 2, 5e-3, 64, 64, 48, 48,
+               1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4), (10, 5e-4)), 0.5, 16)
+TINY = Setting("", 24, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
+               0.5, 4)
 
 
-def _config(s: Setting, shards: int, slices: int, top_k: int | None = None) -> SisaConfig:
+def _config(s: Setting, shards: int, slices: int, epochs: int) -> SisaConfig:
     return SisaConfig(
         partition=PartitionConfig(shards=shards, slices=slices, seed=0),
-        training=CausalLMConfig(model=s.model, epochs_per_slice=s.epochs, learning_rate=s.learning_rate,
-                                top_k_layers=s.top_k if top_k is None else top_k,
-                                max_length=s.max_length),
+        training=CausalLMConfig(model=s.model, epochs_per_slice=epochs, learning_rate=s.learning_rate,
+                                top_k_layers=s.top_k, max_length=s.max_length),
         execution=execution())
 
 
-def _canary_summary(ev: Evidence, groups: set[str]) -> dict[str, Any]:
-    gone = [c.exposure_shard for c in ev.canaries if c.inserted and c.group in groups
-            and c.exposure_shard is not None]
-    never = [c.exposure_shard for c in ev.canaries if not c.inserted and c.exposure_shard is not None]
-    return {
-        "forgotten_mean_exposure": statistics.fmean(gone) if gone else None,
-        "never_mean_exposure": statistics.fmean(never) if never else None,
-        "ks_pvalue": ks_pvalue(gone, never),
-        "forgotten_greedy_reproduced": sum(bool(c.greedy_shard) for c in ev.canaries
-                                           if c.inserted and c.group in groups),
-        "membership_auc": ev.membership_auc.get("ensemble", {}),
-        "perplexity": ev.perplexity,
+def _mean_ci(values: Sequence[float]) -> dict[str, Any]:
+    values = [float(v) for v in values]
+    lo, hi = evidence.bootstrap_ci(values)
+    return {"mean": statistics.fmean(values) if values else None, "ci": [lo, hi], "n": len(values)}
+
+
+def _canaries(ev: Evidence, groups: set[str], oracle: Evidence | None) -> dict[str, Any]:
+    """The forgotten canaries' exposure on their own shard (raw, and gained over the base), its
+    paired difference from the oracle's exposure of the same secrets, the never-inserted ones',
+    and the TOST of the two on exposure gained over the base."""
+    gone = [c for c in ev.canaries if c.inserted and c.group in groups and c.exposure_shard is not None]
+    never = [c for c in ev.canaries if not c.inserted and c.exposure_shard is not None]
+    out: dict[str, Any] = {
+        "forgotten": _mean_ci([c.exposure_shard for c in gone]),  # type: ignore[misc]
+        "forgotten_gained": _mean_ci([c.calibrated_shard for c in gone]),  # type: ignore[misc]
+        "never": _mean_ci([c.exposure_shard for c in never]),  # type: ignore[misc]
+        "never_gained": _mean_ci([c.calibrated_shard for c in never]),  # type: ignore[misc]
+        "greedy_reproduced": sum(bool(c.greedy_shard) for c in gone),
+        "tost": equivalence([float(c.calibrated_shard) for c in gone],  # type: ignore[arg-type]
+                            [float(c.calibrated_shard) for c in never], MARGIN[0]),  # type: ignore[arg-type]
     }
+    if oracle is not None:
+        theirs = {c.id: c.exposure_shard for c in oracle.canaries}
+        out["minus_oracle"] = _mean_ci([float(c.exposure_shard) - float(theirs[c.id])  # type: ignore[arg-type]
+                                        for c in gone if theirs.get(c.id) is not None])
+    return out
 
 
-def _decode_latency(sisa: Sisa, tokens: int) -> dict[str, float]:
-    """Seconds per generated token: the S-shard ensemble (one mixed-adapter pass per token)
-    against one adapter alone, same prompt, greedy."""
+MARGIN = [0.5]  # set from the setting in `run` (the TOST margin the summary states)
+
+
+def _mia(ev: Evidence, kinds: list[str], oracle: Evidence | None,
+         grad: dict[str, list[float]] | None = None,
+         oracle_grad: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """Per kind of forgotten text (natural turns, canary texts), per score: the AUC against the
+    held-out texts with its interval, and minus the oracle's AUC (interval; privleak)."""
+    out: dict[str, Any] = {}
+    scores = {k: dict(v) for k, v in ev.member_scores.items()}
+    theirs = {k: dict(v) for k, v in oracle.member_scores.items()} if oracle is not None else None
+    if grad is not None:
+        scores["forget"]["gradient_norm"] = grad["forget"]
+        scores["holdout"]["gradient_norm"] = grad["holdout"]
+        if theirs is not None and oracle_grad is not None:
+            theirs["forget"]["gradient_norm"] = oracle_grad["forget"]
+            theirs["holdout"]["gradient_norm"] = oracle_grad["holdout"]
+    for kind in ("natural", "canary"):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if not idx:
+            continue
+        out[kind] = {}
+        for name, values in scores.get("forget", {}).items():
+            f = [values[i] for i in idx]
+            h = scores["holdout"][name]
+            row: dict[str, Any] = {"auc": evidence.auc(f, h), "ci": list(evidence.auc_ci(f, h))}
+            if theirs is not None and name in theirs.get("forget", {}):
+                of = [theirs["forget"][name][i] for i in idx]
+                oh = theirs["holdout"][name]
+                row["oracle_auc"] = evidence.auc(of, oh)
+                row["minus_oracle_ci"] = list(evidence.auc_difference_ci(f, h, of, oh))
+                row["privleak"] = evidence.privleak(row["auc"], row["oracle_auc"])
+            out[kind][name] = row
+    return out
+
+
+def _kinds(texts: list[str], canaries: Any) -> list[str]:
+    canary_texts = {canaries.text(c) for c in canaries.canaries if c.inserted}
+    return ["canary" if t in canary_texts else "natural" for t in texts]
+
+
+def _grad(store: Sisa, model: Any, forget: Any, holdout: Any) -> dict[str, list[float]]:
+    """The gradient-norm attack's scores (higher: more member-like) of the forget and held-out
+    texts under a single model of `store` (inputs as it trains on them: the frozen layers'
+    activations computed, or read from its cache)."""
+    return {name: list(map(float, gradient_norm_scores(model, store.model_inputs(part[1], None))))
+            for name, part in (("forget", forget), ("holdout", holdout))}
+
+
+def _decode_latency(sisa: Sisa, tokens: int) -> dict[str, Any]:
+    """Seconds per generated token: the S-shard ensemble under each combination (mean and
+    product run one row per shard; merged, one row) against one adapter alone, greedy."""
     scorer = sisa.language_model()
     shard = next(iter(sisa.servable()))
     model: Any = sisa.shard_model(shard)
-    single = sisa.language_model({shard: model.adapter()})  # that shard's adapter alone
+    single = sisa.language_model({shard: model.adapter()})
     prompt = scorer.tokenizer("how was your day?", add_special_tokens=False)["input_ids"]
-    out = {}
-    for name, s in (("ensemble", scorer), ("single", single)):
-        decode(s, prompt, 2)  # warm
+    out: dict[str, Any] = {"shards": len(scorer.names)}
+    runs: list[tuple[str, Any, Combine]] = [("single", single, "mean"), ("mean", scorer, "mean"),
+                                            ("product", scorer, "product"), ("merged", scorer, "merged")]
+    for name, s, combine in runs:
+        decode(s, prompt, 2, combine)  # warm (and the merged adapter built once)
         started = time.perf_counter()
-        made = decode(s, prompt, tokens, stop=())
+        made = decode(s, prompt, tokens, combine, stop=())
         out[name] = (time.perf_counter() - started) / max(1, len(made))
-    out["ratio"] = out["ensemble"] / out["single"]
-    out["shards"] = len(scorer.names)
+    for name in ("mean", "product", "merged"):
+        out[f"{name}_vs_single"] = out[name] / out["single"]
     return out
 
 
-def _topk_saving(s: Setting, rows: list[dict[str, Any]], spec: Any, work: Path) -> dict[str, Any]:
-    """Seconds per training sample of one shard: LoRA on every layer against the top k on cached
-    activations (the cache filled beforehand, as a retrain finds it)."""
-    out: dict[str, Any] = {}
-    data = rows[:s.topk_records]
-    for name, top_k in (("all_layers", 0), (f"top_{s.top_k}", s.top_k)):
-        cfg = _config(s, 1, 1, top_k)
-        sisa = Sisa.train(work / f"topk-{name}", data, cfg, spec)
-        first = sisa.training_report_
-        retrain = sisa.repair(from_scratch=True)  # a retrain finds the activations cached
-        out[name] = {"train_seconds": first.seconds, "retrain_seconds": retrain.seconds,
-                     "samples": retrain.samples,
-                     "seconds_per_sample": retrain.seconds / max(1, retrain.samples)}
-        sisa.close()
-    out["speedup"] = out["all_layers"]["seconds_per_sample"] / out[f"top_{s.top_k}"]["seconds_per_sample"]
-    return out
+def _export_check(sisa: Sisa, work: Path, texts: list[str], max_length: int) -> dict[str, Any]:
+    """Export the store and load it with transformers alone, in a process where importing sisa
+    fails; its held-out perplexity beside the merged adapter's, as sisa serves it."""
+    target = work / "export"
+    report = export_hf(sisa, target)
+    probe = (
+        "import sys, json, math, torch\n"
+        "sys.modules['sisa'] = None  # no sisa: importing it fails\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "d, texts, most = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])\n"
+        "tok = AutoTokenizer.from_pretrained(d); model = AutoModelForCausalLM.from_pretrained(d).eval()\n"
+        "nll = n = 0\n"
+        "for t in texts:\n"
+        "    ids = tok(t, return_tensors='pt', add_special_tokens=False)['input_ids']\n"
+        "    if tok.eos_token_id is not None:\n"
+        "        ids = torch.cat([ids, torch.tensor([[tok.eos_token_id]])], 1)\n"
+        "    ids = ids[:, :most]  # as sisa truncates\n"
+        "    with torch.no_grad():\n"
+        "        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)\n"
+        "    nll -= float(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum()); n += ids.shape[1] - 1\n"
+        "print(json.dumps({'perplexity': math.exp(nll / n), 'tokens': n,\n"
+        "                  'provenance': json.load(open(d + '/sisa_provenance.json'))['receipts_head']}))\n")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", probe, str(target), json.dumps(texts), str(max_length)],
+                          capture_output=True, text=True, timeout=900)
+    loaded: dict[str, Any] | None = (json.loads(proc.stdout.strip().splitlines()[-1])
+                                     if proc.returncode == 0 else None)
+    merged = sisa.language_model().scores(sisa.lm_inputs(texts, None), "merged")
+    view = sisa.language_model().views.index("ensemble")
+    total = sum(float(x.logp[view].sum()) for x in merged)
+    tokens = sum(x.logp.shape[1] for x in merged)
+    return {"loaded": loaded is not None, "error": None if loaded else proc.stderr[-2000:],
+            "load_seconds": time.perf_counter() - started,
+            "export_perplexity": loaded["perplexity"] if loaded is not None else None,
+            "merged_perplexity": math.exp(-total / tokens) if tokens else None,
+            "receipts_head": report.receipts_head,
+            "provenance_matches": loaded is not None and loaded["provenance"] == report.receipts_head}
 
 
 def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    MARGIN[0] = s.margin
     rows, spec = resolve_source("builtin:chitchat", None)
     rows = stable_subset(rows, spec.id_column, s.records)
     canaries = make_canaries([r["sender"] for r in rows], s.canaries, s.never, s.digits, s.repeats)
     train = rows + canaries.rows(spec)
     groups = sorted({c.group for c in canaries.canaries if c.inserted})
+    gone = set(groups)
     holdout = "builtin:chitchat:test"
 
-    # SISA: train, prove (measure, forget every canary user in one request, measure).
+    # -- SISA: train, forget the canary users in one request, check against the oracle. -----
     t = time.perf_counter()
-    sisa = Sisa.train(work / "sisa", train, _config(s, s.shards, s.slices), spec)
+    sisa = Sisa.train(work / "sisa", train, _config(s, s.shards, s.slices, s.epochs), spec)
     sisa_train = time.perf_counter() - t
-    sisa_samples = sisa.training_report_.samples
     latency = _decode_latency(sisa, s.decode_tokens)
-    proof = prove(sisa, canaries, holdout, groups, s.holdout, s.retain, references=s.references)
+    # The forgotten texts as `prove` scores them (their kinds), read before they are deleted.
+    sisa_kinds = _kinds(stored_inputs(sisa, [i for g in groups for i in sisa.group_ids(g)])[1], canaries)
+    proof = prove(sisa, canaries, holdout, groups, s.holdout, s.retain, references=s.references,
+                  in_place=True, oracle=True, margin=s.margin)
     receipt = sisa.deletions()[-1].receipt or {}
-    # One more deletion, of a single chat turn: the cost the theory 3RS/(2R+1) speaks of.
-    one = sisa.forget([sorted(r.id for r in sisa.live_records())[0]])
+    print(f"SISA: verdict {proof.verdict} ({proof.verdict_reason})", flush=True)
 
-    # The monolith and the approximate baselines on it.
+    # The texts every model is measured on: the forgotten users' distinct texts, held-out turns,
+    # and retain texts (apart from those the baselines train their retain term on).
+    held_rows, held_spec = resolve_source(holdout, sisa.data_spec)
+    held_rows = stable_subset(held_rows, held_spec.id_column, s.holdout)
+    held = text_inputs(sisa, [r["text"] for r in held_rows], None)  # chitchat has no prompts
+
+    # -- The monolith, its oracle, and the baselines on it. -----------------------------------
     t = time.perf_counter()
-    mono = Sisa.train(work / "mono", train, _config(s, 1, 1), spec)
+    mono = Sisa.train(work / "mono", train, _config(s, 1, 1, s.mono_epochs), spec,
+                      embeddings_from=sisa.root)
     mono_train = time.perf_counter() - t
-    mono_samples = mono.training_report_.samples
     forget_ids = [i for g in groups for i in mono.group_ids(g)]
+    forget = stored_inputs(mono, forget_ids)  # distinct texts
+    kinds = _kinds(forget[1], canaries)
+    inserted = [c for c in canaries.canaries if c.inserted]
+    copies = {i for c in inserted for i in canaries.record_ids(c)}
+    firsts = {canaries.record_ids(c)[0] for c in inserted}
+    # The distinct texts: one record of each canary's copies.
+    distinct_forget = [i for i in forget_ids if i not in copies or i in firsts]
     forget_set = set(forget_ids)
     live = [r.id for r in mono.live_records() if r.id not in forget_set]
-    retain_ids = [r["id"] for r in stable_subset([{"id": i} for i in live], "id", s.retain)]
-    held_rows, held_spec = resolve_source(holdout, mono.data_spec)
-    held_rows = stable_subset(held_rows, held_spec.id_column, s.holdout)
-    held = text_inputs(mono, [r["text"] for r in held_rows], None)  # chitchat has no prompts
-    forget_texts, retain_texts = stored_inputs(mono, forget_ids), stored_inputs(mono, retain_ids)
+    pool = [r["id"] for r in stable_subset([{"id": i} for i in live], "id", s.retain + s.retain_train)]
+    retain_ids, retain_train_ids = pool[:s.retain], pool[s.retain:]
+    retain = stored_inputs(mono, retain_ids)
     shard_of = {c.id: 0 for c in canaries.canaries}
 
-    def evidence(scorer: Any) -> Evidence:
-        return measure(scorer, canaries, shard_of, forget_texts, held, retain_texts, [0],
-                       references=s.references)
+    def evidence_of(scorer: Any) -> Evidence:
+        return measure(scorer, canaries, shard_of, forget, held, retain, [0], references=s.references)
 
-    baselines = [{"method": "none (monolith as trained)", "steps": 0, "learning_rate": 0.0,
-                  "seconds": 0.0, **_canary_summary(evidence(mono.language_model()), set(groups))}]
+    t = time.perf_counter()
+    kept = [r for r in train if str(r.get(str(spec.group_column))) not in gone]
+    oracle = Sisa.train(work / "oracle", kept, _config(s, 1, 1, s.mono_epochs), spec,
+                        embeddings_from=sisa.root)
+    oracle_seconds = time.perf_counter() - t
+    oracle_ev = evidence_of(oracle.language_model())
+    oracle_grad = _grad(oracle, monolith_model(oracle), forget, held)
+    mono_ev = evidence_of(mono.language_model())
+    mono_model = monolith_model(mono)
+    mono_grad = _grad(mono, mono_model, forget, held)
+    utility = mono_ev.perplexity["holdout"]
+
+    def summarise(name: str, ev: Evidence, grad: dict[str, list[float]] | None,
+                  **extra: Any) -> dict[str, Any]:
+        """A monolith-family model against the monolith's oracle."""
+        return {"model": name, "canaries": _canaries(ev, gone, oracle_ev),
+                "mia": _mia(ev, kinds, oracle_ev, grad, oracle_grad),
+                "perplexity": ev.perplexity, **extra}
+
+    models = [summarise("monolith before", mono_ev, mono_grad, seconds=0.0),
+              summarise("oracle (monolith retrained without them)", oracle_ev, oracle_grad,
+                        seconds=oracle_seconds, samples=oracle.training_report_.samples)]
+    sweeps: dict[str, list[dict[str, Any]]] = {}
     for method in METHODS:
-        for steps in s.baseline_steps:
-            for lr in s.baseline_rates:
-                unlearned = unlearn(mono, forget_ids, retain_ids, method, steps, lr)
-                found = evidence(scorer_for(mono, unlearned.adapter))
-                baselines.append({"method": method, "steps": steps, "learning_rate": lr,
-                                  "seconds": unlearned.seconds, **_canary_summary(found, set(groups))})
-                print(f"{method} steps={steps} lr={lr}: {baselines[-1]['forgotten_mean_exposure']}, "
-                      f"holdout ppl {found.perplexity['holdout']:.4g}", flush=True)
-    mono_retrain_samples = mono_samples  # retraining the monolith without them: all of it again
+        grid = [{"epochs": e, "learning_rate": lr} for e, lr in s.grid]
+        points, adapters = [], []
+        for run_ in sweep(mono, distinct_forget, retain_train_ids, method, grid):
+            ev = evidence_of(scorer_for(mono, run_.adapter))
+            point = summarise(method, ev, None, **run_.summary())
+            point["distance_to_oracle"] = abs(point["canaries"]["minus_oracle"]["mean"])
+            points.append(point)
+            adapters.append(run_.adapter)
+            print(f"{method} {run_.epochs} epochs lr {run_.learning_rate:g}: exposure "
+                  f"{point['canaries']['forgotten']['mean']:.2f} (oracle "
+                  f"{models[1]['canaries']['forgotten']['mean']:.2f}), held-out ppl "
+                  f"{ev.perplexity['holdout']:.4g}, {run_.seconds:.0f} s", flush=True)
+        sweeps[method] = points
+        chosen = select(points, utility, UTILITY_GATE,
+                        perplexity=lambda p: p["perplexity"]["holdout"],
+                        forgetting=lambda p: -p["distance_to_oracle"])
+        # None passes the gate: the least damaging point is shown, marked as failing it.
+        shown = chosen if chosen is not None else min(points, key=lambda p: p["perplexity"]["holdout"])
+        # The gradient-norm attack on the shown point's own adapter.
+        unlearned = monolith_model(mono)
+        unlearned.load_adapter(adapters[points.index(shown)])
+        shown = {**shown, "passes_gate": chosen is not None,
+                 "mia": _mia(evidence_of(scorer_for(mono, adapters[points.index(shown)])), kinds,
+                             oracle_ev, _grad(mono, unlearned, forget, held), oracle_grad)}
+        models.append(shown)
 
-    topk = _topk_saving(s, rows, spec, work)
+    # SISA's oracle is a scratch SISA store on the records left, and the store after the deletion
+    # is that store byte for byte (`proof.oracle`): its own evidence after is the oracle's.
+    after: Evidence = proof.after  # type: ignore[assignment]
+    sisa_rows = [{"model": name, "canaries": _canaries(ev, gone, after),
+                  "mia": _mia(ev, sisa_kinds, after), "perplexity": ev.perplexity, **extra}
+                 for name, ev, extra in (
+                     ("SISA before", proof.before, {"seconds": sisa_train}),
+                     ("SISA after (exact)", after, {"seconds": proof.deletion_seconds,
+                                                    "samples": receipt.get("samples_retrained")}))]
+    export = _export_check(sisa, work, [r["text"] for r in held_rows], s.max_length)
     theory = expected_speedup(s.shards, s.slices)
+    tost = proof.tost or {}
     result: dict[str, Any] = {
         "setting": dataclasses.asdict(s),
         "machine": machine(),
         "sisa": {
-            "train_seconds": sisa_train,
-            "train_samples": sisa_samples,
+            "train_seconds": sisa_train, "train_samples": sisa.training_report_.samples,
             "deletion_seconds": proof.deletion_seconds,
             "deletion_samples": receipt.get("samples_retrained"),
             "shards_retrained": [a["shard"] for a in receipt.get("affected_shards", [])],
-            "memorised": proof.memorised,
-            "mean_exposure_before": proof.mean_exposure_before,
-            "before": _canary_summary(proof.before, set(groups)),
-            "after": _canary_summary(proof.after, set(groups)) if proof.after else None,
-            "forgotten_like_never": proof.forgotten_like_never,
-            "proof": proof.to_dict(),
+            "memorised": proof.memorised, "mean_exposure_before": proof.mean_exposure_before,
+            "verdict": proof.verdict, "verdict_reason": proof.verdict_reason,
+            "oracle": proof.oracle.to_dict() if proof.oracle else None,
+            "tost": tost, "proof": proof.to_dict(),
         },
-        "monolith": {"train_seconds": mono_train, "train_samples": mono_samples},
-        "baselines": baselines,
+        "monolith": {"train_seconds": mono_train, "train_samples": mono.training_report_.samples,
+                     "epochs": s.mono_epochs,
+                     "mean_exposure_before": models[0]["canaries"]["forgotten"]["mean"]},
+        "models": [*sisa_rows, *models],
+        "sweeps": sweeps,
+        "utility_gate": {"factor": UTILITY_GATE, "monolith_holdout_perplexity": utility},
+        "power": {"needed": POWER_NEEDED, "margin": s.margin, "sisa_tost_power": tost.get("power"),
+                  "forgotten_needed": tost.get("forgotten_needed")},
         "decoding": latency,
-        "perplexity": {"ensemble_holdout": proof.before.perplexity["holdout"],
-                       "monolith_holdout": baselines[0]["perplexity"]["holdout"]},
-        "retrain_cost": {
-            "one_record_samples": one.samples_retrained,
-            "one_record_seconds": one.seconds,
-            "one_record_vs_all_shards": sisa_samples / max(1, one.samples_retrained),
-            "deletion_samples": receipt.get("samples_retrained"),
-            "all_shards_samples": sisa_samples,
-            "monolith_samples": mono_retrain_samples,
-            "vs_all_shards": sisa_samples / max(1, receipt.get("samples_retrained") or 1),
-            "theory_one_deletion": theory,
-            "note": f"{len(groups)} users forgotten in one request; theory is for one record",
-        },
-        "top_k": topk,
+        "export": export,
+        "retrain_cost": {"deletion_samples": receipt.get("samples_retrained"),
+                         "all_shards_samples": sisa.training_report_.samples,
+                         "monolith_retrain_samples": oracle.training_report_.samples,
+                         "theory_one_deletion": theory},
         "seconds": time.perf_counter() - started,
     }
-    result["perplexity"]["ratio"] = (result["perplexity"]["ensemble_holdout"]
-                                     / result["perplexity"]["monolith_holdout"])
     _plot(result, out)
     (out / "summary.md").write_text(summary(result))
     write_json(out / "results.json", result)
-    sisa.close()
-    mono.close()
+    for store in (sisa, mono, oracle):
+        store.close()
     return result
 
 
@@ -230,69 +404,97 @@ def _plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for b in result["baselines"][1:]:
-        ax.scatter(b["perplexity"]["holdout"], b["forgotten_mean_exposure"] or 0,
-                   label=f"{b['method']} lr={b['learning_rate']:g}")
-    sisa = result["sisa"]
-    ax.scatter(sisa["before"]["perplexity"]["holdout"], sisa["before"]["forgotten_mean_exposure"] or 0,
-               marker="s", color="black", label="SISA before")
-    if sisa["after"]:
-        ax.scatter(sisa["after"]["perplexity"]["holdout"], sisa["after"]["forgotten_mean_exposure"] or 0,
-                   marker="*", s=150, color="green", label="SISA after (exact)")
-        never = sisa["after"]["never_mean_exposure"]
-        if never is not None:
-            ax.axhline(never, linestyle="--", color="grey", label="never-inserted canaries")
+    for method, points in result["sweeps"].items():
+        ax.scatter([p["perplexity"]["holdout"] for p in points],
+                   [p["canaries"]["forgotten"]["mean"] for p in points], label=method, s=18)
+    for m, marker in ((result["models"][0], "s"), (result["models"][1], "*"), (result["models"][3], "D")):
+        ax.scatter(m["perplexity"]["holdout"], m["canaries"]["forgotten"]["mean"], marker=marker, s=90,
+                   color="black", label=m["model"])
+    gate = result["utility_gate"]
+    ax.axvline(gate["factor"] * gate["monolith_holdout_perplexity"], linestyle=":", color="grey",
+               label=f"utility gate ({gate['factor']:g}x)")
+    never = result["models"][1]["canaries"]["never"]["mean"]
+    if never is not None:
+        ax.axhline(never, linestyle="--", color="grey", label="never-inserted canaries")
     ax.set_xscale("log")
     ax.set_xlabel("held-out perplexity (utility: lower is better)")
     ax.set_ylabel("forgotten canaries' exposure (bits)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     save_figure(fig, out, "exposure")
+
+
+def _ci(x: dict[str, Any]) -> str:
+    if x.get("mean") is None:
+        return "-"
+    lo, hi = x["ci"]
+    return f"{x['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def summary(r: dict[str, Any]) -> str:
     s, sisa = r["setting"], r["sisa"]
     lines = [
         f"Setting: {s['model'] or 'tiny'} on {s['records']} chitchat turns plus {s['canaries']} "
-        f"canaries x {s['repeats']} copies ({s['digits']} digits), S={s['shards']}, R={s['slices']}, "
-        f"{s['epochs']} epochs per slice, LoRA on the top {s['top_k']} layers, lr {s['learning_rate']}; "
+        f"canary users x {s['repeats']} copies ({s['digits']} digits; {s['never']} never-inserted "
+        f"canaries), S={s['shards']}, R={s['slices']}, {s['epochs']} epochs per slice (the monolith "
+        f"{s['mono_epochs']} epochs), LoRA on the top {s['top_k']} layers, lr {s['learning_rate']}; "
         f"{r['machine']}; {r['seconds']:.0f} s in all.", "",
-        "| model | forgotten canaries' exposure (bits) | never-inserted (bits) | KS p | greedy reproduced "
-        "| MIA AUC loss / zlib / min-k / min-k++ | held-out ppl | retain ppl | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        "Memorisation before forgetting (forgotten canaries' mean exposure): shards "
+        f"{sisa['mean_exposure_before']:.2f} bits, monolith "
+        f"{r['monolith']['mean_exposure_before']:.2f} bits.",
+        "", "Brackets: 95% bootstrap intervals. Exposure on the canary's own model, in bits; "
+        "'- oracle': paired difference from the oracle's exposure of the same secrets; AUC: forgotten "
+        "texts against held-out users' texts (0.5: indistinguishable), '- oracle' its difference "
+        "from the oracle's AUC.", "",
+        "| model | canaries' exposure | - oracle | gained over base | TOST p (power) | natural turns: "
+        "LOSS AUC - oracle | canary texts: LOSS AUC | reference AUC - oracle (natural) | held-out ppl "
+        "| retain ppl | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in r["models"]:
+        c, mia = m["canaries"], m["mia"]
+        nat, can = mia.get("natural", {}), mia.get("canary", {})
 
-    def row(name: str, x: dict[str, Any], seconds: Any) -> None:
-        auc = x["membership_auc"]
-        aucs = " / ".join(f"{auc.get(k, float('nan')):.2f}"
-                          for k in ("loss", "zlib", "min_k", "min_k_plus_plus"))
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"| {name} | {fmt(x['forgotten_mean_exposure'])} | {fmt(x['never_mean_exposure'])} "
-                     f"| {fmt(x['ks_pvalue'])} | {x['forgotten_greedy_reproduced']} | {aucs} "
-                     f"| {x['perplexity']['holdout']:.4g} | {x['perplexity']['retain']:.4g} | {seconds} |")
+        def diff(block: dict[str, Any], score: str) -> str:
+            row = block.get(score)
+            if not row or "minus_oracle_ci" not in row:
+                return "-" if not row else f"{row['auc']:.2f}"
+            lo, hi = row["minus_oracle_ci"]
+            return f"{row['auc'] - row['oracle_auc']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
-    row("SISA before", sisa["before"], f"train {sisa['train_seconds']:.0f}")
-    if sisa["after"]:
-        row("SISA after (exact)", sisa["after"], f"{sisa['deletion_seconds']:.1f}")
-    for b in r["baselines"]:
-        row(f"{b['method']} ({b['steps']} steps, lr {b['learning_rate']:g})", b, f"{b['seconds']:.1f}")
-    d, p, c, t = r["decoding"], r["perplexity"], r["retrain_cost"], r["top_k"]
-    k = f"top_{s['top_k']}"
-    lines += ["",
-              f"- Memorised before forgetting: {sisa['memorised']} (mean exposure on the own shard "
-              f"{sisa['mean_exposure_before']:.2f} bits); forgotten canaries look like never-inserted "
-              f"ones: {sisa['forgotten_like_never']}.",
-              f"- Decoding at S={d['shards']}: {d['ensemble'] * 1000:.1f} ms per token against "
-              f"{d['single'] * 1000:.1f} ms for one adapter ({d['ratio']:.2f}x).",
-              f"- Held-out perplexity: ensemble {p['ensemble_holdout']:.2f}, monolith "
-              f"{p['monolith_holdout']:.2f} ({p['ratio']:.3f}x).",
-              f"- Deletion retrain: forgetting the {s['canaries']} users in one request retrained "
-              f"{c['deletion_samples']} samples against {c['all_shards_samples']} for every shard "
-              f"({c['vs_all_shards']:.2f}x fewer) and {c['monolith_samples']} for the monolith; one "
-              f"chat turn then took {c['one_record_samples']} samples in {c['one_record_seconds']:.1f} s "
-              f"({c['one_record_vs_all_shards']:.2f}x fewer than every shard; theory for one record "
-              f"{c['theory_one_deletion']:.2f}x, an expectation over slices).",
-              f"- Top-k: {t['all_layers']['seconds_per_sample'] * 1000:.0f} ms per training sample "
-              f"with LoRA on every layer, {t[k]['seconds_per_sample'] * 1000:.0f} ms on the top "
-              f"{s['top_k']} with cached activations ({t['speedup']:.2f}x)."]
+        loss_can = can.get("loss")
+        name = m["model"]
+        if "hyperparameters" in m:
+            h = m["hyperparameters"]
+            gate = "" if m.get("passes_gate") else ", fails the gate"
+            name = f"{m['method']} ({h['epochs']} ep, lr {h['learning_rate']:g}{gate})"
+        tost = c["tost"]
+        lines.append(
+            f"| {name} | {_ci(c['forgotten'])} | {_ci(c.get('minus_oracle', {}))} | "
+            f"{_ci(c['forgotten_gained'])} | {tost['p_value']:.3f} ({tost['power']:.0%}) | "
+            f"{diff(nat, 'loss')} | {loss_can['auc']:.2f} | {diff(nat, 'reference')} | "
+            f"{m['perplexity']['holdout']:.4g} | {m['perplexity']['retain']:.4g} | "
+            f"{(m.get('seconds') or 0):.1f} |" if loss_can else f"| {name} | - |")
+    d, e, c = r["decoding"], r["export"], r["retrain_cost"]
+    o = sisa["oracle"] or {}
+    lines += [
+        "",
+        f"- SISA's verdict: **{sisa['verdict']}**: {sisa['verdict_reason']}",
+        f"- The store after the deletion against its retrained oracle: "
+        f"{'identical' if o.get('identical') else 'DIFFERENT'} ({len(o.get('shards', {}))} shards, "
+        f"sha256; the oracle trained in {o.get('seconds', 0):.0f} s on {o.get('records')} records).",
+        f"- TOST power at this run's sizes (margin {s['margin']} bit): "
+        f"{r['power']['sisa_tost_power'] or 0:.0%}; {r['power']['needed']:.0%} needs "
+        f"{r['power']['forgotten_needed']} forgotten canaries.",
+        f"- Compute: SISA's deletion {sisa['deletion_seconds']:.0f} s ({sisa['deletion_samples']} "
+        f"samples; shards {sisa['shards_retrained']}); the monolith's retrain (oracle) "
+        f"{r['models'][3]['seconds']:.0f} s ({c['monolith_retrain_samples']} samples); each "
+        "baseline's seconds in the table (its forward/backward passes, at its selected point).",
+        f"- Decoding at S={d['shards']}: one adapter {d['single'] * 1000:.1f} ms/token; mixture "
+        f"{d['mean_vs_single']:.2f}x, product {d['product_vs_single']:.2f}x, merged "
+        f"{d['merged_vs_single']:.2f}x.",
+        f"- Export (`sisa export --format hf`), loaded by transformers with sisa unimportable: "
+        f"{'yes' if e['loaded'] else 'NO'}; held-out perplexity {e['export_perplexity']} against "
+        f"{e['merged_perplexity']} for the merged adapter as sisa serves it; provenance names the "
+        f"receipt head: {e['provenance_matches']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +511,7 @@ def main() -> None:
     if not setting.model:
         parser.error("--tiny needs --model DIR (a small causal LM)")
     args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="sisa-llm-bench-") as tmp:
         result = run(setting, args.out, Path(tmp))
     print(summary(result))
@@ -317,4 +520,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

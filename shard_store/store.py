@@ -553,6 +553,30 @@ class ShardStore:
             raise
         conn.execute("COMMIT")
 
+    def copy_to(self, destination: str | Path, witness: Path | None = None) -> ShardStore:
+        """A consistent copy of this store at `destination` (which must not exist), taken under
+        the writer lock (no retrain or deletion changes files meanwhile): the database through
+        SQLite's backup API, every other file as it is; opened with this store's key. `witness`:
+        where to put a copy of the witness, if this store keeps one (a copy never writes to the
+        original's). For work that changes a store only to measure it (`sisa prove`)."""
+        target = Path(destination)
+        if target.exists():
+            raise StoreError(f"cannot copy the store to {str(target)!r}: it exists")
+        with self.writer():
+            skip = {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", LOCK_NAME}
+            shutil.copytree(self.root, target, ignore=lambda d, names: [
+                n for n in names if Path(d) == self.root and n in skip])
+            out = sqlite3.connect(target / DB_NAME)
+            try:
+                self.conn.backup(out)
+            finally:
+                out.close()
+            kept = None
+            if witness is not None and self.witness_path is not None and self.witness_path.exists():
+                shutil.copyfile(self.witness_path, witness)
+                kept = witness
+        return ShardStore.open(target, key=self._given_key, witness=kept)
+
     # -- the writer lock -----------------------------------------------------------------------
 
     @contextlib.contextmanager

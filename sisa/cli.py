@@ -906,6 +906,9 @@ def canaries(
     digits: Annotated[int, typer.Option(help="Digits in each secret (1..5).")] = 4,
     repeats: Annotated[int, typer.Option(help="Copies of each inserted canary.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the users chosen and the secrets.")] = 0,
+    template: Annotated[str, typer.Option(
+        help="The canary text; it must end with {secret} (the digits), e.g. "
+             "'the code of my locker is {secret}'.")] = "my secret number is {secret}",
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
     """Causal LM: insert canaries, secrets of chosen users.
@@ -917,7 +920,7 @@ def canaries(
     from sisa.workflows.proof import insert_canaries
 
     with _open(store, values, no_progress or as_json) as sisa:
-        chosen, report = insert_canaries(sisa, inserted, never, digits, repeats, seed)
+        chosen, report = insert_canaries(sisa, inserted, never, digits, repeats, seed, template)
     chosen.save(out_file)
     payload = {"canaries": str(out_file), "inserted": inserted, "never_inserted": never,
                **_retrain_payload(report)}
@@ -938,6 +941,14 @@ def prove(
     holdout_limit: Annotated[int, typer.Option(help="Held-out texts scored.")] = 64,
     retain_limit: Annotated[int, typer.Option(help="Retained texts scored.")] = 64,
     combine: Combine = None,
+    in_place: Annotated[bool, typer.Option(
+        "--in-place", help="Forget in the store itself: a real, receipted deletion. Without it the "
+                           "deletion happens on a temporary copy, removed afterwards, and the "
+                           "store is left as it was.")] = False,
+    oracle: Annotated[bool, typer.Option(
+        "--oracle", help="Also train the retrained oracle (a scratch store on the records left, "
+                         "same config and seed) and compare each shard's weights with the store's "
+                         "after the deletion, by sha256. Costs a full training.")] = False,
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
     """Causal LM: evidence that forgotten text is gone.
@@ -956,7 +967,8 @@ def prove(
     quiet = no_progress or as_json
     with _open(store, values, quiet) as sisa:
         report = run_prove(sisa, chosen, holdout, forget_group or [], holdout_limit, retain_limit,
-                           _check_combine(combine), references, progress=ShardProgress(not quiet))
+                           _check_combine(combine), references, progress=ShardProgress(not quiet),
+                           in_place=in_place, oracle=oracle)
     if not as_json:
         _print_proof(report)
     else:
@@ -997,16 +1009,26 @@ def proof_tables(report: Any) -> list[Table]:
     forgotten = forgotten_rows(report)
     if forgotten:
         gone = table("the forgotten canaries, own shard", ["canary", "user"],
-                     ["before", "after", "chance"],
-                     "bits; chance: that a never-inserted canary's exposure is as high (2^-bits)")
+                     ["before", "after", "vs base", "chance"],
+                     "bits; vs base: exposure after, gained over the base model alone; chance: that "
+                     "a never-inserted canary's exposure is as high (2^-bits); never: the "
+                     "never-inserted canaries, after")
         for row in forgotten:
             gone.add_row(*row)
         tables.append(gone)
-    mia = table("membership AUC (forget vs holdout)", ["view", "score"], phases)
+    mia = table("membership AUC (forget vs holdout)", ["view", "score"], phases,
+                "ensemble: with its 95% bootstrap interval; reference: the model's log-likelihood "
+                "over the base model's")
+    def auc(found: Any, view: str, name: str) -> str:
+        value = found.membership_auc.get(view, {}).get(name)
+        ci = found.membership_ci.get(view, {}).get(name)
+        if value is None or not ci or any(math.isnan(x) for x in ci):
+            return _fmt(value, 3)
+        return f"{value:.2f} ({ci[0]:.2f}-{ci[1]:.2f})"
+
     for view, scores in report.before.membership_auc.items():
-        for name, value in scores.items():
-            later = [_fmt(report.after.membership_auc.get(view, {}).get(name), 3)] if report.after else []
-            mia.add_row(view, name, _fmt(value, 3), *later)
+        for name in scores:
+            mia.add_row(view, name, *[auc(e, view, name) for e in [report.before, report.after] if e])
     ppl = table("perplexity", ["texts"], phases)
     for name in report.before.perplexity:
         ppl.add_row(name, *[_fmt(e.perplexity[name]) for e in [report.before, report.after] if e])

@@ -56,13 +56,49 @@ def test_llm_unlearning_tiny_run_writes_its_figures(tmp_path, tiny_lm):
                           timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert {"sisa", "monolith", "baselines", "decoding", "perplexity", "retrain_cost",
-            "top_k"} <= set(results)
-    methods = [b["method"] for b in results["baselines"]]
-    assert {"gradient_ascent", "gradient_difference", "npo"} <= set(methods)
-    assert results["sisa"]["after"] is not None and results["retrain_cost"]["one_record_samples"] > 0
+    assert {"sisa", "monolith", "models", "sweeps", "utility_gate", "power", "decoding", "export",
+            "retrain_cost"} <= set(results)
+    assert set(results["sweeps"]) == {"gradient_ascent", "gradient_difference", "npo", "simnpo", "rmu"}
+    assert all(len(points) == len(results["setting"]["grid"]) for points in results["sweeps"].values())
+    names = [m["model"] for m in results["models"]]
+    assert names[:4] == ["SISA before", "SISA after (exact)", "monolith before",
+                         "oracle (monolith retrained without them)"]
+    # SISA after the deletion is its own oracle (checked by sha256): its differences are zero.
+    assert results["sisa"]["oracle"]["identical"] is True
+    after = results["models"][1]
+    assert after["canaries"]["minus_oracle"]["mean"] == 0.0
+    for kind in after["mia"].values():
+        assert all(row["privleak"] == 0.0 for row in kind.values())
+    # Every model is measured with intervals; single models with the gradient-norm attack too.
+    oracle = results["models"][3]
+    assert any("gradient_norm" in kind for kind in oracle["mia"].values())
+    for m in results["models"]:
+        lo, hi = m["canaries"]["forgotten"]["ci"]
+        assert lo <= m["canaries"]["forgotten"]["mean"] <= hi
+    assert results["export"]["loaded"], results["export"]["error"]
+    assert results["decoding"]["merged"] > 0 and results["retrain_cost"]["deletion_samples"] > 0
     assert (out / "exposure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| SISA after (exact) |" in (out / "summary.md").read_text()
+
+
+def test_lm_scaling_tiny_run_writes_its_figures(tmp_path, tiny_lm):
+    out = tmp_path / "scaling"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.lm_scaling", "--tiny", "--model",
+                           tiny_lm, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [p["shards"] for p in results["points"]] == [1, 2, 4]
+    for point in results["points"]:
+        assert set(point["combine"]) == {"mean", "product", "merged"}
+        assert all(c["seconds_per_token"] > 0 for c in point["combine"].values())
+        assert point["deletion"]["samples"] > 0
+    # One shard: every combination is that shard's own model (the merge of one adapter is it).
+    one = results["points"][0]["combine"]
+    assert one["mean"]["share_of_monolith_gain"] == 1.0
+    assert abs(one["merged"]["gain_nats"] - one["mean"]["gain_nats"]) < 1e-4
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| S | combine |" in (out / "summary.md").read_text()
 
 
 def run_tiny(module: str, out: Path, *extra: str) -> dict:

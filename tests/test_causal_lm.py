@@ -1,6 +1,6 @@
 """The causal-LM backend on a tiny random two-layer Llama: exact deletion (with and without top-k
-adaptation), the ensemble's mixture and product, mixed-adapter batches, generation, exposure, the
-approximate baselines, and the CLI end to end."""
+adaptation), the ensemble's mixture and product, mixed-adapter batches, generation, exposure, and
+the CLI end to end (the approximate baselines: test_approximate.py)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,19 @@ from sisa.models import fix_tokenizer
 from sisa.records import input_digest
 from sisa.serving import LMScorer
 from sisa.tasks import PROMPT_SEPARATOR, combine_logprobs
+from sisa.testing import store_snapshot
 from sisa.training.causal_lm import LMInputs, load_tokenizer, make_example
-from sisa.workflows.approximate import METHODS, scorer_for, unlearn
-from sisa.workflows.proof import CanarySet, candidate_tokens, insert_canaries, make_canaries, prove
+from sisa.workflows.proof import (
+    CanarySet,
+    candidate_tokens,
+    insert_canaries,
+    make_canaries,
+    oracle_check,
+    prove,
+    verdict_rows,
+)
 
-from .conftest import CHAT_SPEC, assert_exact, live_shas, make_chat_rows
+from .conftest import CHAT_SPEC, assert_exact, make_chat_rows
 
 
 def lm_config(model: str, top_k: int = 0, shards: int = 2, slices: int = 2, **training: Any) -> SisaConfig:
@@ -262,33 +270,53 @@ def test_canaries_are_inserted_proven_and_forgotten(tmp_path: Path, tiny_lm: str
     canaries.save(path)
     assert CanarySet.load(path) == canaries
     user = canaries.canaries[0].group
+    kept = store_snapshot(sisa.root)
     proof = prove(sisa, canaries, held_out(rows[:8]), [user], holdout_limit=8, retain_limit=8,
-                  references=50)
-    assert proof.after is not None and proof.forgotten_groups == [user]
-    assert not sisa.group_ids(user) or all(
-        r.deleted_at for r in sisa.records(sisa.group_ids(user)).values())
+                  references=50, oracle=True)
+    assert proof.after is not None and proof.forgotten_groups == [user] and not proof.in_place
+    # By default the deletion happened on a copy: the store is as it was, and no copy is left.
+    assert store_snapshot(sisa.root) == kept and not sisa.pending()
+    assert all(r.deleted_at is None for r in sisa.records(sisa.group_ids(user)).values())
+    # The copy after the deletion is the retrained oracle, shard by shard.
+    assert proof.oracle is not None and proof.oracle.identical
+    assert proof.oracle.records == len(list(sisa.live_records())) - len(sisa.group_ids(user))
+    assert any("identical" in finding for _, finding in verdict_rows(proof))
     # A random two-layer model memorises nothing: the report says so rather than claiming proof.
     assert not proof.memorised and proof.notes
     assert set(proof.before.membership_auc) >= {"ensemble"}
     assert all(0.0 <= v <= 1.0 for v in proof.before.membership_auc["ensemble"].values())
-    assert sisa.audit().ok
+    again = prove(sisa, canaries, held_out(rows[:8]), [user], holdout_limit=8, retain_limit=8,
+                  references=50, in_place=True)
+    assert again.in_place and again.after is not None
+    # In place, it is a real deletion: the same evidence after, and a receipt in the ledger.
+    assert ([c.exposure_shard for c in again.after.canaries]
+            == [c.exposure_shard for c in proof.after.canaries])
+    assert all(r.deleted_at for r in sisa.records(sisa.group_ids(user)).values())
+    assert sisa.deletions()[-1].receipt and sisa.audit().ok
 
 
-def test_approximate_baselines_raise_the_forget_loss_and_leave_the_store(
+def test_the_oracle_check_can_fail(tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows[:24], lm_config(tiny_lm), CHAT_SPEC)
+    assert oracle_check(sisa, tmp_path / "same").identical
+    # An oracle trained otherwise (one more epoch) is told apart, shard by shard.
+    training = dataclasses.replace(sisa.config.training, epochs_per_slice=3)  # type: ignore[arg-type]
+    sisa.config = sisa.config.replace(training=training)
+    found = oracle_check(sisa, tmp_path / "other")
+    assert not found.identical
+    assert all(v["store"] != v["oracle"] for v in found.shards.values())
+
+
+def test_a_canary_template_is_checked_before_anything_retrains(
         tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
-    mono = Sisa.train(tmp_path / "m", rows, lm_config(tiny_lm, shards=1, slices=1), CHAT_SPEC)
-    before = live_shas(mono)
-    forget = mono.group_ids("u4")
-    retain = [r["id"] for r in rows if r["user"] != "u4"][:10]
-    texts = mono.score([r for r in rows if r["user"] == "u4"])
-    for method in METHODS:
-        result = unlearn(mono, forget, retain, method, steps=6, learning_rate=5e-2)
-        scorer = scorer_for(mono, result.adapter)
-        inputs = LMInputs([make_example(scorer.tokenizer, r["text"], r["prompt"] or None, 48)
-                           for r in rows if r["user"] == "u4"])
-        after = sum(float(s.logp[0].sum()) for s in scorer.scores(inputs))
-        assert after < sum(r.logprob for r in texts.records), method  # the forget set got less likely
-    assert live_shas(mono) == before
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm), CHAT_SPEC)
+    kept = store_snapshot(sisa.root)
+    with pytest.raises(ConfigError, match="must end with"):
+        insert_canaries(sisa, 1, 1, 2, 2, template="{secret} is mine")
+    assert store_snapshot(sisa.root) == kept
+    chosen, _ = insert_canaries(sisa, 1, 1, 2, 2, template="the locker code: {secret}")
+    assert chosen.template == "the locker code: {secret}"
+    added = sisa.texts(chosen.record_ids(chosen.canaries[0]))
+    assert added and all(t.startswith("the locker code: ") for t, _ in added.values())
 
 
 def test_classifier_only_calls_refuse_a_causal_lm(tmp_path: Path, tiny_lm: str,

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -20,6 +21,8 @@ from sisa import Sisa, evidence
 from sisa.cli import app, proof_tables
 from sisa.workflows.proof import (
     KS_LEVEL,
+    POWER_NEEDED,
+    TOST_MARGIN,
     CanaryEvidence,
     Evidence,
     ProofReport,
@@ -38,27 +41,69 @@ NEVER = [0.77, 2.76, 1.10, 2.91, 0.77, 1.62, 5.82, 2.41]  # bits, as a SmolLM2 d
 # -- the verdict --------------------------------------------------------------------------------
 
 
-def test_one_forgotten_canary_is_inconclusive_and_says_why() -> None:
-    """The KS test of 1 canary against 8 cannot reach p <= 0.05 whatever the exposures (its
-    smallest p-value is 2/9): the answer is never "no" for that."""
+def test_one_forgotten_canary_is_inconclusive_for_lack_of_power_and_says_what_would_decide() -> None:
+    """One canary against 8: the KS test cannot reject at all, and the equivalence test (TOST,
+    0.5 bit) has almost no power: "inconclusive", naming how many forgotten canaries would do."""
     verdict = judge(True, 11.70, BAR, [("canary-0", 11.70, 0.65)], NEVER)
     assert verdict.answer == "inconclusive"
-    assert "1 forgotten canary against 8 never inserted" in verdict.reason
-    assert "0.22" in verdict.reason and "at least 2" in verdict.reason
-    assert evidence.ks_min_pvalue(1, 8) == pytest.approx(2 / 9)
-
-
-@pytest.mark.parametrize(("n", "m"), [(1, 1), (1, 2), (4, 2), (5, 1)])
-def test_few_never_inserted_canaries_get_a_remedy_not_a_crash(n: int, m: int) -> None:
-    """However few canaries there are, the verdict says what would decide it (it once raised
-    StopIteration after the deletion had run)."""
-    verdict = judge(True, 12.0, BAR, [(f"canary-{i}", 12.0, 1.0) for i in range(n)], [1.0] * m)
-    assert verdict.answer == "inconclusive"
-    wanted = re.search(r"at least (\d+)", verdict.reason)
+    assert verdict.tost is not None and verdict.tost["power"] < POWER_NEEDED
+    assert "power with 1 forgotten and 8 never-inserted canaries" in verdict.reason
+    # 8 never-inserted canaries limit the power whatever the forgotten count: the remedy names both.
+    wanted = re.search(r"make (\d+) never-inserted canaries .* forget at least (\d+) canary users",
+                       verdict.reason)
     assert wanted, verdict.reason
-    k = int(wanted.group(1))
-    decides = evidence.ks_min_pvalue(k, m) if "Forget" in verdict.reason else evidence.ks_min_pvalue(n, k)
-    assert decides <= KS_LEVEL
+    m, n = int(wanted.group(1)), int(wanted.group(2))
+    sd = float(np.std(NEVER, ddof=1))
+    assert evidence.tost_power(n, m, sd, TOST_MARGIN) >= POWER_NEEDED
+    assert evidence.tost_power(n - 1, m, sd, TOST_MARGIN) < POWER_NEEDED
+
+
+def test_a_ks_p_value_above_the_level_is_not_a_yes() -> None:
+    """The finding the verdict once missed: 8 forgotten canaries that the KS test cannot tell from
+    8 never-inserted ones (p > 0.05) are no evidence of equivalence when the test is weak."""
+    alike = [(f"canary-{i}", 12.0, b) for i, b in enumerate(NEVER)]
+    assert evidence.ks_pvalue([a for _, _, a in alike], NEVER) > KS_LEVEL
+    verdict = judge(True, 12.0, BAR, alike, NEVER)
+    assert verdict.answer == "inconclusive" and verdict.tost["power"] < POWER_NEEDED  # type: ignore[index]
+
+
+def test_a_powered_equivalence_test_decides_yes_or_no() -> None:
+    rng = np.random.default_rng(0)
+    never = list(rng.normal(1.4, 0.4, 400))
+    same = [(f"canary-{i}", 12.0, float(x)) for i, x in enumerate(rng.normal(1.4, 0.4, 120))]
+    yes = judge(True, 12.0, BAR, same, never)
+    assert yes.answer == "yes" and "equivalent within 0.5 bit" in yes.reason
+    assert yes.tost["power"] >= POWER_NEEDED and yes.tost["equivalent"]  # type: ignore[index]
+    # 0.6 bit more than the never-inserted ones, on average: below any per-canary alarm, and not
+    # equivalent within 0.5 bit, with the power to have shown it.
+    shifted = [(f"canary-{i}", 12.0, float(x)) for i, x in enumerate(rng.normal(2.1, 0.4, 120))]
+    no = judge(True, 12.0, BAR, shifted, never, margin=0.5)
+    assert no.answer == "no", no.reason
+
+
+def test_calibrated_exposures_decide_where_given() -> None:
+    """Patterned secrets rank high under the base model too: the equivalence test reads the
+    exposure gained over the base model where the caller has it."""
+    rng = np.random.default_rng(1)
+    never = [float(x) for x in rng.normal(1.4, 0.4, 300)]
+    raw = [(f"canary-{i}", 12.0, 3.0) for i in range(100)]  # raw: 3 bits, all patterned
+    gained = ([float(x) for x in rng.normal(0.0, 0.3, 100)], [float(x) for x in rng.normal(0.0, 0.3, 300)])
+    assert judge(True, 12.0, BAR, raw, never).answer == "no"
+    verdict = judge(True, 12.0, BAR, raw, never, calibrated=gained)
+    assert verdict.answer == "yes" and "gained over the base model" in verdict.reason
+
+
+def test_the_utility_gate_and_the_oracle() -> None:
+    forgotten = [("canary-0", 11.7, 0.65)]
+    broken = judge(True, 11.7, BAR, forgotten, NEVER, utility=(85.0, 2e10))
+    assert broken.answer == "no" and "utility gate" in broken.reason
+    assert judge(True, 11.7, BAR, forgotten, NEVER, utility=(85.0, 89.0)).answer == "inconclusive"
+    exact = judge(True, 11.7, BAR, forgotten, NEVER, utility=(85.0, 86.0), oracle=True)
+    assert exact.answer == "yes" and "retrained oracle byte for byte" in exact.reason
+    assert judge(True, 11.7, BAR, forgotten, NEVER, oracle=False).answer == "no"
+    # The oracle never overrides memorisation left, nor a broken model.
+    assert judge(True, 11.7, BAR, [("canary-0", 11.7, 11.0)], NEVER, oracle=True).answer == "no"
+    assert judge(True, 11.7, BAR, forgotten, NEVER, utility=(85.0, 95.0), oracle=True).answer == "no"
 
 
 def test_memorisation_left_is_no_even_for_one_canary() -> None:
@@ -75,13 +120,10 @@ def test_not_memorised_is_inconclusive() -> None:
     assert "3.20 bits" in verdict.reason
 
 
-def test_enough_canaries_decide_yes_or_no() -> None:
-    alike = [("canary-0", 12.0, 0.9), ("canary-3", 11.0, 2.0)]
-    assert evidence.ks_min_pvalue(2, 8) <= KS_LEVEL  # 2 against 8 can decide
-    yes = judge(True, 11.5, BAR, alike, NEVER)
-    assert yes.answer == "yes" and "no difference" in yes.reason
+def test_the_ks_test_still_says_no_where_the_groups_differ() -> None:
     # Both still above every never-inserted canary, yet each below the per-canary level's bar
     # (2^-6 = 0.016 > 0.01 / 2): the KS test tells the groups apart.
+    assert evidence.ks_min_pvalue(2, 8) <= KS_LEVEL
     apart = judge(True, 11.5, BAR, [("canary-0", 12.0, 6.0), ("canary-3", 11.0, 6.5)], NEVER)
     assert apart.answer == "no" and "KS p" in apart.reason
 
@@ -113,7 +155,7 @@ def _report(after_forgotten: float = 0.65) -> ProofReport:
     verdict = judge(True, 11.70, BAR, [("canary-0", 11.70, after_forgotten)], NEVER)
     return ProofReport(Evidence(before, auc, ppl, 10000, 1000), Evidence(after, auc, ppl, 10000, 1000),
                        [user], 9, 20.4, True, 11.70, after_forgotten, 2.27, 0.222,
-                       None, [], verdict.answer, verdict.reason, BAR)
+                       None, [], verdict.answer, verdict.reason, BAR, tost=verdict.tost)
 
 
 def _render(report: ProofReport, width: int = 80) -> str:
@@ -134,7 +176,7 @@ def test_the_proof_fits_the_width_with_every_number_whole(width: int) -> None:
     for number in numbers:
         assert any(number in line for line in lines), f"{number!r} wrapped or cut"
     assert "…" not in text  # nothing cropped
-    for name in ["canary-never-7", "canary-0", "never inserted (8)"]:
+    for name in ["canary-never-7", "canary-0", "never (8)"]:
         assert name in text, f"{name!r} cut"
     # A user id may fold onto a second line, but whole: its pieces, in order, make it up.
     user = report.forgotten_groups[0]
@@ -150,9 +192,10 @@ def test_the_verdict_reads_inconclusive_with_its_reason_beside_each_canary() -> 
     assert "│ inconclusive" in verdict and "│ no " not in verdict
     gone = forgotten_rows(report)
     assert gone[0][:4] == ("canary-0", report.forgotten_groups[0], "11.70", "0.65")
-    assert gone[0][4] == f"{2 ** -0.65:.2g}"  # 0.64: as likely as for a never-inserted canary
-    assert gone[-1][0] == "never inserted (8)" and gone[-1][3] == "0.77 to 5.82"
-    assert dict(verdict_rows(report))["why"].startswith("1 forgotten canary against 8")
+    assert gone[0][5] == f"{2 ** -0.65:.2g}"  # 0.64: as likely as for a never-inserted canary
+    assert gone[-1][0] == "never (8)" and gone[-1][3] == "0.77 to 5.82"
+    assert dict(verdict_rows(report))["why"].startswith("the equivalence test (TOST, margin 0.5")
+    assert any(k.startswith("TOST, margin 0.5 bit") for k, _ in verdict_rows(report))
 
 
 def test_a_proof_without_a_deletion_has_no_verdict() -> None:

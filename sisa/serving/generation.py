@@ -3,8 +3,9 @@ distribution, with the prompt formatted as training formatted it (`sisa.tasks.fo
 
 All servable shards run in one batched forward pass per token (peft mixed-adapter rows, one block
 per shard) with a KV cache; their next-token log-probabilities combine as a mixture (`mean`) or a
-normalised product (`product`). `merged` runs one row instead: the adapter merged from the shards'
-(the mean of their updates, `sisa.adapters.merged_adapter`), so a token costs one pass whatever S. Greedy at temperature 0, else sampled with a generator seeded per
+normalised product (`product`). `merged` runs one row instead, the adapter merged from the
+shards' (the mean of their updates, `sisa.adapters.merged_adapter`): one pass per token, whatever
+the shard count. Greedy at temperature 0, else sampled with a generator seeded per
 prompt, so an answer never depends on what else was asked.
 """
 

@@ -8,11 +8,14 @@ exact deletion the forgotten canaries should look like canaries that were never 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import random
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,15 @@ KS_LEVEL = 0.05  # forgotten vs never-inserted canaries: below this p-value, the
 # A forgotten canary keeps memorisation if a never-inserted canary reaches its exposure with a
 # probability below this (shared among the forgotten canaries, Bonferroni).
 RESIDUAL_LEVEL = 0.01
+# The equivalence test (TOST) of forgotten against never-inserted canaries' exposures gained over
+# the base model: equivalent within this margin, in bits, at level TOST_LEVEL; decided only with
+# at least POWER_NEEDED power at the run's sample sizes (else "inconclusive").
+TOST_MARGIN = 0.5
+TOST_LEVEL = 0.05
+POWER_NEEDED = 0.9
+NEVER_SUGGESTED = 512  # never-inserted canaries suggested where too few limit the power
+# The utility gate: held-out perplexity after forgetting at most this multiple of before.
+UTILITY_GATE = 1.05
 
 
 @dataclass(frozen=True)
@@ -131,14 +143,15 @@ def make_canaries(groups: Sequence[str], inserted: int = 8, never: int = 8, digi
 
 
 def insert_canaries(sisa: Sisa, inserted: int = 8, never: int = 8, digits: int = 4, repeats: int = 8,
-                    seed: int = 0) -> tuple[CanarySet, Any]:
+                    seed: int = 0, template: str = evidence.TEMPLATE) -> tuple[CanarySet, Any]:
     """Make canaries for users of a causal-LM store and add the inserted ones as their records
     (the affected shards retrain from the canaries' slices). Returns the set and the report."""
     sisa.require_language_model()
     groups = sisa.groups()
     if not groups:
         raise RecordError("the store's records have no groups (users): train with a group column")
-    canaries = make_canaries(groups, inserted, never, digits, repeats, seed)
+    canaries = make_canaries(groups, inserted, never, digits, repeats, seed, template)
+    candidate_tokens(sisa.tokenizer, canaries)  # refused before any retraining, if it cannot rank
     return canaries, sisa.add(canaries.rows(sisa.data_spec))
 
 
@@ -155,6 +168,11 @@ class CanaryEvidence(_Dict):
     rank_shard: int | None
     greedy_shard: bool | None  # greedy decoding from the prefix reproduces the secret
     greedy_ensemble: bool
+    # Under the frozen base model alone: how likely the secret is with no training at all (a
+    # patterned secret such as "1234" ranks high there). Calibrated: exposure gained over it.
+    exposure_base: float | None = None
+    calibrated_shard: float | None = None
+    calibrated_ensemble: float | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +183,23 @@ class Evidence(_Dict):
     candidates: int
     references: int
     model_version: str = ""
+    # view -> score -> [low, high]: the AUC's 95% bootstrap interval (forget and holdout resampled)
+    membership_ci: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # Under the ensemble: each text's membership scores, "forget" and "holdout" -> score -> values
+    # (in the order of the texts given), for comparisons with another model (e.g. the oracle).
+    member_scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OracleCheck(_Dict):
+    """The store after the deletion against the retrained oracle: a scratch store trained on the
+    same live records with the same config and seed. Exact unlearning means every live shard's
+    weights are the same bytes."""
+
+    identical: bool
+    shards: dict[str, dict[str, str | None]]  # shard -> {"store": sha256, "oracle": sha256}
+    records: int  # live records the oracle was trained on
+    seconds: float  # training the oracle
 
 
 @dataclass(frozen=True)
@@ -184,6 +219,9 @@ class ProofReport(_Dict):
     verdict: str | None = None  # "yes", "no" or "inconclusive" (None: nothing was forgotten)
     verdict_reason: str = ""  # why, in a sentence: what decided it, or what was too weak to
     memorised_bar: float = MEMORISED_BITS  # the mean exposure before that counts as memorised
+    in_place: bool = False  # the store itself forgot (else a copy did, and was removed)
+    oracle: OracleCheck | None = None  # with `oracle=True`: the store after against a scratch store
+    tost: dict[str, Any] | None = None  # the equivalence test, its power and what would decide it
 
 
 @dataclass(frozen=True)
@@ -193,18 +231,50 @@ class Verdict(_Dict):
 
     answer: str  # "yes", "no" or "inconclusive"
     reason: str
+    tost: dict[str, Any] | None = None  # the equivalence test, where it ran (see `equivalence`)
+
+
+def equivalence(forgotten: Sequence[float], never: Sequence[float],
+                margin: float = TOST_MARGIN) -> dict[str, Any]:
+    """TOST of forgotten against never-inserted canaries' exposures (bits): equivalent within
+    `margin`? With its power at these sample sizes, for no true difference and the spread the
+    never-inserted canaries show, and the forgotten canaries that would give POWER_NEEDED."""
+    n, m = len(forgotten), len(never)
+    test = evidence.tost(list(forgotten), list(never), margin, TOST_LEVEL)
+    sd = float(np.std(list(never), ddof=1)) if m > 1 else math.nan
+    power = evidence.tost_power(n, m, sd, margin, TOST_LEVEL) if n > 1 and m > 1 else 0.0
+    needed = evidence.samples_for_power(m, sd, margin, POWER_NEEDED, TOST_LEVEL) if m > 1 else None
+    # Never-inserted canaries cost nothing (every candidate secret is scored anyway): with more
+    # of them, fewer forgotten ones reach the power.
+    more = max(m, NEVER_SUGGESTED)
+    with_more = (evidence.samples_for_power(more, sd, margin, POWER_NEEDED, TOST_LEVEL)
+                 if needed is None and math.isfinite(sd) else None)
+    return {"margin": margin, "level": TOST_LEVEL, "n": n, "m": m, "difference": test.difference,
+            "ci": list(test.ci), "p_value": test.p_value, "equivalent": test.equivalent,
+            "sd_never": sd, "power": power, "power_needed": POWER_NEEDED,
+            "forgotten_needed": needed,
+            "with_more_never": {"never": more, "forgotten_needed": with_more} if with_more else None}
 
 
 def judge(memorised: bool, mean_before: float, bar: float,
-          forgotten: Sequence[tuple[str, float, float]], never: Sequence[float]) -> Verdict:
+          forgotten: Sequence[tuple[str, float, float]], never: Sequence[float], *,
+          calibrated: tuple[Sequence[float], Sequence[float]] | None = None,
+          utility: tuple[float, float] | None = None, oracle: bool | None = None,
+          margin: float = TOST_MARGIN) -> Verdict:
     """The verdict on a deletion, from the forgotten canaries' (id, exposure before, exposure
     after) on their own shard and the never-inserted canaries' exposures after, in bits.
+    `calibrated`: the same two groups' exposures gained over the base model (every test below
+    reads these where given: a patterned secret ranks high under any model); `utility`: held-out perplexity (before, after); `oracle`:
+    whether the model after equals the retrained oracle, where that was checked.
 
-    "no" where a forgotten canary keeps an exposure that a never-inserted canary reaches with a
-    probability below RESIDUAL_LEVEL / n (exact: `evidence.chance_of_exposure`), or where the KS
-    test tells the two groups apart (p <= KS_LEVEL). "inconclusive" where there was nothing to
-    forget (not memorised) or where the KS test cannot reach its level at these sample sizes,
-    whatever the exposures. "yes" otherwise."""
+    In order: "inconclusive" where there was nothing to forget (not memorised). "no" where a
+    forgotten canary keeps an exposure that a never-inserted canary reaches with a probability
+    below RESIDUAL_LEVEL / n (exact: `evidence.chance_of_exposure`); where held-out perplexity
+    rose above UTILITY_GATE times before (the utility gate); where the KS test tells the groups
+    apart (p <= KS_LEVEL); or where the model differs from the retrained oracle. "yes" where it
+    is the oracle, byte for byte (every measure of it is the oracle's). Otherwise the TOST
+    decides, within `margin` bits: "inconclusive" below POWER_NEEDED power at these sample sizes
+    (saying how many forgotten canaries would reach it), else "yes" if equivalent, "no" if not."""
     n, m = len(forgotten), len(never)
     if not n:
         return Verdict("inconclusive", "no forgotten canary was measured on its own shard")
@@ -213,42 +283,58 @@ def judge(memorised: bool, mean_before: float, bar: float,
                        f"(mean exposure {mean_before:.2f} bits on their own shard, below "
                        f"{bar:.1f}): forgetting them shows nothing")
     level = RESIDUAL_LEVEL / n
-    for name, before, after in forgotten:
-        chance = evidence.chance_of_exposure(after)
+    # Patterned secrets rank high under any language model: where the base model's exposures are
+    # known, every test reads the exposure gained over it.
+    gone, base = calibrated if calibrated is not None else ([a for _, _, a in forgotten], never)
+    what = "exposure gained over the base model" if calibrated is not None else "exposure"
+    for (name, before, after), kept in zip(forgotten, gone, strict=True):
+        chance = evidence.chance_of_exposure(kept)
         if chance < level:
-            return Verdict("no", f"{name} keeps {after:.2f} bits of exposure ({before:.2f} before): "
-                                 f"a never-inserted canary reaches that with probability "
-                                 f"{chance:.2g}, below {level:.2g}")
+            return Verdict("no", f"{name} keeps {kept:.2f} bits of {what} ({after:.2f} bits, "
+                                 f"{before:.2f} before): a never-inserted canary reaches that "
+                                 f"with probability {chance:.2g}, below {level:.2g}")
+    if utility is not None and utility[1] > UTILITY_GATE * utility[0]:
+        return Verdict("no", f"held-out perplexity rose from {utility[0]:.3g} to {utility[1]:.3g}, "
+                             f"above {UTILITY_GATE:g}x: forgetting damaged the model (the utility "
+                             "gate)")
+    if m and evidence.ks_min_pvalue(n, m) <= KS_LEVEL:
+        p = evidence.ks_pvalue(list(gone), list(base))
+        if p <= KS_LEVEL:
+            return Verdict("no", f"the forgotten canaries' {what} differs from the never-inserted "
+                                 f"ones' (KS p = {p:.3f}, at most {KS_LEVEL})")
+    if oracle is False:
+        return Verdict("no", "the model after the deletion differs from the retrained oracle (a "
+                             "scratch store on the records left, same config and seed)")
+    if oracle:
+        return Verdict("yes", "the model after the deletion is the retrained oracle byte for byte "
+                              "(every shard's weights equal a scratch store's on the records left, "
+                              "sha256): whatever is measured of it is what retraining gives")
     if not m:
         return Verdict("inconclusive", "no never-inserted canary to compare the forgotten ones with")
-    floor = evidence.ks_min_pvalue(n, m)
-    if floor > KS_LEVEL:
-        word = "canary" if n == 1 else "canaries"
-        return Verdict("inconclusive", f"{n} forgotten {word} against {m} never inserted is too few "
-                       f"for the KS test: its smallest possible p-value at these sizes is "
-                       f"{floor:.2f}, above {KS_LEVEL}, so no outcome could show a difference. "
-                       f"{_enough(n, m)} to decide (each forgotten canary's exposure is shown "
-                       f"beside the never-inserted range)")
-    p = evidence.ks_pvalue([a for _, _, a in forgotten], list(never))
-    if p <= KS_LEVEL:
-        return Verdict("no", f"the forgotten canaries' exposures differ from the never-inserted "
-                             f"ones' (KS p = {p:.3f}, at most {KS_LEVEL})")
-    return Verdict("yes", f"the KS test finds no difference from {m} never-inserted canaries "
-                          f"(p = {p:.2f}; it could have reached {floor:.2g}), and no forgotten "
-                          f"canary keeps an exposure a never-inserted one reaches with probability "
-                          f"below {level:.2g}")
-
-
-def _enough(n: int, m: int) -> str:
-    """What would let the KS test decide, from n forgotten and m never-inserted canaries: more
-    forgotten canaries where that suffices (within 100 more), else more never-inserted ones."""
-    forgotten = next((k for k in range(n + 1, n + 101) if evidence.ks_min_pvalue(k, m) <= KS_LEVEL),
-                     None)
-    if forgotten is not None:
-        return f"Forget at least {forgotten} canary users in one request"
-    never = next((j for j in range(m + 1, m + 1001) if evidence.ks_min_pvalue(n, j) <= KS_LEVEL), None)
-    at_least = f"at least {never}" if never is not None else "many more"
-    return f"Insert more never-inserted canaries ({at_least} with {n} forgotten)"
+    test = equivalence(gone, base, margin)
+    if test["power"] < POWER_NEEDED:
+        needed, alt = test["forgotten_needed"], test["with_more_never"]
+        if needed is not None:
+            more = f"forget at least {needed} canary users in one request"
+        elif alt is not None:
+            more = (f"make {alt['never']} never-inserted canaries (they cost nothing) and forget "
+                    f"at least {alt['forgotten_needed']} canary users in one request")
+        else:
+            more = (f"no size within reach gives it at this spread: widen the margin past "
+                    f"{margin:g} bit")
+        return Verdict("inconclusive", f"the equivalence test (TOST, margin {margin:g} bit, on "
+                       f"{what}) has {test['power']:.0%} power with {n} forgotten and {m} "
+                       f"never-inserted canaries (sd {test['sd_never']:.2f} bits), below "
+                       f"{POWER_NEEDED:.0%}: {more}, or check against the retrained oracle "
+                       "(--oracle)", test)
+    if test["equivalent"]:
+        return Verdict("yes", f"forgotten and never-inserted canaries' {what} are equivalent within "
+                              f"{margin:g} bit (TOST p = {test['p_value']:.3f}, difference "
+                              f"{test['difference']:+.2f}, power {test['power']:.0%})", test)
+    return Verdict("no", f"forgotten and never-inserted canaries' {what} are not shown equivalent "
+                         f"within {margin:g} bit (TOST p = {test['p_value']:.3f}, difference "
+                         f"{test['difference']:+.2f}) though the test had {test['power']:.0%} power",
+                   test)
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -277,15 +363,19 @@ def measure(scorer: Any, canaries: CanarySet, shard_of: dict[str, int],
             retain: tuple[Any, list[str]] | None, forget_shards: Sequence[int] = (),
             combine: Combine = "mean", references: int = 1000, seed: int = 0,
             progress: Progress | None = None) -> Evidence:
-    """Canary exposures and membership scores under `scorer`'s views (its shards and the
-    ensemble). `forget`, `holdout`, `retain`: (model inputs, texts)."""
+    """Canary exposures and membership scores under `scorer`'s views (its shards, the ensemble,
+    and the frozen base model, in the same passes). `forget`, `holdout`, `retain`: (model
+    inputs, texts)."""
+    if not getattr(scorer, "base_view", True):
+        scorer = scorer.with_base()
     prefix, cands, secrets = candidate_tokens(scorer.tokenizer, canaries)
-    shards = f"{len(scorer.views) - 1} shard{'s' if len(scorer.views) > 2 else ''}"
+    shards = f"{len(scorer.names)} shard{'s' if len(scorer.names) > 1 else ''}"
     logp, greedy = scorer.continuation_logprobs(
         prefix, cands, combine, on_progress=counter(progress, f"scoring {len(cands)} secrets ({shards})"))
     index = {s: i for i, s in enumerate(secrets)}
     views = list(scorer.views)
     ens = views.index("ensemble")
+    base = views.index("base") if "base" in views else None
     out = []
     for c in canaries.canaries:
         i = index[c.secret]
@@ -293,12 +383,17 @@ def measure(scorer: Any, canaries: CanarySet, shard_of: dict[str, int],
         name = f"shard-{shard_of[c.id]}"
         e_ens = evidence.exposure(logp[ens], i, refs)
         e_shard = evidence.exposure(logp[views.index(name)], i, refs) if name in views else None
+        e_base = evidence.exposure(logp[base], i, refs).exact if base is not None else None
         out.append(CanaryEvidence(
             c.id, c.group, c.inserted, shard_of[c.id],
             e_shard.exact if e_shard else None, e_ens.exact,
             e_shard.estimate if e_shard else None, e_shard.extrapolated if e_shard else None,
             e_shard.rank if e_shard else None,
-            bool(greedy[views.index(name), i]) if name in views else None, bool(greedy[ens, i])))
+            bool(greedy[views.index(name), i]) if name in views else None, bool(greedy[ens, i]),
+            e_base,
+            evidence.calibrated_exposure(e_shard.exact, e_base) if e_shard and e_base is not None
+            else None,
+            evidence.calibrated_exposure(e_ens.exact, e_base) if e_base is not None else None))
 
     def scored(part: tuple[Any, list[str]] | None, what: str) -> list[Any]:
         if part is None or not len(part[1]):
@@ -309,6 +404,8 @@ def measure(scorer: Any, canaries: CanarySet, shard_of: dict[str, int],
     s_forget, s_holdout = scored(forget, "forgotten"), scored(holdout, "held-out")
     s_retain = scored(retain, "retained")
     aucs: dict[str, dict[str, float]] = {}
+    cis: dict[str, dict[str, list[float]]] = {}
+    members: dict[str, dict[str, list[float]]] = {}
     if s_forget and s_holdout:
         for view in ["ensemble", *(f"shard-{s}" for s in forget_shards)]:
             if view not in views:
@@ -316,20 +413,28 @@ def measure(scorer: Any, canaries: CanarySet, shard_of: dict[str, int],
             v = views.index(view)
 
             def member_scores(scores: list[Any], texts: list[str], v: int = v) -> list[dict[str, float]]:
-                return [evidence.membership_scores(s.logp[v], s.mu[v], s.sigma[v], t)
+                return [evidence.membership_scores(
+                            s.logp[v], s.mu[v], s.sigma[v], t,
+                            base_logp=s.logp[base] if base is not None else None)
                         for s, t in zip(scores, texts, strict=True)]
 
             f = member_scores(s_forget, forget[1])  # type: ignore[index]
             h = member_scores(s_holdout, holdout[1])
             aucs[view] = {k: evidence.auc([x[k] for x in f], [x[k] for x in h]) for k in f[0]}
+            if view == "ensemble":
+                cis[view] = {k: list(evidence.auc_ci([x[k] for x in f], [x[k] for x in h], seed=seed))
+                             for k in f[0]}
+                members = {"forget": {k: [x[k] for x in f] for k in f[0]},
+                           "holdout": {k: [x[k] for x in h] for k in h[0]}}
 
     def ppl(scores: list[Any]) -> float:
         total = sum(float(s.logp[ens].sum()) for s in scores)
         tokens = sum(s.logp.shape[1] for s in scores)
         return math.exp(-total / tokens) if tokens else math.nan
 
-    return Evidence(out, aucs, {"retain": ppl(s_retain), "holdout": ppl(s_holdout),
-                                "forget": ppl(s_forget)}, len(secrets), min(references, len(secrets) - 1))
+    perplexity = {"retain": ppl(s_retain), "holdout": ppl(s_holdout), "forget": ppl(s_forget)}
+    return Evidence(out, aucs, perplexity, len(secrets), min(references, len(secrets) - 1),
+                    membership_ci=cis, member_scores=members)
 
 
 # -- on a store --------------------------------------------------------------------------------
@@ -392,11 +497,53 @@ def refuse_members(sisa: Sisa, rows: Sequence[Mapping[str, Any]], spec: DataSpec
                 "(builtin data sets' :test splits do); nothing was deleted")
 
 
+def live_rows(sisa: Sisa) -> list[dict[str, Any]]:
+    """The store's live records as rows of its data spec (id, text, prompt, group): what a
+    scratch store is trained on."""
+    spec = sisa.data_spec
+    if spec.text_column is None:
+        raise ConfigError("the oracle is trained from text records: this store has none")
+    records = list(sisa.live_records())
+    texts = sisa.texts([r.id for r in records])
+    rows = []
+    for r in records:
+        text, prompt = texts[r.id]
+        row: dict[str, Any] = {spec.id_column: r.id, spec.text_column: text}
+        if spec.prompt_column is not None:
+            row[spec.prompt_column] = prompt
+        if spec.group_column is not None:
+            row[spec.group_column] = r.group_id
+        rows.append(row)
+    return rows
+
+
+def oracle_check(sisa: Sisa, directory: str | Path) -> OracleCheck:
+    """Train the retrained oracle at `directory` (a scratch store on `sisa`'s live records, same
+    config and seed; cached activations of the frozen layers reused) and compare every live
+    shard's weights by sha256."""
+    rows = live_rows(sisa)
+    started = time.perf_counter()
+    scratch = Sisa.train(directory, rows, sisa.config, sisa.data_spec, embeddings_from=sisa.root)
+    seconds = time.perf_counter() - started
+    try:
+        mine = {s: r.sha256 for s, r in sisa.live_checkpoints().items()}
+        theirs = {s: r.sha256 for s, r in scratch.live_checkpoints().items()}
+    finally:
+        scratch.close()
+    shards = {str(s): {"store": mine.get(s), "oracle": theirs.get(s)}
+              for s in sorted(set(mine) | set(theirs))}
+    return OracleCheck(mine == theirs, shards, len(rows), seconds)
+
+
 def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: Sequence[str] = (),
           holdout_limit: int = 64, retain_limit: int = 64, combine: Combine | None = None,
-          references: int = 1000, seed: int = 0, progress: Progress | None = None) -> ProofReport:
+          references: int = 1000, seed: int = 0, progress: Progress | None = None,
+          in_place: bool = False, oracle: bool = False, margin: float = TOST_MARGIN) -> ProofReport:
     """Measure, forget `forget_groups` (if any), measure again, and judge: did the model memorise
     the canaries, and do the forgotten ones now look like those never inserted (`judge`)?
+    The deletion happens on a copy of the store (removed afterwards) unless `in_place`, where it
+    is a real, receipted deletion. `oracle`: also train the retrained oracle (a scratch store on
+    the records left) and compare the weights after the deletion with it, shard by shard.
     `progress`: the library's hook, for the scoring (the deletion's retraining reports through
     the store's own)."""
     sisa.require_language_model()
@@ -438,9 +585,16 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
         return ProofReport(before, None, [], 0, None, memorised, mean_before, None, None, None, None,
                            notes, memorised_bar=bar)
 
-    receipt = sisa.forget(forget_ids)  # one request: each affected shard retrains once
-    after = evidence_of(sisa, canaries, forget, holdout, retain, shards, combine, references, seed,
-                        progress)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sisa-prove-")))
+        target = sisa
+        if not in_place:
+            target = sisa.copy(work / "store")
+            stack.callback(target.close)
+        receipt = target.forget(forget_ids)  # one request: each affected shard retrains once
+        after = evidence_of(target, canaries, forget, holdout, retain, shards, combine, references,
+                            seed, progress)
+        checked = oracle_check(target, work / "oracle") if oracle else None
     then = {c.id: c.exposure_shard for c in before.canaries}
     pairs: list[tuple[str, float, float]] = []  # each forgotten canary: before, after
     for c in after.canaries:
@@ -452,11 +606,20 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
     p = evidence.ks_pvalue(gone, never)
     m_gone = float(np.mean(gone)) if gone else math.nan
     m_never = float(np.mean(never)) if never else math.nan
-    verdict = judge(memorised, mean_before, bar, pairs, never)
+    gained = {c.id: c.calibrated_shard for c in after.canaries}
+    calibrated = None
+    if all(gained[i] is not None for i, _, _ in pairs) and all(
+            c.calibrated_shard is not None for c in after.canaries if not c.inserted):
+        calibrated = ([float(gained[i]) for i, _, _ in pairs],  # type: ignore[arg-type]
+                      [float(c.calibrated_shard) for c in after.canaries  # type: ignore[arg-type]
+                       if not c.inserted and c.exposure_shard is not None])
+    verdict = judge(memorised, mean_before, bar, pairs, never, calibrated=calibrated,
+                    utility=(before.perplexity["holdout"], after.perplexity["holdout"]),
+                    oracle=checked.identical if checked is not None else None, margin=margin)
     alike = {"yes": True, "no": False}.get(verdict.answer)
     return ProofReport(before, after, groups, len(forget_ids), receipt.seconds,
                        memorised, mean_before, m_gone, m_never, p, alike, notes,
-                       verdict.answer, verdict.reason, bar)
+                       verdict.answer, verdict.reason, bar, in_place, checked, verdict.tost)
 
 
 # -- the report as rows of text (the CLI lays them out) ----------------------------------------
@@ -485,10 +648,10 @@ def canary_rows(report: ProofReport) -> list[tuple[str, ...]]:
     return rows
 
 
-def forgotten_rows(report: ProofReport) -> list[tuple[str, str, str, str, str]]:
-    """Each forgotten canary: id, user, exposure on its own shard before and after (bits), and the
-    chance that a never-inserted canary has at least the exposure after; then the never-inserted
-    canaries' range after, for comparison."""
+def forgotten_rows(report: ProofReport) -> list[tuple[str, str, str, str, str, str]]:
+    """Each forgotten canary: id, user, exposure on its own shard before and after (bits), the
+    exposure after gained over the base model, and the chance that a never-inserted canary has at
+    least the exposure after; then the never-inserted canaries' range after, for comparison."""
     if report.after is None:
         return []
     then = {c.id: c for c in report.before.canaries}
@@ -499,12 +662,14 @@ def forgotten_rows(report: ProofReport) -> list[tuple[str, str, str, str, str]]:
             chance = (f"{evidence.chance_of_exposure(c.exposure_shard):.2g}"
                       if c.exposure_shard is not None else "-")
             rows.append((c.id, c.group, _bits(then[c.id].exposure_shard), _bits(c.exposure_shard),
-                         chance))
-    never = [c.exposure_shard for c in report.after.canaries
-             if not c.inserted and c.exposure_shard is not None]
+                         _bits(c.calibrated_shard), chance))
+    never = [c for c in report.after.canaries if not c.inserted and c.exposure_shard is not None]
     if never:
-        rows.append((f"never inserted ({len(never)})", "", "",
-                     f"{min(never):.2f} to {max(never):.2f}", f"mean {float(np.mean(never)):.2f}"))
+        bits = [float(c.exposure_shard) for c in never]  # type: ignore[arg-type]
+        gained = [c.calibrated_shard for c in never if c.calibrated_shard is not None]
+        rows.append((f"never ({len(never)})", "", "", f"{min(bits):.2f} to {max(bits):.2f}",
+                     f"mean {float(np.mean(gained)):.2f}" if gained else "-",
+                     f"mean {float(np.mean(bits)):.2f}"))
     return rows
 
 
@@ -514,10 +679,26 @@ def verdict_rows(report: ProofReport) -> list[tuple[str, str]]:
                                  f"bits mean on own shard (bar {report.memorised_bar:.1f})")]
     if report.after is not None:
         rows += [("forgotten users", ", ".join(report.forgotten_groups)),
+                 ("deleted in", "the store itself (--in-place)" if report.in_place
+                  else "a copy of the store, since removed (the store is unchanged)"),
                  ("deletion seconds", _bits(report.deletion_seconds)),
                  ("KS p, forgotten vs never inserted",
                   "-" if report.ks_pvalue is None or math.isnan(report.ks_pvalue)
                   else f"{report.ks_pvalue:.3f}"),
                  ("forgotten look like never inserted", report.verdict or "-"),
                  ("why", report.verdict_reason)]
+        if report.tost is not None:
+            t = report.tost
+            need = (f"; {t['power_needed']:.0%} needs {t['forgotten_needed']} forgotten"
+                    if t["power"] < t["power_needed"] and t["forgotten_needed"] is not None else "")
+            rows.append((f"TOST, margin {t['margin']:g} bit",
+                         f"p = {t['p_value']:.3f}, difference {t['difference']:+.2f} "
+                         f"({t['ci'][0]:+.2f} to {t['ci'][1]:+.2f}); power {t['power']:.0%} with "
+                         f"{t['n']} forgotten, {t['m']} never inserted{need}"))
+        if report.oracle is not None:
+            o = report.oracle
+            same = sum(v["store"] == v["oracle"] for v in o.shards.values())
+            rows.append(("retrained oracle", f"{'identical' if o.identical else 'DIFFERENT'}: "
+                         f"{same} of {len(o.shards)} shards' weights equal a scratch store's on "
+                         f"the {o.records} records left (sha256; trained in {o.seconds:.0f} s)"))
     return rows
