@@ -100,6 +100,7 @@ def test_the_utility_gate_and_the_oracle() -> None:
     assert judge(True, 11.7, BAR, forgotten, NEVER, utility=(85.0, 89.0)).answer == "inconclusive"
     exact = judge(True, 11.7, BAR, forgotten, NEVER, utility=(85.0, 86.0), oracle=True)
     assert exact.answer == "yes" and "retrained oracle byte for byte" in exact.reason
+    assert exact.tost is not None and exact.tost["power"] < POWER_NEEDED  # stated all the same
     assert judge(True, 11.7, BAR, forgotten, NEVER, oracle=False).answer == "no"
     # The oracle never overrides memorisation left, nor a broken model.
     assert judge(True, 11.7, BAR, [("canary-0", 11.7, 11.0)], NEVER, oracle=True).answer == "no"

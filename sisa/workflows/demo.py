@@ -205,9 +205,10 @@ def run_lm_demo(
             if tick is not None:
                 tick(None)
         forget_users = users_of_one_shard(sisa, chosen)
-        # In place: the demo's store really forgets (its receipt is what the audit checks).
+        # In place: the demo's store really forgets (its receipt is what the audit checks); then
+        # the retrained oracle, a scratch store on the records left, is compared with it.
         proof = prove(sisa, chosen, f"{dataset}:test", forget_users, holdout_limit=32,
-                      retain_limit=32, progress=progress, in_place=True)
+                      retain_limit=32, progress=progress, in_place=True, oracle=True)
         audit = sisa.audit()
         sisa.close()
     return {

@@ -302,16 +302,17 @@ def judge(memorised: bool, mean_before: float, bar: float,
         if p <= KS_LEVEL:
             return Verdict("no", f"the forgotten canaries' {what} differs from the never-inserted "
                                  f"ones' (KS p = {p:.3f}, at most {KS_LEVEL})")
+    # The equivalence test is stated even where the oracle decides.
+    test = equivalence(gone, base, margin) if m else None
     if oracle is False:
         return Verdict("no", "the model after the deletion differs from the retrained oracle (a "
-                             "scratch store on the records left, same config and seed)")
+                             "scratch store on the records left, same config and seed)", test)
     if oracle:
         return Verdict("yes", "the model after the deletion is the retrained oracle byte for byte "
                               "(every shard's weights equal a scratch store's on the records left, "
-                              "sha256): whatever is measured of it is what retraining gives")
-    if not m:
+                              "sha256): whatever is measured of it is what retraining gives", test)
+    if test is None:
         return Verdict("inconclusive", "no never-inserted canary to compare the forgotten ones with")
-    test = equivalence(gone, base, margin)
     if test["power"] < POWER_NEEDED:
         needed, alt = test["forgotten_needed"], test["with_more_never"]
         if needed is not None:
