@@ -264,8 +264,9 @@ def judge(memorised: bool, mean_before: float, bar: float,
     """The verdict on a deletion, from the forgotten canaries' (id, exposure before, exposure
     after) on their own shard and the never-inserted canaries' exposures after, in bits.
     `calibrated`: the same two groups' exposures gained over the base model (every test below
-    reads these where given: a patterned secret ranks high under any model); `utility`: held-out perplexity (before, after); `oracle`:
-    whether the model after equals the retrained oracle, where that was checked.
+    reads these where given: a patterned secret ranks high under any model); `utility`: held-out
+    perplexity (before, after); `oracle`: whether the model after equals the retrained oracle,
+    where that was checked.
 
     In order: "inconclusive" where there was nothing to forget (not memorised). "no" where a
     forgotten canary keeps an exposure that a never-inserted canary reaches with a probability
