@@ -949,13 +949,19 @@ def prove(
         "--oracle", help="Also train the retrained oracle (a scratch store on the records left, "
                          "same config and seed) and compare each shard's weights with the store's "
                          "after the deletion, by sha256. Costs a full training.")] = False,
+    margin: Annotated[float, typer.Option(
+        help="Equivalence margin of the verdict's TOST, in bits of exposure gained over the base "
+             "model: forgotten canaries must be within it of never-inserted ones.")] = 0.5,
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
     """Causal LM: evidence that forgotten text is gone.
 
-    Measures canary exposure (own shard and ensemble) and membership-inference AUCs (LOSS, zlib,
-    Min-K%, Min-K%++) before and after forgetting; says plainly when the model never memorised
-    the canaries.
+    Measures canary exposure (own shard and ensemble; gained over the base model) and
+    membership-inference AUCs with 95% intervals (LOSS, zlib, Min-K%, Min-K%++, reference)
+    before and after forgetting, on a temporary copy of the store unless --in-place. The verdict
+    (yes, no, inconclusive) says plainly when the model never memorised the canaries, when the
+    equivalence test lacks power, and when held-out perplexity rose past 1.05x; with --oracle,
+    the store after the deletion is compared with a scratch store on the records left.
 
     Example: sisa prove --store stores/chat --canaries canaries.json --holdout builtin:chitchat:test
     --forget-group <user id>
@@ -968,7 +974,7 @@ def prove(
     with _open(store, values, quiet) as sisa:
         report = run_prove(sisa, chosen, holdout, forget_group or [], holdout_limit, retain_limit,
                            _check_combine(combine), references, progress=ShardProgress(not quiet),
-                           in_place=in_place, oracle=oracle)
+                           in_place=in_place, oracle=oracle, margin=margin)
     if not as_json:
         _print_proof(report)
     else:
