@@ -147,6 +147,19 @@ def _check_witness_path(root: Path, witness: Path) -> None:
                            "store does not restore it")
 
 
+def _file_state(path: Path | None) -> tuple[int, ...] | None:
+    """What tells a file's versions apart cheaply: inode, size and times (None: no file)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # unreadable now: its full read reports why
+        return (-1, exc.errno or 0)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _ro_uri(path: Path) -> str:
     return f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
 
@@ -172,6 +185,12 @@ class ShardStore:
         self.created_versions: dict[int, int] = {}  # shard versions of a store just created
         self._generation = 0  # bumped by close(): a thread's older connection is not reused
         self._guard = threading.Lock()
+        # change_counter's own connection (and the generation it was opened in), what it saw
+        # last, and the count of changes it saw; one caller at a time.
+        self._probe: tuple[Database, int] | None = None
+        self._probe_seen: tuple[Any, ...] | None = None
+        self._probe_count = 0
+        self._probe_guard = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -437,6 +456,33 @@ class ShardStore:
                 db.close()
             self._connections = weakref.WeakSet()
             self._generation += 1
+
+    def change_counter(self) -> int:
+        """A number that grows whenever what a reader of this store reads may have changed since
+        the previous call (from any thread): a commit to the database by any connection, of this
+        process or another, or a change to the deletion journal or the witness. Equal numbers
+        from two calls mean none of that changed between them. It costs a few microseconds: one
+        `PRAGMA data_version` and a stat of each file.
+
+        `data_version` moves only for commits by *other* connections, and only when its
+        connection starts a read transaction: so it is read on a connection of its own that never
+        writes (this object's commits move it too), as a statement of its own, outside any
+        transaction, read to the end. A file is compared by inode, size and times: an edit in place
+        that keeps its size within the file system's timestamp granularity goes unseen (the
+        journal and the witness are only appended to, cut, or replaced whole)."""
+        with self._probe_guard:
+            probe = self._probe
+            if probe is None or probe[1] != self._generation:  # first call, or after close()
+                probe = self._probe = (self._connect(), self._generation)
+                with self._guard:
+                    self._connections.add(probe[0])
+                self._probe_seen = None  # a new connection's data_version is not the old one's
+            version = probe[0].conn.execute("PRAGMA data_version").fetchall()[0][0]
+            seen = (version, _file_state(self.journal_log.path), _file_state(self.witness_path))
+            if seen != self._probe_seen:
+                self._probe_seen = seen
+                self._probe_count += 1
+            return self._probe_count
 
     @property
     def key(self) -> bytes:

@@ -669,6 +669,18 @@ class Sisa:
         live = {s: row.sha256 for s, row in servable(store, journal=False).items()}
         return {s: sha for s, sha in live.items() if s not in self._loader.unservable(live)}
 
+    def change_counter(self) -> int:
+        """A number that grows whenever what `servable`, `unservable` or `excluded` read may have
+        changed: a commit to the store by any process, its deletion journal or witness, or a
+        checkpoint this object's loader found damaged. Equal numbers from two calls: none of that
+        changed between them. Microseconds: poll it, and read again only when it moved."""
+        try:
+            # Both terms only grow (a damaged checkpoint is never forgotten), so their sum does too.
+            return self._store.change_counter() + len(self._loader.damaged)
+        except Exception:  # the boundary as `_mapped` draws it, paid only on failure (it is polled)
+            with store_errors(repr(str(self.root / "store.db"))):
+                raise
+
     @_mapped
     def unservable(self) -> dict[int, str]:
         """Shards with records that may not serve, and why: a deletion pending, damage (a live

@@ -151,7 +151,15 @@ def test_serve_load_tiny_run_checks_every_answer(tmp_path):
     assert deleting["answers_checked"] == deleting["requests"]
     assert steady["stale_answers"] == deleting["stale_answers"] == 0
     assert deleting["ack_p50_ms"] > 0 and deleting["ack_to_applied_p50_s"] is not None
-    assert "| store | serving | phase |" in (tmp_path / "serve" / "serve_load.md").read_text()
+    # Side by side with the bare app, at batch 1 and 32: both answered, the ratios computed.
+    versus = run["versus_bare"]
+    assert [v["batch"] for v in versus] == [1, 32]
+    for v in versus:
+        assert v["sisa"]["requests"] > 0 and v["bare"]["requests"] > 0
+        assert v["sisa"]["errors"] == v["bare"]["errors"] == 0
+        assert v["ratio_predictions_per_s"] > 0 and v["ratio_p99"] > 0 and isinstance(v["goal_met"], bool)
+    text = (tmp_path / "serve" / "serve_load.md").read_text()
+    assert "| store | serving | phase |" in text and "| bare predictions/s |" in text
 
 
 def test_service_faults_tiny_run_counts_every_goal(tmp_path):
