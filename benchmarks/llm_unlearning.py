@@ -98,7 +98,7 @@ class Setting:
 
 
 # Never-inserted canaries cost nothing extra (every candidate secret is scored once per model).
-FULL = Setting("SmolLM2-135M-Instruct", 240, 24, 512, 8, 4, 4, 2, 3, 5, 2, 5e-3, 64, 64, 48, 48,
+FULL = Setting("SmolLM2-135M-Instruct", 240, 24, 512, 12, 4, 4, 2, 3, 5, 2, 5e-3, 64, 64, 48, 48,
                1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
 TINY = Setting("", 24, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
                0.5, 4)
