@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ from sisa.api import resolve_source
 from sisa.builtin import stable_subset
 from sisa.config import CausalLMConfig, Combine
 from sisa.serving.generation import decode
+from sisa.serving.scorers import perplexity
 from sisa.unlearning import expected_speedup
 from sisa.workflows.approximate import METHODS, monolith_model, scorer_for, select, sweep
 from sisa.workflows.attacks import gradient_norm_scores
@@ -238,13 +238,10 @@ def _export_check(sisa: Sisa, work: Path, texts: list[str], max_length: int) -> 
     loaded: dict[str, Any] | None = (json.loads(proc.stdout.strip().splitlines()[-1])
                                      if proc.returncode == 0 else None)
     merged = sisa.language_model().scores(sisa.lm_inputs(texts, None), "merged")
-    view = sisa.language_model().views.index("ensemble")
-    total = sum(float(x.logp[view].sum()) for x in merged)
-    tokens = sum(x.logp.shape[1] for x in merged)
     return {"loaded": loaded is not None, "error": None if loaded else proc.stderr[-2000:],
             "load_seconds": time.perf_counter() - started,
             "export_perplexity": loaded["perplexity"] if loaded is not None else None,
-            "merged_perplexity": math.exp(-total / tokens) if tokens else None,
+            "merged_perplexity": perplexity(merged, "ensemble"),
             "receipts_head": report.receipts_head,
             "provenance_matches": loaded is not None and loaded["provenance"] == report.receipts_head}
 

@@ -30,6 +30,7 @@ from sisa.api import resolve_source
 from sisa.builtin import stable_subset
 from sisa.config import CausalLMConfig, Combine
 from sisa.serving.generation import decode
+from sisa.serving.scorers import perplexity
 
 COMBINES: tuple[Combine, ...] = ("mean", "product", "merged")
 
@@ -58,12 +59,6 @@ def _config(s: Setting, shards: int) -> SisaConfig:
         training=CausalLMConfig(model=s.model, epochs_per_slice=s.epochs, learning_rate=s.learning_rate,
                                 top_k_layers=s.top_k, max_length=s.max_length),
         execution=execution())
-
-
-def _log_ppl(scores: list[Any], view: int) -> float:
-    total = sum(float(x.logp[view].sum()) for x in scores)
-    tokens = sum(x.logp.shape[1] for x in scores)
-    return -total / tokens
 
 
 def _per_token(scorer: Any, prompt: list[int], combine: Combine, tokens: int, repeats: int) -> float:
@@ -98,8 +93,8 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
         prompt = scorer.tokenizer("how was your day?", add_special_tokens=False)["input_ids"]
         for combine in COMBINES:
             scores = scorer.scores(held, combine)
-            log_ppl = _log_ppl(scores, scorer.views.index("ensemble"))
-            base_log_ppl = _log_ppl(scores, scorer.views.index("base"))
+            log_ppl = math.log(perplexity(scores, "ensemble"))
+            base_log_ppl = math.log(perplexity(scores, "base"))
             point["combine"][combine] = {
                 "holdout_perplexity": math.exp(log_ppl), "gain_nats": base_log_ppl - log_ppl,
                 "seconds_per_token": _per_token(scorer, prompt, combine, s.decode_tokens,

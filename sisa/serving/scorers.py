@@ -14,6 +14,7 @@ behind one protocol. Every scorer holds some shards' models, gives a view of few
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,14 @@ class TokenScores:
 
     def view(self, name: str) -> int:
         return self.views.index(name)
+
+
+def perplexity(scores: Sequence[TokenScores], view: str) -> float:
+    """The perplexity of these records' learned tokens, all together, under one view (nan where
+    there is no token)."""
+    total = sum(float(s.logp[s.view(view)].sum()) for s in scores)
+    tokens = sum(s.logp.shape[1] for s in scores)
+    return math.exp(-total / tokens) if tokens else math.nan
 
 
 def _moments(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

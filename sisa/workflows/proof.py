@@ -32,6 +32,7 @@ from sisa.features import Progress, counter
 from sisa.partition import place
 from sisa.records import records_from_rows
 from sisa.reports import _Dict
+from sisa.serving.scorers import perplexity as scored_perplexity
 
 MEMORISED_BITS = 10.0  # the bar: inserted canaries' mean exposure on their own shard, before
 # ... or, for secrets too short to reach it, this share of the largest exposure there is.
@@ -429,12 +430,8 @@ def measure(scorer: Any, canaries: CanarySet, shard_of: dict[str, int],
                 members = {"forget": {k: [x[k] for x in f] for k in f[0]},
                            "holdout": {k: [x[k] for x in h] for k in h[0]}}
 
-    def ppl(scores: list[Any]) -> float:
-        total = sum(float(s.logp[ens].sum()) for s in scores)
-        tokens = sum(s.logp.shape[1] for s in scores)
-        return math.exp(-total / tokens) if tokens else math.nan
-
-    perplexity = {"retain": ppl(s_retain), "holdout": ppl(s_holdout), "forget": ppl(s_forget)}
+    perplexity = {name: scored_perplexity(part, "ensemble")
+                  for name, part in (("retain", s_retain), ("holdout", s_holdout), ("forget", s_forget))}
     return Evidence(out, aucs, perplexity, len(secrets), min(references, len(secrets) - 1),
                     membership_ci=cis, member_scores=members)
 
