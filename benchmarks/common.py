@@ -177,3 +177,49 @@ def plain_torch_loop(sisa: Sisa) -> tuple[float, int]:
                     opt.step()
                     steps += 1
     return time.perf_counter() - started, steps
+
+
+def seconds_per_token(scorer: Any, prompt: list[int], combine: Any, tokens: int,
+                      repeats: int = 1) -> float:
+    """Median seconds per generated token of greedy decoding from `prompt` under `combine`,
+    after a warm-up (which also builds a merged adapter once)."""
+    from sisa.serving.generation import decode
+
+    decode(scorer, prompt, 2, combine)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        made = decode(scorer, prompt, tokens, combine, stop=())
+        times.append((time.perf_counter() - started) / max(1, len(made)))
+    return sorted(times)[len(times) // 2]
+
+
+def lm_benchmark_main(doc: str | None, full: Any, tiny: Any, run: Any, summary: Any, prefix: str,
+                      records: bool = False) -> None:
+    """The command line the causal-LM benchmarks share: --out, --tiny (with --model DIR, a small
+    causal LM), --model, and with `records` --records; runs `run(setting, out, work)` in a
+    temporary directory and prints `summary(result)`."""
+    import argparse
+    import dataclasses
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true", help="seconds of work: every code path")
+    parser.add_argument("--model", help="causal LM directory (default: the packaged SmolLM2)")
+    if records:
+        parser.add_argument("--records", type=int, help=f"training turns (default {full.records})")
+    args = parser.parse_args()
+    setting = tiny if args.tiny else full
+    if args.model:
+        setting = dataclasses.replace(setting, model=args.model)
+    if records and args.records:
+        setting = dataclasses.replace(setting, records=args.records)
+    if not setting.model:
+        parser.error("--tiny needs --model DIR (a small causal LM)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        result = run(setting, args.out, Path(tmp))
+    print(summary(result))
+    print(json.dumps({"out": str(args.out)}))

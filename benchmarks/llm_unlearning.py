@@ -34,25 +34,28 @@ Writes results.json, summary.md and exposure.png to --out.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import execution, machine, save_figure, write_json
+from benchmarks.common import (
+    execution,
+    lm_benchmark_main,
+    machine,
+    save_figure,
+    seconds_per_token,
+    write_json,
+)
 from sisa import PartitionConfig, Sisa, SisaConfig, evidence
 from sisa.api import resolve_source
 from sisa.builtin import stable_subset
 from sisa.config import CausalLMConfig, Combine
-from sisa.serving.generation import decode
 from sisa.serving.scorers import perplexity
 from sisa.unlearning import expected_speedup
 from sisa.workflows.approximate import METHODS, monolith_model, scorer_for, select, sweep
@@ -201,10 +204,7 @@ def _decode_latency(sisa: Sisa, tokens: int) -> dict[str, Any]:
     runs: list[tuple[str, Any, Combine]] = [("single", single, "mean"), ("mean", scorer, "mean"),
                                             ("product", scorer, "product"), ("merged", scorer, "merged")]
     for name, s, combine in runs:
-        decode(s, prompt, 2, combine)  # warm (and the merged adapter built once)
-        started = time.perf_counter()
-        made = decode(s, prompt, tokens, combine, stop=())
-        out[name] = (time.perf_counter() - started) / max(1, len(made))
+        out[name] = seconds_per_token(s, prompt, combine, tokens)
     for name in ("mean", "product", "merged"):
         out[f"{name}_vs_single"] = out[name] / out["single"]
     return out
@@ -496,23 +496,7 @@ def summary(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tiny", action="store_true", help="seconds of work: every code path")
-    parser.add_argument("--model", help="causal LM directory (default: the packaged SmolLM2)")
-    args = parser.parse_args()
-    setting = TINY if args.tiny else FULL
-    if args.model:
-        setting = dataclasses.replace(setting, model=args.model)
-    if not setting.model:
-        parser.error("--tiny needs --model DIR (a small causal LM)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with tempfile.TemporaryDirectory(prefix="sisa-llm-bench-") as tmp:
-        result = run(setting, args.out, Path(tmp))
-    print(summary(result))
-    print(json.dumps({"out": str(args.out)}))
+    lm_benchmark_main(__doc__, FULL, TINY, run, summary, "sisa-llm-bench-")
 
 
 if __name__ == "__main__":

@@ -15,21 +15,24 @@ and scaling.png to --out.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import execution, machine, save_figure, write_json
+from benchmarks.common import (
+    execution,
+    lm_benchmark_main,
+    machine,
+    save_figure,
+    seconds_per_token,
+    write_json,
+)
 from sisa import PartitionConfig, Sisa, SisaConfig
 from sisa.api import resolve_source
 from sisa.builtin import stable_subset
 from sisa.config import CausalLMConfig, Combine
-from sisa.serving.generation import decode
 from sisa.serving.scorers import perplexity
 
 COMBINES: tuple[Combine, ...] = ("mean", "product", "merged")
@@ -61,17 +64,6 @@ def _config(s: Setting, shards: int) -> SisaConfig:
         execution=execution())
 
 
-def _per_token(scorer: Any, prompt: list[int], combine: Combine, tokens: int, repeats: int) -> float:
-    """Median seconds per generated token, greedy, the same prompt each time."""
-    decode(scorer, prompt, 2, combine)  # warm (and builds the merged adapter once)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        made = decode(scorer, prompt, tokens, combine, stop=())
-        times.append((time.perf_counter() - started) / max(1, len(made)))
-    return sorted(times)[len(times) // 2]
-
-
 def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     rows, spec = resolve_source("builtin:chitchat", None)
@@ -97,8 +89,8 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
             base_log_ppl = math.log(perplexity(scores, "base"))
             point["combine"][combine] = {
                 "holdout_perplexity": math.exp(log_ppl), "gain_nats": base_log_ppl - log_ppl,
-                "seconds_per_token": _per_token(scorer, prompt, combine, s.decode_tokens,
-                                                s.decode_repeats)}
+                "seconds_per_token": seconds_per_token(scorer, prompt, combine, s.decode_tokens,
+                                                       s.decode_repeats)}
             print(f"S={shards} {combine}: held-out ppl {math.exp(log_ppl):.3f}, "
                   f"{point['combine'][combine]['seconds_per_token'] * 1000:.1f} ms/token", flush=True)
         # One deletion: the first live record (one slice, so its shard retrains from scratch).
@@ -162,25 +154,7 @@ def summary(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tiny", action="store_true", help="seconds of work: every code path")
-    parser.add_argument("--model", help="causal LM directory (default: the packaged SmolLM2)")
-    parser.add_argument("--records", type=int, help="training turns (default 2000)")
-    args = parser.parse_args()
-    setting = TINY if args.tiny else FULL
-    if args.model:
-        setting = dataclasses.replace(setting, model=args.model)
-    if args.records:
-        setting = dataclasses.replace(setting, records=args.records)
-    if not setting.model:
-        parser.error("--tiny needs --model DIR (a small causal LM)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sisa-lm-scaling-") as tmp:
-        result = run(setting, args.out, Path(tmp))
-    print(summary(result))
-    print(json.dumps({"out": str(args.out)}))
+    lm_benchmark_main(__doc__, FULL, TINY, run, summary, "sisa-lm-scaling-", records=True)
 
 
 if __name__ == "__main__":
