@@ -498,6 +498,8 @@ class StoreConfig:
 
 TOKEN_ENV = "SISA_SERVE_TOKEN"  # the service's bearer token, from the environment
 OnPending = Literal["exclude", "wait"]
+ReplicaStore = Literal["auto", "shared", "fetch"]
+WorkerPlace = Literal["process", "thread"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -529,9 +531,21 @@ class ServiceConfig:
                                       "apply together.")
     poll_interval: float = option(1.0, "Seconds between the worker's looks for deletions other "
                                        "processes acknowledged.")
+    worker: WorkerPlace = option(
+        "process", "Where the deletion worker retrains: process (its own, so retraining never "
+                   "competes with requests for the interpreter) or thread (in the service's). "
+                   "With --ray it runs in the driver.")
     ray: bool = option(False, "Run on Ray Serve (a local Ray on 127.0.0.1, or --ray-address).")
     replicas: int = option(2, "Ray Serve replicas (--ray).")
     replica_cpus: float = option(1.0, "Ray CPUs per replica (--ray).")
+    replica_store: ReplicaStore = option(
+        "auto", "How Ray Serve replicas reach the store (--ray): shared (each opens its directory: "
+                "one machine, or a file system all nodes share), fetch (through a keeper on the "
+                "driver's node, checkpoints sent by digest: no shared file system) or auto "
+                "(shared on the driver's node, fetch on the others).")
+    replica_resources: dict[str, float] = option(
+        {}, "Custom Ray resources each replica reserves (--ray): places replicas on the nodes "
+            "that have them.", cli=False)
     log_level: str = option("info", "debug, info, warning or error.")
 
     def __post_init__(self) -> None:
@@ -540,8 +554,16 @@ class ServiceConfig:
             check(self.port <= 65535, f"port must be 0..65535, got {self.port!r}")
         check(self.on_pending in ("exclude", "wait"),
               f"on_pending must be 'exclude' or 'wait', got {self.on_pending!r}")
+        check(self.worker in ("process", "thread"),
+              f"worker must be 'process' or 'thread', got {self.worker!r}")
         for name in ("max_body_bytes", "max_batch", "max_deletion_ids", "max_new_tokens", "replicas"):
             check.integer(getattr(self, name), name, 1)
+        check(self.replica_store in ("auto", "shared", "fetch"),
+              f"replica_store must be 'auto', 'shared' or 'fetch', got {self.replica_store!r}")
+        if check(isinstance(self.replica_resources, dict), "replica_resources must map resource "
+                 f"names to amounts, got {self.replica_resources!r}"):
+            for key, amount in self.replica_resources.items():
+                _check_amount(amount, f"replica_resources[{key!r}]", check)
         for name in ("wait_timeout", "batch_window", "poll_interval", "replica_cpus"):
             if check.finite(getattr(self, name), name):
                 check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -42,7 +42,10 @@ def store(trained: Path, tmp_path: Path) -> Path:
 
 
 def serving(store: Path, worker: bool = True, **settings: Any) -> tuple[Service, TestClient]:
-    config = ServiceConfig(**{"token": TOKEN, "batch_window": 0.0, "poll_interval": 0.1, **settings})
+    # The worker as a thread: these tests hold and replace it (tests/test_worker_process.py runs
+    # it as the process `sisa serve` starts).
+    config = ServiceConfig(**{"token": TOKEN, "batch_window": 0.0, "poll_interval": 0.1,
+                              "worker": "thread", **settings})
     service = Service(store, config, worker=worker).start()
     return service, TestClient(create_app(service))
 

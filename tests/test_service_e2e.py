@@ -60,6 +60,9 @@ def test_a_real_server_deletes_while_clients_predict_and_never_answers_stale(tmp
         listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN]
         assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+        # Deletions retrain in a child process, not among the request threads.
+        child = client.get("/v1/status", headers=AUTH).json()["service"]["worker"]["process"]
+        assert psutil.Process(child).ppid() == proc.pid
 
         answers: list[Answer] = []
         errors: list[str] = []
@@ -116,6 +119,7 @@ def test_a_real_server_deletes_while_clients_predict_and_never_answers_stale(tmp
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0, log.read_text()
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     with Sisa.open(store, recover=False, read_only=True) as sisa:
         report = sisa.audit()
         assert sisa.pending() == [] and report.ok, report.violations

@@ -33,7 +33,7 @@ from sisa.records import FLOAT32_MAX, feature_problems, spec_columns
 from sisa.reports import Generation, ScoreReport
 from sisa.service.metrics import Metrics
 from sisa.service.model import LiveModel, ModelVersion
-from sisa.service.worker import DeletionWorker, ack_to_applied
+from sisa.service.worker import DeletionWorker, WorkerProcess, ack_to_applied
 from sisa.tasks import ClassificationTask
 from sisa.unlearning import DeletionReceipt, DeletionRequest
 
@@ -50,26 +50,33 @@ class Prediction:
 
 class Service:
     """One store, served. `worker=False`: deletions are acknowledged here and applied by a worker
-    elsewhere (another `Service`'s, the Ray Serve driver's, or a CLI `sisa recover`)."""
+    elsewhere (another `Service`'s, the Ray Serve driver's, or a CLI `sisa recover`). `opened`:
+    the store as opened elsewhere, to read and acknowledge with (a Ray Serve replica's
+    `RemoteSisa`; with `worker=False`)."""
 
     def __init__(self, store_dir: str | Path, config: ServiceConfig,
                  execution: ExecutionConfig | None = None, worker: bool = True,
-                 store_config: StoreConfig | None = None) -> None:
+                 store_config: StoreConfig | None = None, opened: Sisa | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
         self.started = time.time()
         self.writer: Sisa | None = None
-        self.worker: DeletionWorker | None = None
+        self.worker: DeletionWorker | WorkerProcess | None = None
         if config.deletions:
             # The writer first: where the worker runs, it finishes whatever a crash interrupted
             # before anything serves.
-            self.writer = Sisa.open(store_dir, execution, recover=worker, store_config=store_config)
-            if worker:
+            self.writer = opened or Sisa.open(store_dir, execution, recover=worker,
+                                              store_config=store_config)
+            failed = lambda _exc: self.metrics.worker_failures.inc()  # noqa: E731
+            if worker and config.worker == "process":
+                self.worker = WorkerProcess(self.writer, store_dir, execution, store_config,
+                                            config.batch_window, config.poll_interval,
+                                            self._after_run, failed)
+            elif worker:
                 self.worker = DeletionWorker(self.writer, config.batch_window, config.poll_interval,
-                                             self._after_run,
-                                             lambda _exc: self.metrics.worker_failures.inc())
-        self.reader = Sisa.open(store_dir, execution, recover=False, read_only=True,
-                                share_with=self.writer, store_config=store_config)
+                                             self._after_run, failed)
+        self.reader = opened or Sisa.open(store_dir, execution, recover=False, read_only=True,
+                                          share_with=self.writer, store_config=store_config)
         self.model = LiveModel(self.reader, config.on_pending, config.wait_timeout)
         self._ack_lock = threading.Lock()
         self._counted = 0  # checkpoints read, as counted in the metrics
@@ -282,7 +289,8 @@ class Service:
                 "uptime_seconds": round(time.time() - self.started, 3),
                 "worker": None if worker is None else {
                     "alive": worker.alive, "busy": worker.busy, "runs": worker.runs,
-                    "failing": sorted(worker.failures)},
+                    "failing": sorted(worker.failures),
+                    "process": worker.pid if isinstance(worker, WorkerProcess) else None},
             },
         }
 

@@ -7,22 +7,39 @@ retrains join the same run: the deletion manager plans again until nothing is pe
 commits each swap in one transaction; the live model then loads only the changed shards. At
 every poll it also retries a WAL truncation a reader kept from completing (the old pages of a
 deleted record may sit in the WAL until it succeeds).
+
+Under uvicorn it runs in a process of its own (`WorkerProcess`, running `main`),
+so retraining never competes with the request threads for one interpreter. The service talks to
+it in JSON lines over the child's stdin and a copy of its stdout (nothing is pickled): it sends
+`notify`, `ping` and `stop`; the child reports each run's receipts (as the ledger stores them,
+no id in clear) and its failures, and the service loads the retrained shards as they arrive.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from sisa.api import Sisa
+from sisa.config import ExecutionConfig, StoreConfig
 from sisa.errors import SisaError
 from sisa.unlearning import DeletionReceipt
 
 log = logging.getLogger("sisa.service")
 _MAX_BACKOFF = 30.0  # seconds between attempts after repeated failures
+_CHILD = "import sys; from sisa.service.worker import main; main(int(sys.argv[1]))"
 
 
 def ack_to_applied(receipt: DeletionReceipt) -> float | None:
@@ -38,15 +55,17 @@ class DeletionWorker:
 
     def __init__(self, sisa: Sisa, batch_window: float = 0.2, poll_interval: float = 1.0,
                  after_run: Callable[[list[DeletionReceipt]], None] | None = None,
-                 on_failure: Callable[[Exception], None] | None = None) -> None:
+                 on_failure: Callable[[Exception], None] | None = None,
+                 on_begin: Callable[[], None] | None = None) -> None:
         """`after_run`: called after every run that tried to apply something, failed or not, with
         the receipts of the deletions it applied (a failed run may have committed some before it
-        failed)."""
+        failed). `on_begin`: called as a run begins to apply something."""
         self.sisa = sisa
         self.batch_window = batch_window
         self.poll_interval = poll_interval
         self.after_run = after_run
         self.on_failure = on_failure
+        self.on_begin = on_begin
         self.failures: dict[str, str] = {}  # request id -> why the last attempt failed
         self.runs = 0  # apply runs that did something
         self.busy = False
@@ -102,6 +121,8 @@ class DeletionWorker:
         if not pending and not self.sisa.lost_deletions():
             return []
         self.busy = True
+        if self.on_begin is not None:
+            self.on_begin()
         receipts: list[DeletionReceipt] = []
         try:
             try:
@@ -110,12 +131,13 @@ class DeletionWorker:
                 for request in pending:
                     self.failures[request.request_id] = f"{type(exc).__name__}: {exc}"
                 raise
-            finally:
+            else:
+                self.runs += 1
+                for receipt in receipts:
+                    self.failures.pop(receipt.request_id, None)
+            finally:  # after the counts: the hook reports them
                 if self.after_run is not None:
                     self.after_run(receipts)
-            self.runs += 1
-            for receipt in receipts:
-                self.failures.pop(receipt.request_id, None)
         finally:
             self.busy = False  # after the hook: `wait_idle` then sees its counts and reloads
         return receipts
@@ -133,3 +155,240 @@ class DeletionWorker:
                 return True
             time.sleep(0.05)
         return False
+
+
+class WorkerError(SisaError):
+    """The worker process failed a run, or stopped."""
+
+
+class WorkerProcess:
+    """The deletion worker in a process of its own, with the interface of `DeletionWorker`.
+
+    `sisa` is the service's writer of the same store (pending deletions, and the WAL truncation at
+    close, which only the last connection can complete). The child opens its own writer (and
+    finishes whatever a crash interrupted). If the child dies, it is started again (after 1 s,
+    doubling up to 30 s while it keeps dying); the deletions it had not applied stay pending,
+    durable, and their shards excluded."""
+
+    def __init__(self, sisa: Sisa, store_dir: str | Path, execution: ExecutionConfig | None,
+                 store_config: StoreConfig | None, batch_window: float = 0.2,
+                 poll_interval: float = 1.0,
+                 after_run: Callable[[list[DeletionReceipt]], None] | None = None,
+                 on_failure: Callable[[Exception], None] | None = None) -> None:
+        self.sisa = sisa
+        self.after_run = after_run
+        self.on_failure = on_failure
+        self.failures: dict[str, str] = {}
+        self.runs = 0
+        self.busy = False
+        self.starts = 0  # processes started (more than 1: it died and was started again)
+        self._settings = {"store": str(Path(store_dir).resolve()), "batch_window": batch_window,
+                          "poll_interval": poll_interval,
+                          "execution": asdict(execution) if execution is not None else None,
+                          "store_config": asdict(store_config.resolved()) if store_config else None}
+        self._process: subprocess.Popen[str] | None = None
+        self._events: Any = None
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pongs: dict[int, bool] = {}
+        self._pinged = threading.Condition()
+        self._pings = 0
+        self._thread = threading.Thread(target=self._run, name="sisa-deletion-worker-events",
+                                        daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        process = self._process
+        return process is not None and process.poll() is None and self._thread.is_alive()
+
+    def start(self) -> WorkerProcess:
+        """Start the child; it opens the store and applies whatever is pending. Deletions
+        notified meanwhile wait in its input."""
+        self._spawn()
+        self._thread.start()
+        return self
+
+    def notify(self) -> None:
+        self._send({"cmd": "notify"})
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        """Stop after the current run (a run stopped by a kill is finished by the next writer)."""
+        self._stop.set()
+        self._send({"cmd": "stop"})
+        process = self._process
+        if process is not None:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("the deletion worker process did not stop in %s s: killed", timeout)
+                process.kill()
+                process.wait()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def scrub(self) -> bool:
+        return self.sisa.scrub()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once nothing is pending and every run's report was handled here (the retrained
+        shards loaded): the child answers a ping only once idle, after its reports."""
+        deadline = time.monotonic() + timeout
+        with self._pinged:
+            self._pings += 1
+            ping = self._pings
+        if not self._send({"cmd": "ping", "id": ping, "timeout": timeout}):
+            return False
+        with self._pinged:
+            while ping not in self._pongs:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.alive:
+                    return False
+                self._pinged.wait(min(left, 0.5))
+            return self._pongs.pop(ping) and not self.sisa.pending()
+
+    # -- the channel -----------------------------------------------------------------------------
+
+    def _send(self, message: Mapping[str, Any]) -> bool:
+        process = self._process
+        if process is None or process.stdin is None:
+            return False
+        with self._send_lock, contextlib.suppress(OSError, ValueError):
+            process.stdin.write(json.dumps(message) + "\n")
+            process.stdin.flush()
+            return True
+        return False
+
+    def _spawn(self) -> None:
+        """Start a child and send it its settings; its events come on a pipe of their own, so
+        nothing it prints mixes in."""
+        read, write = os.pipe()
+        try:
+            process = subprocess.Popen([sys.executable, "-c", _CHILD, str(write)],
+                                       stdin=subprocess.PIPE, pass_fds=(write,), text=True)
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        self._events = os.fdopen(read, "r", encoding="utf-8")
+        self._process = process
+        self.starts += 1
+        self._send({"cmd": "settings", **self._settings})
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                for line in self._events:
+                    event = json.loads(line)
+                    if event.get("event") == "ready":  # it opened the store: not dying at start
+                        backoff = 0.0
+                    self._handle(event)
+            except Exception as exc:  # a report the service could not handle: log, go on
+                log.error("deletion worker process: %s: %s", type(exc).__name__, exc)
+            finally:
+                with contextlib.suppress(OSError):
+                    self._events.close()
+            process = self._process
+            code = process.wait() if process is not None else None
+            self.busy = False
+            with self._pinged:
+                self._pinged.notify_all()
+            if self._stop.is_set():
+                return
+            backoff = min(_MAX_BACKOFF, max(1.0, 2 * backoff))
+            log.error("the deletion worker process exited (code %s): starting it again in %.0f s",
+                      code, backoff)
+            if self.on_failure is not None:
+                self.on_failure(WorkerError(f"the deletion worker process exited with code {code}"))
+            if self._stop.wait(backoff):
+                return
+            try:
+                self._spawn()
+            except OSError as exc:
+                log.error("the deletion worker process could not start: %s", exc)
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if "failures" in event:
+            self.failures = dict(event["failures"])
+        if kind == "begin":
+            self.busy = True
+        elif kind == "run":
+            self.runs = int(event.get("runs", self.runs))
+            try:
+                if self.after_run is not None:
+                    self.after_run([DeletionReceipt.from_ledger(r) for r in event["receipts"]])
+            finally:
+                self.busy = False
+        elif kind == "failure":
+            if self.on_failure is not None:
+                self.on_failure(WorkerError(str(event.get("error", ""))))
+        elif kind == "pong":
+            with self._pinged:
+                self._pongs[int(event["id"])] = bool(event.get("idle"))
+                self._pinged.notify_all()
+
+
+def main(events_fd: int) -> None:
+    """The worker process: settings, then commands, as JSON lines on stdin; events on `events_fd`.
+    Ends at `stop` or when stdin closes (the service is gone)."""
+    events = os.fdopen(events_fd, "w", encoding="utf-8")
+    lock = threading.Lock()
+
+    def emit(**event: Any) -> None:
+        with lock:
+            events.write(json.dumps(event) + "\n")
+            events.flush()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the service's to handle: it stops us
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = json.loads(sys.stdin.readline() or "{}")
+    execution = ExecutionConfig(**settings["execution"]) if settings.get("execution") else None
+    store_config = StoreConfig(**settings["store_config"]) if settings.get("store_config") else None
+    sisa = Sisa.open(settings["store"], execution, store_config=store_config)  # recovers first
+    from sisa.training.shard_trainer import setup_process  # before the first retrain is timed
+
+    setup_process(sisa.config.training.torch_threads, sisa.config.execution.device)
+    worker: DeletionWorker
+
+    def after_run(receipts: list[DeletionReceipt]) -> None:
+        emit(event="run", receipts=[r.ledger_dict() for r in receipts], runs=worker.runs,
+             failures=worker.failures)
+
+    def on_failure(exc: Exception) -> None:
+        emit(event="failure", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+             if str(exc) else type(exc).__name__, failures=worker.failures)
+
+    worker = DeletionWorker(sisa, float(settings["batch_window"]), float(settings["poll_interval"]),
+                            after_run, on_failure, on_begin=lambda: emit(event="begin"))
+    emit(event="ready", pid=os.getpid())
+    if sisa.recovered_:  # deletions acknowledged while it started, applied as it opened the store
+        emit(event="run", receipts=[r.ledger_dict() for r in sisa.recovered_], runs=0, failures={})
+    worker.start()
+    worker.notify()  # whatever is pending already
+
+    def pong(ping: dict[str, Any]) -> None:
+        idle = worker.wait_idle(float(ping.get("timeout", 60)))
+        emit(event="pong", id=ping["id"], idle=idle)
+
+    try:
+        for line in sys.stdin:
+            command = json.loads(line)
+            if command.get("cmd") == "notify":
+                worker.notify()
+            elif command.get("cmd") == "ping":
+                threading.Thread(target=pong, args=(command,), daemon=True).start()
+            elif command.get("cmd") == "stop":
+                break
+    finally:
+        worker.stop()
+        with contextlib.suppress(SisaError, OSError):
+            worker.scrub()
+        sisa.close()
+
