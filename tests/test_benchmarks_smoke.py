@@ -151,6 +151,8 @@ def test_serve_load_tiny_run_checks_every_answer(tmp_path):
     assert deleting["answers_checked"] == deleting["requests"]
     assert steady["stale_answers"] == deleting["stale_answers"] == 0
     assert deleting["ack_p50_ms"] > 0 and deleting["ack_to_applied_p50_s"] is not None
+    assert deleting["receipt_seconds_p50"] > 0 and deleting["ack_to_live_over_receipt_p50"] > 0
+    assert run["deleting_over_steady"] > 0
     # Side by side with the bare app, at batch 1 and 32: both answered, the ratios computed.
     versus = run["versus_bare"]
     assert [v["batch"] for v in versus] == [1, 32]
@@ -195,3 +197,18 @@ def test_predict_scale_tiny_run_predicts_every_row_of_new_data(tmp_path):
     assert result["rows"] == result["output_file"]["lines_written"] == 10_000
     assert result["output_file"]["stdout"]["predictions"] == 10_000  # a summary, not the rows
     assert result["json_stdout"]["rows_parsed"] == 10_000
+
+
+def test_generation_load_tiny_run_checks_every_answer(tmp_path, tiny_lm):
+    out = tmp_path / "generation"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.generation_load", "--tiny", "--model",
+                           tiny_lm, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "generation_load.json").read_text())
+    assert [(p["combine"], p["clients"]) for p in result["phases"]] == \
+        [("mean", 1), ("mean", 4), ("merged", 1), ("merged", 4)]
+    assert result["mismatches"] == 0 and result["errors"] == 0
+    assert all(p["tokens"] > 0 and p["tokens_per_second"] > 0 for p in result["phases"])
+    assert set(result["speedup"]) == set(result["lone"]) == {"mean", "merged"}
+    assert all(lone["batched_server_p50"] > 0 for lone in result["lone"].values())

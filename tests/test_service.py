@@ -188,6 +188,10 @@ def test_limits_refuse_large_bodies_and_batches(store):
         assert batch.status_code == 413 and batch.json()["error"]["code"] == "batch_too_large"
         many = client.post("/v1/deletions", json={"ids": ["r0001", "r0002", "r0003"]}, headers=AUTH)
         assert many.status_code == 422 and "at most 2" in many.json()["error"]["message"]
+        # Refused before routing, a body too large is still counted (as no route).
+        metrics = client.get("/metrics").text
+        assert 'sisa_requests_total{endpoint="unmatched",method="POST",status="413"} 1.0' in metrics
+        assert 'sisa_requests_total{endpoint="/v1/predict",method="POST",status="413"} 2.0' in metrics
     finally:
         service.close()
 
