@@ -53,8 +53,8 @@ PACKAGE_ORDER: dict[str, list[str]] = {
                       "", "shard_trainer"],
     "sisa.serving": ["", "scorers", "ensemble", "generation", "loader"],
     "sisa.workflows": ["", "attacks", "proof", "approximate", "export", "demo"],
-    "sisa.service": ["settings", "metrics", "staleness", "model", "worker", "service", "app",
-                     "ray_serve", ""],
+    "sisa.service": ["settings", "metrics", "staleness", "model", "batching", "worker", "service",
+                     "remote", "app", "ray_serve", ""],
     "sisa.testing": ["", "tamper", "killer"],
 }
 THIRD_PARTY_ONLY_IN = {"ray": {"sisa.execution", "sisa.service.ray_serve"},

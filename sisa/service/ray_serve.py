@@ -1,12 +1,15 @@
 """The same service on Ray Serve: replicas that each load the store's base model once and the live
-shard checkpoints, behind Ray Serve's HTTP proxy, and one deletion worker in the driver.
+shard checkpoints, behind Ray Serve's HTTP proxy (on the head node), and one deletion worker in
+the driver.
 
 Every replica answers from the store's servable checkpoints, checked before and after each answer
 (see `sisa.service.model`), so a replica that has not yet loaded a retrained shard leaves it out
 rather than answer from the one a deletion reached. Any replica acknowledges a deletion (durable in
 the store before its `202`); the driver's worker finds it within `poll_interval` and applies it.
-The replicas and the driver must see the same store directory (one machine, or a shared file
-system that SQLite can lock). The only module of the service that imports `ray`.
+A replica on the driver's node opens the store's directory; one on another node (or any, with
+`replica_store="fetch"`) asks a keeper actor on the driver's node (`sisa.service.remote`) for the
+servable shards at every look and for checkpoints by digest, so no node needs the directory. The
+only module of the service that imports `ray`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from typing import Any
 
 from sisa.api import Sisa
 from sisa.config import ExecutionConfig, ServiceConfig, StoreConfig
+from sisa.errors import StoreError
 from sisa.execution import local_ray, require_loopback
 from sisa.service.app import create_app
+from sisa.service.remote import Call, RemoteSisa, StoreKeeper
 from sisa.service.service import Service
 from sisa.service.settings import settings_summary
 from sisa.service.worker import DeletionWorker
@@ -32,17 +37,32 @@ from sisa.service.worker import DeletionWorker
 log = logging.getLogger("sisa.service")
 APP_NAME = "sisa"
 _RAY_POLL = 0.1  # seconds: how soon the driver's worker finds a deletion a replica acknowledged
+KEEPER = "sisa-store-keeper"  # the keeper actor's name (in the namespace below)
+KEEPER_NAMESPACE = "sisa"
+_KEEPER_CALLS = 32  # calls the keeper answers at once (one thread each): replicas x request threads
+_KEEPER_TIMEOUT = 120.0  # seconds a replica waits for the keeper (a large checkpoint included)
 
 
 class SisaReplica:
-    """One Ray Serve replica: a `Service` without a worker, and its FastAPI app."""
+    """One Ray Serve replica: a `Service` without a worker, and its FastAPI app. `keeper_node`:
+    the node of the store's keeper (None: there is none); the replica reads through it when
+    `replica_store` says fetch, or auto and this replica runs on another node."""
 
     def __init__(self, store_dir: str, settings: dict[str, Any], execution: dict[str, Any] | None,
-                 store: dict[str, Any] | None = None) -> None:
+                 store: dict[str, Any] | None = None, keeper_node: str | None = None) -> None:
+        import ray
+
         _loopback_replica_server()
-        self.service = Service(store_dir, ServiceConfig(**settings),
-                               ExecutionConfig(**execution) if execution else None, worker=False,
-                               store_config=StoreConfig(**store) if store else None).start()
+        config = ServiceConfig(**settings)
+        execution_config = ExecutionConfig(**execution) if execution else None
+        here = ray.get_runtime_context().get_node_id()
+        self.fetches = keeper_node is not None and (config.replica_store == "fetch"
+                                                    or keeper_node != here)
+        opened = (RemoteSisa(keeper_calls(ray.get_actor(KEEPER, namespace=KEEPER_NAMESPACE)),
+                             execution_config) if self.fetches else None)
+        self.service = Service(store_dir, config, execution_config, worker=False,
+                               store_config=StoreConfig(**store) if store else None,
+                               opened=opened).start()
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.service)
@@ -76,20 +96,61 @@ def _loopback_replica_server() -> None:
         replica.add_port_to_grpc_server = loopback
 
 
+def keeper_calls(keeper: Any) -> Call:
+    """The keeper actor's `call`, over Ray (its answers, checkpoint bytes included, through the
+    object store); a keeper that does not answer is a StoreError."""
+    import ray
+
+    def call(method: str, *args: Any) -> tuple[bool, Any]:
+        try:
+            answer: tuple[bool, Any] = ray.get(keeper.call.remote(method, *args),
+                                               timeout=_KEEPER_TIMEOUT)
+        except ray.exceptions.RayError as exc:
+            raise StoreError(f"the store's keeper did not answer {method!r}: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
+        return answer
+
+    return call
+
+
+def start_keeper(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None,
+                 store_config: StoreConfig | None) -> Any:
+    """The store's keeper, an actor on this (the driver's) node, which sees the store; returns
+    its handle once it has opened the store."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    keeper = ray.remote(StoreKeeper).options(
+        name=KEEPER, namespace=KEEPER_NAMESPACE, num_cpus=0, max_concurrency=_KEEPER_CALLS,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    ).remote(str(Path(store_dir).resolve()), execution,
+             store_config.resolved() if store_config else None, config.deletions)
+    keeper_calls(keeper)("change_counter")  # up, and the store open
+    return keeper
+
+
 def deploy(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None,
-           store_config: StoreConfig | None = None) -> str:
-    """Deploy the service on the running Ray (Serve's proxy on `config.host`:`config.port`, with
-    `config.replicas` replicas); returns the URL. Blocks until every replica is up."""
+           store_config: StoreConfig | None = None, keeper_node: str | None = None) -> str:
+    """Deploy the service on the running Ray (Serve's proxy on the head node at
+    `config.host`:`config.port`, with `config.replicas` replicas); returns the URL. Blocks until
+    every replica is up. `keeper_node`: where the store's keeper runs, if one does
+    (`start_keeper`)."""
     from ray import serve
 
-    serve.start(http_options={"host": config.host, "port": config.port})
+    # One proxy, on the head: the URL is the driver's, and on one machine simulating several
+    # nodes a proxy per node would contend for the one port.
+    serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port})
+    options: dict[str, Any] = {"num_cpus": config.replica_cpus}
+    if config.replica_resources:
+        options["resources"] = dict(config.replica_resources)
     deployment = serve.deployment(name="SisaReplica", num_replicas=config.replicas,
-                                  ray_actor_options={"num_cpus": config.replica_cpus})(
-        serve.ingress()(SisaReplica))
+                                  ray_actor_options=options)(serve.ingress()(SisaReplica))
     settings = asdict(config)
     serve.run(deployment.bind(str(Path(store_dir).resolve()), settings,
                               asdict(execution) if execution else None,
-                              asdict(store_config.resolved()) if store_config else None),
+                              asdict(store_config.resolved()) if store_config else None,
+                              keeper_node),
               name=APP_NAME, route_prefix="/")
     return f"http://{config.host}:{config.port}"
 
@@ -99,8 +160,10 @@ def ray_service(store_dir: str | Path, config: ServiceConfig,
                 execution: ExecutionConfig | None = None,
                 store_config: StoreConfig | None = None) -> Iterator[str]:
     """Run the service on Ray Serve (a local Ray on 127.0.0.1, or the cluster at the execution
-    config's `ray_address`), with the deletion worker in this process; yields the URL, and tears
-    down what it started."""
+    config's `ray_address` or the one this process is connected to), with the deletion worker in
+    this process; yields the URL, and tears down what it started. A keeper of the store starts on
+    this node where replicas may fetch: `replica_store` fetch, or auto on a cluster sisa did not
+    start (on its own local Ray every replica runs here, and opens the store)."""
     import ray
     from ray import serve
 
@@ -109,12 +172,20 @@ def ray_service(store_dir: str | Path, config: ServiceConfig,
     worker = (DeletionWorker(writer, config.batch_window, min(config.poll_interval, _RAY_POLL)).start()
               if writer is not None else None)
     try:
-        with _ray(ray, execution.ray_address if execution is not None else None):
-            url = deploy(store_dir, config, execution, store_config)
+        with _ray(ray, execution.ray_address if execution is not None else None) as local:
+            keeper = None
+            if config.replica_store == "fetch" or (config.replica_store == "auto" and not local):
+                keeper = start_keeper(store_dir, config, execution, store_config)
             try:
-                yield url
+                url = deploy(store_dir, config, execution, store_config,
+                             ray.get_runtime_context().get_node_id() if keeper is not None else None)
+                try:
+                    yield url
+                finally:
+                    serve.shutdown()
             finally:
-                serve.shutdown()
+                if keeper is not None:
+                    ray.kill(keeper)
     finally:
         if worker is not None:
             worker.stop()
@@ -123,19 +194,20 @@ def ray_service(store_dir: str | Path, config: ServiceConfig,
 
 
 @contextlib.contextmanager
-def _ray(ray: Any, address: str | None) -> Iterator[None]:
+def _ray(ray: Any, address: str | None) -> Iterator[bool]:
+    """Ray, connected; yields whether it is a local Ray sisa started (one node, this one)."""
     if ray.is_initialized():
-        yield
+        yield False
     elif address:
         ray.init(address=address, log_to_driver=False)
         try:
-            yield
+            yield False
         finally:
             ray.shutdown()
     else:
         with local_ray():
             require_loopback(ray.util.get_node_ip_address())
-            yield
+            yield True
 
 
 def serve_on_ray(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConfig | None = None,

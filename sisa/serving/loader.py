@@ -7,14 +7,18 @@ resumes from: each file's bytes are read once and checked against the sha256 the
 and weights sha256, into an `Ensemble`: each checkpoint is fetched once (from the store, or from
 wherever `fetch` gets bytes by digest) and cached by shard and digest, so no cache can hand out a
 pre-deletion model; an ensemble of fewer shards is a view of the loaded one (nothing reloads).
-The library (`Sisa.ensemble`), the HTTP service and Ray Serve replicas all load through it.
+The library (`Sisa.ensemble`), the HTTP service and Ray Serve replicas all load through it; a
+replica on a node without the store gets bytes by digest (`checkpoint_files` where the store is,
+`received` where they arrive, verified at both ends).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from shard_store import CheckpointFileError, CheckpointRow, ShardStore
 from sisa.checkpoint import MANIFEST, WEIGHTS, Checkpoint
@@ -134,3 +138,72 @@ class Loader:
             self._ensemble = Ensemble(self.backend, self.features, scorer,
                                       {s: c.sha256 for s, c in checkpoints.items()})
             return self._ensemble
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """A live checkpoint's files as they travel to a process that cannot read the store (a Ray
+    Serve replica on another node): the bytes as read, and the sha256 its sealed registration
+    gives each file. Bytes and digests, nothing unpickled on arrival (see `received`)."""
+
+    shard: int
+    key: str
+    blobs: dict[str, bytes]  # file name -> bytes: the weights and the manifest
+    sha256: dict[str, str]  # file name -> sha256 registered for it (sealed)
+
+
+def checkpoint_files(store: ShardStore, row: CheckpointRow) -> CheckpointFiles:
+    """A registered checkpoint's weights and manifest as bytes, verified as `read_checkpoint`
+    verifies them (seal, each file's sha256, the manifest against the registration), for a
+    process that cannot read the store (which verifies them again on arrival)."""
+    where = repr(str(store.root / row.path))
+    if not store.sealed(row):
+        raise CheckpointError(f"checkpoint {where} (shard {row.shard}, slice {row.slice}) fails its "
+                              "seal: its registration (files and their sha256) was altered")
+    try:
+        blobs = store.read_files(row, [WEIGHTS, MANIFEST])
+    except CheckpointFileError as exc:
+        raise CheckpointError(f"{exc} (shard {row.shard}, slice {row.slice})") from exc
+    Checkpoint.from_blobs(blobs, row.key, where)  # the manifest, checked where the store is too
+    return CheckpointFiles(row.shard, row.key, blobs, {n: row.files[n] for n in blobs})
+
+
+def store_files(store: ShardStore) -> Callable[[int, str], CheckpointFiles]:
+    """`store_fetch`, as bytes to send: fetch(shard, weights sha256) -> that live checkpoint's
+    files; `CheckpointMovedError` if it is no longer the shard's live one, CheckpointError if
+    it is damaged."""
+
+    def fetch(shard: int, sha256: str) -> CheckpointFiles:
+        row = store.live().get(shard)
+        if row is None or row.sha256 != sha256:
+            raise CheckpointMovedError(f"shard {shard}'s live checkpoint changed while it was read")
+        try:
+            return checkpoint_files(store, row)
+        except CheckpointError:
+            again = store.live().get(shard)
+            if again is None or again.sha256 != sha256:
+                raise CheckpointMovedError(f"shard {shard}'s live checkpoint changed while it was "
+                                           "read") from None
+            raise
+
+    return fetch
+
+
+def received(files: CheckpointFiles, shard: int, sha256: str, where: str) -> Checkpoint:
+    """Checkpoint bytes sent from elsewhere, verified on arrival as a read from the store is:
+    they are the checkpoint asked for (shard, weights sha256), each file's bytes hash to the
+    sha256 its registration gives, and the manifest is the one registered under its key.
+    Anything else is CheckpointError (the checkpoint never serves here)."""
+    if files.shard != shard or files.sha256.get(WEIGHTS) != sha256:
+        raise CheckpointError(f"checkpoint {where}: asked for shard {shard} at weights sha256 "
+                              f"{sha256[:16]}..., received another")
+    for name in (WEIGHTS, MANIFEST):
+        blob, registered = files.blobs.get(name), files.sha256.get(name)
+        if blob is None or registered is None or hashlib.sha256(blob).hexdigest() != registered:
+            raise CheckpointError(f"checkpoint {where} (shard {shard}): {name} does not match the "
+                                  "sha256 registered for it (damaged in transit, or altered)")
+    checkpoint = Checkpoint.from_blobs(files.blobs, files.key, where)
+    if checkpoint.shard != shard:
+        raise CheckpointError(f"checkpoint {where}: its manifest names shard {checkpoint.shard}, "
+                              f"not {shard}")
+    return checkpoint
