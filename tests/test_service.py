@@ -418,6 +418,7 @@ def test_status_reports_the_store_and_the_service(served):
     assert body["store"]["live_records"] == 150
     assert body["service"]["worker"]["alive"] is True
     assert set(body["service"]["loaded"]) == {"0", "1", "2"}
+    assert body["service"]["store_access"] == "directory"
 
 
 # -- the staleness check -------------------------------------------------------------------------

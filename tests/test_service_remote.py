@@ -70,6 +70,7 @@ def test_a_replica_through_the_keeper_answers_as_the_store_and_follows_a_deletio
             assert live[shard] == receipt.checkpoints_changed[str(shard)]["after"]
         assert (service.deletion(request.request_id) or {})["status"] == "applied"
         assert service.status()["store"]["live_records"] == len(base.rows) - 1
+        assert service.status()["service"]["store_access"] == "keeper"
         with pytest.raises(ConfigError, match="through its keeper"):
             service.reader.forget([base.rows[1]["id"]])  # the store itself is elsewhere
     finally:
@@ -218,6 +219,7 @@ def test_replicas_on_a_node_without_the_store_never_answer_stale(tmp_path):
 
     assert not report["errors"], report["errors"][:3]
     assert len(report["pids"]) == 2, report["pids"]  # both replicas answered
+    assert report["store_access"] == ["keeper"]  # neither could read the directory
     deletions = [Deletion(at, shards, receipt) for at, shards, receipt in report["deletions"]]
     answers = [Answer(sent, shards) for sent, shards in report["answers"]]
     result = check(answers, deletions)
@@ -284,7 +286,8 @@ def run_clients(url: str, auth: dict[str, str], victims: list[str]) -> dict[str,
     final = [client.post("/v1/predict", json={"inputs": INPUTS, "probabilities": True}).json()
              for _ in range(6)]
     out["final"] = [[f["model"]["shards"], f["probabilities"]] for f in final]
-    out["pids"] = sorted({client.get("/v1/status", headers=auth).json()["service"]["pid"]
-                          for _ in range(12)})
+    statuses = [client.get("/v1/status", headers=auth).json()["service"] for _ in range(12)]
+    out["pids"] = sorted({s["pid"] for s in statuses})
+    out["store_access"] = sorted({s["store_access"] for s in statuses})
     out["answered"] = len(out["answers"])
     return out

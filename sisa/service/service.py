@@ -31,6 +31,7 @@ from sisa.errors import (
 from sisa.inputs import model_reads
 from sisa.records import FLOAT32_MAX, feature_problems, spec_columns
 from sisa.reports import Generation, ScoreReport
+from sisa.service.batching import GenerationBatcher
 from sisa.service.metrics import Metrics
 from sisa.service.model import LiveModel, ModelVersion
 from sisa.service.worker import DeletionWorker, WorkerProcess, ack_to_applied
@@ -58,6 +59,7 @@ class Service:
                  execution: ExecutionConfig | None = None, worker: bool = True,
                  store_config: StoreConfig | None = None, opened: Sisa | None = None) -> None:
         self.config = config
+        self._opened = opened
         self.metrics = Metrics()
         self.started = time.time()
         self.writer: Sisa | None = None
@@ -78,6 +80,7 @@ class Service:
         self.reader = opened or Sisa.open(store_dir, execution, recover=False, read_only=True,
                                           share_with=self.writer, store_config=store_config)
         self.model = LiveModel(self.reader, config.on_pending, config.wait_timeout)
+        self.generations = GenerationBatcher()  # every request's prompts decode on one thread
         self._ack_lock = threading.Lock()
         self._counted = 0  # checkpoints read, as counted in the metrics
 
@@ -98,6 +101,7 @@ class Service:
     def close(self) -> None:
         """Stop the worker, close the reader, and then truncate the WAL if a truncation after a
         deletion is still owed (this process's own reader may have kept it from completing)."""
+        self.generations.close()
         if self.worker is not None:
             self.worker.stop()
         self.reader.close()
@@ -178,9 +182,13 @@ class Service:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, combine: Combine | None,
                  temperature: float, seed: int, stop: Sequence[str]) -> tuple[list[Generation], ModelVersion]:
+        """`Sisa.generate`'s answer from the servable shards (`LiveModel.run` checks them before
+        and after, and computes it again if they changed): the prompts decode beside those of
+        concurrent requests under the very same shards (`GenerationBatcher`), with the same tokens."""
         self.reader.require_language_model()
         out, version = self.model.run(lambda ensemble: self.reader.generate(
-            prompts, max_new_tokens, combine, temperature, seed, stop, ensemble=ensemble))
+            prompts, max_new_tokens, combine, temperature, seed, stop,
+            ensemble=self.generations.bind(ensemble)))
         self._note(version)
         return out, version
 
@@ -283,6 +291,8 @@ class Service:
             "store": store,
             "service": {
                 "pid": os.getpid(),  # which process (Ray Serve replica) answered
+                # how this process reads the store: its directory, or a keeper's answers
+                "store_access": "directory" if self._opened is None else "keeper",
                 "on_pending": self.config.on_pending,
                 "loaded": {str(s): sha for s, sha in sorted(live.items())},
                 "checkpoints_read": self.reader.checkpoints_read,
