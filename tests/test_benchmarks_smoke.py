@@ -211,4 +211,4 @@ def test_generation_load_tiny_run_checks_every_answer(tmp_path, tiny_lm):
     assert result["mismatches"] == 0 and result["errors"] == 0
     assert all(p["tokens"] > 0 and p["tokens_per_second"] > 0 for p in result["phases"])
     assert set(result["speedup"]) == set(result["lone"]) == {"mean", "merged"}
-    assert all(lone["batched_server_p50"] > 0 for lone in result["lone"].values())
+    assert all(lone["batched_p50"] > 0 for lone in result["lone"].values())

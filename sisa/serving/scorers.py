@@ -77,10 +77,15 @@ class _Adapters:
     model: Any
     shards: list[int]
     names: list[str]
+    lock: threading.RLock
 
     def _load(self, base: Any, config: Any, adapters: Mapping[int, dict[str, torch.Tensor]],
               seed: int, device: str) -> None:
         self.device = device
+        # Held around every pass and every change of the adapters, by every view (`subset` copies
+        # the reference): peft passes a pass's `adapter_names` to its layers through hooks it
+        # registers on the model for the pass, so two passes at once would mix their adapters.
+        self.lock = threading.RLock()
         self.shards = sorted(adapters)
         self.names = [adapter_name(s) for s in self.shards]
         self.model = with_adapters(base, config, {adapter_name(s): adapters[s] for s in self.shards},
@@ -121,7 +126,8 @@ class LoraScorer(_Adapters):
             n = len(texts)
             # One forward pass for all shards: the batch repeated once per adapter.
             big = {k: v.repeat(len(self.shards), 1).to(self.device) for k, v in enc.items()}
-            logits = self.model(**big, adapter_names=self.rows(n)).logits.float()
+            with self.lock:
+                logits = self.model(**big, adapter_names=self.rows(n)).logits.float()
             proba = torch.softmax(logits, -1).double().cpu().numpy()
             for i, shard in enumerate(self.shards):
                 per_shard[shard].append(proba[i * n:(i + 1) * n])
@@ -200,7 +206,7 @@ class LMScorer(_Adapters):
         update, one pass serves it), made on first use and kept while the scorer lives; a scorer
         is loaded for one version of the store, so a changed shard gets a new merge."""
         key = tuple(self.shards)
-        with self._merging:
+        with self._merging, self.lock:
             name = self._merges.get(key)
             if name is None:
                 name = f"merged-{len(self._merges)}"
@@ -235,7 +241,8 @@ class LMScorer(_Adapters):
             kwargs["attention_mask"] = attention_mask.to(self.device)
         if cache is not None:
             kwargs["cache"] = cache
-        return self.model(input_ids=input_ids.to(self.device), **kwargs)
+        with self.lock:
+            return self.model(input_ids=input_ids.to(self.device), **kwargs)
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 blocks: Sequence[str]) -> torch.Tensor:
@@ -249,11 +256,12 @@ class LMScorer(_Adapters):
             self._parts = split_model(self.model, self.split)
         lower, upper = self._parts
         mask = attention_mask.to(self.device)
-        hidden = lower(input_ids=input_ids.to(self.device), attention_mask=mask,
-                       use_cache=False).last_hidden_state
         n = input_ids.shape[0]
-        return upper(inputs_embeds=hidden.repeat(k, 1, 1), attention_mask=mask.repeat(k, 1),
-                     adapter_names=[b for b in blocks for _ in range(n)], use_cache=False).logits
+        with self.lock:  # the lower part shares its modules with the whole model too
+            hidden = lower(input_ids=input_ids.to(self.device), attention_mask=mask,
+                           use_cache=False).last_hidden_state
+            return upper(inputs_embeds=hidden.repeat(k, 1, 1), attention_mask=mask.repeat(k, 1),
+                         adapter_names=[b for b in blocks for _ in range(n)], use_cache=False).logits
 
     @torch.no_grad()
     def scores(self, inputs: Any, combine: Combine = "mean",
