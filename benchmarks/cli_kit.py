@@ -31,6 +31,7 @@ class Timed:
     code: int
     output: Any  # parsed JSON of stdout, or None
     stderr: str
+    cpu: float = 0.0  # seconds of CPU (user + system) the process used: less swayed by a busy machine
 
 
 def sisa(*argv: str, check: bool = True) -> Timed:
@@ -54,7 +55,8 @@ def timed(command: list[str], argv: list[str] | None = None, check: bool = True)
         parsed = json.loads(text) if text.strip() else None
     except ValueError:
         parsed = None
-    result = Timed(list(argv), wall, usage.ru_maxrss / 1024, proc.returncode, parsed, errors)
+    result = Timed(list(argv), wall, usage.ru_maxrss / 1024, proc.returncode, parsed, errors,
+                   usage.ru_utime + usage.ru_stime)
     if check and proc.returncode != 0:
         name = "sisa " if command[:len(SISA)] == SISA else ""
         raise RuntimeError(f"{name}{' '.join(argv[:3])} ... failed ({proc.returncode}): {errors[-2000:]}")

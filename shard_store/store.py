@@ -411,7 +411,9 @@ class ShardStore:
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"{str(self.root / DB_NAME)!r} is not a readable SQLite store: "
                                f"{exc}") from exc
-        return Database(conn)
+        # No sqlite-utils plugins: none has any business on a store's connection, and finding
+        # them reads the entry points of every installed package, in every process.
+        return Database(conn, execute_plugins=False)
 
     def _connect_read_only(self) -> sqlite3.Connection:
         """A connection that cannot write. Reading a WAL database needs its -shm file: where it is

@@ -62,7 +62,7 @@ from sisa.shard_data import ShardData
 from sisa.sources import rows_of
 from sisa.status import CONFIG_DIGEST, quick_status, servable, store_errors, store_status
 from sisa.tasks import ClassificationTask, LanguageModelingTask, ModelSpec, task_from_meta
-from sisa.training import LazyBackend, resolve_backend
+from sisa.training import MODEL_FREE, LazyBackend, resolve_backend
 from sisa.training.protocol import Backend, ShardModel
 from sisa.unlearning import (
     DeletionManager,
@@ -98,18 +98,21 @@ def resolve_source(source: Any, spec: DataSpec | None) -> tuple[list[dict[str, A
 
 
 def preload_torch() -> None:
-    """Import torch, and the torch._dynamo that every optimizer step imports (together about
-    2.3 s of a fresh process here), on a helper thread while this one opens the store and
-    acknowledges a deletion, which need neither; the trainer's own imports then find them loaded,
-    or wait for the helper to finish them. (Not while records are read: both hold the GIL most of
-    the time, and on two cores `train` gained nothing measurable from it.)"""
-    if "torch._dynamo" not in sys.modules:
-        threading.Thread(target=_import_torch, daemon=True, name="sisa-import-torch").start()
+    """Import torch (about a second of a fresh process) on a helper thread while this one reads
+    the data, opens the store or acknowledges a deletion, which need none of it and leave the
+    GIL free part of the time (Arrow's parsing, SQLite, hashing, fsyncs); the trainer's own
+    import then finds it loaded, or waits for the helper to finish it. Not torch._dynamo, which
+    every optimizer step imports: imported by another thread than the one that trains, it left
+    that thread's backward passes up to 1.8x slower here; `setup_process` imports it, on the
+    training thread, before any training is timed."""
+    if "torch" not in sys.modules and _PRELOADING.acquire(blocking=False):
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True,
+                         name="sisa-import-torch").start()
 
 
-def _import_torch() -> None:
-    importlib.import_module("torch")
-    importlib.import_module("torch._dynamo")
+# Taken (and kept) by the first call that starts the helper: one helper per process, where a
+# second (`forget` after `open`) only waited on the first's import locks.
+_PRELOADING = threading.Lock()
 
 
 def data_source(source: Any, spec: DataSpec | None) -> tuple[Any, DataSpec]:
@@ -173,6 +176,8 @@ def _probe_backend(config: SisaConfig, spec: DataSpec) -> Backend:
         if config.training.task == LanguageModelingTask.kind else None
     shape = task.model_spec(None) if task is not None else ModelSpec(num_classes=2, input_dim=(
         len(spec.feature_columns) if spec.kind == "features" else None))
+    if config.training.backend in MODEL_FREE:  # nothing to check; torch is imported meanwhile
+        return LazyBackend(config.training, shape)
     backend = resolve_backend(config.training, shape)
     backend.fingerprint()
     validate = getattr(backend, "validate", None)
@@ -274,6 +279,7 @@ class Sisa:
         `store_config` (or the environment): a key file keeps the store's key outside it (a new
         key is written there if the file does not exist), a witness path starts its witness."""
         started = time.perf_counter()
+        preload_torch()  # while the data is read, which leaves the GIL free much of the time
         custody = store_config if store_config is not None else StoreConfig().resolved()
         key = None
         if custody.key_file is not None:

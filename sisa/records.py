@@ -41,9 +41,19 @@ CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 def feature_problems(features: np.ndarray) -> tuple[list[bool], list[bool]]:
     """Per row of a (rows, features) float64 matrix: whether every value is finite, and whether
     any is beyond float32's range (the models compute in float32)."""
-    finite: list[bool] = np.isfinite(features).all(axis=1).tolist()
-    outside = np.abs(features) > FLOAT32_MAX
-    huge: list[bool] = outside.any(axis=1).tolist()
+    rows = len(features)
+    finite, huge = [True] * rows, [False] * rows
+    if not features.size:
+        return finite, huge
+    # A row within float32's range both ways is finite and not huge (NaN fails both comparisons,
+    # and max and min carry it): two reductions over the matrix, and no temporary of its size.
+    inside = (features.max(axis=1) <= FLOAT32_MAX) & (features.min(axis=1) >= -FLOAT32_MAX)
+    odd = np.flatnonzero(~inside)
+    if odd.size:
+        rest = features[odd]
+        for i, ok, big in zip(odd.tolist(), np.isfinite(rest).all(axis=1).tolist(),
+                              (np.abs(rest) > FLOAT32_MAX).any(axis=1).tolist(), strict=True):
+            finite[i], huge[i] = ok, big
     return finite, huge
 
 
@@ -83,8 +93,12 @@ def pack_features(inp: Sequence[float]) -> bytes:
     return struct.pack(f"<{len(inp)}d", *inp)
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def _digest(data: bytes, *more: bytes) -> str:
+    """The digest of `data` and then `more` (as of their concatenation, which is not made)."""
+    digest = hashlib.blake2b(data, digest_size=16)
+    for part in more:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def features_prefix(target: str | None, group: str | None, prior: float | None) -> bytes:
@@ -100,7 +114,7 @@ def content_digest(inp: Input, target: str | None, group: str | None, prior: flo
     if isinstance(inp, str):
         fields: list[Any] = [inp, target, group] if prior is None else [inp, target, group, prior]
         return _digest(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    return _digest(features_prefix(target, group, prior) + (packed or pack_features(inp)))
+    return _digest(features_prefix(target, group, prior), packed or pack_features(inp))
 
 
 def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = None,
@@ -115,7 +129,7 @@ def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = N
     elif isinstance(inp, str):  # the key of a cached embedding: keep it stable across versions
         data = json.dumps(inp, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     else:
-        data = b"f8\0" + (packed or pack_features(inp))
+        return _digest(b"f8\0", packed or pack_features(inp))
     return _digest(data)
 
 
@@ -524,7 +538,7 @@ class Validator:
             prefix = prefixes.get((y, g, p))
             if prefix is None:
                 prefix = prefixes[(y, g, p)] = features_prefix(y, g, p)
-            digests.append(_digest(prefix + row))
+            digests.append(_digest(prefix, row))
         input_digests = [input_digest((), row) for row in packed]
         return Batch(ids, groups, targets, matrix, priors, digests, input_digests, packed)
 

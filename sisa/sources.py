@@ -82,7 +82,9 @@ def _list_features(column: list[Any], odd: list[tuple[int, Any]]) -> np.ndarray:
     return out
 
 
-def _arrow_features(column: Any, odd: list[tuple[int, Any]]) -> np.ndarray:
+def _arrow_floats(column: Any) -> Any:
+    """An Arrow feature column as float64 (nulls stay null), or None where Arrow cannot read it as
+    numbers and Python must, value by value."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -91,13 +93,44 @@ def _arrow_features(column: Any, odd: list[tuple[int, Any]]) -> np.ndarray:
             or pa.types.is_null(kind):
         # Unchecked: an integer beyond 2**53 rounds to the nearest float, as float() rounds it
         # (a checked cast refuses it, quoting the value).
-        return pc.cast(column, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        return pc.cast(column, pa.float64(), safe=False)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
-            return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+            return pc.cast(column, pa.float64())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass  # e.g. " 1" or "1_0", which Python reads: value by value, as Python does
-    return _list_features(column.to_pylist(), odd)
+    return None
+
+
+def _arrow_features(size: int, get: Any, present: set[str], columns: Sequence[str],
+                    odd: dict[str, list[tuple[int, Any]]]) -> np.ndarray:
+    """The feature columns of an Arrow batch as one column-major (size, features) float64 matrix,
+    laid out by Arrow in one pass (`to_tensor`; NaN where a value is missing or the batch lacks
+    the column). A column Arrow cannot read as numbers is read by Python (its booleans, lists,
+    objects go to `odd`). Never through `Array.to_numpy`, which imports pandas (a third of a
+    second)."""
+    import pyarrow as pa
+
+    floats = []
+    by_python: dict[int, np.ndarray] = {}
+    for j, c in enumerate(columns):
+        column = _arrow_floats(get(c)) if c in present else None
+        if column is None:
+            if c in present:
+                found: list[tuple[int, Any]] = []
+                by_python[j] = _list_features(get(c).to_pylist(), found)
+                if found:
+                    odd[c] = found
+            column = pa.nulls(size, pa.float64())
+        floats.append(column)
+    batch = pa.RecordBatch.from_arrays(floats, names=list(columns))
+    if hasattr(batch, "to_tensor"):  # pyarrow >= 16
+        matrix = np.asarray(batch.to_tensor(null_to_nan=True, row_major=False))
+    else:
+        matrix = np.stack([c.to_numpy(zero_copy_only=False) for c in floats], axis=1)
+    for j, values in by_python.items():
+        matrix[:, j] = values
+    return matrix
 
 
 def _from_columns(start: int, size: int, get: Any, names: Sequence[str], wanted: Wanted,
@@ -109,14 +142,16 @@ def _from_columns(start: int, size: int, get: Any, names: Sequence[str], wanted:
               for c in wanted.scalars}
     features = None
     odd: dict[str, list[tuple[int, Any]]] = {}
-    if wanted.features:
+    if wanted.features and arrow:
+        features = _arrow_features(size, get, present, wanted.features, odd)
+    elif wanted.features:
         # Column-major: each column is written contiguously (the rows are gathered later).
         features = np.full((size, len(wanted.features)), math.nan, order="F")
         for j, c in enumerate(wanted.features):
             if c not in present:
                 continue
             found: list[tuple[int, Any]] = []
-            features[:, j] = _arrow_features(get(c), found) if arrow else _list_features(get(c), found)
+            features[:, j] = _list_features(get(c), found)
             if found:
                 odd[c] = found
     return Chunk(start, size, values, features, odd)

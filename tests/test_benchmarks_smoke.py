@@ -212,3 +212,23 @@ def test_generation_load_tiny_run_checks_every_answer(tmp_path, tiny_lm):
     assert all(p["tokens"] > 0 and p["tokens_per_second"] > 0 for p in result["phases"])
     assert set(result["speedup"]) == set(result["lone"]) == {"mean", "merged"}
     assert all(lone["batched_p50"] > 0 for lone in result["lone"].values())
+
+
+def test_cli_overhead_tiny_run_states_every_goal(tmp_path):
+    out = tmp_path / "overhead"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cli_overhead", "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "cli_overhead.json").read_text())
+    train, forget = result["train"], result["forget"]
+    assert train["seconds"] > 0 and train["wall"] > train["seconds"]
+    assert abs(train["wall_over_seconds"] - train["wall"] / train["seconds"]) < 0.01
+    assert len(forget["runs"]) == 3 and len({r["id"] for r in forget["runs"]}) == 3
+    for r in forget["runs"]:
+        assert abs(r["wall_minus_receipt"] - (r["wall"] - r["receipt_seconds"])) < 0.01 and r["cpu"] > 0
+    assert len(result["status"]["walls"]) == 2 and result["status"]["median"] > 0
+    assert [g["target"] for g in result["goals"]] == ["<= 1.5 s", "<= 1.3x", "<= 0.8 s"]
+    assert all(isinstance(g["met"], bool) for g in result["goals"])
+    assert "torch" in result["imports"]["sisa forget"]  # it trains
+    assert not {"torch", "pandas"} & set(result["imports"]["sisa status"])
+    assert "| goal | target | measured | met |" in (out / "cli_overhead.md").read_text()

@@ -263,6 +263,53 @@ def test_status_agrees_with_the_library(forgotten):
         assert json.loads(report) == json.loads(json.dumps(sisa.status().to_dict()))
 
 
+def test_status_reads_the_store_without_sisa_api_and_an_old_store_through_it(forgotten, tmp_path):
+    """`sisa status` reads a store that recorded its config digest without importing sisa.api
+    (its imports were a third of the command); a store from before the digest was recorded is
+    opened through the library, and reported as the library reports it."""
+    import shutil
+    import sqlite3
+
+    from sisa import Sisa
+
+    store, _ = forgotten
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    with sqlite3.connect(old / "store.db") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'config_digest'")
+    conn.close()
+    for where, api in [(store, False), (old, True)]:
+        code = ("import json, sys; from sisa.cli import app\n"
+                f"app(['status', '--store', {str(where)!r}, '--json'], standalone_mode=False)\n"
+                "print(json.dumps(['sisa.api' in sys.modules, 'torch' in sys.modules]))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        *report, last = proc.stdout.strip().splitlines()
+        assert json.loads(last) == [api, False]
+        with Sisa.open(where, recover=False, read_only=True) as sisa:
+            assert json.loads("\n".join(report)) == json.loads(json.dumps(sisa.status().to_dict()))
+
+
+def test_train_from_a_csv_imports_no_pandas(tmp_path):
+    """Arrow lays a CSV's feature columns out as one matrix (`RecordBatch.to_tensor`), never
+    through `Array.to_numpy`, which imports pandas (a third of a second of every `sisa train`);
+    the shards train to the very weights the same rows give read by Python (a JSON array)."""
+    rows = make_rows(40)
+    data = write_csv(tmp_path / "train.csv", rows)
+    code = ("import json, sys; from sisa.cli import app\n"
+            f"app(['train', '--store', {str(tmp_path / 'csv')!r}, '--data', {str(data)!r}, "
+            f"*{TRAIN!r}], standalone_mode=False)\n"
+            "print(json.dumps(['pandas' in sys.modules, 'torch._dynamo' in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, True]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    run("train", "--store", str(tmp_path / "json"), "--data", str(tmp_path / "train.json"), *TRAIN)
+    weights = [[s["sha256"] for s in as_json(run("status", "--store", str(tmp_path / kind),
+                                                 "--json"))["shards"]] for kind in ("csv", "json")]
+    assert weights[0] == weights[1] and all(weights[0])
+
+
 # Where users meet the CLI: its help, its errors, its output ------------------------------------------
 
 def help_of(*command: str) -> str:

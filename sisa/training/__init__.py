@@ -25,6 +25,9 @@ from sisa.training.protocol import Backend, Encoder, ShardModel
 BACKENDS = {"mlp": ("sisa.training.mlp", "MLPBackend"), "head": ("sisa.training.head", "HeadBackend"),
             "lora": ("sisa.training.lora", "LoraBackend"),
             "causal_lm": ("sisa.training.causal_lm", "CausalLMBackend")}
+# Backends that load no pretrained model: building one checks nothing that could fail, so a store
+# about to be trained need not build it (nor import torch) before its data is read.
+MODEL_FREE = frozenset({"mlp"})
 
 
 def resolve_backend(config: TrainingConfig, spec: ModelSpec) -> Backend:
@@ -97,5 +100,5 @@ class LazyBackend:
         return getattr(self.built, name)
 
 
-__all__ = ["BACKENDS", "Backend", "LazyBackend", "ModelSpec", "ShardModel", "backend_fingerprint",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "MODEL_FREE", "Backend", "LazyBackend", "ModelSpec", "ShardModel",
+           "backend_fingerprint", "resolve_backend"]

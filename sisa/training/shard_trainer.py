@@ -79,8 +79,9 @@ def setup_process(torch_threads: int, device: str) -> str:
     if inductor is not None:
         inductor.deterministic = True  # type: ignore[attr-defined]
     torch._C._set_deterministic_algorithms(True, warn_only=device == "cpu")
-    # Every optimizer step imports torch._dynamo (about 1.2 s, once per process): here, before
-    # any retrain is timed, rather than inside the first one.
+    # Every optimizer step imports torch._dynamo (about 1 s, once per process): here, before any
+    # retrain is timed, rather than inside the first one; and on the thread that trains (imported
+    # by a helper thread, it left the trainer's backward passes up to 1.8x slower).
     importlib.import_module("torch._dynamo")
     return device
 
