@@ -528,7 +528,9 @@ def forget(
 
     The deletion is recorded durably, then the affected shards retrain from the last checkpoint
     before the earliest affected slice. Ids (ID... and --ids-file) and --group are two kinds of
-    request: give one or the other, as the HTTP service takes one.
+    request: give one or the other, as the HTTP service takes one. Where a `sisa serve` of this
+    store runs on this machine and SISA_SERVE_TOKEN holds its token, the deletion is handed to it
+    (it holds the store open and its worker ready) and its receipt printed.
 
     Example: sisa forget --store stores/digits digits-0001 digits-0042
     """
@@ -540,21 +542,49 @@ def forget(
     if not wanted and group is None:
         raise typer.BadParameter("give record ids, --ids-file, or --group")
     check_deletion_target(wanted if ids or ids_file is not None else None, group)
+    if _handed_off(store, wanted if group is None else None, group, as_json):
+        return
     # Not recovered on opening: the deletion is acknowledged first, so forgetting a damaged record
     # (which recovery would stop at) works; applying it then finishes anything a crash left.
     with _open(store, values, no_progress or as_json, recover=False, tidy=False) as sisa:
         r = sisa.forget_group(group) if group is not None else sisa.forget(wanted)
     if r.already_deleted:
         err.print(f"already deleted (no-op): {errors.name_some(r.already_deleted)}")
-    _emit(as_json, r.to_dict(), _kv_table(f"deletion {r.request_id or '(nothing new)'}", {
-        "records": len(r.record_ids),
+    receipt = r.to_dict()
+    _emit(as_json, receipt, _receipt_table(f"deletion {r.request_id or '(nothing new)'}", receipt,
+                                           len(r.record_ids)))
+
+
+def _receipt_table(title: str, receipt: dict[str, Any], records: int) -> Table:
+    return _kv_table(title, {
+        "records": records,
         "shards retrained (from slice)": ", ".join(
-            f"{a['shard']} ({a['start_slice']})" for a in r.affected_shards) or "-",
-        "samples retrained": r.samples_retrained,
-        "seconds": r.seconds,
-        "checkpoints changed": len(r.checkpoints_changed),
-        "checkpoints unchanged": len(r.checkpoints_unchanged),
-    }))
+            f"{a['shard']} ({a['start_slice']})" for a in receipt["affected_shards"]) or "-",
+        "samples retrained": receipt["samples_retrained"],
+        "seconds": receipt["seconds"],
+        "checkpoints changed": len(receipt["checkpoints_changed"]),
+        "checkpoints unchanged": len(receipt["checkpoints_unchanged"]),
+    })
+
+
+def _handed_off(store: Path, ids: list[str] | None, group: str | None, as_json: bool) -> bool:
+    """Whether a running `sisa serve` of this store took the deletion (and applied it), which
+    spares this process its imports; its receipt is printed as ours would be (`sisa.handoff`)."""
+    from sisa.handoff import forget_through, running_service, token
+
+    url, bearer = running_service(store), token()
+    if url is None or bearer is None:
+        return False
+    state = forget_through(url, bearer, ids, group)
+    if state is None:
+        return False
+    receipt, ack = state["receipt"], state["acknowledged"]
+    if ack.get("already_deleted"):
+        err.print(f"already deleted (no-op): {ack['already_deleted']} record(s)")
+    _emit(as_json, {**receipt, "record_ids": ids or [], "served_by": url}, _receipt_table(
+        f"deletion {receipt['request_id']} (applied by the service at {url})", receipt,
+        len(receipt.get("record_digests") or ids or [])))
+    return True
 
 
 @app.command(cls=_Command)

@@ -227,7 +227,9 @@ def test_cli_overhead_tiny_run_states_every_goal(tmp_path):
     for r in forget["runs"]:
         assert abs(r["wall_minus_receipt"] - (r["wall"] - r["receipt_seconds"])) < 0.01 and r["cpu"] > 0
     assert len(result["status"]["walls"]) == 2 and result["status"]["median"] > 0
-    assert [g["target"] for g in result["goals"]] == ["<= 1.5 s", "<= 1.3x", "<= 0.8 s"]
+    handed = result["forget_handed_off"]["runs"]
+    assert len(handed) == 3 and not {r["id"] for r in handed} & {r["id"] for r in forget["runs"]}
+    assert [g["target"] for g in result["goals"]] == ["<= 1.5 s", "<= 1.5 s", "<= 1.3x", "<= 0.8 s"]
     assert all(isinstance(g["met"], bool) for g in result["goals"])
     assert "torch" in result["imports"]["sisa forget"]  # it trains
     assert not {"torch", "pandas"} & set(result["imports"]["sisa status"])

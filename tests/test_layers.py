@@ -33,7 +33,7 @@ FLOORS: dict[str, int] = {
     "sisa.errors": 0,
     "sisa.config": 1, "sisa.partition": 1, "sisa.schedule": 1, "sisa.sources": 1,
     "sisa.records": 2, "sisa.checkpoint": 2, "sisa.reports": 2, "sisa.models": 2,
-    "sisa.builtin": 2, "sisa.evidence": 2, "sisa.custody": 2,
+    "sisa.builtin": 2, "sisa.evidence": 2, "sisa.custody": 2, "sisa.handoff": 2,
     "sisa.tasks": 3, "sisa.status": 3, "sisa.intake": 3, "sisa.adapters": 3, "sisa.inputs": 3,
     "sisa.training": 4,
     "sisa.execution": 5, "sisa.features": 5, "sisa.shard_data": 5,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sisa.config import TOKEN_ENV, ExecutionConfig, ServiceConfig, StoreConfig
+from sisa.errors import SisaError
 from sisa.service.app import create_app
 from sisa.service.model import LiveModel, ModelVersion, adapter_id
 from sisa.service.service import Service
@@ -22,6 +23,7 @@ from sisa.service.settings import read_token, settings_summary
 __all__ = ["TOKEN_ENV", "LiveModel", "ModelVersion", "Service", "ServiceConfig", "adapter_id",
            "create_app", "read_token", "serve", "settings_summary"]
 
+log = logging.getLogger("sisa.service")
 OnStart = Callable[[dict[str, Any]], None]
 
 
@@ -45,16 +47,38 @@ def serve(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConf
         listener = _listen(config.host, config.port)
         host, port = listener.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        withdraw = _advertise(store_dir, config, host, port)
         if on_start is not None:
             on_start(settings_summary(store_dir, config, url))
         # uvicorn's access log would record query strings: sisa's own logs routes only.
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=config.log_level,
                                                access_log=False, server_header=False,
                                                timeout_graceful_shutdown=5))
-        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
-            server.run(sockets=[listener])
+        try:
+            with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
+                server.run(sockets=[listener])
+        finally:
+            withdraw()
     finally:
         service.close()
+
+
+def _advertise(store_dir: str | Path, config: ServiceConfig, host: str, port: int) -> Callable[[], None]:
+    """Tell `sisa forget` of this store that this service takes its deletions (`sisa.handoff`),
+    at a loopback address: only where the service listens on one (or on every interface)."""
+    from sisa.handoff import advertise
+
+    if not config.deletions:
+        return lambda: None
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    elif not config.loopback:
+        return lambda: None
+    try:
+        return advertise(store_dir, f"http://{f'[{host}]' if ':' in host else host}:{port}")
+    except (OSError, SisaError) as exc:
+        log.warning("not advertised to sisa forget (it will do deletions itself): %s", exc)
+        return lambda: None
 
 
 def _listen(host: str, port: int) -> socket.socket:

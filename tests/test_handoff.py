@@ -1,0 +1,90 @@
+"""`sisa forget` hands its deletion to the running `sisa serve` of the store: the advertisement
+(private, alive, this store's only), and the command end to end against a real service."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sisa import Sisa
+from sisa.handoff import RUNTIME_ENV, advert_path, advertise, running_service
+from sisa.testing import free_port
+
+from .conftest import SPEC, live_shas, make_rows, small_config
+from .test_service_e2e import AUTH, TOKEN, wait_ready
+
+
+@pytest.fixture
+def runtime(tmp_path, monkeypatch) -> Path:
+    where = tmp_path / "run"
+    where.mkdir(mode=0o700)
+    monkeypatch.setenv(RUNTIME_ENV, str(where))
+    return where
+
+
+def test_an_advertisement_is_found_only_while_private_alive_and_for_its_store(tmp_path, runtime):
+    store = tmp_path / "store"
+    withdraw = advertise(store, "http://127.0.0.1:8123")
+    assert running_service(store) == "http://127.0.0.1:8123"
+    assert running_service(tmp_path / "other") is None
+    path = advert_path(store)
+    assert path.stat().st_mode & 0o777 == 0o600
+    text = json.loads(path.read_text())
+    path.write_text(json.dumps({**text, "pid": 2 ** 22 + 12345}))  # a process that is gone
+    assert running_service(store) is None
+    path.write_text(json.dumps(text))
+    runtime.chmod(0o777)  # others could have written it: ignored
+    assert running_service(store) is None
+    runtime.chmod(0o700)
+    path.write_text(json.dumps({**text, "url": "http://10.1.2.3:8000"}))  # not loopback: ignored
+    assert running_service(store) is None
+    path.write_text(json.dumps(text))
+    withdraw()
+    assert not path.exists() and running_service(store) is None
+
+
+def forget(store: Path, env: dict[str, str], *ids: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "sisa.cli", "forget", "--store", str(store), *ids,
+                           "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_forget_hands_the_deletion_to_the_running_service(tmp_path, runtime):
+    store = tmp_path / "store"
+    Sisa.train(store, make_rows(120), small_config(), SPEC).close()
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "SISA_SERVE_TOKEN": TOKEN}
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "sisa.cli", "serve", "--store", str(store),
+                                   "--port", str(port), "--batch-window", "0", "--log-level",
+                                   "warning"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            wait_ready(client, server, log)
+            assert running_service(store) == f"http://127.0.0.1:{port}"
+            handed = forget(store, env, "r0003")
+            assert handed["served_by"] == f"http://127.0.0.1:{port}"
+            assert handed["record_ids"] == ["r0003"] and handed["affected_shards"]
+            state = client.get(f"/v1/deletions/{handed['request_id']}", headers=AUTH).json()
+            assert state["status"] == "applied" and state["receipt"]["digest"] == handed["digest"]
+            # Without the token the command does the work itself, beside the service.
+            direct = forget(store, {k: v for k, v in env.items() if k != "SISA_SERVE_TOKEN"}, "r0005")
+            assert "served_by" not in direct and direct["record_ids"] == ["r0005"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    assert server.returncode == 0, log.read_text()[-3000:]
+    assert running_service(store) is None  # withdrawn as it stopped
+    with Sisa.open(store, recover=False, read_only=True) as sisa:
+        assert sisa.audit().ok and sisa.pending() == []
+        rows = [r for r in make_rows(120) if r["id"] not in ("r0003", "r0005")]
+        with Sisa.train(tmp_path / "scratch", rows, small_config(), SPEC) as scratch:
+            assert live_shas(sisa) == live_shas(scratch)
