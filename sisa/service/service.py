@@ -88,7 +88,9 @@ class Service:
         """Load the servable shards, then start the worker (it applies anything still pending)."""
         from sisa.training.shard_trainer import setup_process  # torch's settings, once, up front
 
-        setup_process(self.reader.config.training.torch_threads, self.reader.config.execution.device)
+        # Only a worker on a thread of this process trains here.
+        setup_process(self.reader.config.training.torch_threads, self.reader.config.execution.device,
+                      training=isinstance(self.worker, DeletionWorker))
         # No shard may serve yet (a deletion pending): /readyz says so until the worker is done.
         with contextlib.suppress(NoServableShardError):
             self.model.refresh()

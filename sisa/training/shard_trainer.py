@@ -64,9 +64,10 @@ def _checkpoint(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int
     return Checkpoint.create(manifest, tensors, model.export_files())
 
 
-def setup_process(torch_threads: int, device: str) -> str:
+def setup_process(torch_threads: int, device: str, training: bool = True) -> str:
     """The process-wide torch settings every shard trains under; returns the device used. Callers
-    run it before they start timing a retrain."""
+    run it before they start timing a retrain. `training=False`: a process that only serves (no
+    optimizer step: torch._dynamo is not imported)."""
     # Thread count changes float summation order: fix it so every executor gets the same bits.
     torch.set_num_threads(torch_threads)
     device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
@@ -82,7 +83,8 @@ def setup_process(torch_threads: int, device: str) -> str:
     # Every optimizer step imports torch._dynamo (about 1 s, once per process): here, before any
     # retrain is timed, rather than inside the first one; and on the thread that trains (imported
     # by a helper thread, it left the trainer's backward passes up to 1.8x slower).
-    importlib.import_module("torch._dynamo")
+    if training:
+        importlib.import_module("torch._dynamo")
     return device
 
 
