@@ -73,6 +73,7 @@ class Serving:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.token = token
         argv = [*SISA, "serve", "--store", str(store), "--port", str(self.port),
                 "--log-level", "warning", *options]
         started = time.perf_counter()
@@ -93,6 +94,15 @@ class Serving:
                 pass
             time.sleep(0.1)
         self.startup = time.perf_counter() - started
+
+    def worker_ready(self, timeout: float = 300) -> None:
+        """Wait until the deletion worker (a process of its own) has opened the store."""
+        auth = {"Authorization": f"Bearer {self.token}"}
+        deadline = time.perf_counter() + timeout
+        while not self.client.get("/v1/status", headers=auth).json()["service"]["worker"]["ready"]:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the deletion worker did not start in {timeout:.0f} s")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         """SIGINT, as Ctrl-C: a graceful shutdown; killed if it takes over a minute."""

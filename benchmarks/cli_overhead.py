@@ -157,6 +157,7 @@ def handed_off(store: Path, out: Path, ids: list[str]) -> dict[str, Any]:
     token): the command hands the deletion over (`sisa.handoff`) and prints the service's receipt."""
     token = "cli-overhead-token-0123456789abcdef"
     server = Serving(store, out / "serve.log", token, "--batch-window", "0")
+    server.worker_ready()  # a service that already holds the store: its worker started too
     os.environ["SISA_SERVE_TOKEN"] = token
     runs = []
     try:

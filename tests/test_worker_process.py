@@ -46,8 +46,9 @@ def applied(client: TestClient, request_id: str, timeout: float = 120) -> dict:
 
 def test_deletions_are_applied_by_a_process_of_their_own_exactly(served):
     service, client, store = served
+    assert service.worker.wait_idle(60)
     worker = client.get("/v1/status", headers=AUTH).json()["service"]["worker"]
-    assert worker["alive"] and worker["process"] not in (None, os.getpid())
+    assert worker["alive"] and worker["ready"] and worker["process"] not in (None, os.getpid())
     assert psutil.Process(worker["process"]).ppid() == os.getpid()
     before = client.post("/v1/predict", json={"inputs": [ROW]}).json()["model"]
 

@@ -302,7 +302,9 @@ class Service:
                 "worker": None if worker is None else {
                     "alive": worker.alive, "busy": worker.busy, "runs": worker.runs,
                     "failing": sorted(worker.failures),
-                    "process": worker.pid if isinstance(worker, WorkerProcess) else None},
+                    "process": worker.pid if isinstance(worker, WorkerProcess) else None,
+                    # a process worker: started, its store open (a deletion waits for it)
+                    "ready": worker.ready if isinstance(worker, WorkerProcess) else worker.alive},
             },
         }
 

@@ -182,6 +182,7 @@ class WorkerProcess:
         self.runs = 0
         self.busy = False
         self.starts = 0  # processes started (more than 1: it died and was started again)
+        self.ready = False  # the child has opened the store and waits for deletions
         self._settings = {"store": str(Path(store_dir).resolve()), "batch_window": batch_window,
                           "poll_interval": poll_interval,
                           "execution": asdict(execution) if execution is not None else None,
@@ -287,7 +288,7 @@ class WorkerProcess:
                 for line in self._events:
                     event = json.loads(line)
                     if event.get("event") == "ready":  # it opened the store: not dying at start
-                        backoff = 0.0
+                        backoff, self.ready = 0.0, True
                     self._handle(event)
             except Exception as exc:  # a report the service could not handle: log, go on
                 log.error("deletion worker process: %s: %s", type(exc).__name__, exc)
@@ -296,7 +297,7 @@ class WorkerProcess:
                     self._events.close()
             process = self._process
             code = process.wait() if process is not None else None
-            self.busy = False
+            self.busy = self.ready = False
             with self._pinged:
                 self._pinged.notify_all()
             if self._stop.is_set():
