@@ -5,6 +5,7 @@ a pause the next), against a fresh server process.
     python -m benchmarks.serve_load --out DIR                 # MLP and head stores, S=4
     python -m benchmarks.serve_load --out DIR --ray           # the same on Ray Serve, 2 replicas
     python -m benchmarks.serve_load --out DIR --tiny          # seconds: checks the script
+    python -m benchmarks.serve_load --out DIR --generation    # + the generation load (SmolLM2)
 
 Per phase it reports predictions per second, p50/p99 latency and errors; for the deletions, the
 acknowledgement latency (request to 202), the time from acknowledgement to the retrained shard
@@ -395,7 +396,28 @@ def table(results: dict[str, Any]) -> str:
                          f"{sisa_['predictions_per_s']:,} | {bare['predictions_per_s']:,} | "
                          f"{v['ratio_predictions_per_s']} | {sisa_['p50_ms']} / {sisa_['p99_ms']} | "
                          f"{bare['p50_ms']} / {bare['p99_ms']} | {v['ratio_p99']} | {v['goal_met']} |")
+    generation = results.get("generation")
+    if generation:
+        lines += ["", "| generation (combine) | tokens/s, 1 client | tokens/s, 4 clients | ratio | "
+                  "answers unlike decoding alone |", "| --- | --- | --- | --- | --- |"]
+        for combine, ratio in generation["speedup"].items():
+            phases = {p["clients"]: p for p in generation["phases"] if p["combine"] == combine}
+            one, most = phases[min(phases)], phases[max(phases)]
+            lines.append(f"| {combine} | {one['tokens_per_second']} | {most['tokens_per_second']} | "
+                         f"{ratio} | {sum(p['mismatches'] for p in phases.values())} |")
     return "\n".join(lines)
+
+
+def generation_load(out: Path, tiny: bool, model: str | None) -> dict[str, Any]:
+    """`benchmarks.generation_load` as a fresh process (it starts its own `sisa serve`): tokens/s
+    of one client and of four, and each answer against decoding it alone."""
+    command = [sys.executable, "-m", "benchmarks.generation_load", "--out", str(out),
+               *(["--tiny"] if tiny else []), *(["--model", model] if model else [])]
+    subprocess.run(command, check=True)
+    found = json.loads((out / "generation_load.json").read_text())
+    return {"command": " ".join(["python", *command[1:]]), "speedup": found["speedup"],
+            "phases": [{k: p[k] for k in ("combine", "clients", "tokens_per_second", "p50_seconds",
+                                          "mismatches")} for p in found["phases"]]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -411,6 +433,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds from one deletion applied to the next one sent")
     parser.add_argument("--compare-batches", default="1,32",
                         help="batch sizes at which to compare with the bare app ('' for none)")
+    parser.add_argument("--generation", action="store_true",
+                        help="also the generation load (benchmarks.generation_load: tokens/s of 1 "
+                             "and 4 clients of a causal-LM store, every answer against decoding "
+                             "alone), written to DIR/generation")
+    parser.add_argument("--generation-model", help="the generation load's model (with --tiny: a "
+                                                   "small local model directory)")
     parser.add_argument("--tiny", action="store_true", help="seconds of work: checks the script")
     parser.add_argument("--bare-app", type=Path, help="(internal) serve this store's bare app")
     parser.add_argument("--port", type=int, help="(internal) the bare app's port")
@@ -463,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
                     bare.stop()
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
+    if args.generation:
+        results["generation"] = generation_load(args.out / "generation", args.tiny, args.generation_model)
     write_json(args.out / "serve_load.json", results)
     text = table(results)
     (args.out / "serve_load.md").write_text(text + "\n")

@@ -142,8 +142,9 @@ def test_gpu_script_runs_its_steps_within_its_budget(tmp_path):
     assert (out / "logs" / "gpu_tests.log").is_file()
 
 
-def test_serve_load_tiny_run_checks_every_answer(tmp_path):
-    result = run_tiny("benchmarks.serve_load", tmp_path / "serve", "--stores", "mlp")
+def test_serve_load_tiny_run_checks_every_answer(tmp_path, tiny_lm):
+    result = run_tiny("benchmarks.serve_load", tmp_path / "serve", "--stores", "mlp",
+                      "--generation", "--generation-model", tiny_lm)
     run = result["runs"][0]
     steady, deleting = run["steady"], run["deleting"]
     assert steady["requests"] > 0 and deleting["deletions"] > 0
@@ -162,6 +163,11 @@ def test_serve_load_tiny_run_checks_every_answer(tmp_path):
         assert v["ratio_predictions_per_s"] > 0 and v["ratio_p99"] > 0 and isinstance(v["goal_met"], bool)
     text = (tmp_path / "serve" / "serve_load.md").read_text()
     assert "| store | serving | phase |" in text and "| bare predictions/s |" in text
+    # The generation load beside it: tokens/s of 1 and 4 clients, every answer as decoded alone.
+    generation = result["generation"]
+    assert set(generation["speedup"]) == {"mean", "merged"}
+    assert all(p["mismatches"] == 0 and p["tokens_per_second"] > 0 for p in generation["phases"])
+    assert "| generation (combine) |" in text
 
 
 def test_service_faults_tiny_run_counts_every_goal(tmp_path):
