@@ -30,10 +30,10 @@ COMBINES = ["mean", "product", "merged"]
 TOKEN = "t" * 32
 
 
-def lm_config(model: str) -> SisaConfig:
+def lm_config(model: str, top_k: int = 0) -> SisaConfig:
     return SisaConfig(partition=PartitionConfig(shards=3, slices=2, seed=3),
                       training=CausalLMConfig(model=model, epochs_per_slice=1, batch_size=4,
-                                              learning_rate=1e-2, max_length=48))
+                                              learning_rate=1e-2, max_length=48, top_k_layers=top_k))
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +150,97 @@ def test_a_lone_prompt_joined_midway_keeps_its_tokens(scorer: Any, combine: Any)
     assert out == alone
 
 
-def test_a_prompt_unsure_in_a_shared_step_is_decoded_again_alone(
-        scorer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_prompt_unsure_in_its_prefill_is_decoded_alone(scorer: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     asked = prompts(3, seed=7)
     alone = [decode(scorer, p, 6, "mean") for p in asked]
-    monkeypatch.setattr(generation, "MARGIN", float("inf"))  # no shared step is sure
+    monkeypatch.setattr(generation, "MARGIN", float("inf"))  # no shared pass is sure
     batch = Batch(scorer, "mean")
     for i, p in enumerate(asked):
         batch.add(DecodeRequest(p, 6), i)
     assert run(batch) == dict(enumerate(alone))
-    # Three prefills, one shared step (every prompt unsure), then three decodings alone.
-    assert batch.shared_steps == 1
+    # Three prefills in company (each unsure), then three decodings alone, never in company again.
+    assert batch.shared_steps == 0
     assert batch.solo_steps == 3 + sum(len(a) for a in alone)
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+def test_a_prompt_unsure_in_a_shared_step_is_decoded_again_then_rejoins(
+        scorer: Any, combine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = prompts(3, seed=8)
+    alone = [decode(scorer, p, 9, combine) for p in asked]
+    pick = generation.Slots._pick
+    ties: list[int] = []
+
+    def tie(self: Any, slot: Any, logits: torch.Tensor) -> bool:  # a near tie at prompt 0's 3rd token
+        if slot.tag == 0 and len(slot.new) == 2:
+            ties.append(int(slot.rejoined))
+            slot.unsure = True
+            return True
+        return pick(self, slot, logits)
+
+    monkeypatch.setattr(generation.Slots, "_pick", tie)
+    batch = Batch(scorer, combine)
+    for i, p in enumerate(asked):
+        batch.add(DecodeRequest(p, 9), i)
+    assert run(batch) == dict(enumerate(alone))
+    # Decoded again alone up to its third token (a prefill and two more), then in company again:
+    # past its tie, so the tie is never met in a shared step again.
+    assert ties == [0]
+    assert batch.solo_steps == 3 + 3 and batch.fullest == 3
+
+
+def test_a_prompt_unsure_twice_stays_alone(scorer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = prompts(3, seed=9)
+    alone = [decode(scorer, p, 9, "mean") for p in asked]
+    pick = generation.Slots._pick
+
+    def ties(self: Any, slot: Any, logits: torch.Tensor) -> bool:  # prompt 0: a tie at 2, then 4
+        if slot.tag == 0 and len(slot.new) in (2, 4):
+            slot.unsure = True
+            return True
+        return pick(self, slot, logits)
+
+    monkeypatch.setattr(generation.Slots, "_pick", ties)
+    batch = Batch(scorer, "mean")
+    for i, p in enumerate(asked):
+        batch.add(DecodeRequest(p, 9), i)
+    assert run(batch) == dict(enumerate(alone))
+    # Two lone decodings of prompt 0: to its 3rd token, then (unsure again) all of it.
+    assert batch.solo_steps == 3 + 3 + len(alone[0])
+
+
+@pytest.fixture(scope="module")
+def top_scorer(tmp_path_factory: pytest.TempPathFactory, tiny_lm: str) -> Iterator[Any]:
+    """Adapters on the top layer only: the layer below computes the same for every shard."""
+    root = tmp_path_factory.mktemp("batched-top") / "lm"
+    Sisa.train(root, make_chat_rows(), lm_config(tiny_lm, top_k=1), CHAT_SPEC).close()
+    with Sisa.open(root, recover=False, read_only=True) as sisa:
+        yield sisa.language_model()
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+def test_the_layers_below_the_adapters_run_once_per_prompt(top_scorer: Any, combine: Any) -> None:
+    scorer = top_scorer
+    assert scorer.split == 1 and len(scorer.names) == 3
+    asked = prompts(SLOTS + 3, seed=10)[1:]  # (a prompt of one token would pass for a step)
+    lengths = [4 + (5 * i) % 9 for i in range(len(asked))]
+    alone = [decode(scorer, p, n, combine) for p, n in zip(asked, lengths, strict=True)]
+    rows: list[tuple[int, int]] = []
+    bottom = scorer.model.get_base_model().model.layers[0]
+    hook = bottom.register_forward_hook(lambda _m, args, _out: rows.append(tuple(args[0].shape[:2])))
+    try:
+        together = decode_batch(scorer, asked, lengths, combine)
+    finally:
+        hook.remove()
+    assert together == alone
+    # Each prompt entering the company runs its prompt through the bottom layer once; a shared
+    # step runs a row per slot there (not one per shard and slot).
+    prefills = [r for r in rows if r[1] > 1]
+    assert prefills[:SLOTS] == [(1, len(p)) for p in asked[:SLOTS]]
+    steps = {r[0] for r in rows if r[1] == 1}
+    assert SLOTS in steps and SLOTS * len(scorer.names) not in steps
+    assert len(scorer.model.get_base_model().model.layers) == 2  # the views changed nothing
 
 
 # -- the service's shared decoding ------------------------------------------------------------------

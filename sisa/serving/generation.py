@@ -9,13 +9,16 @@ the shard count. Greedy at temperature 0, else sampled with a generator seeded p
 answer never depends on what else was asked.
 
 Several prompts decode side by side (`Batch`). A prompt alone decodes as `decode` always did (the
-same passes, so the same speed and bits); in company, every prompt is prefilled alone, then each
-step runs the rows of `SLOTS` prompts at once (a fixed shape: an empty slot runs dummy rows), each
-prompt attending over exactly its own keys, its token picked from its own rows. A BLAS picks its
-kernel by a matrix's shape, so a step shared with others may differ from the lone one in the last
-bits of a logit; the token is the lone one's wherever the step's margin (best against second best,
-`MARGIN`) is far above any such difference, and a prompt with one step under it is decoded again
-alone. So every answer is the one `decode` gives, greedy or sampled.
+same passes, so the same speed and bits); in company, every prompt is prefilled on its own (the
+logits of its last position only), then each step runs the rows of `SLOTS` prompts at once (a
+fixed shape: an empty slot runs dummy rows), each prompt attending over exactly its own keys, its
+token picked from its own rows. With adapters on the top layers only (`mean`, `product`), the
+layers below run once per prompt, not once per shard, in the prefill and in every step. A BLAS
+picks its kernel by a matrix's shape, so such a pass may differ from the lone one in the last bits
+of a logit; the token is the lone one's wherever the pass's margin (best against second best,
+`MARGIN`) is far above any such difference, and a prompt with one pass under it is decoded again
+alone (past that token it may join the others once more). So every answer is the one `decode`
+gives, greedy or sampled.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class Solo:
         self.ids = torch.as_tensor(list(request.prompt), dtype=torch.long)[None].repeat(len(self.blocks), 1)
         self.new: list[int] = []
         self.done = request.max_new_tokens < 1
+        self.rejoined = False  # decoded again alone, then taken back into the shared steps
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -138,13 +142,18 @@ class _Slot:
     values: list[torch.Tensor] = field(default_factory=list)
     length: int = 0  # positions held in `keys` and `values`
     unsure: bool = False  # a step's margin was under MARGIN: decode it again alone
+    rejoined: bool = False  # it was decoded again alone once already (`Again.rejoin`)
 
 
 @dataclass(frozen=True, eq=False)
 class Again:
-    """What `Slots.step` gives for a prompt unsure in a shared step: decode it again alone."""
+    """What `Slots` gives for a prompt unsure in a shared pass: decode it again alone. Once its
+    lone decoding has the unsure token (its `at`-th), it may join the shared steps again: only
+    once (`rejoin`), so a prompt of many near ties is not decoded from its start again and again."""
 
     request: DecodeRequest
+    at: int = 0  # tokens it had before the unsure one
+    rejoin: bool = True
 
 
 class Slots:
@@ -157,9 +166,13 @@ class Slots:
         self.combine = combine
         self.slots = slots
         self.blocks = list(blocks)
+        # Below the first adapted layer every block computes the same: those layers run one row
+        # per prompt (its keys and values: one row), the layers above one per block.
+        self.split = getattr(scorer, "split", 0) if len(self.blocks) > 1 else 0
         self.steps = 0  # steps run
         self._held: list[_Slot | None] = [None] * slots
         self._model: Any = None  # the scorer's model, attending per slot (made at the first step)
+        self._parts: tuple[Any, Any] | None = None  # that model split at `split` (`split_model`)
         self._inner: Callable[..., Any] | None = None  # the attention it attends with, per slot
 
     @property
@@ -179,13 +192,58 @@ class Slots:
         """Take over `solo` (not done) in a free slot: its tokens, its sampler and its keys."""
         if not self.free:
             raise ValueError("no slot is free: step until a prompt is done")
-        slot = _Slot(solo.request, solo.tag, solo.generator, solo.new)
+        slot = _Slot(solo.request, solo.tag, solo.generator, solo.new, rejoined=solo.rejoined)
+        # Below the split the blocks' rows are alike: the first one serves.
+        self._hold(slot, [(layer.keys, layer.values) for layer in solo.cache.layers],
+                   solo.cache.get_seq_length())
+
+    @torch.no_grad()
+    def enter(self, solo: Solo) -> tuple[Any, Any] | None:
+        """Prefill `solo`'s prompt (not started, not done) into a free slot: the logits of its last
+        position only, the layers below the split once. Its first token is picked as a shared
+        step picks one; (tag, tokens), (tag, error) or (tag, `Again`) where it is done with that,
+        else None (it holds a slot)."""
+        from transformers import DynamicCache
+
+        if not self.free:
+            raise ValueError("no slot is free: step until a prompt is done")
+        request, k = solo.request, len(self.blocks)
+        prompt = torch.as_tensor(list(request.prompt), dtype=torch.long)[None].to(self.scorer.device)
+        if self.split:
+            lower, upper = self.scorer.parts()
+            below, above = DynamicCache(), DynamicCache()
+            with self.scorer.lock:
+                hidden = lower(input_ids=prompt, cache=below, use_cache=True).last_hidden_state
+                logits = upper(inputs_embeds=hidden.repeat(k, 1, 1), adapter_names=self.blocks,
+                               cache=above, use_cache=True, logits_to_keep=1).logits[:, -1]
+            layers: list[Any] = [*below.layers[:self.split], *above.layers[self.split:]]
+        else:
+            cache = DynamicCache()
+            logits = self.scorer.forward(prompt.repeat(k, 1), cache=cache, blocks=self.blocks,
+                                         last=True).logits[:, -1]
+            layers = list(cache.layers)
+        slot = _Slot(request, solo.tag, solo.generator, solo.new, rejoined=solo.rejoined)
+        try:
+            finished = self._pick(slot, logits)
+        except Exception as exc:  # its stopping rule
+            return solo.tag, exc
+        if slot.unsure:
+            return solo.tag, Again(request, 0, not slot.rejoined)
+        if finished:
+            return solo.tag, slot.new
+        self._hold(slot, [(layer.keys, layer.values) for layer in layers], prompt.shape[1])
+        return None
+
+    def _hold(self, slot: _Slot, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              length: int) -> None:
+        """`slot` in a free slot, with its keys and values per layer (`length` positions)."""
         # Room for every position the prompt can reach: the buffers never move.
-        length = solo.cache.get_seq_length()
-        width = length + solo.request.max_new_tokens - len(solo.new) + 1
-        for layer in solo.cache.layers:
-            slot.keys.append(_room(layer.keys, width))
-            slot.values.append(_room(layer.values, width))
+        width = length + slot.request.max_new_tokens - len(slot.new) + 1
+        for i, (keys, values) in enumerate(layers):
+            if i < self.split:
+                keys, values = keys[:1], values[:1]
+            slot.keys.append(_room(keys, width))
+            slot.values.append(_room(values, width))
         slot.length = length
         self._held[self._held.index(None)] = slot
 
@@ -199,17 +257,30 @@ class Slots:
             return []
         if self._model is None:
             self._model, self._inner = _slot_model(self.scorer.model)
-        rows = len(self.blocks) * self.slots
-        ids = torch.zeros((rows, 1), dtype=torch.long)
-        positions = torch.zeros((rows, 1), dtype=torch.long)
+            if self.split:
+                from sisa.serving.scorers import split_model
+
+                self._parts = split_model(self._model, self.split)
+        k, device = len(self.blocks), self.scorer.device
+        ids = torch.zeros((self.slots, 1), dtype=torch.long)
+        positions = torch.zeros((self.slots, 1), dtype=torch.long)
         for s, slot in held:
-            ids[s::self.slots] = slot.new[-1]
-            positions[s::self.slots] = slot.length
+            ids[s] = slot.new[-1]
+            positions[s] = slot.length
+        positions = positions.to(device)
+        names = [b for b in self.blocks for _ in range(self.slots)]  # rows block-major
         with self.scorer.lock:  # the adapters of a pass are the model's state while it runs
-            logits = self._model(input_ids=ids.to(self.scorer.device),
-                                 adapter_names=[b for b in self.blocks for _ in range(self.slots)],
-                                 position_ids=positions.to(self.scorer.device), use_cache=False,
-                                 sisa_slots=self).logits[:, -1]
+            if self._parts is not None:  # below the split: a row per slot
+                lower, upper = self._parts
+                hidden = lower(input_ids=ids.to(device), position_ids=positions, use_cache=False,
+                               sisa_slots=self).last_hidden_state
+                logits = upper(inputs_embeds=hidden.repeat(k, 1, 1), adapter_names=names,
+                               position_ids=positions.repeat(k, 1), use_cache=False,
+                               sisa_slots=self).logits[:, -1]
+            else:
+                logits = self._model(input_ids=ids.repeat(k, 1).to(device), adapter_names=names,
+                                     position_ids=positions.repeat(k, 1), use_cache=False,
+                                     sisa_slots=self).logits[:, -1]
         self.steps += 1
         done: list[tuple[Any, Any]] = []
         for s, slot in held:
@@ -221,7 +292,7 @@ class Slots:
                 self._held[s] = None
                 continue
             if slot.unsure:
-                done.append((slot.tag, Again(slot.request)))
+                done.append((slot.tag, Again(slot.request, len(slot.new), not slot.rejoined)))
                 self._held[s] = None
             elif finished:
                 done.append((slot.tag, slot.new))
@@ -232,7 +303,8 @@ class Slots:
                scaling: float | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         """One layer's attention in a step (query, key, value: one position per row): each held
         prompt's new key and value join its own, and its rows attend over exactly those, in a call
-        of their own, as when it is decoded alone; rows of empty slots give zeros."""
+        of their own, as when it is decoded alone; rows of empty slots give zeros. A prompt's rows
+        are every `slots`-th from its slot's: one below the split, one per block above it."""
         inner: Any = self._inner
         layer = module.layer_idx
         out = query.new_zeros((query.shape[0], query.shape[2], query.shape[1], query.shape[3]))
@@ -289,7 +361,9 @@ class Batch:
         self.blocks = _blocks(scorer, combine)  # made here: a merge may be made
         self.waiting: deque[tuple[DecodeRequest, Any]] = deque()
         self.solo: Solo | None = None  # the prompt decoding alone, which company may take along
-        self.alone: list[Solo] = []  # prompts decoded again alone (unsure in a shared step)
+        # Prompts decoded again alone (unsure in a shared pass), each with the count of tokens
+        # after which it may join the shared steps again (None: it stays alone).
+        self.alone: list[tuple[Solo, int | None]] = []
         self.slots: Slots | None = None
         self.fullest = 0  # the most prompts a shared step has run
         self.shared_steps = 0  # shared steps run
@@ -304,7 +378,7 @@ class Batch:
     def tags(self) -> list[Any]:
         """Every prompt's tag."""
         return [*(t for _, t in self.waiting), *([self.solo.tag] if self.solo is not None else []),
-                *(s.tag for s in self.alone), *(self.slots.tags if self.slots else [])]
+                *(s.tag for s, _ in self.alone), *(self.slots.tags if self.slots else [])]
 
     def add(self, request: DecodeRequest, tag: Any = None) -> None:
         self.waiting.append((request, tag))
@@ -324,10 +398,20 @@ class Batch:
                 self.solo = None
             while self.waiting and slots.free:
                 request, tag = self.waiting.popleft()
-                self._start(request, tag, done, slots.adopt, prefill=True)
+                self._enter(slots, request, tag, done)
         if self.solo is not None and self._advance(self.solo, done):
             self.solo = None
-        self.alone = [s for s in self.alone if not self._advance(s, done)]
+        alone = []
+        for solo, at in self.alone:
+            if self._advance(solo, done):
+                continue
+            if (at is not None and len(solo.new) > at and self.slots is not None
+                    and self.slots.busy and self.slots.free):  # past its near tie: in company again
+                solo.rejoined = True
+                self.slots.adopt(solo)
+            else:
+                alone.append((solo, at))
+        self.alone = alone
         if self.slots is not None and self.slots.busy:
             self.fullest = max(self.fullest, self.slots.busy)
             self.shared_steps += 1
@@ -338,20 +422,38 @@ class Batch:
                 self.slots = None
                 return done
             for tag, result in finished:
-                if isinstance(result, Again):  # decoded again alone, from its prompt
-                    self._start(result.request, tag, done, self.alone.append)
-                else:
-                    done.append((tag, result))
+                self._again(tag, result, done)
         return done
 
-    def _start(self, request: DecodeRequest, tag: Any, done: list[tuple[Any, Any]],
-               keep: Callable[[Solo], None], prefill: bool = False) -> None:
-        """A prompt begins alone (its prefill now, with `prefill`); `keep` takes it if not done."""
+    def _again(self, tag: Any, result: Any, done: list[tuple[Any, Any]]) -> None:
+        """A prompt's result from the shared passes: done, or (`Again`) decoded again alone."""
+        if not isinstance(result, Again):
+            done.append((tag, result))
+            return
+        at = result.at if result.rejoin else None
+        self._start(result.request, tag, done, lambda s: self.alone.append((s, at)))
+
+    def _enter(self, slots: Slots, request: DecodeRequest, tag: Any,
+               done: list[tuple[Any, Any]]) -> None:
+        """A prompt prefilled into a free slot (`Slots.enter`)."""
         try:
             solo = Solo(self.scorer, self.combine, request, tag, self.blocks)
-            if not solo.done and prefill:
-                self.solo_steps += 1
-                solo.step()
+            if solo.done:
+                done.append((tag, solo.new))
+                return
+            self.solo_steps += 1
+            result = slots.enter(solo)
+        except Exception as exc:
+            done.append((tag, exc))
+            return
+        if result is not None:
+            self._again(*result, done)
+
+    def _start(self, request: DecodeRequest, tag: Any, done: list[tuple[Any, Any]],
+               keep: Callable[[Solo], None]) -> None:
+        """A prompt begins alone; `keep` takes it if not done."""
+        try:
+            solo = Solo(self.scorer, self.combine, request, tag, self.blocks)
         except Exception as exc:
             done.append((tag, exc))
             return

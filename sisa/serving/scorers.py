@@ -230,19 +230,28 @@ class LMScorer(_Adapters):
         return torch.cat([shards, ensemble[None], *([logp[-1:]] if self.base_view else [])])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: Any = None, blocks: Sequence[str] | None = None) -> Any:
+                cache: Any = None, blocks: Sequence[str] | None = None, last: bool = False) -> Any:
         """One forward pass of every row under its block's adapter (`blocks`: default, one per
-        shard; `cache`: a KV cache that the pass extends)."""
+        shard; `cache`: a KV cache that the pass extends; `last`: logits of the last position
+        only)."""
         names = list(blocks) if blocks is not None else self.names
         n = input_ids.shape[0] // len(names)
         kwargs: dict[str, Any] = {"adapter_names": [b for b in names for _ in range(n)],
                                   "use_cache": cache is not None}
+        if last:
+            kwargs["logits_to_keep"] = 1
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask.to(self.device)
         if cache is not None:
             kwargs["cache"] = cache
         with self.lock:
             return self.model(input_ids=input_ids.to(self.device), **kwargs)
+
+    def parts(self) -> tuple[Any, Any]:
+        """The model split below the adapted layers (`split_model`), made once."""
+        if self._parts is None:
+            self._parts = split_model(self.model, self.split)
+        return self._parts
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 blocks: Sequence[str]) -> torch.Tensor:
@@ -252,9 +261,7 @@ class LMScorer(_Adapters):
         if not self.split:
             return self.forward(input_ids.repeat(k, 1), attention_mask.repeat(k, 1),
                                 blocks=blocks).logits
-        if self._parts is None:
-            self._parts = split_model(self.model, self.split)
-        lower, upper = self._parts
+        lower, upper = self.parts()
         mask = attention_mask.to(self.device)
         n = input_ids.shape[0]
         with self.lock:  # the lower part shares its modules with the whole model too
@@ -373,7 +380,7 @@ def split_model(model: Any, split: int) -> tuple[Any, Any]:
     layers = list(causal.model.layers)
 
     def decoder(kept: list[Any], norm: torch.nn.Module) -> Any:
-        config = copy.copy(causal.config)
+        config = copy.copy(causal.model.config)  # (the decoder's: a view may attend its own way)
         config.num_hidden_layers = len(kept)
         part = _view(causal.model, layers=torch.nn.ModuleList(kept), norm=norm)
         part.config = config
