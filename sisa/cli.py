@@ -572,13 +572,13 @@ def _handed_off(store: Path, ids: list[str] | None, group: str | None, as_json: 
     spares this process its imports; its receipt is printed as ours would be (`sisa.handoff`)."""
     from sisa.handoff import forget_through, running_service, token
 
-    url, bearer = running_service(store), token()
-    if url is None or bearer is None:
+    service, bearer = running_service(store), token()
+    if service is None or bearer is None:
         return False
-    state = forget_through(url, bearer, ids, group)
+    state = forget_through(service, bearer, ids, group)
     if state is None:
         return False
-    receipt, ack = state["receipt"], state["acknowledged"]
+    url, (receipt, ack) = service[0], (state["receipt"], state["acknowledged"])
     if ack.get("already_deleted"):
         err.print(f"already deleted (no-op): {ack['already_deleted']} record(s)")
     _emit(as_json, {**receipt, "record_ids": ids or [], "served_by": url}, _receipt_table(

@@ -6,17 +6,21 @@ doing the work itself costs seconds of imports (torch, and the torch._dynamo eve
 imports) before the retrain starts. `sisa serve` advertises itself for its store in a file of this
 user's runtime directory (mode 0700, the file 0600, keyed by the store's resolved path), removed
 when it stops; `sisa forget` reads it, checks the process is alive, and sends the deletion with
-the service's bearer token (from SISA_SERVE_TOKEN). Without an advertisement, a token, or an
-answer, the command does the work itself, as before. The ids travel over loopback to the process
-that serves the store; they are never written to the advertisement.
+the service's bearer token (from SISA_SERVE_TOKEN), once the service has proved it is the one that
+wrote the advertisement: it answers a random challenge with its HMAC under a secret the
+advertisement holds (a process that took the port of a service killed outright cannot). Without
+an advertisement, a token, a proof or an answer, the command does the work itself, as before. The
+ids travel over loopback to the process that serves the store; they are never written down.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import stat
 import tempfile
 import time
@@ -25,10 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from sisa.config import TOKEN_ENV
-from sisa.errors import ConfigError, SisaError, UnknownRecordError
+from sisa.errors import ConfigError, SisaError
 
 RUNTIME_ENV = "SISA_RUNTIME_DIR"  # where services advertise themselves (default: see runtime_dir)
-_POLL = 0.02  # seconds between looks at a handed-off deletion's state
+CHALLENGE = "X-Sisa-Challenge"  # GET /healthz with it: the service answers PROOF
+PROOF = "X-Sisa-Proof"
+_POLL = (0.02, 0.5)  # seconds between looks at a handed-off deletion's state: first, at most
+
+
+def proof(secret: str, challenge: str) -> str:
+    """The service's answer to a challenge: HMAC-SHA256 under its advertisement's secret."""
+    return hmac.new(secret.encode(), challenge.encode(), hashlib.sha256).hexdigest()
 
 
 def runtime_dir() -> Path:
@@ -46,13 +57,16 @@ def advert_path(store_dir: str | Path) -> Path:
     return runtime_dir() / f"serve-{key}.json"
 
 
-def advertise(store_dir: str | Path, url: str) -> Callable[[], None]:
+def advertise(store_dir: str | Path, url: str) -> tuple[Callable[[], None], str]:
     """Say that this process serves `store_dir` at `url` (a loopback URL); returns the function
-    that withdraws it (it removes the file only while it is still this process's)."""
+    that withdraws it (it removes the file only while it is still this process's) and the secret
+    the service proves itself with (`proof`)."""
     path = advert_path(store_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _private(path.parent)
-    text = json.dumps({"url": url, "pid": os.getpid(), "store": str(Path(store_dir).resolve())})
+    secret = secrets.token_hex(32)
+    text = json.dumps({"url": url, "pid": os.getpid(), "store": str(Path(store_dir).resolve()),
+                       "secret": secret})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".serve-", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as out:  # mkstemp: mode 0600
         out.write(text)
@@ -63,13 +77,13 @@ def advertise(store_dir: str | Path, url: str) -> Callable[[], None]:
             if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
                 path.unlink()
 
-    return withdraw
+    return withdraw, secret
 
 
-def running_service(store_dir: str | Path) -> str | None:
-    """The URL of the live `sisa serve` of `store_dir` that advertised itself, if any. An
-    advertisement in a directory or file that others may write, or not this user's, is ignored
-    (it could send the ids elsewhere)."""
+def running_service(store_dir: str | Path) -> tuple[str, str] | None:
+    """The URL and secret of the live `sisa serve` of `store_dir` that advertised itself, if
+    any. An advertisement in a directory or file that others may write, or not this user's, is
+    ignored (it could send the ids elsewhere)."""
     path = advert_path(store_dir)
     try:
         _private(path.parent)
@@ -77,47 +91,54 @@ def running_service(store_dir: str | Path) -> str | None:
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             return None
         found = json.loads(path.read_text(encoding="utf-8"))
-        pid, url = int(found["pid"]), str(found["url"])
+        pid, url, secret = int(found["pid"]), str(found["url"]), str(found["secret"])
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         return None
     if found.get("store") != str(Path(store_dir).resolve()) or not _alive(pid):
         return None
-    return url if url.startswith(("http://127.", "http://[::1]", "http://localhost")) else None
+    if not url.startswith(("http://127.", "http://[::1]", "http://localhost")):
+        return None
+    return url, secret
 
 
 def token() -> str | None:
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
-def forget_through(url: str, bearer: str, ids: Sequence[str] | None, group: str | None,
-                   timeout: float = 3600.0) -> dict[str, Any] | None:
-    """Hand a deletion to the service at `url` and wait until it is applied: its state as
-    `GET /v1/deletions/{id}` gives it (with the receipt), or None where the service cannot take
-    it (gone, refusing the token, nothing to delete): the caller then does the work itself. An
-    id the store does not hold is UnknownRecordError, as it would be here."""
+def forget_through(service: tuple[str, str], bearer: str, ids: Sequence[str] | None,
+                   group: str | None, timeout: float = 3600.0) -> dict[str, Any] | None:
+    """Hand a deletion to the service (`running_service`'s URL and secret) and wait until it is
+    applied: its state as `GET /v1/deletions/{id}` gives it (with the receipt), or None where the
+    service cannot take it (gone, not the one advertised, refusing the token, nothing to delete,
+    an id it does not hold): the caller then does the work itself, with its own errors."""
     import httpx
 
+    url, secret = service
     auth = {"Authorization": f"Bearer {bearer}"}
     body: dict[str, Any] = {"group": group} if group is not None else {"ids": list(ids or [])}
     try:
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+            challenge = secrets.token_hex(16)
+            answer = client.get("/healthz", headers={CHALLENGE: challenge}).headers.get(PROOF, "")
+            if not hmac.compare_digest(answer, proof(secret, challenge)):
+                return None  # not the service that advertised itself: no token, no ids
             ack = client.post("/v1/deletions", json=body, headers=auth)
-            if ack.status_code == 404:
-                raise UnknownRecordError(_message(ack))
-            if ack.status_code != 202:  # 200: nothing new to delete; 401, 403, 5xx: not here
+            if ack.status_code != 202:  # 200: nothing new to delete; 404, 401, 5xx: not here
                 return None
             where = f"/v1/deletions/{ack.json()['request_id']}"
-            deadline = time.monotonic() + timeout
+            deadline, pause = time.monotonic() + timeout, _POLL[0]
             while time.monotonic() < deadline:
                 state = client.get(where, headers=auth)
-                if state.status_code != 200:
-                    raise SisaError(f"the service at {url} acknowledged the deletion (it is "
-                                    f"durable and will be applied) but answered {state.status_code} "
-                                    f"on its state: {_message(state)}")
-                found: dict[str, Any] = state.json()
-                if found["status"] == "applied":
+                found: dict[str, Any] = state.json() if state.status_code == 200 else {}
+                if found.get("status") == "applied":
                     return {**found, "acknowledged": ack.json()}
-                time.sleep(_POLL)
+                if state.status_code != 200 or found.get("status") == "failed":
+                    why = found.get("error") or f"{state.status_code}: {_message(state)}"
+                    raise SisaError(f"the service at {url} acknowledged the deletion "
+                                    f"{ack.json()['request_id']} (it is durable, its shards "
+                                    f"excluded, and it will be retried) but applying it failed: {why}")
+                time.sleep(pause)
+                pause = min(_POLL[1], pause * 1.5)
     except httpx.TransportError:
         return None
     raise SisaError(f"the service at {url} acknowledged the deletion (it is durable and will be "

@@ -31,8 +31,8 @@ def runtime(tmp_path, monkeypatch) -> Path:
 
 def test_an_advertisement_is_found_only_while_private_alive_and_for_its_store(tmp_path, runtime):
     store = tmp_path / "store"
-    withdraw = advertise(store, "http://127.0.0.1:8123")
-    assert running_service(store) == "http://127.0.0.1:8123"
+    withdraw, secret = advertise(store, "http://127.0.0.1:8123")
+    assert running_service(store) == ("http://127.0.0.1:8123", secret) and len(secret) == 64
     assert running_service(tmp_path / "other") is None
     path = advert_path(store)
     assert path.stat().st_mode & 0o777 == 0o600
@@ -69,7 +69,14 @@ def test_forget_hands_the_deletion_to_the_running_service(tmp_path, runtime):
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             wait_ready(client, server, log)
-            assert running_service(store) == f"http://127.0.0.1:{port}"
+            assert running_service(store)[0] == f"http://127.0.0.1:{port}"
+            # A server that cannot prove it wrote the advertisement gets neither token nor ids.
+            advert = advert_path(store)
+            real = json.loads(advert.read_text())
+            advert.write_text(json.dumps({**real, "secret": "0" * 64}))
+            unproven = forget(store, env, "r0001")
+            assert "served_by" not in unproven and unproven["record_ids"] == ["r0001"]
+            advert.write_text(json.dumps(real))
             handed = forget(store, env, "r0003")
             assert handed["served_by"] == f"http://127.0.0.1:{port}"
             assert handed["record_ids"] == ["r0003"] and handed["affected_shards"]
@@ -85,6 +92,6 @@ def test_forget_hands_the_deletion_to_the_running_service(tmp_path, runtime):
     assert running_service(store) is None  # withdrawn as it stopped
     with Sisa.open(store, recover=False, read_only=True) as sisa:
         assert sisa.audit().ok and sisa.pending() == []
-        rows = [r for r in make_rows(120) if r["id"] not in ("r0003", "r0005")]
+        rows = [r for r in make_rows(120) if r["id"] not in ("r0001", "r0003", "r0005")]
         with Sisa.train(tmp_path / "scratch", rows, small_config(), SPEC) as scratch:
             assert live_shas(sisa) == live_shas(scratch)

@@ -47,14 +47,14 @@ def serve(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConf
         listener = _listen(config.host, config.port)
         host, port = listener.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        withdraw = _advertise(store_dir, config, host, port)
-        if on_start is not None:
-            on_start(settings_summary(store_dir, config, url))
-        # uvicorn's access log would record query strings: sisa's own logs routes only.
-        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=config.log_level,
-                                               access_log=False, server_header=False,
-                                               timeout_graceful_shutdown=5))
+        withdraw = _advertise(service, store_dir, config, host, port)
         try:
+            if on_start is not None:
+                on_start(settings_summary(store_dir, config, url))
+            # uvicorn's access log would record query strings: sisa's own logs routes only.
+            server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=config.log_level,
+                                                   access_log=False, server_header=False,
+                                                   timeout_graceful_shutdown=5))
             with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
                 server.run(sockets=[listener])
         finally:
@@ -63,7 +63,8 @@ def serve(store_dir: str | Path, config: ServiceConfig, execution: ExecutionConf
         service.close()
 
 
-def _advertise(store_dir: str | Path, config: ServiceConfig, host: str, port: int) -> Callable[[], None]:
+def _advertise(service: Service, store_dir: str | Path, config: ServiceConfig, host: str,
+               port: int) -> Callable[[], None]:
     """Tell `sisa forget` of this store that this service takes its deletions (`sisa.handoff`),
     at a loopback address: only where the service listens on one (or on every interface)."""
     from sisa.handoff import advertise
@@ -75,7 +76,9 @@ def _advertise(store_dir: str | Path, config: ServiceConfig, host: str, port: in
     elif not config.loopback:
         return lambda: None
     try:
-        return advertise(store_dir, f"http://{f'[{host}]' if ':' in host else host}:{port}")
+        withdraw, service.handoff_secret = advertise(
+            store_dir, f"http://{f'[{host}]' if ':' in host else host}:{port}")
+        return withdraw
     except (OSError, SisaError) as exc:
         log.warning("not advertised to sisa forget (it will do deletions itself): %s", exc)
         return lambda: None

@@ -31,6 +31,7 @@ from sisa.errors import (
     StoreCorruptError,
     UnknownRecordError,
 )
+from sisa.handoff import CHALLENGE, PROOF, proof
 from sisa.service.metrics import Metrics
 from sisa.service.model import Unavailable
 from sisa.service.service import Service
@@ -377,8 +378,12 @@ def create_app(service: Service) -> FastAPI:
         return service.status()
 
     @app.get("/healthz", summary="The process answers")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz(request: Request) -> JSONResponse:
+        headers = None
+        challenge = request.headers.get(CHALLENGE)
+        if challenge and service.handoff_secret:  # `sisa forget` checks who it hands ids to
+            headers = {PROOF: proof(service.handoff_secret, challenge[:128])}
+        return JSONResponse({"status": "ok"}, headers=headers)
 
     @app.get("/readyz", summary="Whether answers can be given now")
     def readyz() -> JSONResponse:

@@ -60,6 +60,7 @@ class Service:
                  store_config: StoreConfig | None = None, opened: Sisa | None = None) -> None:
         self.config = config
         self._opened = opened
+        self.handoff_secret: str | None = None  # set where `sisa forget` may hand deletions here
         self.metrics = Metrics()
         self.started = time.time()
         self.writer: Sisa | None = None

@@ -113,7 +113,10 @@ class DeletionWorker:
                 log.error("applying deletions failed (retrying in %.0f s): %s %s", backoff,
                           type(exc).__name__, first)
                 if self.on_failure is not None:
-                    self.on_failure(exc)
+                    try:
+                        self.on_failure(exc)
+                    except Exception as hook:  # a hook's failure must not end the loop either
+                        log.error("the deletion worker's failure hook failed: %s", type(hook).__name__)
 
     def apply(self) -> list[DeletionReceipt]:
         """Apply whatever is pending now (nothing to do is cheap: one query)."""
@@ -191,7 +194,7 @@ class WorkerProcess:
         self._events: Any = None
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
-        self._pongs: dict[int, bool] = {}
+        self._pongs: dict[int, bool | None] = {}  # waiting pings -> their answer
         self._pinged = threading.Condition()
         self._pings = 0
         self._thread = threading.Thread(target=self._run, name="sisa-deletion-worker-events",
@@ -242,15 +245,20 @@ class WorkerProcess:
         with self._pinged:
             self._pings += 1
             ping = self._pings
-        if not self._send({"cmd": "ping", "id": ping, "timeout": timeout}):
-            return False
-        with self._pinged:
-            while ping not in self._pongs:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.alive:
-                    return False
-                self._pinged.wait(min(left, 0.5))
-            return self._pongs.pop(ping) and not self.sisa.pending()
+            self._pongs[ping] = None
+        try:
+            if not self._send({"cmd": "ping", "id": ping, "timeout": timeout}):
+                return False
+            with self._pinged:
+                while self._pongs[ping] is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.alive:
+                        return False
+                    self._pinged.wait(min(left, 0.5))
+                return bool(self._pongs[ping]) and not self.sisa.pending()
+        finally:
+            with self._pinged:
+                self._pongs.pop(ping, None)  # a late answer finds no waiter and is dropped
 
     # -- the channel -----------------------------------------------------------------------------
 
@@ -276,27 +284,36 @@ class WorkerProcess:
             raise
         finally:
             os.close(write)
+        with contextlib.suppress(OSError):  # the settings first: before anyone else may write
+            assert process.stdin is not None
+            process.stdin.write(json.dumps({"cmd": "settings", **self._settings}) + "\n")
+            process.stdin.flush()
         self._events = os.fdopen(read, "r", encoding="utf-8")
-        self._process = process
+        with self._send_lock:
+            self._process = process
         self.starts += 1
-        self._send({"cmd": "settings", **self._settings})
 
     def _run(self) -> None:
         backoff = 0.0
         while True:
             try:
                 for line in self._events:
-                    event = json.loads(line)
-                    if event.get("event") == "ready":  # it opened the store: not dying at start
-                        backoff, self.ready = 0.0, True
-                    self._handle(event)
-            except Exception as exc:  # a report the service could not handle: log, go on
-                log.error("deletion worker process: %s: %s", type(exc).__name__, exc)
+                    try:
+                        event = json.loads(line)
+                        if event.get("event") == "ready":  # it opened the store: not dying at start
+                            backoff, self.ready = 0.0, True
+                        self._handle(event)
+                    except Exception as exc:  # a report the service could not handle: log, go on
+                        log.error("deletion worker process: handling its report failed: %s: %s",
+                                  type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             finally:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):
                     self._events.close()
             process = self._process
             code = process.wait() if process is not None else None
+            if process is not None and process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()
             self.busy = self.ready = False
             with self._pinged:
                 self._pinged.notify_all()
@@ -313,6 +330,9 @@ class WorkerProcess:
                 self._spawn()
             except OSError as exc:
                 log.error("the deletion worker process could not start: %s", exc)
+                return
+            if self._stop.is_set():  # `stop` may have looked at the child before this one
+                self._send({"cmd": "stop"})
 
     def _handle(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -332,7 +352,8 @@ class WorkerProcess:
                 self.on_failure(WorkerError(str(event.get("error", ""))))
         elif kind == "pong":
             with self._pinged:
-                self._pongs[int(event["id"])] = bool(event.get("idle"))
+                if int(event["id"]) in self._pongs:
+                    self._pongs[int(event["id"])] = bool(event.get("idle"))
                 self._pinged.notify_all()
 
 
@@ -343,7 +364,7 @@ def main(events_fd: int) -> None:
     lock = threading.Lock()
 
     def emit(**event: Any) -> None:
-        with lock:
+        with lock, contextlib.suppress(OSError, ValueError):  # the service is gone: stdin ends too
             events.write(json.dumps(event) + "\n")
             events.flush()
 
