@@ -535,6 +535,9 @@ class ServiceConfig:
         "process", "Where the deletion worker retrains: process (its own, so retraining never "
                    "competes with requests for the interpreter) or thread (in the service's). "
                    "With --ray it runs in the driver.")
+    worker_nice: int = option(10, "Niceness of the deletion worker's process (0-19; --worker "
+                                  "process): higher leaves the CPU to requests while a shard "
+                                  "retrains, which then takes longer on a busy machine.")
     ray: bool = option(False, "Run on Ray Serve (a local Ray on 127.0.0.1, or --ray-address).")
     replicas: int = option(2, "Ray Serve replicas (--ray).")
     replica_cpus: float = option(1.0, "Ray CPUs per replica (--ray).")
@@ -556,6 +559,8 @@ class ServiceConfig:
               f"on_pending must be 'exclude' or 'wait', got {self.on_pending!r}")
         check(self.worker in ("process", "thread"),
               f"worker must be 'process' or 'thread', got {self.worker!r}")
+        if check.integer(self.worker_nice, "worker_nice", 0):
+            check(self.worker_nice <= 19, f"worker_nice must be 0..19, got {self.worker_nice!r}")
         for name in ("max_body_bytes", "max_batch", "max_deletion_ids", "max_new_tokens", "replicas"):
             check.integer(getattr(self, name), name, 1)
         check(self.replica_store in ("auto", "shared", "fetch"),

@@ -49,7 +49,9 @@ def test_deletions_are_applied_by_a_process_of_their_own_exactly(served):
     assert service.worker.wait_idle(60)
     worker = client.get("/v1/status", headers=AUTH).json()["service"]["worker"]
     assert worker["alive"] and worker["ready"] and worker["process"] not in (None, os.getpid())
-    assert psutil.Process(worker["process"]).ppid() == os.getpid()
+    child = psutil.Process(worker["process"])
+    assert child.ppid() == os.getpid()
+    assert child.nice() == os.nice(0) + 10  # requests first (ServiceConfig.worker_nice)
     before = client.post("/v1/predict", json={"inputs": [ROW]}).json()["model"]
 
     ack = client.post("/v1/deletions", json={"ids": ["r0004", "r0007"]}, headers=AUTH).json()

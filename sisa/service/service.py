@@ -74,7 +74,7 @@ class Service:
             if worker and config.worker == "process":
                 self.worker = WorkerProcess(self.writer, store_dir, execution, store_config,
                                             config.batch_window, config.poll_interval,
-                                            self._after_run, failed)
+                                            config.worker_nice, self._after_run, failed)
             elif worker:
                 self.worker = DeletionWorker(self.writer, config.batch_window, config.poll_interval,
                                              self._after_run, failed)

@@ -175,7 +175,7 @@ class WorkerProcess:
 
     def __init__(self, sisa: Sisa, store_dir: str | Path, execution: ExecutionConfig | None,
                  store_config: StoreConfig | None, batch_window: float = 0.2,
-                 poll_interval: float = 1.0,
+                 poll_interval: float = 1.0, nice: int = 0,
                  after_run: Callable[[list[DeletionReceipt]], None] | None = None,
                  on_failure: Callable[[Exception], None] | None = None) -> None:
         self.sisa = sisa
@@ -187,7 +187,7 @@ class WorkerProcess:
         self.starts = 0  # processes started (more than 1: it died and was started again)
         self.ready = False  # the child has opened the store and waits for deletions
         self._settings = {"store": str(Path(store_dir).resolve()), "batch_window": batch_window,
-                          "poll_interval": poll_interval,
+                          "poll_interval": poll_interval, "nice": nice,
                           "execution": asdict(execution) if execution is not None else None,
                           "store_config": asdict(store_config.resolved()) if store_config else None}
         self._process: subprocess.Popen[str] | None = None
@@ -371,6 +371,7 @@ def main(events_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the service's to handle: it stops us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = json.loads(sys.stdin.readline() or "{}")
+    os.nice(int(settings.get("nice", 0)))  # requests first: a retrain takes the CPU they leave
     execution = ExecutionConfig(**settings["execution"]) if settings.get("execution") else None
     store_config = StoreConfig(**settings["store_config"]) if settings.get("store_config") else None
     sisa = Sisa.open(settings["store"], execution, store_config=store_config)  # recovers first
