@@ -112,20 +112,7 @@ def run(out: Path, rows: int, features: int, epochs: int, forgets: int = 3, stat
                            "peak_mb": round(train.peak_mb)}
 
         ids = pick_ids(store, forgets + 1)  # the last one for the -X importtime run
-        runs = []
-        for record_id in ids[:forgets]:
-            done = sisa("forget", "--store", str(store), record_id, "--json", "--no-progress")
-            receipt = done.output
-            runs.append({"id": record_id, "shard": receipt["affected_shards"][0]["shard"],
-                         "start_slice": receipt["affected_shards"][0]["start_slice"],
-                         "wall": round(done.wall, 3), "cpu": round(done.cpu, 3),
-                         "receipt_seconds": receipt["seconds"],
-                         "wall_minus_receipt": round(done.wall - receipt["seconds"], 3),
-                         "peak_mb": round(done.peak_mb)})
-        result["forget"] = {
-            "runs": runs,
-            "max_wall_minus_receipt": max(r["wall_minus_receipt"] for r in runs),
-            "mean_wall_minus_receipt": round(statistics.mean(r["wall_minus_receipt"] for r in runs), 3)}
+        result["forget"] = forget_runs(store, ids[:forgets])
 
         others = [i for i in pick_ids(store, forgets + 1) if i != ids[-1]][:forgets]
         result["forget_handed_off"] = handed_off(store, out, others)
@@ -159,24 +146,30 @@ def handed_off(store: Path, out: Path, ids: list[str]) -> dict[str, Any]:
     server = Serving(store, out / "serve.log", token, "--batch-window", "0")
     server.worker_ready()  # a service that already holds the store: its worker started too
     os.environ["SISA_SERVE_TOKEN"] = token
-    runs = []
     try:
-        for record_id in ids:
-            done = sisa("forget", "--store", str(store), record_id, "--json", "--no-progress")
-            receipt = done.output
-            if receipt.get("served_by") != server.url:
-                raise RuntimeError(f"sisa forget did not hand {record_id} to the running service")
-            runs.append({"id": record_id, "shard": receipt["affected_shards"][0]["shard"],
-                         "start_slice": receipt["affected_shards"][0]["start_slice"],
-                         "wall": round(done.wall, 3), "cpu": round(done.cpu, 3),
-                         "receipt_seconds": receipt["seconds"],
-                         "wall_minus_receipt": round(done.wall - receipt["seconds"], 3),
-                         "peak_mb": round(done.peak_mb)})
+        return {**forget_runs(store, ids, served_by=server.url), "serve_startup": round(server.startup, 2)}
     finally:
         del os.environ["SISA_SERVE_TOKEN"]
         server.stop()
-    return {"runs": runs, "serve_startup": round(server.startup, 2),
-            "max_wall_minus_receipt": max(r["wall_minus_receipt"] for r in runs),
+
+
+def forget_runs(store: Path, ids: list[str], served_by: str | None = None) -> dict[str, Any]:
+    """`sisa forget ID --json` for each id, a fresh process each: wall and CPU against the
+    receipt's seconds (with `served_by`: each must say that service applied it)."""
+    runs = []
+    for record_id in ids:
+        done = sisa("forget", "--store", str(store), record_id, "--json", "--no-progress")
+        receipt = done.output
+        if receipt.get("served_by") != served_by:
+            raise RuntimeError(f"sisa forget {record_id}: served by {receipt.get('served_by')}, "
+                               f"expected {served_by}")
+        runs.append({"id": record_id, "shard": receipt["affected_shards"][0]["shard"],
+                     "start_slice": receipt["affected_shards"][0]["start_slice"],
+                     "wall": round(done.wall, 3), "cpu": round(done.cpu, 3),
+                     "receipt_seconds": receipt["seconds"],
+                     "wall_minus_receipt": round(done.wall - receipt["seconds"], 3),
+                     "peak_mb": round(done.peak_mb)})
+    return {"runs": runs, "max_wall_minus_receipt": max(r["wall_minus_receipt"] for r in runs),
             "mean_wall_minus_receipt": round(statistics.mean(r["wall_minus_receipt"] for r in runs), 3)}
 
 

@@ -19,6 +19,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from shard_store import CheckpointFileError, CheckpointRow, ShardStore
 from sisa.checkpoint import MANIFEST, WEIGHTS, Checkpoint
@@ -51,13 +52,22 @@ def read_checkpoint(store: ShardStore, row: CheckpointRow) -> Checkpoint:
 def store_fetch(store: ShardStore) -> Fetch:
     """Fetch live checkpoints from the store on this machine. A checkpoint that a writer replaced
     (and whose files it may have removed) while it was read is `CheckpointMovedError`, not damage."""
+    return _live(store, read_checkpoint)
 
-    def fetch(shard: int, sha256: str) -> Checkpoint:
+
+T = TypeVar("T")
+
+
+def _live(store: ShardStore, read: Callable[[ShardStore, CheckpointRow], T]) -> Callable[[int, str], T]:
+    """fetch(shard, weights sha256) -> `read` of that live checkpoint; `CheckpointMovedError` if
+    it is not (or stopped being, while read) the shard's live one."""
+
+    def fetch(shard: int, sha256: str) -> T:
         row = store.live().get(shard)
         if row is None or row.sha256 != sha256:
             raise CheckpointMovedError(f"shard {shard}'s live checkpoint changed while it was read")
         try:
-            return read_checkpoint(store, row)
+            return read(store, row)
         except CheckpointError:
             again = store.live().get(shard)
             if again is None or again.sha256 != sha256:
@@ -144,7 +154,8 @@ class Loader:
 class CheckpointFiles:
     """A live checkpoint's files as they travel to a process that cannot read the store (a Ray
     Serve replica on another node): the bytes as read, and the sha256 its sealed registration
-    gives each file. Bytes and digests, nothing unpickled on arrival (see `received`)."""
+    gives each file. Bytes and digests, checked again on arrival (see `received`); Ray carries them
+    between its processes as it carries everything (pickled), within the trusted cluster."""
 
     shard: int
     key: str
@@ -173,20 +184,7 @@ def store_files(store: ShardStore) -> Callable[[int, str], CheckpointFiles]:
     files; `CheckpointMovedError` if it is no longer the shard's live one, CheckpointError if
     it is damaged."""
 
-    def fetch(shard: int, sha256: str) -> CheckpointFiles:
-        row = store.live().get(shard)
-        if row is None or row.sha256 != sha256:
-            raise CheckpointMovedError(f"shard {shard}'s live checkpoint changed while it was read")
-        try:
-            return checkpoint_files(store, row)
-        except CheckpointError:
-            again = store.live().get(shard)
-            if again is None or again.sha256 != sha256:
-                raise CheckpointMovedError(f"shard {shard}'s live checkpoint changed while it was "
-                                           "read") from None
-            raise
-
-    return fetch
+    return _live(store, checkpoint_files)
 
 
 def received(files: CheckpointFiles, shard: int, sha256: str, where: str) -> Checkpoint:
