@@ -103,6 +103,9 @@ _STATUS: list[tuple[type[SisaError], int, str]] = [
 ]
 
 
+_COUNTERS_KEPT = 512  # (route, method, status) label children kept at hand
+
+
 class RequestGuard:
     """The one middleware, pure ASGI (each layer costs as much as the rest of a small prediction).
 
@@ -187,9 +190,10 @@ class RequestGuard:
         key = (endpoint, method, status)
         children = self._counters.get(key)
         if children is None:
-            children = self._counters.setdefault(key, (
-                self.metrics.requests.labels(endpoint, method, str(status)),
-                self.metrics.latency.labels(endpoint)))
+            children = (self.metrics.requests.labels(endpoint, method, str(status)),
+                        self.metrics.latency.labels(endpoint))
+            if len(self._counters) < _COUNTERS_KEPT:  # a client's made-up methods: not kept
+                self._counters[key] = children
         children[0].inc()
         children[1].observe(seconds)
         access.info("%s %s %d %.1f ms", method, endpoint, status, seconds * 1000)
