@@ -38,15 +38,21 @@ def read_checkpoint(store: ShardStore, row: CheckpointRow) -> Checkpoint:
     """A registered checkpoint's weights and manifest, verified: its registration against its
     seal (a keyed digest), each file's bytes (read once, never through a link) against the sha256
     registered, and the manifest against the registration. Anything else is CheckpointError."""
+    blobs, where = _sealed_blobs(store, row)
+    return Checkpoint.from_blobs(blobs, row.key, where)
+
+
+def _sealed_blobs(store: ShardStore, row: CheckpointRow) -> tuple[dict[str, bytes], str]:
+    """The weights' and manifest's bytes, the registration checked against its seal and each
+    file against its registered sha256; and where they are (for messages)."""
     where = repr(str(store.root / row.path))
     if not store.sealed(row):
         raise CheckpointError(f"checkpoint {where} (shard {row.shard}, slice {row.slice}) fails its "
                               "seal: its registration (files and their sha256) was altered")
     try:
-        blobs = store.read_files(row, [WEIGHTS, MANIFEST])
+        return store.read_files(row, [WEIGHTS, MANIFEST]), where
     except CheckpointFileError as exc:
         raise CheckpointError(f"{exc} (shard {row.shard}, slice {row.slice})") from exc
-    return Checkpoint.from_blobs(blobs, row.key, where)
 
 
 def store_fetch(store: ShardStore) -> Fetch:
@@ -167,14 +173,7 @@ def checkpoint_files(store: ShardStore, row: CheckpointRow) -> CheckpointFiles:
     """A registered checkpoint's weights and manifest as bytes, verified as `read_checkpoint`
     verifies them (seal, each file's sha256, the manifest against the registration), for a
     process that cannot read the store (which verifies them again on arrival)."""
-    where = repr(str(store.root / row.path))
-    if not store.sealed(row):
-        raise CheckpointError(f"checkpoint {where} (shard {row.shard}, slice {row.slice}) fails its "
-                              "seal: its registration (files and their sha256) was altered")
-    try:
-        blobs = store.read_files(row, [WEIGHTS, MANIFEST])
-    except CheckpointFileError as exc:
-        raise CheckpointError(f"{exc} (shard {row.shard}, slice {row.slice})") from exc
+    blobs, where = _sealed_blobs(store, row)
     Checkpoint.from_blobs(blobs, row.key, where)  # the manifest, checked where the store is too
     return CheckpointFiles(row.shard, row.key, blobs, {n: row.files[n] for n in blobs})
 
