@@ -55,7 +55,7 @@ PACKAGE_ORDER: dict[str, list[str]] = {
     "sisa.workflows": ["", "attacks", "proof", "approximate", "export", "demo"],
     "sisa.service": ["settings", "metrics", "staleness", "model", "batching", "worker", "service",
                      "remote", "app", "ray_serve", ""],
-    "sisa.testing": ["", "tamper", "killer"],
+    "sisa.testing": ["", "tamper", "killer", "serving"],
 }
 THIRD_PARTY_ONLY_IN = {"ray": {"sisa.execution", "sisa.service.ray_serve"},
                        "peft": {"sisa.adapters"}}

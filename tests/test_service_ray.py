@@ -22,9 +22,10 @@ pytestmark = pytest.mark.ray
 # and report the answers, the deletions with their receipts, which replicas answered, and every
 # TCP socket a process of the run listens on.
 _PROBE = """
-import json, os, sys, threading, time, httpx, psutil
+import json, sys, httpx, psutil
 from sisa.service import ServiceConfig
 from sisa.service.ray_serve import ray_service
+from sisa.testing.serving import delete_while_predicting
 
 store, port = sys.argv[1], int(sys.argv[2])
 token = "ray-token-0123456789abcdef"
@@ -33,39 +34,8 @@ config = ServiceConfig(token=token, port=port, batch_window=0.05, replicas=2, re
 report = {"answers": [], "deletions": [], "errors": [], "pids": []}
 with ray_service(store, config) as url:
     client = httpx.Client(base_url=url, timeout=60)
-    stop = threading.Event()
-
-    def predicting():
-        with httpx.Client(base_url=url, timeout=60) as own:
-            while not stop.is_set():
-                sent = time.monotonic()
-                r = own.post("/v1/predict", json={"inputs": [[0.1, 0.2, 0.3, 0.4]]})
-                if r.status_code != 200:
-                    report["errors"].append(r.text)
-                else:
-                    report["answers"].append([sent, r.json()["model"]["shards"]])
-
-    threads = [threading.Thread(target=predicting) for _ in range(2)]
-    for t in threads:
-        t.start()
-    acks = []
-    for i in range(0, 24, 6):
-        r = client.post("/v1/deletions", json={"ids": ["r%04d" % i]}, headers=auth)
-        assert r.status_code == 202, r.text
-        acks.append((time.monotonic(), r.json()))
-        time.sleep(0.3)
-    for at, body in acks:
-        deadline = time.monotonic() + 120
-        while True:
-            state = client.get("/v1/deletions/" + body["request_id"], headers=auth).json()
-            if state["status"] == "applied" or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        report["deletions"].append([at, body["shards"], state.get("receipt")])
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join()
+    report.update(delete_while_predicting(url, auth, ["r%04d" % i for i in range(0, 24, 6)],
+                                          [[0.1, 0.2, 0.3, 0.4]], settle=1.0))
     # The last answers: every replica must have caught up with the retrained shards.
     report["final"] = [client.post("/v1/predict", json={"inputs": [[0.0] * 4]}).json()["model"]["shards"]
                        for _ in range(8)]

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from sisa.service.remote import RemoteSisa, StoreKeeper
 from sisa.service.staleness import Answer, Deletion, check
 from sisa.serving.loader import received
 from sisa.testing import free_port
+from sisa.testing.serving import delete_while_predicting
 
 from .conftest import SPEC, copy_store, make_rows, small_config
 
@@ -244,45 +244,8 @@ def run_clients(url: str, auth: dict[str, str], victims: list[str]) -> dict[str,
     answers and which replicas answered."""
     import httpx
 
-    out: dict[str, Any] = {"answers": [], "errors": [], "deletions": []}
-    stop = threading.Event()
-
-    def predicting() -> None:
-        with httpx.Client(base_url=url, timeout=60) as own:
-            while not stop.is_set():
-                sent = time.monotonic()
-                r = own.post("/v1/predict", json={"inputs": INPUTS[:1]})
-                if r.status_code != 200:
-                    out["errors"].append(r.text)
-                else:
-                    out["answers"].append([sent, r.json()["model"]["shards"]])
-
+    out = delete_while_predicting(url, auth, victims, INPUTS[:1])
     client = httpx.Client(base_url=url, timeout=60)
-    threads = [threading.Thread(target=predicting) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        acks = []
-        for victim in victims:
-            r = client.post("/v1/deletions", json={"ids": [victim]}, headers=auth)
-            assert r.status_code == 202, r.text
-            acks.append((time.monotonic(), r.json()))
-            time.sleep(0.3)
-        begun = time.monotonic()
-        for at, body in acks:
-            deadline = time.monotonic() + 120
-            while True:
-                state = client.get("/v1/deletions/" + body["request_id"], headers=auth).json()
-                if state["status"] == "applied" or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            out["deletions"].append([at, body["shards"], state.get("receipt")])
-        out["applied_seconds"] = time.monotonic() - begun
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     final = [client.post("/v1/predict", json={"inputs": INPUTS, "probabilities": True}).json()
              for _ in range(6)]
     out["final"] = [[f["model"]["shards"], f["probabilities"]] for f in final]

@@ -1,7 +1,8 @@
 """The fault kit that tests and benchmarks share (as `numpy.testing` or hypothesis are shared):
 small data sets and the config that trains them in seconds, snapshots of a store's files, the
 check that no file derives from a deleted record, the CLI killed at a named step
-(`sisa.testing.killer`), and the tampering matrix (`sisa.testing.tamper`).
+(`sisa.testing.killer`), the tampering matrix (`sisa.testing.tamper`), and clients predicting
+while deletions stream into a service (`sisa.testing.serving`).
 
 Nothing in the library imports it; it uses the public API and, where it damages a store on
 purpose, the store's files and SQLite directly, as an operator or an attacker would.
