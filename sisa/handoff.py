@@ -102,6 +102,8 @@ def running_service(store_dir: str | Path) -> tuple[str, str] | None:
 
 
 def token() -> str | None:
+    """The service's bearer token from SISA_SERVE_TOKEN, if set (a light read: `sisa forget`
+    needs it before anything heavy is imported; `sisa.service.settings.read_token` uses it too)."""
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 

@@ -9,8 +9,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from sisa.config import TOKEN_ENV, ServiceConfig
+from sisa.config import ServiceConfig
 from sisa.errors import ConfigError
+from sisa.handoff import token as env_token
 
 
 def settings_summary(store_dir: str | Path, config: ServiceConfig, url: str) -> dict[str, Any]:
@@ -24,8 +25,7 @@ def read_token(path: str | Path | None = None) -> str | None:
     """The bearer token: from a file (its first line; a file others may read is refused) or else
     from the environment variable SISA_SERVE_TOKEN; None if neither gives one."""
     if path is None:
-        value = os.environ.get(TOKEN_ENV, "").strip()
-        return value or None
+        return env_token()
     try:
         info = os.stat(path)
         text = Path(path).read_text(encoding="utf-8")
