@@ -42,6 +42,11 @@ _MAX_BACKOFF = 30.0  # seconds between attempts after repeated failures
 _CHILD = "import sys; from sisa.service.worker import main; main(int(sys.argv[1]))"
 
 
+def _longer(backoff: float) -> float:
+    """The next wait after another failure: 1 s, then doubling, up to `_MAX_BACKOFF`."""
+    return min(_MAX_BACKOFF, max(1.0, 2 * backoff))
+
+
 def ack_to_applied(receipt: DeletionReceipt) -> float | None:
     """Seconds from a deletion's acknowledgement to its receipt (the shards live again)."""
     if not receipt.requested_at or not receipt.applied_at:
@@ -108,7 +113,7 @@ class DeletionWorker:
                 backoff = 0.0
             except Exception as exc:  # the deletion stays pending (and its shards excluded)
                 # Never let the thread die: a pending deletion would stay so forever.
-                backoff = min(_MAX_BACKOFF, max(1.0, 2 * backoff))
+                backoff = _longer(backoff)
                 first = str(exc).splitlines()[0][:200] if isinstance(exc, SisaError) else ""
                 log.error("applying deletions failed (retrying in %.0f s): %s %s", backoff,
                           type(exc).__name__, first)
@@ -319,7 +324,7 @@ class WorkerProcess:
                 self._pinged.notify_all()
             if self._stop.is_set():
                 return
-            backoff = min(_MAX_BACKOFF, max(1.0, 2 * backoff))
+            backoff = _longer(backoff)
             log.error("the deletion worker process exited (code %s): starting it again in %.0f s",
                       code, backoff)
             if self.on_failure is not None:
@@ -392,7 +397,7 @@ def main(events_fd: int) -> None:
                             after_run, on_failure, on_begin=lambda: emit(event="begin"))
     emit(event="ready", pid=os.getpid())
     if sisa.recovered_:  # deletions acknowledged while it started, applied as it opened the store
-        emit(event="run", receipts=[r.ledger_dict() for r in sisa.recovered_], runs=0, failures={})
+        after_run(sisa.recovered_)  # reported as a run (the worker has not started: 0 runs)
     worker.start()
     worker.notify()  # whatever is pending already
 
