@@ -530,8 +530,11 @@ class Validator:
         assert features is not None
         matrix = np.ascontiguousarray(features[keep], dtype="<f8")
         width = matrix.shape[1] * 8
-        flat = matrix.reshape(-1).view(np.uint8).data  # each row's bytes copied once, from here
-        packed = [flat[k:k + width].tobytes() for k in range(0, len(flat), width)]
+        # Each row's bytes are a read-only view of the matrix, not a copy: a copy per record is
+        # the records' size again in small allocations, each page of them a fresh page fault.
+        matrix.flags.writeable = False
+        flat = matrix.reshape(-1).view(np.uint8).data
+        packed = [flat[k:k + width] for k in range(0, len(flat), width)]
         prefixes: dict[tuple[Any, ...], bytes] = {}  # one per (label, group, prior), made once
         digests = []
         for y, g, p, row in zip(targets, groups, priors, packed, strict=True):

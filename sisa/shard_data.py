@@ -107,8 +107,9 @@ def _from_columns(shard: int, version: int, columns: Sequence[Sequence[Any]], ta
         if any(f is None for f in features):
             raise StoreError(f"shard {shard} holds a record without numeric features; the "
                              "store is inconsistent")
-        flat = np.frombuffer(b"".join(features), dtype="<f8")
-        inputs = flat.reshape(len(members), input_dim)
+        # numpy's allocation (huge pages where the kernel has them) rather than one bytes object.
+        inputs = np.concatenate([np.frombuffer(f, dtype="<f8") for f in features]) \
+            .reshape(len(members), input_dim) if features else np.empty((0, input_dim))
     else:
         inputs = list(texts)
     return ShardData(shard, version, members, list(map(digest_line, members)),
