@@ -80,7 +80,8 @@ SCORES = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
 class Setting:
     model: str
     records: int  # chitchat training turns (plus canary copies)
-    canaries: int  # users with a canary (all forgotten)
+    canaries: int  # canaries inserted (all forgotten, with their users)
+    per_user: int  # canaries per user
     never: int  # canaries never inserted
     repeats: int
     digits: int
@@ -100,10 +101,15 @@ class Setting:
     decode_tokens: int
 
 
-# Never-inserted canaries cost nothing extra (every candidate secret is scored once per model).
-FULL = Setting("SmolLM2-135M-Instruct", 240, 24, 512, 12, 4, 4, 2, 3, 5, 2, 5e-3, 64, 64, 48, 48,
-               1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
-TINY = Setting("", 24, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
+# Sized for the verdict's power: 78 forgotten canaries (3 for each of 26 users, so that forgetting
+# them leaves most natural turns) against 4,096 never-inserted ones give the TOST (margin 0.5 bit)
+# 90% power under perfect unlearning up to a spread of 1.3 bits (v0.8's run: 1.22 bits, where 24
+# canaries had 22%). Never-inserted canaries cost nothing extra (every candidate secret is scored
+# once per model). The sweep: OpenUnlearning's default point (10 epochs, lr 1e-5), and shorter
+# runs at higher rates, which v0.8's grid did not reach.
+FULL = Setting("SmolLM2-135M-Instruct", 240, 78, 3, 4096, 12, 4, 4, 2, 3, 5, 2, 5e-3, 64, 64, 48,
+               48, 1000, ((10, 1e-5), (5, 2e-4), (2, 2e-3)), 0.5, 16)
+TINY = Setting("", 24, 3, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
                0.5, 4)
 
 
@@ -251,7 +257,8 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
     MARGIN[0] = s.margin
     rows, spec = resolve_source("builtin:chitchat", None)
     rows = stable_subset(rows, spec.id_column, s.records)
-    canaries = make_canaries([r["sender"] for r in rows], s.canaries, s.never, s.digits, s.repeats)
+    canaries = make_canaries([r["sender"] for r in rows], s.canaries, s.never, s.digits, s.repeats,
+                             per_user=s.per_user)
     train = rows + canaries.rows(spec)
     groups = sorted({c.group for c in canaries.canaries if c.inserted})
     gone = set(groups)
@@ -431,7 +438,8 @@ def summary(r: dict[str, Any]) -> str:
     s, sisa = r["setting"], r["sisa"]
     lines = [
         f"Setting: {s['model'] or 'tiny'} on {s['records']} chitchat turns plus {s['canaries']} "
-        f"canary users x {s['repeats']} copies ({s['digits']} digits; {s['never']} never-inserted "
+        f"canaries ({s.get('per_user', 1)} per user) x {s['repeats']} copies ({s['digits']} digits; "
+        f"{s['never']} never-inserted "
         f"canaries), S={s['shards']}, R={s['slices']}, {s['epochs']} epochs per slice (the monolith "
         f"{s['mono_epochs']} epochs), LoRA on the top {s['top_k']} layers, lr {s['learning_rate']}; "
         f"{r['machine']}; {r['seconds']:.0f} s in all.", "",

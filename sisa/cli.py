@@ -938,7 +938,9 @@ def score(
 def canaries(
     store: Store,
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the canary set (JSON).")],
-    inserted: Annotated[int, typer.Option(help="Users who each get a canary in the store.")] = 8,
+    inserted: Annotated[int, typer.Option(help="Canaries put in the store, each a secret of a chosen user.")] = 8,
+    per_user: Annotated[int, typer.Option(
+        help="Canaries each chosen user gets: more secrets for the verdict from fewer users.")] = 1,
     never: Annotated[int, typer.Option(help="Canaries of made-up users, never trained on.")] = 8,
     digits: Annotated[int, typer.Option(help="Digits in each secret (1..5).")] = 4,
     repeats: Annotated[int, typer.Option(help="Copies of each inserted canary.")] = 8,
@@ -950,14 +952,15 @@ def canaries(
 ) -> None:
     """Causal LM: insert canaries, secrets of chosen users.
 
-    Each canary is a secret of random digits in a fixed template, one per chosen user, added as
-    records of that user; the canary set that `sisa prove` reads is written to --out. The affected
+    Each canary is a secret of random digits in a fixed template, --per-user of them for each
+    chosen user, added as records of that user; the canary set that `sisa prove` reads is written to --out. The affected
     shards retrain, exactly as for any `add`.
     """
     from sisa.workflows.proof import insert_canaries
 
     with _open(store, values, no_progress or as_json) as sisa:
-        chosen, report = insert_canaries(sisa, inserted, never, digits, repeats, seed, template)
+        chosen, report = insert_canaries(sisa, inserted, never, digits, repeats, seed, template,
+                                         per_user)
     chosen.save(out_file)
     payload = {"canaries": str(out_file), "inserted": inserted, "never_inserted": never,
                **_retrain_payload(report)}

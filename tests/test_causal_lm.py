@@ -319,6 +319,29 @@ def test_a_canary_template_is_checked_before_anything_retrains(
     assert added and all(t.startswith("the locker code: ") for t, _ in added.values())
 
 
+def test_several_canaries_per_user_each_have_a_secret_of_their_own() -> None:
+    users = [f"u{i}" for i in range(10)]
+    chosen = make_canaries(users, inserted=7, never=3, digits=2, repeats=2, per_user=3)
+    inserted = [c for c in chosen.canaries if c.inserted]
+    assert len(inserted) == 7
+    by_user: dict[str, int] = {}
+    for c in inserted:
+        by_user[c.group] = by_user.get(c.group, 0) + 1
+    assert sorted(by_user.values()) == [1, 3, 3]  # three users; the last holds the remainder
+    assert len({c.secret for c in chosen.canaries}) == 10  # every secret distinct
+    ids = [i for c in inserted for i in chosen.record_ids(c)]
+    assert len(ids) == len(set(ids)) == 14
+    # The users chosen are the same ones a canary apiece would choose first.
+    one_each = make_canaries(users, inserted=3, never=3, digits=2, per_user=1)
+    assert set(by_user) == {c.group for c in one_each.canaries if c.inserted}
+    with pytest.raises(ConfigError, match="need 4 users; the data has 3"):
+        make_canaries(["a", "b", "c"], inserted=7, never=1, digits=2, per_user=2)
+    with pytest.raises(ConfigError, match="per_user must be >= 1"):
+        make_canaries(users, inserted=2, never=1, digits=2, per_user=0)
+    with pytest.raises(ConfigError, match="need as many distinct secrets; 1 digits have 10"):
+        make_canaries(users, inserted=8, never=3, digits=1)
+
+
 def test_classifier_only_calls_refuse_a_causal_lm(tmp_path: Path, tiny_lm: str,
                                                   rows: list[dict[str, Any]]) -> None:
     sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, shards=1, slices=1), CHAT_SPEC)

@@ -49,7 +49,7 @@ def test_one_forgotten_canary_is_inconclusive_for_lack_of_power_and_says_what_wo
     assert verdict.tost is not None and verdict.tost["power"] < POWER_NEEDED
     assert "power with 1 forgotten and 8 never-inserted canaries" in verdict.reason
     # 8 never-inserted canaries limit the power whatever the forgotten count: the remedy names both.
-    wanted = re.search(r"make (\d+) never-inserted canaries .* forget at least (\d+) canary users",
+    wanted = re.search(r"make (\d+) never-inserted canaries .* forget at least (\d+) canaries",
                        verdict.reason)
     assert wanted, verdict.reason
     m, n = int(wanted.group(1)), int(wanted.group(2))

@@ -112,21 +112,30 @@ class CanarySet(_Dict):
 
 
 def make_canaries(groups: Sequence[str], inserted: int = 8, never: int = 8, digits: int = 4,
-                  repeats: int = 1, seed: int = 0, template: str = evidence.TEMPLATE) -> CanarySet:
-    """One canary for each of `inserted` users chosen from `groups` (stably, by a hash keyed with
-    `seed`), and `never` canaries of made-up users that are never trained on."""
+                  repeats: int = 1, seed: int = 0, template: str = evidence.TEMPLATE,
+                  per_user: int = 1) -> CanarySet:
+    """`inserted` canaries, `per_user` for each user chosen from `groups` (stably, by a hash keyed
+    with `seed`; the last user may hold fewer), and `never` canaries of made-up users that are
+    never trained on. Each canary has a secret of its own: several canaries per user give the
+    verdict's statistics more secrets from fewer users (and fewer of their other records)."""
     if "{secret}" not in template or not template.endswith("{secret}"):
         raise ConfigError(f"the canary template must end with {{secret}}, got {template!r}")
     if not 1 <= digits <= 5:
         raise ConfigError(f"digits must be in 1..5 (every candidate secret is scored), got {digits}")
-    if inserted < 1 or never < 1 or repeats < 1:
-        raise ConfigError(f"inserted, never and repeats must be >= 1, got {inserted}, {never}, {repeats}")
+    if inserted < 1 or never < 1 or repeats < 1 or per_user < 1:
+        raise ConfigError(f"inserted, never, repeats and per_user must be >= 1, got {inserted}, "
+                          f"{never}, {repeats}, {per_user}")
+    if inserted + never > 10 ** digits:
+        raise ConfigError(f"{inserted + never} canaries need as many distinct secrets; {digits} "
+                          f"digits have {10 ** digits}")
     if not template.split("{secret}")[0]:
         raise ConfigError("the canary template needs text before {secret}")
     unique = sorted(set(groups), key=lambda g: hashlib.blake2b(f"{seed}/{g}".encode(),
                                                                digest_size=8).digest())
-    if len(unique) < inserted:
-        raise ConfigError(f"{inserted} canaries need {inserted} users; the data has {len(unique)}")
+    users = -(-inserted // per_user)
+    if len(unique) < users:
+        raise ConfigError(f"{inserted} canaries, {per_user} per user, need {users} users; the data "
+                          f"has {len(unique)}")
     rng = random.Random(f"canaries/{seed}")
     secrets: set[str] = set()
     canaries = []
@@ -136,7 +145,7 @@ def make_canaries(groups: Sequence[str], inserted: int = 8, never: int = 8, digi
             secret = evidence.random_secret(rng, digits)
         secrets.add(secret)
         if i < inserted:
-            canaries.append(Canary(f"canary-{i}", unique[i], secret, True))
+            canaries.append(Canary(f"canary-{i}", unique[i // per_user], secret, True))
         else:
             canaries.append(Canary(f"canary-never-{i - inserted}", f"never-user-{i - inserted}",
                                    secret, False))
@@ -144,14 +153,15 @@ def make_canaries(groups: Sequence[str], inserted: int = 8, never: int = 8, digi
 
 
 def insert_canaries(sisa: Sisa, inserted: int = 8, never: int = 8, digits: int = 4, repeats: int = 8,
-                    seed: int = 0, template: str = evidence.TEMPLATE) -> tuple[CanarySet, Any]:
+                    seed: int = 0, template: str = evidence.TEMPLATE,
+                    per_user: int = 1) -> tuple[CanarySet, Any]:
     """Make canaries for users of a causal-LM store and add the inserted ones as their records
     (the affected shards retrain from the canaries' slices). Returns the set and the report."""
     sisa.require_language_model()
     groups = sisa.groups()
     if not groups:
         raise RecordError("the store's records have no groups (users): train with a group column")
-    canaries = make_canaries(groups, inserted, never, digits, repeats, seed, template)
+    canaries = make_canaries(groups, inserted, never, digits, repeats, seed, template, per_user)
     candidate_tokens(sisa.tokenizer, canaries)  # refused before any retraining, if it cannot rank
     return canaries, sisa.add(canaries.rows(sisa.data_spec))
 
@@ -318,10 +328,11 @@ def judge(memorised: bool, mean_before: float, bar: float,
     if test["power"] < POWER_NEEDED:
         needed, alt = test["forgotten_needed"], test["with_more_never"]
         if needed is not None:
-            more = f"forget at least {needed} canary users in one request"
+            more = (f"forget at least {needed} canaries in one request (their users'; `sisa "
+                    "canaries --per-user` gives each user several)")
         elif alt is not None:
             more = (f"make {alt['never']} never-inserted canaries (they cost nothing) and forget "
-                    f"at least {alt['forgotten_needed']} canary users in one request")
+                    f"at least {alt['forgotten_needed']} canaries in one request")
         else:
             more = (f"no size within reach gives it at this spread: widen the margin past "
                     f"{margin:g} bit")
