@@ -938,7 +938,8 @@ def score(
 def canaries(
     store: Store,
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the canary set (JSON).")],
-    inserted: Annotated[int, typer.Option(help="Canaries put in the store, each a secret of a chosen user.")] = 8,
+    inserted: Annotated[int, typer.Option(
+        help="Canaries put in the store, each a secret of a chosen user.")] = 8,
     per_user: Annotated[int, typer.Option(
         help="Canaries each chosen user gets: more secrets for the verdict from fewer users.")] = 1,
     never: Annotated[int, typer.Option(help="Canaries of made-up users, never trained on.")] = 8,
@@ -953,8 +954,8 @@ def canaries(
     """Causal LM: insert canaries, secrets of chosen users.
 
     Each canary is a secret of random digits in a fixed template, --per-user of them for each
-    chosen user, added as records of that user; the canary set that `sisa prove` reads is written to --out. The affected
-    shards retrain, exactly as for any `add`.
+    chosen user, added as records of that user; the canary set that `sisa prove` reads is
+    written to --out. The affected shards retrain, exactly as for any `add`.
     """
     from sisa.workflows.proof import insert_canaries
 
