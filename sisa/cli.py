@@ -993,6 +993,9 @@ def prove(
     margin: Annotated[float, typer.Option(
         help="Equivalence margin of the verdict's TOST, in bits of exposure gained over the base "
              "model: forgotten canaries must be within it of never-inserted ones.")] = 0.5,
+    template: Annotated[str | None, typer.Option(
+        help="The canaries' text, ending with {secret}, where it is not the canary set's (a set "
+             "written by hand or another tool); the store's canary records must read it.")] = None,
     no_progress: NoProgress = False, as_json: Json = False, **values: Any,
 ) -> None:
     """Causal LM: evidence that forgotten text is gone.
@@ -1011,6 +1014,8 @@ def prove(
     from sisa.workflows.proof import prove as run_prove
 
     chosen = CanarySet.load(canaries_file)
+    if template is not None:
+        chosen = chosen.with_template(template)
     quiet = no_progress or as_json
     with _open(store, values, quiet) as sisa:
         report = run_prove(sisa, chosen, holdout, forget_group or [], holdout_limit, retain_limit,

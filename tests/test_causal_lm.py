@@ -21,7 +21,7 @@ from sisa import PartitionConfig, Sisa, SisaConfig
 from sisa import evidence as ev
 from sisa.cli import app
 from sisa.config import CausalLMConfig
-from sisa.errors import ConfigError, InputKindError
+from sisa.errors import ConfigError, InputKindError, RecordError
 from sisa.models import fix_tokenizer
 from sisa.records import input_digest
 from sisa.serving import LMScorer
@@ -317,6 +317,33 @@ def test_a_canary_template_is_checked_before_anything_retrains(
     assert chosen.template == "the locker code: {secret}"
     added = sisa.texts(chosen.record_ids(chosen.canaries[0]))
     assert added and all(t.startswith("the locker code: ") for t, _ in added.values())
+
+
+def test_prove_refuses_a_canary_set_that_is_not_the_stores(
+        tmp_path: Path, tiny_lm: str, rows: list[dict[str, Any]]) -> None:
+    sisa = Sisa.train(tmp_path / "s", rows, lm_config(tiny_lm, shards=1, slices=1), CHAT_SPEC)
+    chosen, _ = insert_canaries(sisa, 1, 1, 2, 2, template="the locker code: {secret}")
+    path = tmp_path / "canaries.json"
+    dataclasses.replace(chosen, template="my pin is {secret}").save(path)
+    kept = store_snapshot(sisa.root)
+    wrong = CanarySet.load(path)
+    record = chosen.record_ids(chosen.canaries[0])[0]
+    with pytest.raises(RecordError, match=f"canary record '{record}' reads 'the locker code: "):
+        prove(sisa, wrong, held_out(rows[:4]), holdout_limit=4, retain_limit=4, references=20)
+    # The CLI's --template reads the set with the template the canaries were inserted with.
+    holdout = tmp_path / "held-out.jsonl"
+    holdout.write_text("".join(json.dumps(r) + "\n" for r in held_out(rows[:4])))
+    args = ["prove", "--store", str(sisa.root), "--canaries", str(path), "--holdout",
+            str(holdout), "--holdout-limit", "4", "--retain-limit", "4",
+            "--references", "20", "--json", "--no-progress"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and "sisa prove --template" in refused.output
+    bad = CliRunner().invoke(app, [*args, "--template", "{secret} is mine"])
+    assert bad.exit_code != 0 and "must end with {secret}" in bad.output
+    ok = CliRunner().invoke(app, [*args, "--template", "the locker code: {secret}"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["template"] == "the locker code: {secret}"
+    assert store_snapshot(sisa.root) == kept
 
 
 def test_several_canaries_per_user_each_have_a_secret_of_their_own() -> None:

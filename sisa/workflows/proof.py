@@ -70,6 +70,11 @@ class CanarySet(_Dict):
     def record_ids(self, canary: Canary) -> list[str]:
         return [canary.id] if self.repeats == 1 else [f"{canary.id}#{r}" for r in range(self.repeats)]
 
+    def with_template(self, template: str) -> CanarySet:
+        """The same canaries read with another template (`prove` checks it against the store)."""
+        check_template(template)
+        return dataclasses.replace(self, template=template)
+
     def text(self, canary: Canary) -> str:
         return self.template.format(secret=canary.secret)
 
@@ -111,6 +116,14 @@ class CanarySet(_Dict):
                               f"{type(exc).__name__}: {exc}") from None
 
 
+def check_template(template: str) -> None:
+    """A canary template: text, then {secret} at its end (where the candidates are scored)."""
+    if not template.endswith("{secret}") or template.count("{secret}") != 1:
+        raise ConfigError(f"the canary template must end with {{secret}}, got {template!r}")
+    if not template[:-len("{secret}")]:
+        raise ConfigError("the canary template needs text before {secret}")
+
+
 def make_canaries(groups: Sequence[str], inserted: int = 8, never: int = 8, digits: int = 4,
                   repeats: int = 1, seed: int = 0, template: str = evidence.TEMPLATE,
                   per_user: int = 1) -> CanarySet:
@@ -118,8 +131,7 @@ def make_canaries(groups: Sequence[str], inserted: int = 8, never: int = 8, digi
     with `seed`; the last user may hold fewer), and `never` canaries of made-up users that are
     never trained on. Each canary has a secret of its own: several canaries per user give the
     verdict's statistics more secrets from fewer users (and fewer of their other records)."""
-    if "{secret}" not in template or not template.endswith("{secret}"):
-        raise ConfigError(f"the canary template must end with {{secret}}, got {template!r}")
+    check_template(template)
     if not 1 <= digits <= 5:
         raise ConfigError(f"digits must be in 1..5 (every candidate secret is scored), got {digits}")
     if inserted < 1 or never < 1 or repeats < 1 or per_user < 1:
@@ -128,8 +140,6 @@ def make_canaries(groups: Sequence[str], inserted: int = 8, never: int = 8, digi
     if inserted + never > 10 ** digits:
         raise ConfigError(f"{inserted + never} canaries need as many distinct secrets; {digits} "
                           f"digits have {10 ** digits}")
-    if not template.split("{secret}")[0]:
-        raise ConfigError("the canary template needs text before {secret}")
     unique = sorted(set(groups), key=lambda g: hashlib.blake2b(f"{seed}/{g}".encode(),
                                                                digest_size=8).digest())
     users = -(-inserted // per_user)
@@ -233,6 +243,7 @@ class ProofReport(_Dict):
     in_place: bool = False  # the store itself forgot (else a copy did, and was removed)
     oracle: OracleCheck | None = None  # with `oracle=True`: the store after against a scratch store
     tost: dict[str, Any] | None = None  # the equivalence test, its power and what would decide it
+    template: str = ""  # the canaries' text, {secret} at its end, as measured
 
 
 @dataclass(frozen=True)
@@ -545,6 +556,21 @@ def oracle_check(sisa: Sisa, directory: str | Path) -> OracleCheck:
     return OracleCheck(mine == theirs, shards, len(rows), seconds)
 
 
+def check_canaries(sisa: Sisa, canaries: CanarySet) -> None:
+    """Refuse a canary set whose template is not the one its canaries were inserted with: a live
+    canary record of the store whose text is not the set's template with its secret."""
+    inserted = [c for c in canaries.canaries if c.inserted]
+    texts = sisa.texts([i for c in inserted for i in canaries.record_ids(c)])
+    for c in inserted:
+        for record_id in canaries.record_ids(c):
+            found = texts.get(record_id)
+            if found is not None and found[0] != canaries.text(c):
+                raise RecordError(
+                    f"canary record {record_id!r} reads {found[0]!r}, but the canary set's template "
+                    f"{canaries.template!r} gives {canaries.text(c)!r}: give the template the "
+                    "canaries were inserted with (sisa prove --template)")
+
+
 def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: Sequence[str] = (),
           holdout_limit: int = 64, retain_limit: int = 64, combine: Combine | None = None,
           references: int = 1000, seed: int = 0, progress: Progress | None = None,
@@ -558,6 +584,7 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
     the store's own)."""
     sisa.require_language_model()
     combine = sisa.combine_mode(combine)
+    check_canaries(sisa, canaries)
     rows, spec = resolve_source(holdout_source, sisa.data_spec)
     spec = dataclasses.replace(spec, label_column=None)
     refuse_members(sisa, rows, spec)
@@ -593,7 +620,7 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
                      "often (repeats) or train longer before this evidence means anything")
     if not forget_groups:
         return ProofReport(before, None, [], 0, None, memorised, mean_before, None, None, None, None,
-                           notes, memorised_bar=bar)
+                           notes, memorised_bar=bar, template=canaries.template)
 
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sisa-prove-")))
@@ -629,7 +656,8 @@ def prove(sisa: Sisa, canaries: CanarySet, holdout_source: Any, forget_groups: S
     alike = {"yes": True, "no": False}.get(verdict.answer)
     return ProofReport(before, after, groups, len(forget_ids), receipt.seconds,
                        memorised, mean_before, m_gone, m_never, p, alike, notes,
-                       verdict.answer, verdict.reason, bar, in_place, checked, verdict.tost)
+                       verdict.answer, verdict.reason, bar, in_place, checked, verdict.tost,
+                       canaries.template)
 
 
 # -- the report as rows of text (the CLI lays them out) ----------------------------------------
