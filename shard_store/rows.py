@@ -21,7 +21,7 @@ class NewRecord(NamedTuple):
     order_key: str
     target: str | None
     text: str | None
-    features: bytes | None
+    features: bytes | memoryview | None  # float64 bytes (a read-only view of them, as written)
     prior: float | None
     input_digest: str | None
 

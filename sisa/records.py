@@ -81,7 +81,7 @@ class Record:
     digest: str  # digest of (input, target, group[, prior]): a changed record is another record
     input_digest: str  # digest of the input alone: the key of its cached embedding
     prior: float | None = None  # how likely the record is to be deleted (deletion-aware placement)
-    features: bytes | None = None  # a numeric input, packed (see pack_features); None for text
+    features: bytes | memoryview | None = None  # a numeric input, packed (see pack_features); None for text
 
     @property
     def text(self) -> str | None:
@@ -93,7 +93,7 @@ def pack_features(inp: Sequence[float]) -> bytes:
     return struct.pack(f"<{len(inp)}d", *inp)
 
 
-def _digest(data: bytes, *more: bytes) -> str:
+def _digest(data: bytes, *more: bytes | memoryview) -> str:
     """The digest of `data` and then `more` (as of their concatenation, which is not made)."""
     digest = hashlib.blake2b(data, digest_size=16)
     for part in more:
@@ -109,7 +109,7 @@ def features_prefix(target: str | None, group: str | None, prior: float | None) 
 
 
 def content_digest(inp: Input, target: str | None, group: str | None, prior: float | None = None,
-                   packed: bytes | None = None) -> str:
+                   packed: bytes | memoryview | None = None) -> str:
     """`packed`: pack_features(inp), if the caller has it already."""
     if isinstance(inp, str):
         fields: list[Any] = [inp, target, group] if prior is None else [inp, target, group, prior]
@@ -117,7 +117,7 @@ def content_digest(inp: Input, target: str | None, group: str | None, prior: flo
     return _digest(features_prefix(target, group, prior), packed or pack_features(inp))
 
 
-def input_digest(inp: Input, packed: bytes | None = None, prompt: str | None = None,
+def input_digest(inp: Input, packed: bytes | memoryview | None = None, prompt: str | None = None,
                  messages: bool = False) -> str:
     """The key of an input's cached features. A prompt changes what the model computes for the
     text after it, so it enters the key (and a deletion purges the pair's cached activations).
@@ -285,7 +285,8 @@ class Batch:
     priors: list[float | None]
     digests: list[str]
     input_digests: list[str]
-    packed: list[bytes] | None  # each row of numeric inputs as pack_features gives it
+    # Each row of numeric inputs as pack_features gives it (a view of the batch's matrix).
+    packed: list[bytes | memoryview] | None
     # Each record's number (its line in a file with no blank line or multi-line field; messages
     # read the file again for the exact line: `sisa.sources.Numbering`), and whether the ids
     # came from the input (records to predict on may have none: their ids are these numbers).
@@ -534,7 +535,7 @@ class Validator:
         # the records' size again in small allocations, each page of them a fresh page fault.
         matrix.flags.writeable = False
         flat = matrix.reshape(-1).view(np.uint8).data
-        packed = [flat[k:k + width] for k in range(0, len(flat), width)]
+        packed: list[bytes | memoryview] = [flat[k:k + width] for k in range(0, len(flat), width)]
         prefixes: dict[tuple[Any, ...], bytes] = {}  # one per (label, group, prior), made once
         digests = []
         for y, g, p, row in zip(targets, groups, priors, packed, strict=True):
