@@ -241,7 +241,7 @@ def bare_app(store: Path) -> Any:
     task, voting = reader.task, reader.config.voting
     if not isinstance(task, ClassificationTask):
         raise SystemExit("the bare app answers classifiers' predictions only")
-    setup_process(reader.config.training.torch_threads, reader.config.execution.device, training=False)
+    setup_process(reader.config.training.torch_threads, reader.config.execution.device)
     ensemble = reader.ensemble()
     classes = list(task.classes)
     features = reader.data_spec.kind == "features"

@@ -101,10 +101,8 @@ def preload_torch() -> None:
     """Import torch (about a second of a fresh process) on a helper thread while this one reads
     the data, opens the store or acknowledges a deletion, which need none of it and leave the
     GIL free part of the time (Arrow's parsing, SQLite, hashing, fsyncs); the trainer's own
-    import then finds it loaded, or waits for the helper to finish it. Not torch._dynamo, which
-    every optimizer step imports: imported by another thread than the one that trains, it left
-    that thread's backward passes up to 1.8x slower here; `setup_process` imports it, on the
-    training thread, before any training is timed."""
+    import then finds it loaded, or waits for the helper to finish it. (torch._dynamo, which
+    `torch.optim` would import, is never needed: `sisa.training.optim`.)"""
     if "torch" not in sys.modules and _PRELOADING.acquire(blocking=False):
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True,
                          name="sisa-import-torch").start()

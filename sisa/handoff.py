@@ -2,8 +2,8 @@
 
 A running service has its store open, its deletion worker started and torch imported: a `sisa
 forget` that hands it the request costs a fresh process little more than an HTTP client, where
-doing the work itself costs seconds of imports (torch, and the torch._dynamo every optimizer step
-imports) before the retrain starts. `sisa serve` advertises itself for its store in a file of this
+doing the work itself costs a second or more of imports (torch, above all) and opening the store
+before the retrain starts. `sisa serve` advertises itself for its store in a file of this
 user's runtime directory (mode 0700, the file 0600, keyed by the store's resolved path), removed
 when it stops; `sisa forget` reads it, checks the process is alive, and sends the deletion with
 the service's bearer token (from SISA_SERVE_TOKEN), once the service has proved it is the one that

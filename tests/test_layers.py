@@ -49,7 +49,7 @@ FLOORS: dict[str, int] = {
 # A package's modules, bottom up: each may import only those before it (the package's __init__
 # is named by the package).
 PACKAGE_ORDER: dict[str, list[str]] = {
-    "sisa.training": ["protocol", "jobs", "state", "encoder", "mlp", "head", "lora", "causal_lm",
+    "sisa.training": ["protocol", "jobs", "optim", "state", "encoder", "mlp", "head", "lora", "causal_lm",
                       "", "shard_trainer"],
     "sisa.serving": ["", "scorers", "ensemble", "generation", "loader"],
     "sisa.workflows": ["", "attacks", "proof", "approximate", "export", "demo"],

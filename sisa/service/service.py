@@ -89,9 +89,7 @@ class Service:
         """Load the servable shards, then start the worker (it applies anything still pending)."""
         from sisa.training.shard_trainer import setup_process  # torch's settings, once, up front
 
-        # Only a worker on a thread of this process trains here.
-        setup_process(self.reader.config.training.torch_threads, self.reader.config.execution.device,
-                      training=isinstance(self.worker, DeletionWorker))
+        setup_process(self.reader.config.training.torch_threads, self.reader.config.execution.device)
         # No shard may serve yet (a deletion pending): /readyz says so until the worker is done.
         with contextlib.suppress(NoServableShardError):
             self.model.refresh()

@@ -32,6 +32,7 @@ from sisa.models import PACKAGED_GGUF, fix_tokenizer, model_fingerprint, quiet_t
 from sisa.records import Input, conversation, parse_conversation
 from sisa.tasks import PROMPT_SEPARATOR, ModelSpec, format_prompt
 from sisa.training.encoder import torch_threads
+from sisa.training.optim import AdamW
 from sisa.training.protocol import State
 from sisa.training.state import export_state, import_state
 
@@ -378,7 +379,7 @@ class CausalLMModel:
         torch.manual_seed(seed)  # the adapters' initialisation draws from the global generator
         self.model = with_adapter(base, lora_config(training, "CAUSAL_LM"))
         self.model.to(device)
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=training.learning_rate, weight_decay=training.weight_decay,
         )

@@ -25,6 +25,7 @@ from sisa.errors import InputKindError
 from sisa.models import model_fingerprint, quiet_transformers, resolve_model
 from sisa.records import Input
 from sisa.tasks import ModelSpec
+from sisa.training.optim import AdamW
 from sisa.training.protocol import State
 from sisa.training.state import export_state, import_state
 
@@ -66,7 +67,7 @@ class LoraModel:
         self.device = device
         self.model = with_adapter(base_model(training, num_classes, seed), lora_config(training, "SEQ_CLS"))
         self.model.to(device)
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=training.learning_rate, weight_decay=training.weight_decay,
         )

@@ -15,6 +15,7 @@ from torch import nn
 from sisa.config import HeadConfig, MLPConfig
 from sisa.records import Input
 from sisa.tasks import ModelSpec
+from sisa.training.optim import AdamW
 from sisa.training.protocol import State
 from sisa.training.state import export_state, import_state
 
@@ -27,7 +28,7 @@ class MLPModel:
         self.device = device
         self.net = net.to(device)
         self.batch_size = config.batch_size
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = AdamW(
             net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
 

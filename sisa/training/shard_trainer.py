@@ -8,7 +8,6 @@ slice, epoch); model init from (seed, shard).
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
@@ -64,10 +63,9 @@ def _checkpoint(job: ShardJob, slice_: int, model: ShardModel, samples_seen: int
     return Checkpoint.create(manifest, tensors, model.export_files())
 
 
-def setup_process(torch_threads: int, device: str, training: bool = True) -> str:
+def setup_process(torch_threads: int, device: str) -> str:
     """The process-wide torch settings every shard trains under; returns the device used. Callers
-    run it before they start timing a retrain. `training=False`: a process that only serves (no
-    optimizer step: torch._dynamo is not imported)."""
+    run it before they start timing a retrain."""
     # Thread count changes float summation order: fix it so every executor gets the same bits.
     torch.set_num_threads(torch_threads)
     device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
@@ -80,11 +78,6 @@ def setup_process(torch_threads: int, device: str, training: bool = True) -> str
     if inductor is not None:
         inductor.deterministic = True  # type: ignore[attr-defined]
     torch._C._set_deterministic_algorithms(True, warn_only=device == "cpu")
-    # Every optimizer step imports torch._dynamo (about 1 s, once per process): here, before any
-    # retrain is timed, rather than inside the first one; and on the thread that trains (imported
-    # by a helper thread, it left the trainer's backward passes up to 1.8x slower).
-    if training:
-        importlib.import_module("torch._dynamo")
     return device
 
 

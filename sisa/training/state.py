@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from sisa.checkpoint import RNG_TENSOR
+from sisa.training.optim import Optimizer
 
 MODEL = "model."
 OPTIM = "optim."
@@ -19,7 +20,7 @@ RNG = RNG_TENSOR
 
 
 def export_state(
-    model_tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+    model_tensors: dict[str, torch.Tensor], optimizer: Optimizer
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """`model_tensors`: what the model must restore (all weights, or only an adapter's)."""
     tensors = {MODEL + k: v.detach().cpu().contiguous().clone() for k, v in model_tensors.items()}
@@ -42,7 +43,7 @@ def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def import_state(
     load_model: Callable[[dict[str, torch.Tensor]], None],
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
 ) -> None:
