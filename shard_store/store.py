@@ -1003,8 +1003,9 @@ class ShardStore:
         if not deleted:
             return {}
         key = self.key
-        return {r[0]: deleted[keyed(key, "id", r[0])] for r in self.conn.execute(
-            "SELECT id FROM records WHERE deleted_at IS NULL") if keyed(key, "id", r[0]) in deleted}
+        live = self.conn.execute("SELECT id FROM records WHERE deleted_at IS NULL").fetchall()
+        digests = ((r[0], keyed(key, "id", r[0])) for r in live)
+        return {i: deleted[d] for i, d in digests if d in deleted}
 
     def retombstone(self) -> list[str]:
         """Delete again every record that reappeared after its deletion: its row goes (its

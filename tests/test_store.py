@@ -3,6 +3,8 @@ incomplete and pre-release stores, audit of corruption, a connection per thread.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import sqlite3
 import threading
@@ -18,7 +20,7 @@ from shard_store import (
     StoreVersionError,
 )
 from shard_store import files as store_files
-from shard_store.schema import SCHEMA_VERSION
+from shard_store.schema import SCHEMA_VERSION, keyed
 from sisa import CheckpointError, NoServableShardError, Sisa, StoreError
 from sisa.checkpoint import FORMAT, Manifest
 
@@ -212,3 +214,13 @@ def test_no_embedding_of_a_deleted_input_is_cached_or_missed_by_the_audit(tmp_pa
     with store.transaction() as conn:  # planted by hand
         conn.execute("INSERT INTO embeddings VALUES ('enc', ?, 2, ?)", [digest, b"\0" * 8])
     assert any("embedding" in v.problem for v in sisa.audit().violations)
+
+
+def test_a_keyed_digest_is_the_hmac_of_its_domain_and_value() -> None:
+    """`keyed` hashes the key's pads and the domain once per (key, domain) and copies them: its
+    digests are HMAC-SHA256 of "domain\\0value", whatever came before."""
+    for key in (b"k" * 32, b"another key"):
+        for domain, value in (("id", "r1"), ("id", "r2"), ("seal", "é\0x"), ("group", "")):
+            want = hmac.new(key, f"{domain}\0{value}".encode(), hashlib.sha256).hexdigest()
+            assert keyed(key, domain, value) == want
+            assert keyed(key, domain, value) == want  # the cached state is never updated
