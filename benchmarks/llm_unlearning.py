@@ -101,15 +101,13 @@ class Setting:
     decode_tokens: int
 
 
-# Sized for the verdict's power: 78 forgotten canaries (3 for each of 26 users, so that forgetting
-# them leaves most natural turns) against 4,096 never-inserted ones give the TOST (margin 0.5 bit)
-# 90% power under perfect unlearning up to a spread of 1.3 bits (v0.8's run: 1.22 bits, where 24
-# canaries had 22%). Never-inserted canaries cost nothing extra (every candidate secret is scored
-# once per model). The sweep: OpenUnlearning's default point (10 epochs, lr 1e-5), and shorter
-# runs at higher rates, which v0.8's grid did not reach. The learning rate is twice v0.8's: at
-# 5e-3 three times the canaries per shard were memorised to 9.27 bits, under the 9.97-bit bar.
-FULL = Setting("SmolLM2-135M-Instruct", 240, 78, 3, 4096, 12, 4, 4, 2, 3, 5, 2, 1e-2, 64, 64, 48,
-               48, 1000, ((10, 1e-5), (5, 2e-4), (2, 2e-3)), 0.5, 16)
+# Never-inserted canaries cost nothing extra (every candidate secret is scored once per model).
+# 24 forgotten canaries give the TOST (margin 0.5 bit) about 22% power; 90% needs about 70 (the
+# summary says how many at the run's spread), which `per_user` reaches with fewer users. Two
+# attempts at 78 canaries (3 per user, 4,096 never-inserted) memorised too little to judge: 9.27
+# bits on their shards at lr 5e-3, 4.12 at 1e-2, against the 9.97-bit bar.
+FULL = Setting("SmolLM2-135M-Instruct", 240, 24, 1, 512, 12, 4, 4, 2, 3, 5, 2, 5e-3, 64, 64, 48, 48,
+               1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
 TINY = Setting("", 24, 3, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
                0.5, 4)
 
