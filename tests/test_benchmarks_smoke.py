@@ -50,12 +50,7 @@ def test_tiny_run_writes_results_plots_and_summary(tmp_path):
 
 
 def test_lm_memorisation_tiny_run_writes_its_figure(tmp_path, tiny_lm):
-    out = tmp_path / "mem"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.lm_memorisation", "--tiny", "--model",
-                           tiny_lm, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "memorisation.json").read_text())
+    result = run_tiny("benchmarks.lm_memorisation", tmp_path / "mem", "--model", tiny_lm)
     assert result["setting"]["per_user"] == 2 and result["train_seconds"] > 0
     # A random tiny model memorises nothing: the figure says so against the bar.
     assert result["memorised"] is (result["mean_exposure"] >= result["bar"])
