@@ -103,9 +103,10 @@ class Setting:
 
 # Never-inserted canaries cost nothing extra (every candidate secret is scored once per model).
 # 24 forgotten canaries give the TOST (margin 0.5 bit) about 22% power; 90% needs about 70 (the
-# summary says how many at the run's spread), which `per_user` reaches with fewer users. Two
-# attempts at 78 canaries (3 per user, 4,096 never-inserted) memorised too little to judge: 9.27
-# bits on their shards at lr 5e-3, 4.12 at 1e-2, against the 9.97-bit bar.
+# summary says how many at the run's spread), which `per_user` reaches with fewer users. At 78
+# canaries (3 per user, 4,096 never-inserted) the shards memorised too little to judge, against
+# the 9.97-bit bar: 9.27 bits at lr 5e-3, 4.12 at 1e-2, 9.97 and 9.87 at 5 and 6 epochs per slice
+# (benchmarks/reference/v0.10-lm-memorisation).
 FULL = Setting("SmolLM2-135M-Instruct", 240, 24, 1, 512, 12, 4, 4, 2, 3, 5, 2, 5e-3, 64, 64, 48, 48,
                1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
 TINY = Setting("", 24, 3, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
