@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,10 +195,11 @@ def seconds_per_token(scorer: Any, prompt: list[int], combine: Any, tokens: int,
 
 
 def lm_benchmark_main(doc: str | None, full: Any, tiny: Any, run: Any, summary: Any, prefix: str,
-                      records: bool = False) -> None:
+                      options: Sequence[str] = ()) -> None:
     """The command line the causal-LM benchmarks share: --out, --tiny (with --model DIR, a small
-    causal LM), --model, and with `records` --records; runs `run(setting, out, work)` in a
-    temporary directory and prints `summary(result)`."""
+    causal LM), --model, and an option for each setting field in `options` (`per_user`:
+    --per-user, of the field's type; given, it replaces the field of the full or tiny setting);
+    runs `run(setting, out, work)` in a temporary directory and prints `summary(result)`."""
     import argparse
     import dataclasses
     import tempfile
@@ -207,14 +208,17 @@ def lm_benchmark_main(doc: str | None, full: Any, tiny: Any, run: Any, summary: 
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="seconds of work: every code path")
     parser.add_argument("--model", help="causal LM directory (default: the packaged SmolLM2)")
-    if records:
-        parser.add_argument("--records", type=int, help=f"training turns (default {full.records})")
+    for name in options:
+        default = getattr(full, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), dest=name,
+                            help=f"the setting's {name} (default {default})")
     args = parser.parse_args()
     setting = tiny if args.tiny else full
     if args.model:
         setting = dataclasses.replace(setting, model=args.model)
-    if records and args.records:
-        setting = dataclasses.replace(setting, records=args.records)
+    given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    if given:
+        setting = dataclasses.replace(setting, **given)
     if not setting.model:
         parser.error("--tiny needs --model DIR (a small causal LM)")
     args.out.mkdir(parents=True, exist_ok=True)

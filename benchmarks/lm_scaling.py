@@ -154,7 +154,7 @@ def summary(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    lm_benchmark_main(__doc__, FULL, TINY, run, summary, "sisa-lm-scaling-", records=True)
+    lm_benchmark_main(__doc__, FULL, TINY, run, summary, "sisa-lm-scaling-", options=("records",))
 
 
 if __name__ == "__main__":

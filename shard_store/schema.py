@@ -6,7 +6,6 @@ released one: versions 1 to 3 were pre-release and are not read (see CHANGELOG.m
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import json
@@ -178,17 +177,7 @@ def key_check(key: bytes) -> str:
 def keyed(key: bytes, domain: str, value: str) -> str:
     """The keyed digest (HMAC-SHA256) of a value in a domain (id, group, content, input, receipt,
     seal): it proves a value to whoever has the key and confirms no guess to anyone else."""
-    mac = _keyed_domain(key, domain).copy()  # the key's pads and the domain, hashed once
-    mac.update(value.encode())
-    return mac.hexdigest()
-
-
-@functools.lru_cache(maxsize=64)
-def _keyed_domain(key: bytes, domain: str) -> hmac.HMAC:
-    """An HMAC under `key` that has taken `domain` and the separator (copied, never updated)."""
-    mac = hmac.new(key, digestmod=hashlib.sha256)
-    mac.update(f"{domain}\0".encode())
-    return mac
+    return hmac.new(key, f"{domain}\0{value}".encode(), hashlib.sha256).hexdigest()
 
 SCHEMA_VERSION = FIRST_VERSION + len(MIGRATIONS)
 
