@@ -89,6 +89,28 @@ def test_llm_unlearning_tiny_run_writes_its_figures(tmp_path, tiny_lm):
     assert "| SISA after (exact) |" in (out / "summary.md").read_text()
 
 
+def test_llm_unlearning_sisa_part_alone_and_a_misspelt_method(tmp_path, tiny_lm):
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "benchmarks.llm_unlearning", "--tiny", "--model",
+                               tiny_lm, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "MPLBACKEND": "Agg"})
+
+    # A misspelt method fails before any training, naming it and the choices.
+    proc = bench("--out", str(tmp_path / "bad"), "--methods", "npo,gradient-ascent")
+    assert proc.returncode != 0 and "gradient-ascent" in proc.stderr and "simnpo" in proc.stderr
+    assert not (tmp_path / "bad" / "results.json").exists()
+    # --methods none: SISA's part only (its verdict, oracle check, decoding, export).
+    out = tmp_path / "sisa"
+    proc = bench("--out", str(out), "--methods", "none", "--per-user", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["setting"]["methods"] == "none" and results["setting"]["per_user"] == 1
+    assert "monolith" not in results and "sweeps" not in results
+    assert [m["model"] for m in results["models"]] == ["SISA before", "SISA after (exact)"]
+    assert results["sisa"]["oracle"]["identical"] is True and results["export"]["loaded"]
+    assert "no monolith or baselines (--methods none)" in (out / "summary.md").read_text()
+
+
 def test_lm_scaling_tiny_run_writes_its_figures(tmp_path, tiny_lm):
     out = tmp_path / "scaling"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.lm_scaling", "--tiny", "--model",
