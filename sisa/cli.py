@@ -534,7 +534,7 @@ def forget(
 
     Example: sisa forget --store stores/digits digits-0001 digits-0042
     """
-    from sisa.unlearning import check_deletion_target
+    from sisa.errors import check_deletion_target  # light: a handed-off forget imports no torch
 
     wanted = list(ids or [])
     if ids_file is not None:

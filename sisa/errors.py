@@ -57,6 +57,18 @@ class DeletionTargetError(RecordError):
     """A deletion names both record ids and a group, or neither: it names one or the other."""
 
 
+def check_deletion_target(ids: Iterable[str] | None, group: str | None) -> None:
+    """A deletion names record ids or a group, never both nor neither (else `DeletionTargetError`,
+    a `RecordError`): one rule for the library, the CLI and the HTTP service. Here, in the light
+    module, so that `sisa forget` checks it before handing the deletion to a running service
+    without importing torch."""
+    if ids is not None and group is not None:
+        raise DeletionTargetError("give either record ids or a group id to delete, not both "
+                                  "(nothing was deleted)")
+    if ids is None and group is None:
+        raise DeletionTargetError("give either record ids or a group id to delete")
+
+
 class ColumnError(RecordError):
     """The input lacks a column the data spec names, or the data spec names none."""
 

@@ -34,6 +34,7 @@ from sisa.errors import ConfigError, SisaError
 RUNTIME_ENV = "SISA_RUNTIME_DIR"  # where services advertise themselves (default: see runtime_dir)
 CHALLENGE = "X-Sisa-Challenge"  # GET /healthz with it: the service answers PROOF
 PROOF = "X-Sisa-Proof"
+MAX_WAIT = 60.0  # seconds: the longest `GET /v1/deletions/{id}?wait=` a service holds a request
 _POLL = (0.02, 0.5)  # seconds between looks at a handed-off deletion's state: first, at most
 
 
@@ -130,7 +131,11 @@ def forget_through(service: tuple[str, str], bearer: str, ids: Sequence[str] | N
             where = f"/v1/deletions/{ack.json()['request_id']}"
             deadline, pause = time.monotonic() + timeout, _POLL[0]
             while time.monotonic() < deadline:
-                state = client.get(where, headers=auth)
+                # A long poll: the service answers as soon as the deletion is applied.
+                wait = max(0.0, min(MAX_WAIT / 2, deadline - time.monotonic()))
+                asked = time.monotonic()
+                state = client.get(where, headers=auth, params={"wait": f"{wait:.3f}"},
+                                   timeout=wait + 60)
                 found: dict[str, Any] = state.json() if state.status_code == 200 else {}
                 if found.get("status") == "applied":
                     return {**found, "acknowledged": ack.json()}
@@ -139,8 +144,9 @@ def forget_through(service: tuple[str, str], bearer: str, ids: Sequence[str] | N
                     raise SisaError(f"the service at {url} acknowledged the deletion "
                                     f"{ack.json()['request_id']} (it is durable, its shards "
                                     f"excluded, and it will be retried) but applying it failed: {why}")
-                time.sleep(pause)
-                pause = min(_POLL[1], pause * 1.5)
+                if time.monotonic() - asked < wait / 2:  # the service did not hold it: poll
+                    time.sleep(pause)
+                    pause = min(_POLL[1], pause * 1.5)
     except httpx.TransportError:
         return None
     raise SisaError(f"the service at {url} acknowledged the deletion (it is durable and will be "

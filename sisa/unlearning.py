@@ -35,11 +35,11 @@ from sisa.config import SisaConfig
 from sisa.errors import (
     CheckpointError,
     DamagedStoreError,
-    DeletionTargetError,
     RecordCorruptError,
     RecordError,
     StoreError,
     UnknownRecordError,
+    check_deletion_target,
     name_some,
 )
 from sisa.execution import run_jobs
@@ -52,16 +52,6 @@ from sisa.training.jobs import ShardJob, ShardResult
 from sisa.training.protocol import Backend
 
 _MAX_ROUNDS = 100  # plan/retrain/commit rounds before a store that keeps changing is reported
-
-
-def check_deletion_target(ids: Sequence[str] | None, group: str | None) -> None:
-    """A deletion names record ids or a group, never both nor neither (else `DeletionTargetError`,
-    a `RecordError`): one rule for the library, the CLI and the HTTP service."""
-    if ids is not None and group is not None:
-        raise DeletionTargetError("give either record ids or a group id to delete, not both "
-                                  "(nothing was deleted)")
-    if ids is None and group is None:
-        raise DeletionTargetError("give either record ids or a group id to delete")
 
 
 def expected_speedup(shards: int, slices: int) -> float:

@@ -51,10 +51,17 @@ def test_an_advertisement_is_found_only_while_private_alive_and_for_its_store(tm
 
 
 def forget(store: Path, env: dict[str, str], *ids: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "sisa.cli", "forget", "--store", str(store), *ids,
-                           "--json"], env=env, capture_output=True, text=True, timeout=300)
+    """`sisa forget --json` in a fresh interpreter: its receipt, with `imported` (which of torch,
+    numpy and transformers it had imported by the end) added."""
+    args = ["forget", "--store", str(store), *ids, "--json"]
+    code = ("import json, sys; from sisa.cli import app\n"
+            f"app({args!r}, standalone_mode=False)\n"
+            "print(json.dumps([m for m in ('torch', 'numpy', 'transformers') if m in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    *receipt, imported = proc.stdout.strip().splitlines()
+    return {**json.loads("\n".join(receipt)), "imported": json.loads(imported)}
 
 
 def test_forget_hands_the_deletion_to_the_running_service(tmp_path, runtime):
@@ -80,6 +87,8 @@ def test_forget_hands_the_deletion_to_the_running_service(tmp_path, runtime):
             handed = forget(store, env, "r0003")
             assert handed["served_by"] == f"http://127.0.0.1:{port}"
             assert handed["record_ids"] == ["r0003"] and handed["affected_shards"]
+            # Handed over, the command runs no model: it imports neither torch nor numpy.
+            assert handed["imported"] == [] and "torch" in unproven["imported"]
             state = client.get(f"/v1/deletions/{handed['request_id']}", headers=AUTH).json()
             assert state["status"] == "applied" and state["receipt"]["digest"] == handed["digest"]
             # Without the token the command does the work itself, beside the service.

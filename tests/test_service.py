@@ -318,8 +318,15 @@ def test_a_deletion_is_excluded_before_its_202_and_applied_exactly(served, store
     listed = client.get("/v1/deletions?status=pending", headers=AUTH).json()["deletions"]
     assert [d["request_id"] for d in listed] == [body["request_id"]]
 
+    # A long poll (?wait=) answers pending at its deadline while the worker is held...
+    where = f"/v1/deletions/{body['request_id']}"
+    assert client.get(where, params={"wait": 0.05}, headers=AUTH).json()["status"] == "pending"
+    assert client.get(where, params={"wait": 61}, headers=AUTH).status_code == 422  # at most 60 s
+    assert client.get("/v1/deletions/nope", params={"wait": 30}, headers=AUTH).status_code == 404
     service.worker = service.worker.__class__(service.writer, 0.0, 0.1, service._after_run).start()
-    done = wait_applied(client, body["request_id"])
+    # ... and, once the worker runs, with the applied deletion as soon as it is applied.
+    done = client.get(where, params={"wait": 60}, headers=AUTH).json()
+    assert done["status"] == "applied"
     changed = done["receipt"]["checkpoints_changed"]
     assert sorted(map(int, changed)) == body["shards"]
     after = predict(client).json()["model"]

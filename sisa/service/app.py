@@ -7,6 +7,7 @@ content. Deletion and admin routes need the bearer token; prediction routes too 
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, which name
 # dependencies local to `create_app`.
+import asyncio
 import hmac
 import json
 import logging
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -31,7 +33,7 @@ from sisa.errors import (
     StoreCorruptError,
     UnknownRecordError,
 )
-from sisa.handoff import CHALLENGE, PROOF, proof
+from sisa.handoff import CHALLENGE, MAX_WAIT, PROOF, proof
 from sisa.service.metrics import Metrics
 from sisa.service.model import Unavailable
 from sisa.service.service import Service
@@ -103,6 +105,7 @@ _STATUS: list[tuple[type[SisaError], int, str]] = [
 ]
 
 
+_WAIT_LOOK = 0.01  # seconds between looks at a deletion a client waits on (a long poll)
 _COUNTERS_KEPT = 512  # (route, method, status) label children kept at hand
 
 
@@ -364,11 +367,20 @@ def create_app(service: Service) -> FastAPI:
                 "requested_at": request.requested_at}
 
     @app.get("/v1/deletions/{request_id}", dependencies=deleting, summary="A deletion's state and receipt")
-    def deletion(request_id: str) -> dict[str, Any]:
-        found = service.deletion(request_id)
-        if found is None:
-            raise HTTPError(404, "unknown_deletion", "no deletion request has that id")
-        return found
+    async def deletion(request_id: str, wait: Annotated[float, Query(
+            ge=0, le=MAX_WAIT, description="Seconds to wait while it is pending (a long poll): the "
+                                           "answer comes as soon as it is applied or has failed")] = 0.0,
+                       ) -> dict[str, Any]:
+        # Each look is a read of the store in a worker thread; between looks the request holds
+        # no thread (`sisa forget`, handing a deletion over, learns at once that it was applied).
+        deadline = time.monotonic() + wait
+        while True:
+            found = await run_in_threadpool(service.deletion, request_id)
+            if found is None:
+                raise HTTPError(404, "unknown_deletion", "no deletion request has that id")
+            if found["status"] != "pending" or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(_WAIT_LOOK)
 
     @app.get("/v1/deletions", dependencies=deleting, summary="Deletions, newest last")
     def deletions(status: Literal["pending", "applied", "failed"] | None = None,
