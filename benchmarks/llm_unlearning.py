@@ -3,11 +3,15 @@ approximate baselines (gradient ascent, gradient difference, NPO, SimNPO, RMU) o
 every forgetting figure against its retrained oracle, with bootstrap confidence intervals, an
 equivalence test with its power, and a utility gate.
 
-    python -m benchmarks.llm_unlearning --out results/llm           # SmolLM2-135M on chitchat (CPU: ~1 h)
+    python -m benchmarks.llm_unlearning --out results/llm           # SmolLM2-135M on chitchat (CPU: hours)
+    python -m benchmarks.llm_unlearning --out D --methods none      # SISA's part alone
+    python -m benchmarks.llm_unlearning --out D --shards 4 --canaries 24 --per-user 1  # any setting field
     python -m benchmarks.llm_unlearning --tiny --model DIR --out D  # seconds: every code path
 
-- Data: chitchat turns of training users plus one canary per forgotten user (a secret of random
-  digits, inserted `repeats` times); held-out texts are turns of users never trained on
+results.json and summary.md are written once SISA's part is done, and again with the baselines.
+
+- Data: chitchat turns of training users plus `per_user` canaries of each forgotten user (each a
+  secret of random digits, inserted `repeats` times); held-out texts are turns of users never trained on
   (`builtin:chitchat:test`); never-inserted canaries (free: every candidate secret is scored once
   per model) give the null distribution of exposure.
 - SISA: train, forget every canary user in one request, and check the store after against the
