@@ -495,7 +495,8 @@ def summary(r: dict[str, Any]) -> str:
         "Memorisation before forgetting (forgotten canaries' mean exposure): shards "
         f"{sisa['mean_exposure_before']:.2f} bits, "
         + (f"monolith {r['monolith']['mean_exposure_before']:.2f} bits." if "monolith" in r else
-           f"no monolith or baselines (--methods {s.get('methods')})."),
+           ("no monolith or baselines (--methods none)." if s.get("methods") == "none" else
+            "the monolith and the baselines not yet measured (they run next).")),
         "", "Brackets: 95% bootstrap intervals. Exposure on the canary's own model, in bits; "
         "'- oracle': paired difference from the oracle's exposure of the same secrets; AUC: forgotten "
         "texts against held-out users' texts (0.5: indistinguishable), '- oracle' its difference "
@@ -524,7 +525,7 @@ def summary(r: dict[str, Any]) -> str:
         tost = c["tost"]
         lines.append(
             f"| {name} | {_ci(c['forgotten'])} | {_ci(c.get('minus_oracle', {}))} | "
-            f"{_ci(c['forgotten_gained'])} | {tost['p_value']:.3f} ({tost['power']:.0%}) | "
+            f"{_ci(c['forgotten_gained'])} | {tost['p_value']:.3f} ({tost['power']:.1%}) | "
             f"{diff(nat, 'loss')} | {loss_can['auc']:.2f} | {diff(nat, 'reference')} | "
             f"{m['perplexity']['holdout']:.4g} | {m['perplexity']['retain']:.4g} | "
             f"{(m.get('seconds') or 0):.1f} |" if loss_can else f"| {name} | - |")
@@ -537,7 +538,7 @@ def summary(r: dict[str, Any]) -> str:
         f"{'identical' if o.get('identical') else 'DIFFERENT'} ({len(o.get('shards', {}))} shards, "
         f"sha256; the oracle trained in {o.get('seconds', 0):.0f} s on {o.get('records')} records).",
         f"- TOST power at this run's sizes (margin {s['margin']} bit): "
-        f"{r['power']['sisa_tost_power'] or 0:.0%}; {r['power']['needed']:.0%} needs "
+        f"{r['power']['sisa_tost_power'] or 0:.1%}; {r['power']['needed']:.0%} needs "
         f"{r['power']['forgotten_needed']} forgotten canaries.",
         f"- Compute: SISA's deletion {sisa['deletion_seconds']:.0f} s ({sisa['deletion_samples']} "
         f"samples; shards {sisa['shards_retrained']})"

@@ -348,17 +348,17 @@ def judge(memorised: bool, mean_before: float, bar: float,
             more = (f"no size within reach gives it at this spread: widen the margin past "
                     f"{margin:g} bit")
         return Verdict("inconclusive", f"the equivalence test (TOST, margin {margin:g} bit, on "
-                       f"{what}) has {test['power']:.0%} power with {n} forgotten and {m} "
+                       f"{what}) has {test['power']:.1%} power with {n} forgotten and {m} "
                        f"never-inserted canaries (sd {test['sd_never']:.2f} bits), below "
                        f"{POWER_NEEDED:.0%}: {more}, or check against the retrained oracle "
                        "(--oracle)", test)
     if test["equivalent"]:
         return Verdict("yes", f"forgotten and never-inserted canaries' {what} are equivalent within "
                               f"{margin:g} bit (TOST p = {test['p_value']:.3f}, difference "
-                              f"{test['difference']:+.2f}, power {test['power']:.0%})", test)
+                              f"{test['difference']:+.2f}, power {test['power']:.1%})", test)
     return Verdict("no", f"forgotten and never-inserted canaries' {what} are not shown equivalent "
                          f"within {margin:g} bit (TOST p = {test['p_value']:.3f}, difference "
-                         f"{test['difference']:+.2f}) though the test had {test['power']:.0%} power",
+                         f"{test['difference']:+.2f}) though the test had {test['power']:.1%} power",
                    test)
 
 
@@ -731,7 +731,7 @@ def verdict_rows(report: ProofReport) -> list[tuple[str, str]]:
                     if t["power"] < t["power_needed"] and t["forgotten_needed"] is not None else "")
             rows.append((f"TOST, margin {t['margin']:g} bit",
                          f"p = {t['p_value']:.3f}, difference {t['difference']:+.2f} "
-                         f"({t['ci'][0]:+.2f} to {t['ci'][1]:+.2f}); power {t['power']:.0%} with "
+                         f"({t['ci'][0]:+.2f} to {t['ci'][1]:+.2f}); power {t['power']:.1%} with "
                          f"{t['n']} forgotten, {t['m']} never inserted{need}"))
         if report.oracle is not None:
             o = report.oracle
