@@ -109,12 +109,14 @@ class Setting:
 
 
 # Never-inserted canaries cost nothing extra (every candidate secret is scored once per model).
-# 24 forgotten canaries give the TOST (margin 0.5 bit) about 22% power; 90% needs about 70 (the
-# summary says how many at the run's spread), which `per_user` reaches with fewer users. At 78
-# canaries (3 per user, 4,096 never-inserted) the shards memorised too little to judge, against
-# the 9.97-bit bar: 9.27 bits at lr 5e-3, 4.12 at 1e-2, 9.97 and 9.87 at 5 and 6 epochs per slice
-# (benchmarks/reference/v0.10-lm-memorisation).
-FULL = Setting("SmolLM2-135M-Instruct", 240, 24, 1, 512, 12, 4, 4, 2, 3, 5, 2, 5e-3, 64, 64, 48, 48,
+# The TOST (margin 0.5 bit) needs about 80 forgotten canaries for 90% power at the spread seen
+# (sd 1.32 bits; 24 gave v0.8's run 22%); 3 per user reach it with 28 users. At S=4 the shards
+# memorised too little for the verdict to judge (about 20 canaries per top-2-layer adapter;
+# reference/v0.10-lm-memorisation); at S=8 they memorise 10.8-10.9 bits against the 9.97-bit bar.
+# 78 canaries gave 89.9% power, 84 gave 91.6% (reference/v0.11-llm-unlearning). The monolith,
+# one top-2-layer adapter for all of them, memorised far less at 5 epochs (3.85 bits at 78):
+# matching the shards' level there needs more epochs or a larger adapter, not yet measured.
+FULL = Setting("SmolLM2-135M-Instruct", 240, 84, 3, 4096, 12, 4, 8, 2, 5, 5, 2, 5e-3, 64, 64, 48, 48,
                1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
 TINY = Setting("", 24, 3, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
                0.5, 4)
