@@ -2,11 +2,12 @@
 deletion: a pilot for sizing that benchmark (its verdict judges nothing unless the inserted
 canaries' mean exposure on their own shard reaches the bar, 9.97 bits for 4 digits).
 
-    python -m benchmarks.lm_memorisation --out DIR [--canaries 78 --per-user 3 --epochs 5 ...]
+    python -m benchmarks.lm_memorisation --out DIR [--canaries 84 --shards 8 --epochs 5 ...]
     python -m benchmarks.lm_memorisation --tiny --model DIR --out D   # seconds: every code path
 
-Trains the SISA store of the benchmark's setting (78 canaries, 3 per user, 4,096 never-inserted,
-5 epochs per slice unless told otherwise), measures the canaries' exposure (`prove` with nothing
+Trains the SISA store of the benchmark's setting (`FULL`: 84 canaries, 3 per user, 4,096
+never-inserted, S=8, 5 epochs per slice, unless told otherwise; `--shards 1 --slices 1`: its
+monolith), measures the canaries' exposure (`prove` with nothing
 forgotten) and writes memorisation.json: the mean exposure, the bar, the training seconds,
 held-out perplexity.
 """
@@ -26,8 +27,9 @@ from sisa.api import resolve_source
 from sisa.builtin import stable_subset
 from sisa.workflows.proof import make_canaries, prove
 
-PILOT = dataclasses.replace(FULL, canaries=78, per_user=3, never=4096, epochs=5)
-OPTIONS = ("canaries", "per_user", "never", "repeats", "epochs", "learning_rate", "shards", "top_k")
+PILOT = FULL
+OPTIONS = ("canaries", "per_user", "never", "repeats", "epochs", "learning_rate", "shards", "slices",
+           "top_k")
 
 
 def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
