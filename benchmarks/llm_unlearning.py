@@ -114,7 +114,7 @@ class Setting:
 # memorised too little for the verdict to judge (about 20 canaries per top-2-layer adapter;
 # reference/v0.10-lm-memorisation); at S=8 they memorise 10.8-10.9 bits against the 9.97-bit bar.
 # 78 canaries gave 89.9% power, 84 gave 91.6% (reference/v0.11-llm-unlearning). The monolith,
-# one top-2-layer adapter for all of them, memorised far less at 5 epochs (3.85 bits at 78):
+# one top-2-layer adapter for all of them, memorised far less at 5 epochs (3.95 bits at 78):
 # matching the shards' level there needs more epochs or a larger adapter, not yet measured.
 FULL = Setting("SmolLM2-135M-Instruct", 240, 84, 3, 4096, 12, 4, 8, 2, 5, 5, 2, 5e-3, 64, 64, 48, 48,
                1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
@@ -133,6 +133,16 @@ def _config(s: Setting, shards: int, slices: int, epochs: int) -> SisaConfig:
         training=CausalLMConfig(model=s.model, epochs_per_slice=epochs, learning_rate=s.learning_rate,
                                 top_k_layers=s.top_k, max_length=s.max_length),
         execution=execution())
+
+
+def training_data(s: Setting) -> tuple[list[dict[str, Any]], Any, Any]:
+    """The setting's training records (chitchat turns plus every canary's copies), their data
+    spec, and the canary set (`benchmarks.lm_memorisation` trains on the same)."""
+    rows, spec = resolve_source("builtin:chitchat", None)
+    rows = stable_subset(rows, spec.id_column, s.records)
+    canaries = make_canaries([r["sender"] for r in rows], s.canaries, s.never, s.digits, s.repeats,
+                             per_user=s.per_user)
+    return rows + canaries.rows(spec), spec, canaries
 
 
 def _mean_ci(values: Sequence[float]) -> dict[str, Any]:
@@ -371,11 +381,7 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     methods = _methods(s.methods)  # before any work: a misspelt method fails at once
     MARGIN[0] = s.margin
-    rows, spec = resolve_source("builtin:chitchat", None)
-    rows = stable_subset(rows, spec.id_column, s.records)
-    canaries = make_canaries([r["sender"] for r in rows], s.canaries, s.never, s.digits, s.repeats,
-                             per_user=s.per_user)
-    train = rows + canaries.rows(spec)
+    train, spec, canaries = training_data(s)
     groups = sorted({c.group for c in canaries.canaries if c.inserted})
     gone = set(groups)
     holdout = "builtin:chitchat:test"

@@ -21,25 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import lm_benchmark_main, machine, write_json
-from benchmarks.llm_unlearning import FULL, TINY, Setting, _config
+from benchmarks.llm_unlearning import FULL, TINY, Setting, _config, training_data
 from sisa import Sisa
-from sisa.api import resolve_source
-from sisa.builtin import stable_subset
-from sisa.workflows.proof import make_canaries, prove
+from sisa.workflows.proof import prove
 
-PILOT = FULL
 OPTIONS = ("canaries", "per_user", "never", "repeats", "epochs", "learning_rate", "shards", "slices",
            "top_k")
 
 
 def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
-    rows, spec = resolve_source("builtin:chitchat", None)
-    rows = stable_subset(rows, spec.id_column, s.records)
-    canaries = make_canaries([r["sender"] for r in rows], s.canaries, s.never, s.digits, s.repeats,
-                             per_user=s.per_user)
+    train, spec, canaries = training_data(s)
     started = time.perf_counter()
-    sisa = Sisa.train(work / "sisa", rows + canaries.rows(spec), _config(s, s.shards, s.slices, s.epochs),
-                      spec)
+    sisa = Sisa.train(work / "sisa", train, _config(s, s.shards, s.slices, s.epochs), spec)
     seconds = time.perf_counter() - started
     report = prove(sisa, canaries, "builtin:chitchat:test", [], 16, 16, references=100)
     result = {"setting": dataclasses.asdict(s), "machine": machine(), "train_seconds": seconds,
@@ -55,4 +48,4 @@ def summary(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    lm_benchmark_main(__doc__, PILOT, TINY, run, summary, "sisa-lm-memorisation-", options=OPTIONS)
+    lm_benchmark_main(__doc__, FULL, TINY, run, summary, "sisa-lm-memorisation-", options=OPTIONS)
