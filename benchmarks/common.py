@@ -194,6 +194,14 @@ def seconds_per_token(scorer: Any, prompt: list[int], combine: Any, tokens: int,
     return sorted(times)[len(times) // 2]
 
 
+def _yes_no(text: str) -> bool:
+    """A yes/no option's value (yes, no, true, false, 1, 0)."""
+    value = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)  # argparse: "invalid _yes_no value"
+    return value
+
+
 def lm_benchmark_main(doc: str | None, full: Any, tiny: Any, run: Any, summary: Any, prefix: str,
                       options: Sequence[str] = ()) -> None:
     """The command line the causal-LM benchmarks share: --out, --tiny (with --model DIR, a small
@@ -210,7 +218,8 @@ def lm_benchmark_main(doc: str | None, full: Any, tiny: Any, run: Any, summary: 
     parser.add_argument("--model", help="causal LM directory (default: the packaged SmolLM2)")
     for name in options:
         default = getattr(full, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), dest=name,
+        kind = _yes_no if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=name,
                             help=f"the setting's {name} (default {default})")
     args = parser.parse_args()
     setting = tiny if args.tiny else full

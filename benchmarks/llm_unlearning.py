@@ -93,6 +93,7 @@ class Setting:
     slices: int
     epochs: int  # per slice, for the shards
     mono_epochs: int  # for the monolith, to memorise about as much as the shards
+    mono_rank: int  # the monolith's LoRA rank (0: the shards' 8 times S, their parameters together)
     top_k: int
     learning_rate: float
     max_length: int
@@ -106,6 +107,8 @@ class Setting:
     # The approximate methods run on the monolith, comma-separated: "all", or "none" for SISA's
     # part alone (its verdict, oracle check, decoding and export: no monolith, oracle or sweeps).
     methods: str = "all"
+    # False: the baselines alone (no SISA store: its part has its own runs, `--methods none`).
+    sisa_part: bool = True
 
 
 # Never-inserted canaries cost nothing extra (every candidate secret is scored once per model).
@@ -114,25 +117,34 @@ class Setting:
 # memorised too little for the verdict to judge (about 20 canaries per top-2-layer adapter;
 # reference/v0.10-lm-memorisation); at S=8 they memorise 10.8-10.9 bits against the 9.97-bit bar.
 # 78 canaries gave 89.9% power, 84 gave 91.6% (reference/v0.11-llm-unlearning). The monolith,
-# one top-2-layer adapter for all of them, memorised far less at 5 epochs (3.95 bits at 78):
-# matching the shards' level there needs more epochs or a larger adapter, not yet measured.
-FULL = Setting("SmolLM2-135M-Instruct", 240, 84, 3, 4096, 12, 4, 8, 2, 5, 5, 2, 5e-3, 64, 64, 48, 48,
-               1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
-TINY = Setting("", 24, 3, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
+# one rank-8 top-2-layer adapter for all of them, memorised far less at 5 epochs (3.95 bits at
+# 78): its adapter now has the S shards' parameters together (rank 8 x S) and 10 epochs, the passes
+# a shard's first-slice records get.
+FULL = Setting("SmolLM2-135M-Instruct", 240, 84, 3, 4096, 12, 4, 8, 2, 5, 10, 0, 2, 5e-3, 64, 64, 48,
+               48, 1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
+TINY = Setting("", 24, 3, 2, 4, 2, 2, 2, 2, 1, 2, 0, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
                0.5, 4)
 
 
 # The setting's fields the command line can change (--per-user 3, --methods none, ...).
 OPTIONS = ("records", "canaries", "per_user", "never", "repeats", "epochs", "mono_epochs",
-           "learning_rate", "shards", "slices", "top_k", "methods")
+           "mono_rank", "learning_rate", "shards", "slices", "top_k", "methods", "sisa_part")
+
+RANK = 8  # the shards' LoRA rank (CausalLMConfig's default)
 
 
-def _config(s: Setting, shards: int, slices: int, epochs: int) -> SisaConfig:
+def _config(s: Setting, shards: int, slices: int, epochs: int, rank: int = RANK) -> SisaConfig:
     return SisaConfig(
         partition=PartitionConfig(shards=shards, slices=slices, seed=0),
         training=CausalLMConfig(model=s.model, epochs_per_slice=epochs, learning_rate=s.learning_rate,
-                                top_k_layers=s.top_k, max_length=s.max_length),
+                                top_k_layers=s.top_k, max_length=s.max_length,
+                                lora_r=rank, lora_alpha=2 * rank),  # the scale alpha / r stays 2
         execution=execution())
+
+
+def mono_rank(s: Setting) -> int:
+    """The monolith's adapter rank: `mono_rank`, or (0) the S shards' ranks together."""
+    return s.mono_rank or RANK * s.shards
 
 
 def training_data(s: Setting) -> tuple[list[dict[str, Any]], Any, Any]:
@@ -173,6 +185,7 @@ def _canaries(ev: Evidence, groups: set[str], oracle: Evidence | None) -> dict[s
     return out
 
 
+ORACLE = "oracle (monolith retrained without them)"
 MARGIN = [0.5]  # set from the setting in `run` (the TOST margin the summary states)
 
 
@@ -291,15 +304,17 @@ def _methods(spec: str) -> tuple[Method, ...]:
 
 
 def _baselines(s: Setting, work: Path, train: list[dict[str, Any]], spec: Any, canaries: Any,
-               groups: list[str], held: Any, embeddings: Path,
+               groups: list[str], held_texts: list[str], embeddings: Path | None,
                methods: Sequence[Method]) -> dict[str, Any]:
     """The monolith, its oracle (the monolith retrained without the forgotten users), and each
     approximate method swept on the monolith, its point selected under the utility gate."""
     gone = set(groups)
+    rank = mono_rank(s)
     t = time.perf_counter()
-    mono = Sisa.train(work / "mono", train, _config(s, 1, 1, s.mono_epochs), spec,
+    mono = Sisa.train(work / "mono", train, _config(s, 1, 1, s.mono_epochs, rank), spec,
                       embeddings_from=embeddings)
     mono_train = time.perf_counter() - t
+    held = text_inputs(mono, held_texts, None)  # chitchat has no prompts
     forget_ids = [i for g in groups for i in mono.group_ids(g)]
     forget = stored_inputs(mono, forget_ids)  # distinct texts
     kinds = _kinds(forget[1], canaries)
@@ -318,17 +333,20 @@ def _baselines(s: Setting, work: Path, train: list[dict[str, Any]], spec: Any, c
     def evidence_of(scorer: Any) -> Evidence:
         return measure(scorer, canaries, shard_of, forget, held, retain, [0], references=s.references)
 
+    mono_ev = evidence_of(mono.language_model())
+    mono_grad = _grad(mono, monolith_model(mono), forget, held)
+    utility = mono_ev.perplexity["holdout"]
+    memorised = statistics.fmean(float(c.exposure_shard) for c in mono_ev.canaries  # type: ignore[arg-type]
+                                 if c.inserted and c.group in gone)
+    print(f"monolith ({s.mono_epochs} epochs, rank {rank}, {mono_train:.0f} s): forgotten canaries' "
+          f"mean exposure {memorised:.2f} bits, held-out ppl {utility:.4g}", flush=True)
     t = time.perf_counter()
     kept = [r for r in train if str(r.get(str(spec.group_column))) not in gone]
-    oracle = Sisa.train(work / "oracle", kept, _config(s, 1, 1, s.mono_epochs), spec,
+    oracle = Sisa.train(work / "oracle", kept, _config(s, 1, 1, s.mono_epochs, rank), spec,
                         embeddings_from=embeddings)
     oracle_seconds = time.perf_counter() - t
     oracle_ev = evidence_of(oracle.language_model())
     oracle_grad = _grad(oracle, monolith_model(oracle), forget, held)
-    mono_ev = evidence_of(mono.language_model())
-    mono_model = monolith_model(mono)
-    mono_grad = _grad(mono, mono_model, forget, held)
-    utility = mono_ev.perplexity["holdout"]
 
     def summarise(name: str, ev: Evidence, grad: dict[str, list[float]] | None,
                   **extra: Any) -> dict[str, Any]:
@@ -338,18 +356,19 @@ def _baselines(s: Setting, work: Path, train: list[dict[str, Any]], spec: Any, c
                 "perplexity": ev.perplexity, **extra}
 
     models = [summarise("monolith before", mono_ev, mono_grad, seconds=0.0),
-              summarise("oracle (monolith retrained without them)", oracle_ev, oracle_grad,
+              summarise(ORACLE, oracle_ev, oracle_grad,
                         seconds=oracle_seconds, samples=oracle.training_report_.samples)]
     sweeps: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         grid = [{"epochs": e, "learning_rate": lr} for e, lr in s.grid]
-        points, adapters = [], []
+        points, adapters, evs = [], [], []
         for run_ in sweep(mono, distinct_forget, retain_train_ids, method, grid):
             ev = evidence_of(scorer_for(mono, run_.adapter))
             point = summarise(method, ev, None, **run_.summary())
             point["distance_to_oracle"] = abs(point["canaries"]["minus_oracle"]["mean"])
             points.append(point)
             adapters.append(run_.adapter)
+            evs.append(ev)
             print(f"{method} {run_.epochs} epochs lr {run_.learning_rate:g}: exposure "
                   f"{point['canaries']['forgotten']['mean']:.2f} (oracle "
                   f"{models[1]['canaries']['forgotten']['mean']:.2f}), held-out ppl "
@@ -361,32 +380,29 @@ def _baselines(s: Setting, work: Path, train: list[dict[str, Any]], spec: Any, c
         # None passes the gate: the least damaging point is shown, marked as failing it.
         shown = chosen if chosen is not None else min(points, key=lambda p: p["perplexity"]["holdout"])
         # The gradient-norm attack on the shown point's own adapter.
+        at = points.index(shown)
         unlearned = monolith_model(mono)
-        unlearned.load_adapter(adapters[points.index(shown)])
+        unlearned.load_adapter(adapters[at])
         shown = {**shown, "passes_gate": chosen is not None,
-                 "mia": _mia(evidence_of(scorer_for(mono, adapters[points.index(shown)])), kinds,
-                             oracle_ev, _grad(mono, unlearned, forget, held), oracle_grad)}
+                 "mia": _mia(evs[at], kinds, oracle_ev, _grad(mono, unlearned, forget, held),
+                             oracle_grad)}
         models.append(shown)
 
     for store in (mono, oracle):
         store.close()
     return {"models": models, "sweeps": sweeps, "utility": utility,
             "monolith": {"train_seconds": mono_train, "train_samples": mono.training_report_.samples,
-                         "epochs": s.mono_epochs,
+                         "epochs": s.mono_epochs, "rank": rank,
                          "mean_exposure_before": models[0]["canaries"]["forgotten"]["mean"]},
             "oracle_samples": oracle.training_report_.samples}
 
 
-def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
-    started = time.perf_counter()
-    methods = _methods(s.methods)  # before any work: a misspelt method fails at once
-    MARGIN[0] = s.margin
-    train, spec, canaries = training_data(s)
-    groups = sorted({c.group for c in canaries.canaries if c.inserted})
+def _sisa(s: Setting, work: Path, train: list[dict[str, Any]], spec: Any, canaries: Any,
+          groups: list[str], holdout: str, held_texts: list[str]) -> tuple[dict[str, Any], Path]:
+    """SISA's part: train, forget the canary users in one request, check the store after against
+    its retrained oracle; decoding latency and the export's load check. Returns the result's
+    SISA entries and the store's root (the monolith reuses its embedding cache)."""
     gone = set(groups)
-    holdout = "builtin:chitchat:test"
-
-    # -- SISA: train, forget the canary users in one request, check against the oracle. -----
     t = time.perf_counter()
     sisa = Sisa.train(work / "sisa", train, _config(s, s.shards, s.slices, s.epochs), spec)
     sisa_train = time.perf_counter() - t
@@ -398,12 +414,6 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
     receipt = sisa.deletions()[-1].receipt or {}
     print(f"SISA: verdict {proof.verdict} ({proof.verdict_reason})", flush=True)
 
-    # The texts every model is measured on: the forgotten users' distinct texts, held-out turns,
-    # and retain texts (apart from those the baselines train their retain term on).
-    held_rows, held_spec = resolve_source(holdout, sisa.data_spec)
-    held_rows = stable_subset(held_rows, held_spec.id_column, s.holdout)
-    held = text_inputs(sisa, [r["text"] for r in held_rows], None)  # chitchat has no prompts
-
     # SISA's oracle is a scratch SISA store on the records left, and the store after the deletion
     # is that store byte for byte (`proof.oracle`): its own evidence after is the oracle's.
     after: Evidence = proof.after  # type: ignore[assignment]
@@ -413,11 +423,9 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
                      ("SISA before", proof.before, {"seconds": sisa_train}),
                      ("SISA after (exact)", after, {"seconds": proof.deletion_seconds,
                                                     "samples": receipt.get("samples_retrained")}))]
-    export = _export_check(sisa, work, [r["text"] for r in held_rows], s.max_length)
+    export = _export_check(sisa, work, held_texts, s.max_length)
     tost = proof.tost or {}
-    result: dict[str, Any] = {
-        "setting": dataclasses.asdict(s),
-        "machine": machine(),
+    part = {
         "sisa": {
             "train_seconds": sisa_train, "train_samples": sisa.training_report_.samples,
             "deletion_seconds": proof.deletion_seconds,
@@ -437,6 +445,24 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
                          "all_shards_samples": sisa.training_report_.samples,
                          "theory_one_deletion": expected_speedup(s.shards, s.slices)},
     }
+    sisa.close()
+    return part, sisa.root
+
+
+def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    methods = _methods(s.methods)  # before any work: a misspelt method fails at once
+    if not s.sisa_part and not methods:
+        raise SystemExit("--sisa-part no with --methods none leaves nothing to run")
+    MARGIN[0] = s.margin
+    train, spec, canaries = training_data(s)
+    groups = sorted({c.group for c in canaries.canaries if c.inserted})
+    holdout = "builtin:chitchat:test"
+    # The held-out texts every model is measured on: turns of users never trained on.
+    held_rows, held_spec = resolve_source(holdout, spec)
+    held_texts = [r["text"] for r in stable_subset(held_rows, held_spec.id_column, s.holdout)]
+
+    result: dict[str, Any] = {"setting": dataclasses.asdict(s), "machine": machine(), "models": []}
 
     def write() -> None:
         result["seconds"] = time.perf_counter() - started
@@ -444,17 +470,20 @@ def run(s: Setting, out: Path, work: Path) -> dict[str, Any]:
         (out / "summary.md").write_text(summary(result))
         write_json(out / "results.json", result)
 
-    write()  # SISA's part stands on its own: a long run stopped in the baselines keeps it
+    embeddings = None
+    if s.sisa_part:
+        part, embeddings = _sisa(s, work, train, spec, canaries, groups, holdout, held_texts)
+        result.update(part)
+        write()  # SISA's part stands on its own: a long run stopped in the baselines keeps it
     if methods:
-        family = _baselines(s, work, train, spec, canaries, groups, held, sisa.root, methods)
-        result["models"] = [*sisa_rows, *family["models"]]
+        family = _baselines(s, work, train, spec, canaries, groups, held_texts, embeddings, methods)
+        result["models"] = [*result["models"], *family["models"]]
         result["monolith"] = family["monolith"]
         result["sweeps"] = family["sweeps"]
         result["utility_gate"] = {"factor": UTILITY_GATE,
                                   "monolith_holdout_perplexity": family["utility"]}
-        result["retrain_cost"]["monolith_retrain_samples"] = family["oracle_samples"]
+        result.setdefault("retrain_cost", {})["monolith_retrain_samples"] = family["oracle_samples"]
         write()
-    sisa.close()
     return result
 
 
@@ -467,7 +496,11 @@ def _plot(result: dict[str, Any], out: Path) -> None:
                    [p["canaries"]["forgotten"]["mean"] for p in points], label=method, s=18)
     models = result["models"]
     # SISA before and after, and (with the baselines) the monolith's oracle.
-    for m, marker in zip(models[:2] + models[3:4], ("s", "*", "D"), strict=False):
+    marked = {"SISA before": "s", "SISA after (exact)": "*", ORACLE: "D"}
+    for m in models:
+        if m["model"] not in marked:
+            continue
+        marker = marked[m["model"]]
         ax.scatter(m["perplexity"]["holdout"], m["canaries"]["forgotten"]["mean"], marker=marker, s=90,
                    color="black", label=m["model"])
     gate = result.get("utility_gate")
@@ -492,7 +525,17 @@ def _ci(x: dict[str, Any]) -> str:
 
 
 def summary(r: dict[str, Any]) -> str:
-    s, sisa = r["setting"], r["sisa"]
+    s, sisa = r["setting"], r.get("sisa")
+    mono = r.get("monolith")
+    shards = (f"shards {sisa['mean_exposure_before']:.2f} bits, " if sisa else
+              "shards not measured in this run (--sisa-part no), ")
+    if mono:
+        monolith = (f"monolith {mono['mean_exposure_before']:.2f} bits ({mono['epochs']} epochs, LoRA "
+                    f"rank {mono.get('rank', 8)}, {mono['train_seconds']:.0f} s).")
+    elif s.get("methods") == "none":
+        monolith = "no monolith or baselines (--methods none)."
+    else:
+        monolith = "the monolith and the baselines not yet measured (they run next)."
     lines = [
         f"Setting: {s['model'] or 'tiny'} on {s['records']} chitchat turns plus {s['canaries']} "
         f"canaries ({s.get('per_user', 1)} per user) x {s['repeats']} copies ({s['digits']} digits; "
@@ -500,11 +543,7 @@ def summary(r: dict[str, Any]) -> str:
         f"canaries), S={s['shards']}, R={s['slices']}, {s['epochs']} epochs per slice (the monolith "
         f"{s['mono_epochs']} epochs), LoRA on the top {s['top_k']} layers, lr {s['learning_rate']}; "
         f"{r['machine']}; {r['seconds']:.0f} s in all.", "",
-        "Memorisation before forgetting (forgotten canaries' mean exposure): shards "
-        f"{sisa['mean_exposure_before']:.2f} bits, "
-        + (f"monolith {r['monolith']['mean_exposure_before']:.2f} bits." if "monolith" in r else
-           ("no monolith or baselines (--methods none)." if s.get("methods") == "none" else
-            "the monolith and the baselines not yet measured (they run next).")),
+        f"Memorisation before forgetting (forgotten canaries' mean exposure): {shards}{monolith}",
         "", "Brackets: 95% bootstrap intervals. Exposure on the canary's own model, in bits; "
         "'- oracle': paired difference from the oracle's exposure of the same secrets; AUC: forgotten "
         "texts against held-out users' texts (0.5: indistinguishable), '- oracle' its difference "
@@ -537,7 +576,14 @@ def summary(r: dict[str, Any]) -> str:
             f"{diff(nat, 'loss')} | {loss_can['auc']:.2f} | {diff(nat, 'reference')} | "
             f"{m['perplexity']['holdout']:.4g} | {m['perplexity']['retain']:.4g} | "
             f"{(m.get('seconds') or 0):.1f} |" if loss_can else f"| {name} | - |")
-    d, e, c = r["decoding"], r["export"], r["retrain_cost"]
+    c = r.get("retrain_cost", {})
+    oracle = next((m for m in r["models"] if m["model"] == ORACLE), None)
+    mono_compute = (f"the monolith's retrain (oracle) {oracle['seconds']:.0f} s "
+                    f"({c['monolith_retrain_samples']} samples); each baseline's seconds in the table "
+                    "(its forward/backward passes, at its selected point)." if oracle else "")
+    if not sisa:
+        return "\n".join([*lines, "", f"- Compute: {mono_compute}"]) + "\n"
+    d, e = r["decoding"], r["export"]
     o = sisa["oracle"] or {}
     lines += [
         "",
@@ -549,10 +595,7 @@ def summary(r: dict[str, Any]) -> str:
         f"{r['power']['sisa_tost_power'] or 0:.1%}; {r['power']['needed']:.0%} needs "
         f"{r['power']['forgotten_needed']} forgotten canaries.",
         f"- Compute: SISA's deletion {sisa['deletion_seconds']:.0f} s ({sisa['deletion_samples']} "
-        f"samples; shards {sisa['shards_retrained']})"
-        + (f"; the monolith's retrain (oracle) {r['models'][3]['seconds']:.0f} s "
-           f"({c['monolith_retrain_samples']} samples); each baseline's seconds in the table (its "
-           "forward/backward passes, at its selected point)." if "monolith" in r else "."),
+        f"samples; shards {sisa['shards_retrained']})" + (f"; {mono_compute}" if oracle else "."),
         f"- Decoding at S={d['shards']}: one adapter {d['single'] * 1000:.1f} ms/token; mixture "
         f"{d['mean_vs_single']:.2f}x, product {d['product_vs_single']:.2f}x, merged "
         f"{d['merged_vs_single']:.2f}x.",

@@ -109,6 +109,20 @@ def test_llm_unlearning_sisa_part_alone_and_a_misspelt_method(tmp_path, tiny_lm)
     assert [m["model"] for m in results["models"]] == ["SISA before", "SISA after (exact)"]
     assert results["sisa"]["oracle"]["identical"] is True and results["export"]["loaded"]
     assert "no monolith or baselines (--methods none)" in (out / "summary.md").read_text()
+    # --sisa-part no: the baselines alone, their monolith's adapter of rank --mono-rank.
+    out = tmp_path / "baselines"
+    proc = bench("--out", str(out), "--sisa-part", "no", "--methods", "rmu", "--mono-rank", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert "sisa" not in results and results["monolith"]["rank"] == 4
+    assert [m["model"] for m in results["models"]][:2] == ["monolith before",
+                                                         "oracle (monolith retrained without them)"]
+    assert list(results["sweeps"]) == ["rmu"] and "monolith before" in proc.stdout
+    assert "shards not measured in this run (--sisa-part no)" in (out / "summary.md").read_text()
+    # Nothing left to run, and a bad yes/no, fail at once.
+    assert bench("--out", str(tmp_path / "x"), "--sisa-part", "no", "--methods", "none").returncode != 0
+    proc = bench("--out", str(tmp_path / "y"), "--sisa-part", "maybe")
+    assert proc.returncode == 2 and "--sisa-part" in proc.stderr
 
 
 def test_lm_scaling_tiny_run_writes_its_figures(tmp_path, tiny_lm):
