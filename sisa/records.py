@@ -529,7 +529,9 @@ class Validator:
                              for t, y in zip(kept, targets, strict=True)]
             return Batch(ids, groups, targets, kept, priors, digests, input_digests, None)
         assert features is not None
-        matrix = np.ascontiguousarray(features[keep], dtype="<f8")
+        # Every row kept (the usual case): the matrix itself, if already row-major float64.
+        matrix = np.ascontiguousarray(features if len(keep) == len(features) else features[keep],
+                                      dtype="<f8")
         width = matrix.shape[1] * 8
         # Each row's bytes are a read-only view of the matrix, not a copy: a copy per record is
         # the records' size again in small allocations, each page of them a fresh page fault.

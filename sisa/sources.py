@@ -89,6 +89,8 @@ def _arrow_floats(column: Any) -> Any:
     import pyarrow.compute as pc
 
     kind = column.type
+    if pa.types.is_float64(kind):
+        return column  # a CSV's numbers: nothing to convert (a cast is a call of its own per column)
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind) \
             or pa.types.is_null(kind):
         # Unchecked: an integer beyond 2**53 rounds to the nearest float, as float() rounds it
@@ -104,9 +106,9 @@ def _arrow_floats(column: Any) -> Any:
 
 def _arrow_features(size: int, get: Any, present: set[str], columns: Sequence[str],
                     odd: dict[str, list[tuple[int, Any]]]) -> np.ndarray:
-    """The feature columns of an Arrow batch as one column-major (size, features) float64 matrix,
-    laid out by Arrow in one pass (`to_tensor`; NaN where a value is missing or the batch lacks
-    the column). A column Arrow cannot read as numbers is read by Python (its booleans, lists,
+    """The feature columns of an Arrow batch as one row-major (size, features) float64 matrix
+    (records are stored row by row: no second copy), laid out by Arrow in one pass (`to_tensor`;
+    NaN where a value is missing or the batch lacks the column). A column Arrow cannot read as numbers is read by Python (its booleans, lists,
     objects go to `odd`). Never through `Array.to_numpy`, which imports pandas (a third of a
     second)."""
     import pyarrow as pa
@@ -125,9 +127,9 @@ def _arrow_features(size: int, get: Any, present: set[str], columns: Sequence[st
         floats.append(column)
     batch = pa.RecordBatch.from_arrays(floats, names=list(columns))
     if hasattr(batch, "to_tensor"):  # pyarrow >= 16
-        matrix = np.asarray(batch.to_tensor(null_to_nan=True, row_major=False))
+        matrix = np.asarray(batch.to_tensor(null_to_nan=True, row_major=True))
     else:
-        matrix = np.stack([c.to_numpy(zero_copy_only=False) for c in floats], axis=1)
+        matrix = np.ascontiguousarray(np.stack([c.to_numpy(zero_copy_only=False) for c in floats], axis=1))
     for j, values in by_python.items():
         matrix[:, j] = values
     return matrix
