@@ -108,9 +108,9 @@ def _arrow_features(size: int, get: Any, present: set[str], columns: Sequence[st
                     odd: dict[str, list[tuple[int, Any]]]) -> np.ndarray:
     """The feature columns of an Arrow batch as one row-major (size, features) float64 matrix
     (records are stored row by row: no second copy), laid out by Arrow in one pass (`to_tensor`;
-    NaN where a value is missing or the batch lacks the column). A column Arrow cannot read as numbers is read by Python (its booleans, lists,
-    objects go to `odd`). Never through `Array.to_numpy`, which imports pandas (a third of a
-    second)."""
+    NaN where a value is missing or the batch lacks the column). A column Arrow cannot read as
+    numbers is read by Python (its booleans, lists, objects go to `odd`). Never through
+    `Array.to_numpy`, which imports pandas (a third of a second)."""
     import pyarrow as pa
 
     floats = []

@@ -93,7 +93,9 @@ class Solo:
     def step(self) -> bool:
         """One pass (the first: the prompt's) and the token it picks; whether the prompt is done."""
         request = self.request
-        out = self.scorer.forward(self.ids, cache=self.cache, blocks=self.blocks)
+        # The logits of the last position only: the prompt's others are never read (and a shared
+        # prefill, `Slots.enter`, computes them the same way).
+        out = self.scorer.forward(self.ids, cache=self.cache, blocks=self.blocks, last=True)
         logits = out.logits[:, -1].float().cpu()
         logp = torch.log_softmax(logits, -1)
         mixed = logp[0] if self.combine == "merged" else combine_logprobs(logp, self.combine)
