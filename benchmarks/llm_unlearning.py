@@ -93,7 +93,6 @@ class Setting:
     slices: int
     epochs: int  # per slice, for the shards
     mono_epochs: int  # for the monolith, to memorise about as much as the shards
-    mono_rank: int  # the monolith's LoRA rank (0: the shards' 8 times S, their parameters together)
     top_k: int
     learning_rate: float
     max_length: int
@@ -109,6 +108,8 @@ class Setting:
     methods: str = "all"
     # False: the baselines alone (no SISA store: its part has its own runs, `--methods none`).
     sisa_part: bool = True
+    mono_rank: int = 8  # the monolith's LoRA rank (the shards': CausalLMConfig's default, 8)
+    mono_learning_rate: float = 0.0  # the monolith's (0: the shards' `learning_rate`)
 
 
 # Never-inserted canaries cost nothing extra (every candidate secret is scored once per model).
@@ -118,33 +119,34 @@ class Setting:
 # reference/v0.10-lm-memorisation); at S=8 they memorise 10.8-10.9 bits against the 9.97-bit bar.
 # 78 canaries gave 89.9% power, 84 gave 91.6% (reference/v0.11-llm-unlearning). The monolith,
 # one rank-8 top-2-layer adapter for all of them, memorised far less at 5 epochs (3.95 bits at
-# 78): its adapter now has the S shards' parameters together (rank 8 x S) and 10 epochs, the passes
-# a shard's first-slice records get.
-FULL = Setting("SmolLM2-135M-Instruct", 240, 84, 3, 4096, 12, 4, 8, 2, 5, 10, 0, 2, 5e-3, 64, 64, 48,
-               48, 1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
-TINY = Setting("", 24, 3, 2, 4, 2, 2, 2, 2, 1, 2, 0, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
+# 78). At rank 64 (the S shards' parameters together), 10 epochs and lr 5e-3 it diverged (1.89 bits,
+# held-out perplexity 1,498); the pilots of reference/v0.12-lm-memorisation measure the others.
+FULL = Setting("SmolLM2-135M-Instruct", 240, 84, 3, 4096, 12, 4, 8, 2, 5, 5, 2, 5e-3, 64, 64, 48, 48,
+               1000, ((10, 1e-5), (10, 1e-4), (5, 5e-4)), 0.5, 16)
+TINY = Setting("", 24, 3, 2, 4, 2, 2, 2, 2, 1, 2, 1, 1e-2, 32, 6, 6, 6, 50, ((1, 1e-3), (2, 1e-2)),
                0.5, 4)
 
 
 # The setting's fields the command line can change (--per-user 3, --methods none, ...).
 OPTIONS = ("records", "canaries", "per_user", "never", "repeats", "epochs", "mono_epochs",
-           "mono_rank", "learning_rate", "shards", "slices", "top_k", "methods", "sisa_part")
+           "mono_rank", "mono_learning_rate", "learning_rate", "shards", "slices", "top_k", "methods",
+           "sisa_part")
 
-RANK = 8  # the shards' LoRA rank (CausalLMConfig's default)
 
-
-def _config(s: Setting, shards: int, slices: int, epochs: int, rank: int = RANK) -> SisaConfig:
+def _config(s: Setting, shards: int, slices: int, epochs: int, rank: int = 8,
+            learning_rate: float = 0.0) -> SisaConfig:
     return SisaConfig(
         partition=PartitionConfig(shards=shards, slices=slices, seed=0),
-        training=CausalLMConfig(model=s.model, epochs_per_slice=epochs, learning_rate=s.learning_rate,
+        training=CausalLMConfig(model=s.model, epochs_per_slice=epochs,
+                                learning_rate=learning_rate or s.learning_rate,
                                 top_k_layers=s.top_k, max_length=s.max_length,
                                 lora_r=rank, lora_alpha=2 * rank),  # the scale alpha / r stays 2
         execution=execution())
 
 
-def mono_rank(s: Setting) -> int:
-    """The monolith's adapter rank: `mono_rank`, or (0) the S shards' ranks together."""
-    return s.mono_rank or RANK * s.shards
+def _mono_config(s: Setting) -> SisaConfig:
+    """The monolith's (and its oracle's): one shard, one slice, its own epochs, rank and rate."""
+    return _config(s, 1, 1, s.mono_epochs, s.mono_rank, s.mono_learning_rate)
 
 
 def training_data(s: Setting) -> tuple[list[dict[str, Any]], Any, Any]:
@@ -309,9 +311,9 @@ def _baselines(s: Setting, work: Path, train: list[dict[str, Any]], spec: Any, c
     """The monolith, its oracle (the monolith retrained without the forgotten users), and each
     approximate method swept on the monolith, its point selected under the utility gate."""
     gone = set(groups)
-    rank = mono_rank(s)
+    rank = s.mono_rank
     t = time.perf_counter()
-    mono = Sisa.train(work / "mono", train, _config(s, 1, 1, s.mono_epochs, rank), spec,
+    mono = Sisa.train(work / "mono", train, _mono_config(s), spec,
                       embeddings_from=embeddings)
     mono_train = time.perf_counter() - t
     held = text_inputs(mono, held_texts, None)  # chitchat has no prompts
@@ -338,11 +340,12 @@ def _baselines(s: Setting, work: Path, train: list[dict[str, Any]], spec: Any, c
     utility = mono_ev.perplexity["holdout"]
     memorised = statistics.fmean(float(c.exposure_shard) for c in mono_ev.canaries  # type: ignore[arg-type]
                                  if c.inserted and c.group in gone)
-    print(f"monolith ({s.mono_epochs} epochs, rank {rank}, {mono_train:.0f} s): forgotten canaries' "
+    print(f"monolith ({s.mono_epochs} epochs, rank {rank}, lr {s.mono_learning_rate or s.learning_rate:g}, "
+          f"{mono_train:.0f} s): forgotten canaries' "
           f"mean exposure {memorised:.2f} bits, held-out ppl {utility:.4g}", flush=True)
     t = time.perf_counter()
     kept = [r for r in train if str(r.get(str(spec.group_column))) not in gone]
-    oracle = Sisa.train(work / "oracle", kept, _config(s, 1, 1, s.mono_epochs, rank), spec,
+    oracle = Sisa.train(work / "oracle", kept, _mono_config(s), spec,
                         embeddings_from=embeddings)
     oracle_seconds = time.perf_counter() - t
     oracle_ev = evidence_of(oracle.language_model())
@@ -393,6 +396,7 @@ def _baselines(s: Setting, work: Path, train: list[dict[str, Any]], spec: Any, c
     return {"models": models, "sweeps": sweeps, "utility": utility,
             "monolith": {"train_seconds": mono_train, "train_samples": mono.training_report_.samples,
                          "epochs": s.mono_epochs, "rank": rank,
+                         "learning_rate": s.mono_learning_rate or s.learning_rate,
                          "mean_exposure_before": models[0]["canaries"]["forgotten"]["mean"]},
             "oracle_samples": oracle.training_report_.samples}
 
@@ -531,7 +535,8 @@ def summary(r: dict[str, Any]) -> str:
               "shards not measured in this run (--sisa-part no), ")
     if mono:
         monolith = (f"monolith {mono['mean_exposure_before']:.2f} bits ({mono['epochs']} epochs, LoRA "
-                    f"rank {mono.get('rank', 8)}, {mono['train_seconds']:.0f} s).")
+                    f"rank {mono.get('rank', 8)}, lr {mono.get('learning_rate', s['learning_rate']):g}, "
+                    f"{mono['train_seconds']:.0f} s).")
     elif s.get("methods") == "none":
         monolith = "no monolith or baselines (--methods none)."
     else:
